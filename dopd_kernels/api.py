@@ -1,0 +1,293 @@
+"""Public loss functions: validation, flattening, backend dispatch, reduction.
+
+Shapes: `N` tokens (or `B, T` sequences × positions), `V` vocabulary, `H` hidden size. The logits
+(or hidden states) at position n are the distribution that produced `tokens[n]`: shift before
+calling, as for a causal-LM cross-entropy.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from .backends import resolve_backend
+from .config import DOPDConfig, DOPDOutput, OPDConfig, OPDOutput, Thresholds
+from .reductions import reduce_loss
+from .sources import LinearSource, LogitsSource
+from .validation import (
+    check_finite_logits,
+    check_float_tensor,
+    check_linear,
+    check_normalizer,
+    check_same_device,
+    check_seq_mean,
+    check_tokens,
+    check_valid_vocab,
+    coerce_thresholds,
+)
+
+BackendArg = Union[str, object]
+LOGITS_SHAPE = "[N, V] or [B, T, V]"
+
+
+def _prepare_tokens(tokens, token_shape, vocab, valid_vocab, cfg, lead_name):
+    """Validated flat tokens [N] (int64), valid mask [N] and the effective vocabulary."""
+    v_eff = check_valid_vocab(valid_vocab, vocab)
+    check_tokens(tokens, token_shape, v_eff, cfg.ignore_index, lead_name)
+    check_seq_mean(cfg.reduction, tokens)
+    flat = tokens.reshape(-1).long()
+    return flat, flat != cfg.ignore_index
+
+
+def _logits_sources(named: dict, tokens, cfg, check_finite: bool):
+    """Validate logits streams (first one is the student) and wrap them as flat sources."""
+    for name, t in named.items():
+        check_float_tensor(name, t, (2, 3), LOGITS_SHAPE)
+    first_name, first = next(iter(named.items()))
+    for name, t in named.items():
+        if t.shape != first.shape:
+            raise ValueError(f"{name} must have the shape of {first_name} {list(first.shape)}, got {list(t.shape)}")
+    check_same_device({**named, "tokens": tokens} if isinstance(tokens, torch.Tensor) else named)
+    flat_tokens, valid = _prepare_tokens(tokens, first.shape[:-1], first.shape[-1], cfg.valid_vocab, cfg, first_name)
+    if check_finite:
+        for name, t in named.items():
+            check_finite_logits(name, t)
+    v = first.shape[-1]
+    sources = [LogitsSource(t.reshape(-1, v) if i == 0 else t.detach().reshape(-1, v), cfg.temperature, cfg.valid_vocab)
+               for i, t in enumerate(named.values())]
+    return sources, flat_tokens, valid, first.shape[:-1]
+
+
+def _linear_sources(streams: list, tokens, cfg, check_finite: bool):
+    """streams: [(prefix, hidden, weight, bias)], the student first. Returns flat sources."""
+    _, h0, w0, _ = streams[0]
+    for prefix, h, w, b in streams:
+        check_linear(prefix, h, w, b, None if prefix == streams[0][0] else h0.shape[:-1])
+        if w.shape[0] != w0.shape[0]:
+            raise ValueError(f"{prefix}_weight has vocabulary {w.shape[0]} but student_weight has {w0.shape[0]}")
+    named = {f"{p}_{k}": t for p, h, w, b in streams for k, t in (("hidden", h), ("weight", w), ("bias", b)) if t is not None}
+    check_same_device({**named, "tokens": tokens} if isinstance(tokens, torch.Tensor) else named)
+    flat_tokens, valid = _prepare_tokens(tokens, h0.shape[:-1], w0.shape[0], cfg.valid_vocab, cfg, "student_hidden")
+    if check_finite:
+        for name, t in named.items():
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name} contains NaN or infinite values")
+    sources = []
+    for i, (_, h, w, b) in enumerate(streams):
+        if i:  # frozen streams never receive a gradient
+            h, w, b = h.detach(), w.detach(), (b.detach() if b is not None else None)
+        sources.append(LinearSource(h.reshape(-1, h.shape[-1]), w, b, cfg.temperature, cfg.valid_vocab))
+    return sources, flat_tokens, valid, h0.shape[:-1]
+
+
+def _dopd(sources, tokens, valid, token_shape, cfg: DOPDConfig, thresholds, backend, normalizer) -> DOPDOutput:
+    normalizer = check_normalizer(normalizer, cfg.reduction)
+    thresholds = coerce_thresholds(thresholds)
+    impl = resolve_backend(backend, tokens.device)
+    per_token, routing = impl.dopd(*sources, tokens, valid, cfg, thresholds)
+
+    def shape(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().reshape(token_shape)
+
+    return DOPDOutput(
+        loss=reduce_loss(per_token, valid, cfg.reduction, token_shape, normalizer),
+        per_token_loss=shape(per_token),
+        regime=shape(routing.regime),
+        adv_gap=shape(routing.adv_gap),
+        q_teacher=shape(routing.q_teacher),
+        q_priv_student=shape(routing.q_priv_student),
+        thresholds=routing.thresholds,
+    )
+
+
+def dopd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    priv_student_logits: torch.Tensor,
+    tokens: torch.Tensor,
+    *,
+    config: Optional[DOPDConfig] = None,
+    thresholds: Optional[Union[Thresholds, tuple, torch.Tensor]] = None,
+    backend: BackendArg = "auto",
+    normalizer: Optional[Union[float, torch.Tensor]] = None,
+    check_finite: bool = False,
+) -> DOPDOutput:
+    """Dual on-policy distillation loss from three logit tensors (DESIGN.md section 1).
+
+    Args:
+        student_logits: `[N, V]` or `[B, T, V]` (bf16, fp16, fp32 or fp64); receives the gradient.
+        teacher_logits: same shape; the privileged teacher π_T (never differentiated).
+        priv_student_logits: same shape; the privileged student π_P (or any frozen reference).
+        tokens: `[N]` or `[B, T]` sampled tokens; `config.ignore_index` marks masked positions.
+        config: `DOPDConfig` (paper defaults when None).
+        thresholds: routing thresholds (Ā, q̄_T, q̄_P) to use instead of this batch's trimmed means.
+        backend: "auto", a backend name (see `available_backends()`) or a backend object.
+        normalizer: with reduction "mean"/"sum", divide the summed loss by this token count instead.
+        check_finite: raise ValueError if any logit is NaN or +inf (-inf is allowed: padding).
+
+    Returns:
+        `DOPDOutput`; see its docstring. A batch without valid tokens has loss 0 (gradient 0) and
+        all tokens in regime IGNORED.
+    """
+    cfg = config or DOPDConfig()
+    sources, flat, valid, token_shape = _logits_sources(
+        {"student_logits": student_logits, "teacher_logits": teacher_logits, "priv_student_logits": priv_student_logits},
+        tokens, cfg, check_finite)
+    return _dopd(sources, flat, valid, token_shape, cfg, thresholds, backend, normalizer)
+
+
+def fused_linear_dopd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    priv_student_hidden: torch.Tensor,
+    tokens: torch.Tensor,
+    *,
+    priv_student_weight: Optional[torch.Tensor] = None,
+    student_bias: Optional[torch.Tensor] = None,
+    teacher_bias: Optional[torch.Tensor] = None,
+    priv_student_bias: Optional[torch.Tensor] = None,
+    config: Optional[DOPDConfig] = None,
+    thresholds: Optional[Union[Thresholds, tuple, torch.Tensor]] = None,
+    backend: BackendArg = "auto",
+    normalizer: Optional[Union[float, torch.Tensor]] = None,
+    check_finite: bool = False,
+) -> DOPDOutput:
+    """DOPD loss from final hidden states and `lm_head` weights; logits are never materialized.
+
+    Args:
+        student_hidden: `[N, H_s]` or `[B, T, H_s]`; receives a gradient.
+        student_weight: `[V, H_s]` student `lm_head`; receives a gradient.
+        teacher_hidden: `[N, H_t]` or `[B, T, H_t]`; teacher_weight: `[V, H_t]` (frozen).
+        priv_student_hidden: `[N, H_p]` or `[B, T, H_p]` (frozen).
+        tokens: `[N]` or `[B, T]`.
+        priv_student_weight: `[V, H_p]`; None means the student's weight (and bias), detached.
+        student_bias, teacher_bias, priv_student_bias: optional `[V]` biases.
+        config, thresholds, backend, normalizer, check_finite: as in `dopd_loss` (check_finite
+            checks hidden states, weights and biases for NaN/inf).
+
+    Returns:
+        `DOPDOutput`; gradients reach `student_hidden`, `student_weight` and `student_bias` only.
+    """
+    cfg = config or DOPDConfig()
+    if priv_student_weight is None:
+        priv_student_weight = student_weight.detach() if isinstance(student_weight, torch.Tensor) else student_weight
+        if priv_student_bias is None and student_bias is not None:
+            priv_student_bias = student_bias.detach()
+    streams = [("student", student_hidden, student_weight, student_bias),
+               ("teacher", teacher_hidden, teacher_weight, teacher_bias),
+               ("priv_student", priv_student_hidden, priv_student_weight, priv_student_bias)]
+    sources, flat, valid, token_shape = _linear_sources(streams, tokens, cfg, check_finite)
+    return _dopd(sources, flat, valid, token_shape, cfg, thresholds, backend, normalizer)
+
+
+def _opd(sources, tokens, valid, token_shape, cfg: OPDConfig, backend, normalizer) -> OPDOutput:
+    normalizer = check_normalizer(normalizer, cfg.reduction)
+    per_token = resolve_backend(backend, tokens.device).opd(*sources, tokens, valid, cfg)
+    return OPDOutput(reduce_loss(per_token, valid, cfg.reduction, token_shape, normalizer),
+                     per_token.detach().reshape(token_shape))
+
+
+def opd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    tokens: torch.Tensor,
+    *,
+    divergence: str = "reverse_kl",
+    granularity: str = "full",
+    top_k: int = 128,
+    js_beta: float = 0.5,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    backend: BackendArg = "auto",
+    topk_from: str = "student",
+    topk_renorm: bool = True,
+    valid_vocab: Optional[int] = None,
+    normalizer: Optional[Union[float, torch.Tensor]] = None,
+    check_finite: bool = False,
+) -> OPDOutput:
+    """Vanilla on-policy distillation loss (DESIGN.md section 2) from two logit tensors.
+
+    Args:
+        student_logits: `[N, V]` or `[B, T, V]`; receives the gradient.
+        teacher_logits: same shape (never differentiated).
+        tokens: `[N]` or `[B, T]` sampled tokens.
+        divergence, granularity, top_k, js_beta, temperature, topk_from, topk_renorm, ignore_index,
+        reduction, valid_vocab: see `OPDConfig`.
+        backend, normalizer, check_finite: as in `dopd_loss`.
+
+    Returns:
+        `OPDOutput(loss, per_token_loss)`.
+    """
+    cfg = OPDConfig(divergence, granularity, top_k, js_beta, temperature, topk_from, topk_renorm,
+                    ignore_index, reduction, valid_vocab)
+    sources, flat, valid, token_shape = _logits_sources(
+        {"student_logits": student_logits, "teacher_logits": teacher_logits}, tokens, cfg, check_finite)
+    return _opd(sources, flat, valid, token_shape, cfg, backend, normalizer)
+
+
+def fused_linear_opd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    tokens: torch.Tensor,
+    *,
+    student_bias: Optional[torch.Tensor] = None,
+    teacher_bias: Optional[torch.Tensor] = None,
+    divergence: str = "reverse_kl",
+    granularity: str = "full",
+    top_k: int = 128,
+    js_beta: float = 0.5,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    backend: BackendArg = "auto",
+    topk_from: str = "student",
+    topk_renorm: bool = True,
+    valid_vocab: Optional[int] = None,
+    normalizer: Optional[Union[float, torch.Tensor]] = None,
+    check_finite: bool = False,
+) -> OPDOutput:
+    """Vanilla OPD loss from hidden states `[N, H]`/`[B, T, H]` and `lm_head` weights `[V, H]`
+    (optional biases `[V]`); options as in `opd_loss`. Gradients reach the student's hidden
+    states, weight and bias only."""
+    cfg = OPDConfig(divergence, granularity, top_k, js_beta, temperature, topk_from, topk_renorm,
+                    ignore_index, reduction, valid_vocab)
+    streams = [("student", student_hidden, student_weight, student_bias),
+               ("teacher", teacher_hidden, teacher_weight, teacher_bias)]
+    sources, flat, valid, token_shape = _linear_sources(streams, tokens, cfg, check_finite)
+    return _opd(sources, flat, valid, token_shape, cfg, backend, normalizer)
+
+
+def token_logprobs(
+    logits_or_hidden: torch.Tensor,
+    tokens: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    valid_vocab: Optional[int] = None,
+    backend: BackendArg = "auto",
+) -> torch.Tensor:
+    """log softmax(z / temperature)[y] of each sampled token, without materializing the logits.
+
+    Args:
+        logits_or_hidden: logits `[N, V]`/`[B, T, V]`, or hidden states `[N, H]`/`[B, T, H]` when
+            `weight` `[V, H]` (and optionally `bias` `[V]`) is given.
+        tokens: `[N]` or `[B, T]`.
+
+    Returns:
+        `[N]` or `[B, T]` detached log-probs (fp32, or fp64 for fp64 inputs); 0 at ignored positions.
+    """
+    cfg = OPDConfig(temperature=temperature, ignore_index=ignore_index, valid_vocab=valid_vocab)
+    if weight is None:
+        (source,), flat, valid, token_shape = _logits_sources({"logits": logits_or_hidden}, tokens, cfg, False)
+    else:
+        (source,), flat, valid, token_shape = _linear_sources([("student", logits_or_hidden, weight, bias)], tokens, cfg, False)
+    impl = resolve_backend(backend, flat.device)
+    return impl.token_logprobs(source, flat, valid).to(source.dtype).reshape(token_shape)

@@ -1,0 +1,61 @@
+"""Backend registry and automatic selection.
+
+`backend=` accepts a name (`"auto"`, `"reference"`, `"torch"`, ...) or a backend instance such as
+`TorchBackend(row_chunk=512, vocab_chunk=4096)` to set its tile sizes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Union
+
+import torch
+
+from .reference import ReferenceBackend
+from .torch_chunked import TorchBackend
+
+# name -> factory returning a backend, or raising RuntimeError saying why it is unavailable here.
+_FACTORIES: Dict[str, Callable[[], object]] = {
+    "reference": ReferenceBackend,
+    "torch": TorchBackend,
+}
+# Preference order of backend="auto", fastest first; the first that loads and supports the device wins.
+_AUTO_ORDER = ("torch",)
+
+
+def _load(name: str):
+    return _FACTORIES[name]()
+
+
+def available_backends() -> List[str]:
+    """Names of the backends that can run in this environment (on some device)."""
+    names = []
+    for name in _FACTORIES:
+        try:
+            _load(name)
+        except RuntimeError:
+            continue
+        names.append(name)
+    return names
+
+
+def resolve_backend(backend: Union[str, object], device: torch.device):
+    """The backend object for a `backend=` argument and the inputs' device."""
+    if not isinstance(backend, str):
+        if not all(hasattr(backend, m) for m in ("dopd", "opd", "token_logprobs")):
+            raise TypeError(f"backend must be a name or a backend object, got {type(backend).__name__}")
+        return backend
+    if backend == "auto":
+        for name in _AUTO_ORDER:
+            try:
+                candidate = _load(name)
+            except RuntimeError:
+                continue
+            if candidate.supports(device):
+                return candidate
+        raise RuntimeError(f"no backend supports device {device}")  # unreachable: torch supports all
+    if backend not in _FACTORIES:
+        raise ValueError(f"backend must be 'auto' or one of {sorted(_FACTORIES)}, got {backend!r}")
+    chosen = _load(backend)
+    if not chosen.supports(device):
+        raise ValueError(f"backend {backend!r} cannot run on device {device}")
+    return chosen

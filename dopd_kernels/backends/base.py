@@ -1,0 +1,93 @@
+"""What every backend offers the public API, and the shared DOPD/OPD planning of pass backends.
+
+A backend exposes `dopd`, `opd` and `token_logprobs` over sources (see `sources.py`) of the valid
+and masked rows `[N]`. Pass backends (`torch`, `triton`, compiled) only implement the passes of
+`engine.py`; `PassBackend` turns them into the three entry points.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+from ..config import DOPDConfig, OPDConfig, Regime, Thresholds
+from ..engine import STUDENT, Group, LossEngine, Stats, TermSettings, run
+from ..routing import assign_regimes, batch_thresholds, routing_statistics
+
+TEACHER, PRIV_STUDENT = 1, 2
+
+
+@dataclass
+class Routing:
+    """Per-token routing outputs [N] (float64 statistics, 0 where not valid) and thresholds."""
+
+    regime: torch.Tensor
+    adv_gap: torch.Tensor
+    q_teacher: torch.Tensor
+    q_priv_student: torch.Tensor
+    thresholds: Thresholds
+
+
+def empty_routing(valid: torch.Tensor, thresholds: Optional[Thresholds]) -> Routing:
+    zeros = torch.zeros(valid.shape[0], dtype=torch.float64, device=valid.device)
+    regime = torch.full(valid.shape, int(Regime.IGNORED), dtype=torch.int8, device=valid.device)
+    if thresholds is None:
+        thresholds = Thresholds(*(torch.zeros((), dtype=torch.float64) for _ in range(3)))
+    return Routing(regime, zeros, zeros.clone(), zeros.clone(), thresholds)
+
+
+def settings_of(cfg) -> TermSettings:
+    return TermSettings(cfg.top_k, cfg.js_beta, cfg.topk_from, cfg.topk_renorm, cfg.temperature)
+
+
+class PassBackend:
+    """Entry points built on a backend's passes (`stats_pass`, `full_value_pass`, `grad_pass`, `gather`)."""
+
+    def dopd(self, student, teacher, priv, tokens: torch.Tensor, valid: torch.Tensor, cfg: DOPDConfig,
+             thresholds: Optional[Thresholds]):
+        routing = empty_routing(valid, thresholds)
+
+        def plan(stats: Stats) -> List[Group]:
+            lt = stats.logit_y[TEACHER] - stats.lse[TEACHER]
+            lp = stats.logit_y[PRIV_STUDENT] - stats.lse[PRIV_STUDENT]
+            rows = engine.rows
+            for name, x in zip(("adv_gap", "q_teacher", "q_priv_student"), routing_statistics(lt, lp)):
+                getattr(routing, name)[rows] = x
+            if thresholds is None:
+                routing.thresholds = batch_thresholds(routing.adv_gap, routing.q_teacher, routing.q_priv_student, valid, cfg.trim)
+            routing.regime = assign_regimes(routing.adv_gap, routing.q_teacher, routing.q_priv_student, valid, routing.thresholds)
+            r = routing.regime[rows]
+
+            def pos(code: Regime) -> torch.Tensor:
+                return (r == int(code)).nonzero()[:, 0]
+
+            return [
+                Group(pos(Regime.LH), TEACHER, "topk", "reverse_kl", cfg.beta_light),
+                Group(pos(Regime.LL), PRIV_STUDENT, "topk", "reverse_kl", cfg.beta_weak),
+                Group(pos(Regime.HT), TEACHER, "full", "js", cfg.beta_strong),
+                Group(pos(Regime.HS), PRIV_STUDENT, "topk", "reverse_kl", cfg.beta_light),
+            ]
+
+        topk_streams = (STUDENT,) if cfg.topk_from == "student" else (TEACHER, PRIV_STUDENT)
+        engine = LossEngine(self, (student, teacher, priv), tokens, valid, settings_of(cfg), topk_streams, plan)
+        return run(engine, self), routing
+
+    def opd(self, student, teacher, tokens: torch.Tensor, valid: torch.Tensor, cfg: OPDConfig) -> torch.Tensor:
+        def plan(stats: Stats) -> List[Group]:
+            every = torch.arange(stats.lse[STUDENT].shape[0], device=tokens.device)
+            return [Group(every, TEACHER, cfg.granularity, cfg.divergence, 1.0)]
+
+        topk_streams = () if cfg.granularity != "topk" else ((STUDENT,) if cfg.topk_from == "student" else (TEACHER,))
+        engine = LossEngine(self, (student, teacher), tokens, valid, settings_of(cfg), topk_streams, plan)
+        return run(engine, self)
+
+    def token_logprobs(self, source, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        rows = valid.nonzero()[:, 0]
+        out = torch.zeros(valid.shape[0], dtype=source.dtype, device=valid.device)
+        if rows.numel():
+            with torch.no_grad():
+                stats = self.stats_pass([source], rows, tokens[rows], (), 1)
+            out[rows] = stats.logit_y[0] - stats.lse[0]
+        return out

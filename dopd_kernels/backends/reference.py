@@ -1,0 +1,28 @@
+"""The `reference` backend: the float64 materialized math of `reference.py` behind the backend API."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import reference
+from .base import Routing
+
+
+class ReferenceBackend:
+    """Materializes every `[N, V]` logit tensor in float64; gradients by autograd. For tests."""
+
+    name = "reference"
+
+    def supports(self, device: torch.device) -> bool:
+        return True
+
+    def dopd(self, student, teacher, priv, tokens, valid, cfg, thresholds):
+        loss, regime, adv, q_t, q_p, used = reference.dopd_per_token(student, teacher, priv, tokens, valid, cfg, thresholds)
+        return loss, Routing(regime, adv, q_t, q_p, used)
+
+    def opd(self, student, teacher, tokens, valid, cfg):
+        return reference.opd_per_token(student, teacher, tokens, valid, cfg)
+
+    def token_logprobs(self, source, tokens, valid):
+        with torch.no_grad():
+            return reference.token_logprobs(source, tokens, valid)

@@ -1,0 +1,157 @@
+"""The `torch` backend: the passes of `engine.py` as vocabulary-blocked PyTorch, for any device.
+
+Work is tiled into `[row_chunk, vocab_chunk]` blocks; the largest temporary of any pass is a few
+tiles of that size (and, in fused-linear mode, `[r, K, H]` weight gathers bounded by the same
+budget). No `[N, V]` tensor is created other than the logits-mode gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..divergences import divergence, kl, log_mixture
+from ..engine import STUDENT, Group, Stats
+from .base import PassBackend
+
+NEG_INF = float("-inf")
+
+
+def _online_logsumexp(m: torch.Tensor, s: torch.Tensor, tile: torch.Tensor):
+    """Merge a tile into a running (max, Σ exp(z − max)) pair; safe when everything is -inf."""
+    m_new = torch.maximum(m, tile.max(dim=1).values)
+    shift = torch.where(m_new == NEG_INF, torch.zeros_like(m_new), m_new)
+    s = s * torch.exp(m - shift) + torch.exp(tile - shift[:, None]).sum(dim=1)
+    return m_new, s
+
+
+def _finish_logsumexp(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return torch.where(m == NEG_INF, m, m + torch.log(s))
+
+
+def _merge_topk(vals: torch.Tensor, idx: torch.Tensor, tile: torch.Tensor, start: int, k: int):
+    """Keep the k largest of the running (vals, idx) and a new tile starting at column `start`."""
+    cols = torch.arange(start, start + tile.shape[1], device=tile.device).expand(tile.shape[0], -1)
+    cand_v, cand_i = torch.cat([vals, tile], dim=1), torch.cat([idx, cols], dim=1)
+    top = torch.topk(cand_v, min(k, cand_v.shape[1]), dim=1)
+    return top.values, cand_i.gather(1, top.indices)
+
+
+class TorchBackend(PassBackend):
+    """Vocabulary-chunked PyTorch. `row_chunk × vocab_chunk` bounds every temporary."""
+
+    name = "torch"
+
+    def __init__(self, row_chunk: int = 1024, vocab_chunk: int = 8192):
+        if row_chunk < 1 or vocab_chunk < 1:
+            raise ValueError(f"row_chunk and vocab_chunk must be >= 1, got {row_chunk}, {vocab_chunk}")
+        self.row_chunk, self.vocab_chunk = row_chunk, vocab_chunk
+
+    def supports(self, device: torch.device) -> bool:
+        return True
+
+    def __repr__(self) -> str:
+        return f"TorchBackend(row_chunk={self.row_chunk}, vocab_chunk={self.vocab_chunk})"
+
+    # -- tiling ---------------------------------------------------------------------------------
+
+    def _row_chunks(self, n: int):
+        for i in range(0, n, self.row_chunk):
+            yield slice(i, min(i + self.row_chunk, n))
+
+    def _vocab_blocks(self, source):
+        v = source.valid_vocab or source.vocab
+        for c in range(0, v, self.vocab_chunk):
+            yield c, min(c + self.vocab_chunk, v)
+
+    def sparse_rows(self, source, k: int) -> int:
+        """Rows per chunk when gathering K weight rows of width H per row."""
+        width = source.hidden.shape[1] if hasattr(source, "hidden") else 1
+        return max(1, (self.row_chunk * self.vocab_chunk) // max(1, k * width))
+
+    def gather(self, source, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        step = self.sparse_rows(source, cols.shape[1])
+        return torch.cat([source.gather(rows[i:i + step], cols[i:i + step]) for i in range(0, rows.shape[0], step)])
+
+    # -- passes ---------------------------------------------------------------------------------
+
+    def stats_pass(self, sources: Sequence, rows: torch.Tensor, tokens: torch.Tensor, topk_streams, top_k: int) -> Stats:
+        n, dt = rows.shape[0], sources[STUDENT].dtype
+        lse = [torch.empty(n, dtype=dt, device=rows.device) for _ in sources]
+        k = min(top_k, sources[STUDENT].valid_vocab or sources[STUDENT].vocab)
+        topk = {j: torch.empty(n, k, dtype=torch.long, device=rows.device) for j in topk_streams}
+        for sl in self._row_chunks(n):
+            r = rows[sl]
+            for j, src in enumerate(sources):
+                m = torch.full((r.shape[0],), NEG_INF, dtype=dt, device=r.device)
+                s = torch.zeros_like(m)
+                vals = torch.empty(r.shape[0], 0, dtype=dt, device=r.device)
+                idx = torch.empty(r.shape[0], 0, dtype=torch.long, device=r.device)
+                for c0, c1 in self._vocab_blocks(src):
+                    tile = src.tile(r, c0, c1)
+                    m, s = _online_logsumexp(m, s, tile)
+                    if j in topk:
+                        vals, idx = _merge_topk(vals, idx, tile, c0, k)
+                lse[j][sl] = _finish_logsumexp(m, s)
+                if j in topk:
+                    topk[j][sl] = idx
+        logit_y = [src.gather(rows, tokens[:, None])[:, 0] for src in sources]
+        return Stats(lse, logit_y, topk)
+
+    def full_value_pass(self, student, target, rows, lse_s, lse_t, kind: str, beta: float):
+        """Σ_v of the divergence over the vocabulary for each row, and the gradient constant c
+        (reverse KL: the KL itself; JS: β·KL(p‖m); forward KL: 0). Tile partial sums add in float64."""
+        value = torch.zeros(rows.shape[0], dtype=torch.float64, device=rows.device)
+        c = torch.zeros_like(value)
+        for sl in self._row_chunks(rows.shape[0]):
+            r = rows[sl]
+            for c0, c1 in self._vocab_blocks(student):
+                lp = student.tile(r, c0, c1) - lse_s[sl, None]
+                lq = target.tile(r, c0, c1) - lse_t[sl, None]
+                value[sl] += divergence(lp, lq, kind, beta).to(torch.float64)
+                if kind == "js":
+                    c[sl] += beta * kl(lp, log_mixture(lp, lq, beta)).to(torch.float64)
+        if kind == "reverse_kl":
+            c = value.clone()
+        return value, c
+
+    def grad_pass(self, engine, g: Group, rows: torch.Tensor, scale: torch.Tensor, sink) -> None:
+        """Gradient tiles of one group's rows, scaled per row by `scale` (upstream · weight / τ)."""
+        student, target = engine.student, engine.sources[g.target]
+        lse_s, lse_t = engine.stats.lse[STUDENT][g.pos], engine.stats.lse[g.target][g.pos]
+        term, dt = g.term, student.dtype
+        if term is not None and term.dense is None:  # renormalized top-K: only K logits move
+            sink.add_sparse(rows, term.cols, (term.sparse * scale[:, None]).to(dt))
+            return
+        for sl in self._row_chunks(rows.shape[0]):
+            r, sc = rows[sl], scale[sl, None].to(dt)
+            for c0, c1 in self._vocab_blocks(student):
+                lp = student.tile(r, c0, c1) - lse_s[sl, None]
+                p = lp.exp()
+                if term is None:
+                    lq = target.tile(r, c0, c1) - lse_t[sl, None]
+                    grad = self._full_tile_grad(lp, p, lq, g.full_c[sl, None].to(dt), g.divergence, engine.settings.js_beta)
+                else:
+                    grad = p * term.dense[sl, None].to(dt)
+                    self._fold_sparse(grad, term.cols[sl], term.sparse[sl].to(dt), c0)
+                sink.add_tile(r, c0, grad * sc)
+
+    @staticmethod
+    def _full_tile_grad(lp, p, lq, c, kind: str, beta: float) -> torch.Tensor:
+        """∂D/∂z (times τ) on a tile: reverse KL p(log p − log q − c), forward KL p − q,
+        JS p(β(log p − log m) − c); 0 where the student has no mass (except forward KL's −q)."""
+        if kind == "forward_kl":
+            return p - lq.exp()
+        has_mass = p > 0
+        lp0 = torch.where(has_mass, lp, torch.zeros_like(lp))
+        lq0 = torch.where(has_mass, lq, torch.zeros_like(lq))
+        r = lp0 - lq0 if kind == "reverse_kl" else beta * (lp0 - log_mixture(lp0, lq0, beta))
+        return torch.where(has_mass, p * (r - c), torch.zeros_like(p))
+
+    @staticmethod
+    def _fold_sparse(grad: torch.Tensor, cols: torch.Tensor, sparse: torch.Tensor, start: int) -> None:
+        """Add the sparse coefficients whose columns fall inside this tile."""
+        inside = (cols >= start) & (cols < start + grad.shape[1])
+        local = torch.where(inside, cols - start, torch.zeros_like(cols))
+        grad.scatter_add_(1, local, torch.where(inside, sparse, torch.zeros_like(sparse)))

@@ -1,0 +1,50 @@
+"""Divergences between two distributions given as log-probabilities over the last dimension.
+
+Conventions: `0 · log 0 = 0` (a bucket the first distribution gives no mass contributes nothing,
+and its gradient is 0, not NaN); the JS mixture is formed in log space,
+`log m = logaddexp(log β + log p, log(1−β) + log q)`, never as the log of a rounded sum.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """KL(a ‖ b) = Σ a (log a − log b) over the last dim, with 0 · log 0 = 0."""
+    has_mass = log_a > float("-inf")
+    # Where a has no mass the term is 0; the inputs are replaced first so no NaN flows backward.
+    la = torch.where(has_mass, log_a, torch.zeros_like(log_a))
+    lb = torch.where(has_mass, log_b, torch.zeros_like(log_b))
+    return torch.where(has_mass, la.exp() * (la - lb), torch.zeros_like(la)).sum(-1)
+
+
+def log_mixture(log_p: torch.Tensor, log_q: torch.Tensor, beta: float) -> torch.Tensor:
+    """log(β p + (1−β) q), computed in log space."""
+    return torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+
+
+def divergence(log_p: torch.Tensor, log_q: torch.Tensor, kind: str, js_beta: float = 0.5) -> torch.Tensor:
+    """Divergence of student `p` from target `q` over the last dim.
+
+    kind: "reverse_kl" KL(p‖q), "forward_kl" KL(q‖p), or "js" β KL(p‖m) + (1−β) KL(q‖m) with
+    m = β p + (1−β) q (β = `js_beta`, 0.5 is the symmetric JS, bounded by log 2).
+    """
+    if kind == "reverse_kl":
+        return kl(log_p, log_q)
+    if kind == "forward_kl":
+        return kl(log_q, log_p)
+    if kind == "js":
+        log_m = log_mixture(log_p, log_q, js_beta)
+        return js_beta * kl(log_p, log_m) + (1.0 - js_beta) * kl(log_q, log_m)
+    raise ValueError(f"unknown divergence {kind!r}")
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 − exp(x)) for x ≤ 0, accurate at both ends; -inf at x ≥ 0 (an empty remainder)."""
+    empty = x >= 0
+    xs = torch.where(empty, torch.full_like(x, -1.0), x)  # keep the unused branch finite for autograd
+    out = torch.where(xs > -math.log(2.0), torch.log(-torch.expm1(xs)), torch.log1p(-torch.exp(xs)))
+    return out.masked_fill(empty, float("-inf"))

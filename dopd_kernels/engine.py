@@ -1,0 +1,217 @@
+"""The fused loss computation of DESIGN.md section 4, independent of how the passes are run.
+
+    1. stats pass   — per valid row: log-sum-exp and sampled-token logit of every stream, running top-K
+    2. planning     — rows grouped by the term they need (DOPD: routing into regimes; OPD: one group)
+    3. values       — full-vocabulary rows: a value pass; top-K and sampled rows: O(K) gathers
+    4. backward     — gradient pass over the rows that touch the whole vocabulary, sparse scatter for the rest
+
+A backend supplies the passes (`stats_pass`, `full_value_pass`, `grad_pass`, `gather`); this module
+owns the flow, the per-row bookkeeping and the autograd glue, so every backend computes the same
+thing. The gradient work is deferred to backward: a non-scalar upstream gradient (per-token weights
+with `reduction="none"`) is exact, and under `torch.no_grad()` no gradient work is done.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from .row_terms import RowTerm, sampled_term, topk_term
+from .sources import LinearSource, LogitsSource
+
+STUDENT = 0
+
+
+@dataclass
+class Stats:
+    """Per valid row (compact order): `lse[j]` and `logit_y[j]` of stream j (scaled, compute
+    dtype), `topk[j]` the top-K column indices [n, K] of each stream that needs them."""
+
+    lse: List[torch.Tensor]
+    logit_y: List[torch.Tensor]
+    topk: Dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Group:
+    """Rows (positions into the compact valid-row order) that share one loss term."""
+
+    pos: torch.Tensor
+    target: int
+    granularity: str
+    divergence: str
+    weight: float
+    term: Optional[RowTerm] = None  # sampled / top-K rows
+    full_c: Optional[torch.Tensor] = None  # full rows: the per-row constant of the gradient
+
+
+@dataclass
+class TermSettings:
+    top_k: int
+    js_beta: float
+    topk_from: str
+    topk_renorm: bool
+    temperature: float
+
+
+class LossEngine:
+    """Runs the flow for one call. `plan(stats) -> List[Group]` decides each row's term."""
+
+    def __init__(self, passes, sources: Sequence, tokens: torch.Tensor, valid: torch.Tensor,
+                 settings: TermSettings, topk_streams: Sequence[int], plan: Callable[[Stats], List[Group]]):
+        self.passes = passes
+        self.sources = list(sources)
+        self.rows = valid.nonzero()[:, 0]
+        self.tokens = tokens[self.rows]
+        self.n_total = valid.shape[0]
+        self.settings = settings
+        self.topk_streams = tuple(topk_streams)
+        self.plan = plan
+        self.groups: List[Group] = []
+
+    @property
+    def student(self):
+        return self.sources[STUDENT]
+
+    def forward(self) -> torch.Tensor:
+        """Per-token weighted loss [N] in the compute dtype (0 at rows that are not valid)."""
+        s = self.settings
+        out = torch.zeros(self.n_total, dtype=self.student.dtype, device=self.tokens.device)
+        if self.rows.numel() == 0:
+            return out
+        self.stats = self.passes.stats_pass(self.sources, self.rows, self.tokens, self.topk_streams, s.top_k)
+        self.groups = self.plan(self.stats)
+        for g in self.groups:
+            if g.pos.numel() == 0:
+                continue
+            value = self._group_value(g)
+            out[self.rows[g.pos]] = (g.weight * value).to(out.dtype)
+        return out
+
+    def _group_value(self, g: Group) -> torch.Tensor:
+        s, st = self.settings, self.stats
+        lse_s, lse_t = st.lse[STUDENT][g.pos], st.lse[g.target][g.pos]
+        target = self.sources[g.target]
+        rows = self.rows[g.pos]
+        if g.granularity == "full":
+            value, g.full_c = self.passes.full_value_pass(self.student, target, rows, lse_s, lse_t, g.divergence, s.js_beta)
+            return value
+        f64 = torch.float64
+        if g.granularity == "sampled":
+            g.term = sampled_term((st.logit_y[STUDENT][g.pos] - lse_s).to(f64), (st.logit_y[g.target][g.pos] - lse_t).to(f64),
+                                  self.tokens[g.pos], g.divergence, s.js_beta)
+        else:
+            cols = st.topk[STUDENT if s.topk_from == "student" else g.target][g.pos]
+            g.term = topk_term(self.passes.gather(self.student, rows, cols).to(f64), self.passes.gather(target, rows, cols).to(f64),
+                               lse_s.to(f64), lse_t.to(f64), cols, g.divergence, s.js_beta, s.topk_renorm)
+        return g.term.value
+
+    def backward(self, grad_per_token: torch.Tensor, sink) -> None:
+        """Accumulate d(Σ_n grad_n · loss_n)/d(student) into `sink`."""
+        s = self.settings
+        for g in self.groups:
+            if g.pos.numel() == 0:
+                continue
+            rows = self.rows[g.pos]
+            scale = grad_per_token[rows].to(torch.float64) * (g.weight / s.temperature)
+            self.passes.grad_pass(self, g, rows, scale, sink)
+
+
+class LogitsGradSink:
+    """Receives gradient tiles (with respect to the unscaled student logits); `grad` [N, V] is the
+    only [N, V] allocation of the logits mode."""
+
+    def __init__(self, logits: torch.Tensor):
+        self.grad = torch.zeros_like(logits)
+
+    def add_tile(self, rows: torch.Tensor, start: int, g: torch.Tensor) -> None:
+        self.grad[rows, start:start + g.shape[1]] = g.to(self.grad.dtype)
+
+    def add_sparse(self, rows: torch.Tensor, cols: torch.Tensor, g: torch.Tensor) -> None:
+        self.grad.index_put_((rows[:, None].expand_as(cols), cols), g.to(self.grad.dtype), accumulate=True)
+
+    def results(self, needs):
+        return (self.grad,)
+
+
+class LinearGradSink:
+    """Contracts gradient tiles G [rows, block] into dH = G·W and dW += Gᵀ·H, db += Σ G at once."""
+
+    def __init__(self, source: LinearSource, needs: Sequence[bool], sparse_rows: int):
+        h, w = source.hidden, source.weight
+        acc = source.dtype
+        self.source, self.acc, self.sparse_rows = source, acc, sparse_rows
+        self.dh = torch.zeros(h.shape, dtype=acc, device=h.device) if needs[0] else None
+        self.dw = torch.zeros(w.shape, dtype=acc, device=w.device) if needs[1] else None
+        b = source.bias
+        self.db = torch.zeros(b.shape, dtype=acc, device=b.device) if (b is not None and needs[2]) else None
+
+    def add_tile(self, rows: torch.Tensor, start: int, g: torch.Tensor) -> None:
+        src, stop = self.source, start + g.shape[1]
+        g = g.to(self.acc)
+        if self.dh is not None:
+            self.dh.index_add_(0, rows, g @ src.weight[start:stop].to(self.acc))
+        if self.dw is not None:
+            self.dw[start:stop] += g.T @ src.hidden[rows].to(self.acc)
+        if self.db is not None:
+            self.db[start:stop] += g.sum(0)
+
+    def add_sparse(self, rows: torch.Tensor, cols: torch.Tensor, g: torch.Tensor) -> None:
+        src = self.source
+        g = g.to(self.acc)
+        # Row chunks keep the gathered weight rows [r, K, H] within the tile budget.
+        for i in range(0, rows.shape[0], self.sparse_rows):
+            r, c, gi = rows[i:i + self.sparse_rows], cols[i:i + self.sparse_rows], g[i:i + self.sparse_rows]
+            if self.dh is not None:
+                self.dh.index_add_(0, r, torch.einsum("rk,rkh->rh", gi, src.weight[c].to(self.acc)))
+            if self.dw is not None:
+                h = src.hidden[r].to(self.acc)
+                self.dw.index_add_(0, c.reshape(-1), (gi[:, :, None] * h[:, None, :]).reshape(-1, h.shape[1]))
+            if self.db is not None:
+                self.db.index_add_(0, c.reshape(-1), gi.reshape(-1))
+
+    def results(self, needs):
+        src = self.source
+        out = (self.dh, self.dw, self.db)
+        dtypes = (src.hidden.dtype, src.weight.dtype, src.bias.dtype if src.bias is not None else None)
+        return tuple(None if t is None else t.to(d) for t, d in zip(out, dtypes))
+
+
+def student_tensors(source) -> tuple:
+    """The differentiable tensors of the student source, in a fixed order."""
+    if isinstance(source, LogitsSource):
+        return (source.logits,)
+    return (source.hidden, source.weight, source.bias)
+
+
+class FusedLoss(torch.autograd.Function):
+    """Autograd face of a `LossEngine`: inputs are the student's tensors, output the per-token loss."""
+
+    @staticmethod
+    def forward(ctx, engine: LossEngine, make_sink: Callable, *tensors):
+        ctx.engine, ctx.make_sink = engine, make_sink
+        return engine.forward()
+
+    @staticmethod
+    def backward(ctx, grad_per_token):
+        needs = ctx.needs_input_grad[2:]
+        sink = ctx.make_sink(needs)
+        ctx.engine.backward(grad_per_token, sink)
+        grads = sink.results(needs)
+        return (None, None, *(gr if need else None for gr, need in zip(grads, needs)))
+
+
+def run(engine: LossEngine, passes) -> torch.Tensor:
+    """Per-token loss [N]; differentiable with respect to the student when it requires grad."""
+    tensors = student_tensors(engine.student)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
+        return engine.forward()
+
+    def make_sink(needs):
+        if isinstance(engine.student, LogitsSource):
+            return LogitsGradSink(engine.student.logits)
+        return LinearGradSink(engine.student, needs, passes.sparse_rows(engine.student, engine.settings.top_k))
+
+    return FusedLoss.apply(engine, make_sink, *tensors)

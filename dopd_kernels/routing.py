@@ -1,0 +1,91 @@
+"""DOPD routing: per-token advantage gap and confidences, trimmed batch thresholds, four regimes.
+
+All routing arithmetic runs in float64 on `[N]` statistics, whatever the input dtype: it is O(N),
+and a regime should not flip because a statistic was rounded. Nothing here carries a gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from .config import DOPDConfig, Regime, Thresholds
+
+
+def trimmed_mean(values: torch.Tensor, trim: float) -> torch.Tensor:
+    """Mean of `values` [n] after dropping its floor(trim · n) largest entries (0 when n == 0)."""
+    values = values.to(torch.float64)
+    n = values.numel()
+    if n == 0:
+        return values.new_zeros(())
+    keep = n - math.floor(trim * n)
+    return torch.sort(values).values[:keep].mean()
+
+
+def routing_statistics(teacher_logprob: torch.Tensor, priv_student_logprob: torch.Tensor):
+    """(A, q_T, q_P) in float64: A = |ℓ_T − ℓ_P|, q = exp ℓ."""
+    lt = teacher_logprob.detach().to(torch.float64)
+    lp = priv_student_logprob.detach().to(torch.float64)
+    return (lt - lp).abs(), lt.exp(), lp.exp()
+
+
+def batch_thresholds(adv_gap, q_teacher, q_priv_student, valid: torch.Tensor, trim: float) -> Thresholds:
+    """Trimmed means of the three statistics over the valid tokens."""
+    return Thresholds(*(trimmed_mean(x[valid], trim) for x in (adv_gap, q_teacher, q_priv_student)))
+
+
+def assign_regimes(adv_gap, q_teacher, q_priv_student, valid: torch.Tensor, thresholds: Thresholds) -> torch.Tensor:
+    """Regime code per token (int8), DESIGN.md section 1:
+
+    LH: A < Ā and q_P + q_T ≥ q̄_P + q̄_T     LL: A < Ā and q_P + q_T < q̄_P + q̄_T
+    HT: A ≥ Ā and q_T ≥ q_P                   HS: A ≥ Ā and q_T < q_P
+    """
+    a_bar, qt_bar, qp_bar = (t.to(adv_gap.device, torch.float64) for t in thresholds)
+    low = adv_gap < a_bar
+    confident = (q_priv_student + q_teacher) >= (qp_bar + qt_bar)
+    teacher_wins = q_teacher >= q_priv_student
+    regime = torch.where(
+        low,
+        torch.where(confident, int(Regime.LH), int(Regime.LL)),
+        torch.where(teacher_wins, int(Regime.HT), int(Regime.HS)),
+    ).to(torch.int8)
+    return regime.masked_fill(~valid, int(Regime.IGNORED))
+
+
+def route(
+    teacher_logprob: torch.Tensor,
+    priv_student_logprob: torch.Tensor,
+    valid_mask: torch.Tensor,
+    config: Optional[DOPDConfig] = None,
+    thresholds: Optional[Thresholds] = None,
+) -> Tuple[torch.Tensor, Thresholds]:
+    """Route tokens to DOPD regimes from their sampled-token log-probs.
+
+    Args:
+        teacher_logprob: `[*]` log π_T(y) of each token (for example from `token_logprobs`).
+        priv_student_logprob: `[*]` log π_P(y), same shape.
+        valid_mask: `[*]` bool, True where the token counts.
+        config: `DOPDConfig` (its `trim` is used); defaults to the paper's settings.
+        thresholds: optional precomputed `Thresholds` (e.g. over a global batch) used instead of
+            this batch's trimmed means.
+
+    Returns:
+        `(regime, thresholds)`: `[*]` int8 `Regime` codes (-1 where not valid) and the thresholds used.
+    """
+    from .validation import coerce_thresholds
+
+    config = config or DOPDConfig()
+    for name, t in (("teacher_logprob", teacher_logprob), ("priv_student_logprob", priv_student_logprob)):
+        if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating-point torch.Tensor")
+    if priv_student_logprob.shape != teacher_logprob.shape:
+        raise ValueError(
+            f"priv_student_logprob must have shape {list(teacher_logprob.shape)} like teacher_logprob, got {list(priv_student_logprob.shape)}"
+        )
+    if not isinstance(valid_mask, torch.Tensor) or valid_mask.dtype != torch.bool or valid_mask.shape != teacher_logprob.shape:
+        raise TypeError(f"valid_mask must be a bool tensor of shape {list(teacher_logprob.shape)}")
+    a, qt, qp = routing_statistics(teacher_logprob, priv_student_logprob)
+    thresholds = coerce_thresholds(thresholds) or batch_thresholds(a, qt, qp, valid_mask, config.trim)
+    return assign_regimes(a, qt, qp, valid_mask, thresholds), thresholds

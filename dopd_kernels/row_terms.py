@@ -1,0 +1,106 @@
+"""Per-row loss terms that live on a few columns: sampled-token and top-K supports.
+
+Every divergence here is a function D(P, Q) of *bucket* distributions: the student's mass P_b and
+the target's mass Q_b over a partition of the vocabulary into buckets b (one bucket per top-K token
+plus an optional tail bucket; or {sampled token, rest}). By the chain rule through the softmax,
+
+    ∂D/∂z_v = (1/τ) · p_v · e_{b(v)},   e_b = ∂D/∂P_b − Σ_b' P_b' ∂D/∂P_b',
+
+so the gradient of a row is `p_v · dense` on every column (dense = e of the rest bucket) plus a
+correction on the few explicit columns. This module turns bucket log-probs into the value, the per-row `dense`
+coefficient and the per-column `sparse` coefficients; backends apply them (the dense part needs
+one pass over the vocabulary, the sparse part a scatter). For a renormalized top-K support there
+is no rest bucket and no dense part: the gradient touches the K logits only.
+
+All arithmetic is float64 on [rows, K] tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .divergences import divergence, log1mexp, log_mixture
+
+
+@dataclass
+class RowTerm:
+    """Value and gradient coefficients of a row term (gradient up to the factor weight/τ).
+
+    value:  [n] divergence of each row.
+    dense:  [n] coefficient of p_v on every column (the explicit ones included), or None.
+    cols:   [n, k] explicit columns.
+    sparse: [n, k] gradient added on those columns on top of `p_v · dense`.
+    """
+
+    value: torch.Tensor
+    dense: Optional[torch.Tensor]
+    cols: torch.Tensor
+    sparse: torch.Tensor
+
+
+def bucket_coefficients(log_p: torch.Tensor, log_q: torch.Tensor, kind: str, js_beta: float) -> torch.Tensor:
+    """e_b of the formula above for each bucket [n, B]; 0 on buckets holding no student mass."""
+    has_mass = log_p > float("-inf")
+    lp = torch.where(has_mass, log_p, torch.zeros_like(log_p))
+    lq = torch.where(has_mass, log_q, torch.zeros_like(log_q))
+    if kind == "forward_kl":
+        # ∂D/∂P_b = −Q_b/P_b and Σ_b P_b·(−Q_b/P_b) = −1.
+        e = 1.0 - torch.exp(lq - lp)
+    else:
+        if kind == "reverse_kl":
+            r = lp - lq  # ∂D/∂P_b up to a constant that cancels in e_b
+        else:  # js: ∂D/∂P_b = β (log P_b − log M_b)
+            r = js_beta * (lp - log_mixture(lp, lq, js_beta))
+        e = r - (lp.exp() * r).sum(-1, keepdim=True)
+    return torch.where(has_mass, e, torch.zeros_like(e))
+
+
+def bucket_term(log_p: torch.Tensor, log_q: torch.Tensor, cols: torch.Tensor, kind: str, js_beta: float, has_rest: bool) -> RowTerm:
+    """Term over buckets `cols` [n, k] (+ a rest bucket as the last entry of log_p/log_q when `has_rest`)."""
+    value = divergence(log_p, log_q, kind, js_beta)
+    e = bucket_coefficients(log_p, log_q, kind, js_beta)
+    p = log_p.exp()
+    if not has_rest:
+        return RowTerm(value, None, cols, p * e)
+    k = cols.shape[1]
+    dense = e[:, k]
+    return RowTerm(value, dense, cols, p[:, :k] * (e[:, :k] - dense[:, None]))
+
+
+def with_rest_bucket(log_p_cols: torch.Tensor) -> torch.Tensor:
+    """Append the rest bucket log(1 − Σ p) to full-vocabulary log-probs of some columns [n, k]."""
+    rest = log1mexp(torch.logsumexp(log_p_cols, dim=-1))
+    return torch.cat([log_p_cols, rest[:, None]], dim=-1)
+
+
+def sampled_term(log_p_y: torch.Tensor, log_q_y: torch.Tensor, tokens: torch.Tensor, kind: str, js_beta: float) -> RowTerm:
+    """Sampled-token term. Reverse KL is the log-ratio estimator of vanilla OPD,
+    `loss = sg(log p(y) − log q(y)) · log p(y)`, whose gradient d · (δ_vy − p_v)/τ (d the log ratio)
+    is the policy-gradient estimate of reverse KL. Forward KL and JS use the two buckets {y, not y}.
+    """
+    cols = tokens[:, None]
+    if kind == "reverse_kl":
+        d = log_p_y - log_q_y
+        return RowTerm(d * log_p_y, -d, cols, d[:, None])
+    lp = with_rest_bucket(log_p_y[:, None])
+    lq = with_rest_bucket(log_q_y[:, None])
+    return bucket_term(lp, lq, cols, kind, js_beta, has_rest=True)
+
+
+def topk_term(student_cols: torch.Tensor, target_cols: torch.Tensor, lse_student: torch.Tensor,
+              lse_target: torch.Tensor, cols: torch.Tensor, kind: str, js_beta: float, renorm: bool) -> RowTerm:
+    """Top-K term from the scaled logits of both streams at the support `cols` [n, K].
+
+    renorm=True: both distributions renormalized over the K tokens (gradient on K logits only).
+    renorm=False: K full-vocabulary probabilities plus a tail bucket with the remaining mass.
+    """
+    if renorm:
+        lp = torch.log_softmax(student_cols, dim=-1)
+        lq = torch.log_softmax(target_cols, dim=-1)
+        return bucket_term(lp, lq, cols, kind, js_beta, has_rest=False)
+    lp = with_rest_bucket(student_cols - lse_student[:, None])
+    lq = with_rest_bucket(target_cols - lse_target[:, None])
+    return bucket_term(lp, lq, cols, kind, js_beta, has_rest=True)
