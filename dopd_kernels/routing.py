@@ -20,7 +20,9 @@ def trimmed_mean(values: torch.Tensor, trim: float) -> torch.Tensor:
     n = values.numel()
     if n == 0:
         return values.new_zeros(())
-    keep = n - math.floor(trim * n)
+    # floor(trim · n) of the fraction the caller meant: the binary product can land just below an
+    # integer (0.29 · 100 == 28.999999999999996), which would keep one value too many.
+    keep = n - math.floor(trim * n * (1.0 + 1e-12))
     return torch.sort(values).values[:keep].mean()
 
 

@@ -1,0 +1,116 @@
+"""Shared fixtures: a fresh random seed per test (reported on failure) and input generators.
+
+Every test draws its own seed, so each run sees new inputs. To reproduce a failure, rerun with
+`DOPD_TEST_SEED=<seed shown in the failure report>`.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+IGNORE = -100
+
+
+@pytest.fixture(autouse=True)
+def seed(request):
+    """Seed torch with a random (or `DOPD_TEST_SEED`) seed and attach it to the test's report."""
+    value = int(os.environ.get("DOPD_TEST_SEED", random.SystemRandom().randrange(2**31)))
+    torch.manual_seed(value)
+    request.node.user_properties.append(("seed", value))
+    return value
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        seeds = [v for k, v in item.user_properties if k == "seed"]
+        if seeds:
+            report.sections.append(("seed", f"reproduce with DOPD_TEST_SEED={seeds[0]}"))
+
+
+def correlated_logits(lead_shape, vocab, n_streams=3, noise=(0.7, 1.0), scale=2.0, dtype=torch.float32):
+    """Student logits ~ scale·N(0,1); each further stream = student + noise_i·N(0,1) (never zeros)."""
+    if isinstance(lead_shape, int):
+        lead_shape = (lead_shape,)
+    s = scale * torch.randn(*lead_shape, vocab, dtype=torch.float64)
+    noises = noise if isinstance(noise, (tuple, list)) else (noise,) * (n_streams - 1)
+    streams = [s] + [s + noises[i % len(noises)] * torch.randn_like(s) for i in range(n_streams - 1)]
+    return [z.to(dtype) for z in streams]
+
+
+def distinct_logits(lead_shape, vocab, n_streams=3, noise=(0.7, 1.0), dtype=torch.bfloat16):
+    """Like `correlated_logits` but each row of the student holds distinct values exactly
+    representable in bf16 (a shuffled grid of step 1/32), so a top-K set never hinges on a tie."""
+    if isinstance(lead_shape, int):
+        lead_shape = (lead_shape,)
+    n = 1
+    for d in lead_shape:
+        n *= d
+    assert vocab <= 512
+    grid = (torch.arange(vocab, dtype=torch.float64) - vocab // 2) / 32.0
+    s = torch.stack([grid[torch.randperm(vocab)] for _ in range(n)]).reshape(*lead_shape, vocab)
+    noises = noise if isinstance(noise, (tuple, list)) else (noise,) * (n_streams - 1)
+    streams = [s] + [s + noises[i % len(noises)] * torch.randn_like(s) for i in range(n_streams - 1)]
+    return [z.to(dtype) for z in streams]
+
+
+def random_tokens(lead_shape, vocab, mask_frac=0.2, ignore_index=IGNORE):
+    """Random tokens in [0, vocab) with about `mask_frac` of positions (never all) set to ignore_index."""
+    if isinstance(lead_shape, int):
+        lead_shape = (lead_shape,)
+    y = torch.randint(0, vocab, lead_shape)
+    mask = torch.rand(lead_shape) < mask_frac
+    mask.view(-1)[torch.randint(0, y.numel(), ())] = False  # at least one valid token
+    return y.masked_fill(mask, ignore_index)
+
+
+def linear_streams(n_lead, hidden, vocab, dtype=torch.float32, bias=True, teacher_hidden=None, noise=0.5):
+    """Student/teacher/privileged-student hidden states and lm_head weights (correlated)."""
+    if isinstance(n_lead, int):
+        n_lead = (n_lead,)
+    ht = teacher_hidden or hidden
+    hs = torch.randn(*n_lead, hidden, dtype=torch.float64)
+    ws = torch.randn(vocab, hidden, dtype=torch.float64) * (2.0 / hidden**0.5)
+    if ht == hidden:
+        h_t = hs + noise * torch.randn_like(hs)
+        w_t = ws + noise * torch.randn_like(ws) / hidden**0.5
+    else:
+        h_t = torch.randn(*n_lead, ht, dtype=torch.float64)
+        w_t = torch.randn(vocab, ht, dtype=torch.float64) * (2.0 / ht**0.5)
+    h_p = hs + noise * torch.randn_like(hs)
+    out = dict(student_hidden=hs, student_weight=ws, teacher_hidden=h_t, teacher_weight=w_t, priv_student_hidden=h_p)
+    if bias:
+        out["student_bias"] = 0.5 * torch.randn(vocab, dtype=torch.float64)
+        out["teacher_bias"] = out["student_bias"] + 0.3 * torch.randn(vocab, dtype=torch.float64)
+    return {k: v.to(dtype) for k, v in out.items()}
+
+
+def leaf(t: torch.Tensor, dtype=None) -> torch.Tensor:
+    """A fresh leaf copy (optionally cast) that requires grad."""
+    return t.detach().to(dtype or t.dtype).clone().requires_grad_(True)
+
+
+def assert_close(actual, expected, rtol=1e-5, atol=None, what=""):
+    """Elementwise |a − e| ≤ atol + rtol·|e|, atol defaulting to rtol · max|e| (scale-aware)."""
+    actual = torch.as_tensor(actual).detach().double()
+    expected = torch.as_tensor(expected).detach().double()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    if atol is None:
+        atol = rtol * max(float(expected.abs().max()) if expected.numel() else 0.0, 1e-12)
+    err = (actual - expected).abs()
+    bad = err > atol + rtol * expected.abs()
+    if bool(bad.any()):
+        i = int(bad.reshape(-1).nonzero()[0])
+        raise AssertionError(
+            f"{what}: {int(bad.sum())}/{bad.numel()} elements differ; max abs err {float(err.max()):.3e} "
+            f"(atol {atol:.1e}, rtol {rtol:.1e}); first at flat index {i}: "
+            f"{float(actual.reshape(-1)[i])!r} vs {float(expected.reshape(-1)[i])!r}"
+        )
