@@ -13,6 +13,7 @@ import torch
 
 from .backends import resolve_backend
 from .config import DOPDConfig, DOPDOutput, OPDConfig, OPDOutput, Thresholds
+from .parallel import VocabShard
 from .reductions import reduce_loss
 from .sources import LinearSource, LogitsSource
 from .validation import (
@@ -31,16 +32,26 @@ BackendArg = Union[str, object]
 LOGITS_SHAPE = "[N, V] or [B, T, V]"
 
 
-def _prepare_tokens(tokens, token_shape, vocab, valid_vocab, cfg, lead_name):
-    """Validated flat tokens [N] (int64), valid mask [N] and the effective vocabulary."""
-    v_eff = check_valid_vocab(valid_vocab, vocab)
+def _prepare_tokens(tokens, token_shape, local_vocab, cfg, lead_name, vocab_parallel_group):
+    """Validated flat tokens [N] (int64), valid mask [N], the vocabulary shard (None when the
+    vocabulary is whole) and the `valid_vocab` the local sources use."""
+    shard = None
+    vocab = local_vocab
+    if vocab_parallel_group is not None:
+        device = tokens.device if isinstance(tokens, torch.Tensor) else torch.device("cpu")
+        shard = VocabShard.create(vocab_parallel_group, local_vocab, device)
+        vocab = shard.vocab
+    v_eff = check_valid_vocab(cfg.valid_vocab, vocab)
     check_tokens(tokens, token_shape, v_eff, cfg.ignore_index, lead_name)
     check_seq_mean(cfg.reduction, tokens)
     flat = tokens.reshape(-1).long()
-    return flat, flat != cfg.ignore_index
+    if shard is None:
+        return flat, flat != cfg.ignore_index, None, cfg.valid_vocab
+    shard = shard.with_valid_vocab(cfg.valid_vocab)
+    return flat, flat != cfg.ignore_index, shard, shard.local_valid_vocab()
 
 
-def _logits_sources(named: dict, tokens, cfg, check_finite: bool):
+def _logits_sources(named: dict, tokens, cfg, check_finite: bool, vocab_parallel_group=None):
     """Validate logits streams (first one is the student) and wrap them as flat sources."""
     for name, t in named.items():
         check_float_tensor(name, t, (2, 3), LOGITS_SHAPE)
@@ -49,17 +60,18 @@ def _logits_sources(named: dict, tokens, cfg, check_finite: bool):
         if t.shape != first.shape:
             raise ValueError(f"{name} must have the shape of {first_name} {list(first.shape)}, got {list(t.shape)}")
     check_same_device({**named, "tokens": tokens} if isinstance(tokens, torch.Tensor) else named)
-    flat_tokens, valid = _prepare_tokens(tokens, first.shape[:-1], first.shape[-1], cfg.valid_vocab, cfg, first_name)
+    flat_tokens, valid, shard, valid_vocab = _prepare_tokens(tokens, first.shape[:-1], first.shape[-1], cfg, first_name,
+                                                             vocab_parallel_group)
     if check_finite:
         for name, t in named.items():
             check_finite_logits(name, t)
     v = first.shape[-1]
-    sources = [LogitsSource(t.reshape(-1, v) if i == 0 else t.detach().reshape(-1, v), cfg.temperature, cfg.valid_vocab)
+    sources = [LogitsSource(t.reshape(-1, v) if i == 0 else t.detach().reshape(-1, v), cfg.temperature, valid_vocab)
                for i, t in enumerate(named.values())]
-    return sources, flat_tokens, valid, first.shape[:-1]
+    return sources, flat_tokens, valid, first.shape[:-1], shard
 
 
-def _linear_sources(streams: list, tokens, cfg, check_finite: bool):
+def _linear_sources(streams: list, tokens, cfg, check_finite: bool, vocab_parallel_group=None):
     """streams: [(prefix, hidden, weight, bias)], the student first. Returns flat sources."""
     _, h0, w0, _ = streams[0]
     for prefix, h, w, b in streams:
@@ -68,7 +80,8 @@ def _linear_sources(streams: list, tokens, cfg, check_finite: bool):
             raise ValueError(f"{prefix}_weight has vocabulary {w.shape[0]} but student_weight has {w0.shape[0]}")
     named = {f"{p}_{k}": t for p, h, w, b in streams for k, t in (("hidden", h), ("weight", w), ("bias", b)) if t is not None}
     check_same_device({**named, "tokens": tokens} if isinstance(tokens, torch.Tensor) else named)
-    flat_tokens, valid = _prepare_tokens(tokens, h0.shape[:-1], w0.shape[0], cfg.valid_vocab, cfg, "student_hidden")
+    flat_tokens, valid, shard, valid_vocab = _prepare_tokens(tokens, h0.shape[:-1], w0.shape[0], cfg, "student_hidden",
+                                                             vocab_parallel_group)
     if check_finite:
         for name, t in named.items():
             if not bool(torch.isfinite(t).all()):
@@ -77,15 +90,16 @@ def _linear_sources(streams: list, tokens, cfg, check_finite: bool):
     for i, (_, h, w, b) in enumerate(streams):
         if i:  # frozen streams never receive a gradient
             h, w, b = h.detach(), w.detach(), (b.detach() if b is not None else None)
-        sources.append(LinearSource(h.reshape(-1, h.shape[-1]), w, b, cfg.temperature, cfg.valid_vocab))
-    return sources, flat_tokens, valid, h0.shape[:-1]
+        sources.append(LinearSource(h.reshape(-1, h.shape[-1]), w, b, cfg.temperature, valid_vocab))
+    return sources, flat_tokens, valid, h0.shape[:-1], shard
 
 
-def _dopd(sources, tokens, valid, token_shape, cfg: DOPDConfig, thresholds, backend, normalizer) -> DOPDOutput:
+def _dopd(prepared, cfg: DOPDConfig, thresholds, backend, normalizer, routing_group) -> DOPDOutput:
+    sources, tokens, valid, token_shape, shard = prepared
     normalizer = check_normalizer(normalizer, cfg.reduction)
     thresholds = coerce_thresholds(thresholds)
     impl = resolve_backend(backend, tokens.device)
-    per_token, routing = impl.dopd(*sources, tokens, valid, cfg, thresholds)
+    per_token, routing = impl.dopd(*sources, tokens, valid, cfg, thresholds, shard=shard, routing_group=routing_group)
 
     def shape(t: torch.Tensor) -> torch.Tensor:
         return t.detach().reshape(token_shape)
@@ -112,6 +126,8 @@ def dopd_loss(
     backend: BackendArg = "auto",
     normalizer: Optional[Union[float, torch.Tensor]] = None,
     check_finite: bool = False,
+    vocab_parallel_group=None,
+    routing_group=None,
 ) -> DOPDOutput:
     """Dual on-policy distillation loss from three logit tensors (DESIGN.md section 1).
 
@@ -125,16 +141,21 @@ def dopd_loss(
         backend: "auto", a backend name (see `available_backends()`) or a backend object.
         normalizer: with reduction "mean"/"sum", divide the summed loss by this token count instead.
         check_finite: raise ValueError if any logit is NaN or +inf (-inf is allowed: padding).
+        vocab_parallel_group: a `torch.distributed` group over which the vocabulary is sharded:
+            each rank passes its contiguous shard `[..., V_r]` (shards in rank order), the same
+            tokens (global ids) and gets the loss of the whole vocabulary (see `parallel.py`).
+        routing_group: a `torch.distributed` group (e.g. data parallel) whose ranks' valid tokens
+            together define the routing thresholds.
 
     Returns:
         `DOPDOutput`; see its docstring. A batch without valid tokens has loss 0 (gradient 0) and
         all tokens in regime IGNORED.
     """
     cfg = config or DOPDConfig()
-    sources, flat, valid, token_shape = _logits_sources(
+    prepared = _logits_sources(
         {"student_logits": student_logits, "teacher_logits": teacher_logits, "priv_student_logits": priv_student_logits},
-        tokens, cfg, check_finite)
-    return _dopd(sources, flat, valid, token_shape, cfg, thresholds, backend, normalizer)
+        tokens, cfg, check_finite, vocab_parallel_group)
+    return _dopd(prepared, cfg, thresholds, backend, normalizer, routing_group)
 
 
 def fused_linear_dopd_loss(
@@ -154,6 +175,8 @@ def fused_linear_dopd_loss(
     backend: BackendArg = "auto",
     normalizer: Optional[Union[float, torch.Tensor]] = None,
     check_finite: bool = False,
+    vocab_parallel_group=None,
+    routing_group=None,
 ) -> DOPDOutput:
     """DOPD loss from final hidden states and `lm_head` weights; logits are never materialized.
 
@@ -165,8 +188,11 @@ def fused_linear_dopd_loss(
         tokens: `[N]` or `[B, T]`.
         priv_student_weight: `[V, H_p]`; None means the student's weight (and bias), detached.
         student_bias, teacher_bias, priv_student_bias: optional `[V]` biases.
-        config, thresholds, backend, normalizer, check_finite: as in `dopd_loss` (check_finite
-            checks hidden states, weights and biases for NaN/inf).
+        config, thresholds, backend, normalizer, check_finite, routing_group: as in `dopd_loss`
+            (check_finite checks hidden states, weights and biases for NaN/inf).
+        vocab_parallel_group: each rank holds the rows [offset_r, offset_r + V_r) of every
+            `lm_head` (weights `[V_r, H]`, biases `[V_r]`) and the full hidden states; the hidden-state
+            gradient is summed over the group, as a column-parallel linear's backward does.
 
     Returns:
         `DOPDOutput`; gradients reach `student_hidden`, `student_weight` and `student_bias` only.
@@ -179,13 +205,14 @@ def fused_linear_dopd_loss(
     streams = [("student", student_hidden, student_weight, student_bias),
                ("teacher", teacher_hidden, teacher_weight, teacher_bias),
                ("priv_student", priv_student_hidden, priv_student_weight, priv_student_bias)]
-    sources, flat, valid, token_shape = _linear_sources(streams, tokens, cfg, check_finite)
-    return _dopd(sources, flat, valid, token_shape, cfg, thresholds, backend, normalizer)
+    prepared = _linear_sources(streams, tokens, cfg, check_finite, vocab_parallel_group)
+    return _dopd(prepared, cfg, thresholds, backend, normalizer, routing_group)
 
 
-def _opd(sources, tokens, valid, token_shape, cfg: OPDConfig, backend, normalizer) -> OPDOutput:
+def _opd(prepared, cfg: OPDConfig, backend, normalizer) -> OPDOutput:
+    sources, tokens, valid, token_shape, shard = prepared
     normalizer = check_normalizer(normalizer, cfg.reduction)
-    per_token = resolve_backend(backend, tokens.device).opd(*sources, tokens, valid, cfg)
+    per_token = resolve_backend(backend, tokens.device).opd(*sources, tokens, valid, cfg, shard=shard)
     return OPDOutput(reduce_loss(per_token, valid, cfg.reduction, token_shape, normalizer),
                      per_token.detach().reshape(token_shape))
 
@@ -208,6 +235,7 @@ def opd_loss(
     valid_vocab: Optional[int] = None,
     normalizer: Optional[Union[float, torch.Tensor]] = None,
     check_finite: bool = False,
+    vocab_parallel_group=None,
 ) -> OPDOutput:
     """Vanilla on-policy distillation loss (DESIGN.md section 2) from two logit tensors.
 
@@ -217,16 +245,16 @@ def opd_loss(
         tokens: `[N]` or `[B, T]` sampled tokens.
         divergence, granularity, top_k, js_beta, temperature, topk_from, topk_renorm, ignore_index,
         reduction, valid_vocab: see `OPDConfig`.
-        backend, normalizer, check_finite: as in `dopd_loss`.
+        backend, normalizer, check_finite, vocab_parallel_group: as in `dopd_loss`.
 
     Returns:
         `OPDOutput(loss, per_token_loss)`.
     """
     cfg = OPDConfig(divergence, granularity, top_k, js_beta, temperature, topk_from, topk_renorm,
                     ignore_index, reduction, valid_vocab)
-    sources, flat, valid, token_shape = _logits_sources(
-        {"student_logits": student_logits, "teacher_logits": teacher_logits}, tokens, cfg, check_finite)
-    return _opd(sources, flat, valid, token_shape, cfg, backend, normalizer)
+    prepared = _logits_sources({"student_logits": student_logits, "teacher_logits": teacher_logits}, tokens, cfg,
+                               check_finite, vocab_parallel_group)
+    return _opd(prepared, cfg, backend, normalizer)
 
 
 def fused_linear_opd_loss(
@@ -251,16 +279,17 @@ def fused_linear_opd_loss(
     valid_vocab: Optional[int] = None,
     normalizer: Optional[Union[float, torch.Tensor]] = None,
     check_finite: bool = False,
+    vocab_parallel_group=None,
 ) -> OPDOutput:
     """Vanilla OPD loss from hidden states `[N, H]`/`[B, T, H]` and `lm_head` weights `[V, H]`
-    (optional biases `[V]`); options as in `opd_loss`. Gradients reach the student's hidden
-    states, weight and bias only."""
+    (optional biases `[V]`); options as in `opd_loss` (`vocab_parallel_group` as in
+    `fused_linear_dopd_loss`). Gradients reach the student's hidden states, weight and bias only."""
     cfg = OPDConfig(divergence, granularity, top_k, js_beta, temperature, topk_from, topk_renorm,
                     ignore_index, reduction, valid_vocab)
     streams = [("student", student_hidden, student_weight, student_bias),
                ("teacher", teacher_hidden, teacher_weight, teacher_bias)]
-    sources, flat, valid, token_shape = _linear_sources(streams, tokens, cfg, check_finite)
-    return _opd(sources, flat, valid, token_shape, cfg, backend, normalizer)
+    prepared = _linear_sources(streams, tokens, cfg, check_finite, vocab_parallel_group)
+    return _opd(prepared, cfg, backend, normalizer)
 
 
 def token_logprobs(
@@ -273,6 +302,7 @@ def token_logprobs(
     ignore_index: int = -100,
     valid_vocab: Optional[int] = None,
     backend: BackendArg = "auto",
+    vocab_parallel_group=None,
 ) -> torch.Tensor:
     """log softmax(z / temperature)[y] of each sampled token, without materializing the logits.
 
@@ -286,8 +316,10 @@ def token_logprobs(
     """
     cfg = OPDConfig(temperature=temperature, ignore_index=ignore_index, valid_vocab=valid_vocab)
     if weight is None:
-        (source,), flat, valid, token_shape = _logits_sources({"logits": logits_or_hidden}, tokens, cfg, False)
+        (source,), flat, valid, token_shape, shard = _logits_sources({"logits": logits_or_hidden}, tokens, cfg, False,
+                                                                     vocab_parallel_group)
     else:
-        (source,), flat, valid, token_shape = _linear_sources([("student", logits_or_hidden, weight, bias)], tokens, cfg, False)
+        (source,), flat, valid, token_shape, shard = _linear_sources([("student", logits_or_hidden, weight, bias)], tokens,
+                                                                     cfg, False, vocab_parallel_group)
     impl = resolve_backend(backend, flat.device)
-    return impl.token_logprobs(source, flat, valid).to(source.dtype).reshape(token_shape)
+    return impl.token_logprobs(source, flat, valid, shard=shard).to(source.dtype).reshape(token_shape)

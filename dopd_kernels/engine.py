@@ -18,6 +18,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from .parallel import VocabShard
 from .row_terms import RowTerm, sampled_term, topk_term
 from .sources import LinearSource, LogitsSource
 
@@ -60,8 +61,10 @@ class LossEngine:
     """Runs the flow for one call. `plan(stats) -> List[Group]` decides each row's term."""
 
     def __init__(self, passes, sources: Sequence, tokens: torch.Tensor, valid: torch.Tensor,
-                 settings: TermSettings, topk_streams: Sequence[int], plan: Callable[[Stats], List[Group]]):
+                 settings: TermSettings, topk_streams: Sequence[int], plan: Callable[[Stats], List[Group]],
+                 shard: Optional[VocabShard] = None):
         self.passes = passes
+        self.shard = shard
         self.sources = list(sources)
         self.rows = valid.nonzero()[:, 0]
         self.tokens = tokens[self.rows]
@@ -77,18 +80,49 @@ class LossEngine:
 
     def forward(self) -> torch.Tensor:
         """Per-token weighted loss [N] in the compute dtype (0 at rows that are not valid)."""
-        s = self.settings
         out = torch.zeros(self.n_total, dtype=self.student.dtype, device=self.tokens.device)
-        if self.rows.numel() == 0:
-            return out
-        self.stats = self.passes.stats_pass(self.sources, self.rows, self.tokens, self.topk_streams, s.top_k)
-        self.groups = self.plan(self.stats)
+        self.stats = self.run_stats_pass()
+        self.groups = self.plan(self.stats)  # planned even without rows: routing may be collective
         for g in self.groups:
             if g.pos.numel() == 0:
                 continue
             value = self._group_value(g)
             out[self.rows[g.pos]] = (g.weight * value).to(out.dtype)
         return out
+
+    def run_stats_pass(self) -> Stats:
+        """The stats pass; with a vocabulary shard, local statistics merged across the group."""
+        k, n, dt = self.settings.top_k, self.rows.shape[0], self.student.dtype
+        if n == 0:
+            empty = self.tokens.new_zeros(0, dtype=dt)
+            return Stats([empty] * len(self.sources), [empty] * len(self.sources),
+                         {j: self.tokens.new_zeros(0, 0) for j in self.topk_streams})
+        if self.shard is None:
+            return self.passes.stats_pass(self.sources, self.rows, self.tokens, self.topk_streams, k)
+        sh = self.shard
+        local_tokens, owned = sh.localize(self.tokens)
+        stats = self.passes.stats_pass(self.sources, self.rows, local_tokens, self.topk_streams, k)
+        stats.lse = [sh.merge_logsumexp(lse) for lse in stats.lse]
+        stats.logit_y = [sh.owned_max(z, owned) for z in stats.logit_y]
+        k_global = min(k, sh.valid_vocab)
+        for j, idx in stats.topk.items():
+            values = self.passes.gather(self.sources[j], self.rows, idx)
+            stats.topk[j] = sh.merge_topk(values, idx + sh.offset, k_global)
+        return stats
+
+    def _gather(self, source, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Scaled logits of `source` at global columns `cols` [n, K]."""
+        if self.shard is None:
+            return self.passes.gather(source, rows, cols)
+        local, owned = self.shard.localize(cols)
+        return self.shard.owned_max(self.passes.gather(source, rows, local), owned)
+
+    def _localize(self, term: RowTerm) -> RowTerm:
+        """A term's explicit columns as this shard sees them: local, with foreign ones zeroed."""
+        if self.shard is None:
+            return term
+        local, owned = self.shard.localize(term.cols)
+        return RowTerm(term.value, term.dense, local, term.sparse.masked_fill(~owned, 0.0))
 
     def _group_value(self, g: Group) -> torch.Tensor:
         s, st = self.settings, self.stats
@@ -97,6 +131,8 @@ class LossEngine:
         rows = self.rows[g.pos]
         if g.granularity == "full":
             value, g.full_c = self.passes.full_value_pass(self.student, target, rows, lse_s, lse_t, g.divergence, s.js_beta)
+            if self.shard is not None:  # partial sums over this shard's columns
+                value, g.full_c = self.shard.all_reduce(value), self.shard.all_reduce(g.full_c)
             return value
         f64 = torch.float64
         if g.granularity == "sampled":
@@ -104,8 +140,9 @@ class LossEngine:
                                   self.tokens[g.pos], g.divergence, s.js_beta)
         else:
             cols = st.topk[STUDENT if s.topk_from == "student" else g.target][g.pos]
-            g.term = topk_term(self.passes.gather(self.student, rows, cols).to(f64), self.passes.gather(target, rows, cols).to(f64),
+            g.term = topk_term(self._gather(self.student, rows, cols).to(f64), self._gather(target, rows, cols).to(f64),
                                lse_s.to(f64), lse_t.to(f64), cols, g.divergence, s.js_beta, s.topk_renorm)
+        g.term = self._localize(g.term)
         return g.term.value
 
     def backward(self, grad_per_token: torch.Tensor, sink) -> None:
@@ -117,6 +154,8 @@ class LossEngine:
             rows = self.rows[g.pos]
             scale = grad_per_token[rows].to(torch.float64) * (g.weight / s.temperature)
             self.passes.grad_pass(self, g, rows, scale, sink)
+        if self.shard is not None:
+            sink.reduce_over(self.shard)
 
 
 class LogitsGradSink:
@@ -131,6 +170,9 @@ class LogitsGradSink:
 
     def add_sparse(self, rows: torch.Tensor, cols: torch.Tensor, g: torch.Tensor) -> None:
         self.grad.index_put_((rows[:, None].expand_as(cols), cols), g.to(self.grad.dtype), accumulate=True)
+
+    def reduce_over(self, shard) -> None:
+        """Each shard owns its columns of the logit gradient: nothing to combine."""
 
     def results(self, needs):
         return (self.grad,)
@@ -171,6 +213,11 @@ class LinearGradSink:
                 self.dw.index_add_(0, c.reshape(-1), (gi[:, :, None] * h[:, None, :]).reshape(-1, h.shape[1]))
             if self.db is not None:
                 self.db.index_add_(0, c.reshape(-1), gi.reshape(-1))
+
+    def reduce_over(self, shard) -> None:
+        """dH sums the contributions of every vocabulary shard (column-parallel linear backward)."""
+        if self.dh is not None:
+            shard.all_reduce(self.dh)
 
     def results(self, needs):
         src = self.source

@@ -69,7 +69,7 @@ def term(lp_s: torch.Tensor, lp_t: torch.Tensor, tokens: torch.Tensor, kind: str
 
 
 def effective_top_k(top_k: int, source) -> int:
-    return min(top_k, source.valid_vocab or source.vocab)
+    return min(top_k, source.effective_vocab)
 
 
 def opd_per_token(student, teacher, tokens: torch.Tensor, valid: torch.Tensor, cfg: OPDConfig) -> torch.Tensor:
@@ -81,7 +81,8 @@ def opd_per_token(student, teacher, tokens: torch.Tensor, valid: torch.Tensor, c
     return torch.zeros(valid.shape[0], dtype=torch.float64, device=valid.device).index_put((rows,), values)
 
 
-def dopd_per_token(student, teacher, priv, tokens: torch.Tensor, valid: torch.Tensor, cfg: DOPDConfig, thresholds=None):
+def dopd_per_token(student, teacher, priv, tokens: torch.Tensor, valid: torch.Tensor, cfg: DOPDConfig, thresholds=None,
+                   routing_group=None):
     """Per-token DOPD loss [N] (float64, weighted, 0 where not valid) and the routing:
     `(loss, regime, adv_gap, q_teacher, q_priv_student, thresholds)`."""
     rows = valid.nonzero()[:, 0]
@@ -93,7 +94,7 @@ def dopd_per_token(student, teacher, priv, tokens: torch.Tensor, valid: torch.Te
 
     adv, q_t, q_p = (full(x) for x in routing_statistics(lp_t.gather(1, y[:, None])[:, 0], lp_p.gather(1, y[:, None])[:, 0]))
     if thresholds is None:
-        thresholds = batch_thresholds(adv, q_t, q_p, valid, cfg.trim)
+        thresholds = batch_thresholds(adv, q_t, q_p, valid, cfg.trim, routing_group)
     regime = assign_regimes(adv, q_t, q_p, valid, thresholds)
     r = regime[rows].long()
 

@@ -33,9 +33,15 @@ def routing_statistics(teacher_logprob: torch.Tensor, priv_student_logprob: torc
     return (lt - lp).abs(), lt.exp(), lp.exp()
 
 
-def batch_thresholds(adv_gap, q_teacher, q_priv_student, valid: torch.Tensor, trim: float) -> Thresholds:
-    """Trimmed means of the three statistics over the valid tokens."""
-    return Thresholds(*(trimmed_mean(x[valid], trim) for x in (adv_gap, q_teacher, q_priv_student)))
+def batch_thresholds(adv_gap, q_teacher, q_priv_student, valid: torch.Tensor, trim: float, group=None) -> Thresholds:
+    """Trimmed means of the three statistics over the valid tokens; with a `torch.distributed`
+    `group`, over the valid tokens of every rank of the group (a collective call)."""
+    stats = tuple(x[valid] for x in (adv_gap, q_teacher, q_priv_student))
+    if group is not None:
+        from .parallel import gather_routing_statistics
+
+        stats = gather_routing_statistics(stats, group)
+    return Thresholds(*(trimmed_mean(x, trim).cpu() for x in stats))
 
 
 def assign_regimes(adv_gap, q_teacher, q_priv_student, valid: torch.Tensor, thresholds: Thresholds) -> torch.Tensor:
@@ -62,6 +68,7 @@ def route(
     valid_mask: torch.Tensor,
     config: Optional[DOPDConfig] = None,
     thresholds: Optional[Thresholds] = None,
+    routing_group=None,
 ) -> Tuple[torch.Tensor, Thresholds]:
     """Route tokens to DOPD regimes from their sampled-token log-probs.
 
@@ -72,6 +79,8 @@ def route(
         config: `DOPDConfig` (its `trim` is used); defaults to the paper's settings.
         thresholds: optional precomputed `Thresholds` (e.g. over a global batch) used instead of
             this batch's trimmed means.
+        routing_group: optional `torch.distributed` group; thresholds are then the trimmed means
+            over the valid tokens of all its ranks (every rank must call).
 
     Returns:
         `(regime, thresholds)`: `[*]` int8 `Regime` codes (-1 where not valid) and the thresholds used.
@@ -89,5 +98,5 @@ def route(
     if not isinstance(valid_mask, torch.Tensor) or valid_mask.dtype != torch.bool or valid_mask.shape != teacher_logprob.shape:
         raise TypeError(f"valid_mask must be a bool tensor of shape {list(teacher_logprob.shape)}")
     a, qt, qp = routing_statistics(teacher_logprob, priv_student_logprob)
-    thresholds = coerce_thresholds(thresholds) or batch_thresholds(a, qt, qp, valid_mask, config.trim)
+    thresholds = coerce_thresholds(thresholds) or batch_thresholds(a, qt, qp, valid_mask, config.trim, routing_group)
     return assign_regimes(a, qt, qp, valid_mask, thresholds), thresholds

@@ -36,6 +36,11 @@ class LogitsSource:
         return self.logits.shape[1]
 
     @property
+    def effective_vocab(self) -> int:
+        """Columns that are not padding: [0, valid_vocab)."""
+        return self.vocab if self.valid_vocab is None else self.valid_vocab
+
+    @property
     def dtype(self) -> torch.dtype:
         return accum_dtype(self.logits.dtype)
 
@@ -71,6 +76,11 @@ class LinearSource:
     @property
     def vocab(self) -> int:
         return self.weight.shape[0]
+
+    @property
+    def effective_vocab(self) -> int:
+        """Columns that are not padding: [0, valid_vocab)."""
+        return self.vocab if self.valid_vocab is None else self.valid_vocab
 
     @property
     def dtype(self) -> torch.dtype:

@@ -14,6 +14,7 @@ import torch
 
 from ..config import DOPDConfig, OPDConfig, Regime, Thresholds
 from ..engine import STUDENT, Group, LossEngine, Stats, TermSettings, run
+from ..parallel import VocabShard
 from ..routing import assign_regimes, batch_thresholds, routing_statistics
 
 TEACHER, PRIV_STUDENT = 1, 2
@@ -46,7 +47,7 @@ class PassBackend:
     """Entry points built on a backend's passes (`stats_pass`, `full_value_pass`, `grad_pass`, `gather`)."""
 
     def dopd(self, student, teacher, priv, tokens: torch.Tensor, valid: torch.Tensor, cfg: DOPDConfig,
-             thresholds: Optional[Thresholds]):
+             thresholds: Optional[Thresholds], shard: Optional[VocabShard] = None, routing_group=None):
         routing = empty_routing(valid, thresholds)
 
         def plan(stats: Stats) -> List[Group]:
@@ -56,7 +57,8 @@ class PassBackend:
             for name, x in zip(("adv_gap", "q_teacher", "q_priv_student"), routing_statistics(lt, lp)):
                 getattr(routing, name)[rows] = x
             if thresholds is None:
-                routing.thresholds = batch_thresholds(routing.adv_gap, routing.q_teacher, routing.q_priv_student, valid, cfg.trim)
+                routing.thresholds = batch_thresholds(routing.adv_gap, routing.q_teacher, routing.q_priv_student, valid, cfg.trim,
+                                                     routing_group)
             routing.regime = assign_regimes(routing.adv_gap, routing.q_teacher, routing.q_priv_student, valid, routing.thresholds)
             r = routing.regime[rows]
 
@@ -71,23 +73,25 @@ class PassBackend:
             ]
 
         topk_streams = (STUDENT,) if cfg.topk_from == "student" else (TEACHER, PRIV_STUDENT)
-        engine = LossEngine(self, (student, teacher, priv), tokens, valid, settings_of(cfg), topk_streams, plan)
+        engine = LossEngine(self, (student, teacher, priv), tokens, valid, settings_of(cfg), topk_streams, plan, shard)
         return run(engine, self), routing
 
-    def opd(self, student, teacher, tokens: torch.Tensor, valid: torch.Tensor, cfg: OPDConfig) -> torch.Tensor:
+    def opd(self, student, teacher, tokens: torch.Tensor, valid: torch.Tensor, cfg: OPDConfig,
+            shard: Optional[VocabShard] = None) -> torch.Tensor:
         def plan(stats: Stats) -> List[Group]:
             every = torch.arange(stats.lse[STUDENT].shape[0], device=tokens.device)
             return [Group(every, TEACHER, cfg.granularity, cfg.divergence, 1.0)]
 
         topk_streams = () if cfg.granularity != "topk" else ((STUDENT,) if cfg.topk_from == "student" else (TEACHER,))
-        engine = LossEngine(self, (student, teacher), tokens, valid, settings_of(cfg), topk_streams, plan)
+        engine = LossEngine(self, (student, teacher), tokens, valid, settings_of(cfg), topk_streams, plan, shard)
         return run(engine, self)
 
-    def token_logprobs(self, source, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        rows = valid.nonzero()[:, 0]
+    def token_logprobs(self, source, tokens: torch.Tensor, valid: torch.Tensor,
+                       shard: Optional[VocabShard] = None) -> torch.Tensor:
+        engine = LossEngine(self, (source,), tokens, valid, TermSettings(1, 0.5, "student", True, source.temperature),
+                            (), lambda stats: [], shard)
         out = torch.zeros(valid.shape[0], dtype=source.dtype, device=valid.device)
-        if rows.numel():
-            with torch.no_grad():
-                stats = self.stats_pass([source], rows, tokens[rows], (), 1)
-            out[rows] = stats.logit_y[0] - stats.lse[0]
+        with torch.no_grad():
+            stats = engine.run_stats_pass()
+        out[engine.rows] = stats.logit_y[STUDENT] - stats.lse[STUDENT]
         return out

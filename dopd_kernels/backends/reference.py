@@ -16,13 +16,23 @@ class ReferenceBackend:
     def supports(self, device: torch.device) -> bool:
         return True
 
-    def dopd(self, student, teacher, priv, tokens, valid, cfg, thresholds):
-        loss, regime, adv, q_t, q_p, used = reference.dopd_per_token(student, teacher, priv, tokens, valid, cfg, thresholds)
+    def dopd(self, student, teacher, priv, tokens, valid, cfg, thresholds, shard=None, routing_group=None):
+        _no_shards(shard)
+        loss, regime, adv, q_t, q_p, used = reference.dopd_per_token(student, teacher, priv, tokens, valid, cfg, thresholds,
+                                                                     routing_group)
         return loss, Routing(regime, adv, q_t, q_p, used)
 
-    def opd(self, student, teacher, tokens, valid, cfg):
+    def opd(self, student, teacher, tokens, valid, cfg, shard=None):
+        _no_shards(shard)
         return reference.opd_per_token(student, teacher, tokens, valid, cfg)
 
-    def token_logprobs(self, source, tokens, valid):
+    def token_logprobs(self, source, tokens, valid, shard=None):
+        _no_shards(shard)
         with torch.no_grad():
             return reference.token_logprobs(source, tokens, valid)
+
+
+def _no_shards(shard) -> None:
+    if shard is not None:
+        raise ValueError("backend 'reference' materializes whole logits and does not take vocab_parallel_group; "
+                         "use backend='torch' (or another fused backend)")

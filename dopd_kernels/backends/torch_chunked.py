@@ -61,7 +61,7 @@ class TorchBackend(PassBackend):
             yield slice(i, min(i + self.row_chunk, n))
 
     def _vocab_blocks(self, source):
-        v = source.valid_vocab or source.vocab
+        v = source.effective_vocab
         for c in range(0, v, self.vocab_chunk):
             yield c, min(c + self.vocab_chunk, v)
 
@@ -79,7 +79,7 @@ class TorchBackend(PassBackend):
     def stats_pass(self, sources: Sequence, rows: torch.Tensor, tokens: torch.Tensor, topk_streams, top_k: int) -> Stats:
         n, dt = rows.shape[0], sources[STUDENT].dtype
         lse = [torch.empty(n, dtype=dt, device=rows.device) for _ in sources]
-        k = min(top_k, sources[STUDENT].valid_vocab or sources[STUDENT].vocab)
+        k = min(top_k, sources[STUDENT].effective_vocab)
         topk = {j: torch.empty(n, k, dtype=torch.long, device=rows.device) for j in topk_streams}
         for sl in self._row_chunks(n):
             r = rows[sl]
