@@ -1,0 +1,205 @@
+"""`dopd-train`: on-policy DOPD (or vanilla OPD) on transformers causal LMs.
+
+With no arguments it runs the built-in task (2-digit addition with step-wise hints, tiny Llama models,
+a teacher and a student warmed up by cached supervised runs) and compares DOPD with vanilla OPD.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import importlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import task
+from .models import check_same_vocabulary, load_checkpoint, tiny_llama
+from .report import plot_run
+from .rollout import accuracy
+from .tokenizer import build_char_tokenizer
+from .train import ANCHORS, DIVERGENCES, GRANULARITIES, METHODS, TrainConfig, train_arm
+from .warmup import cached_warmup, sft
+
+# Loop settings whose default depends on the models: tiny built-in ones learn at a high rate from
+# small batches; for real checkpoints the paper's settings (DESIGN.md section 7).
+BUILTIN_DEFAULTS = dict(steps=150, prompts_per_step=16, samples_per_prompt=4, lr=1e-3, max_new_tokens=None)
+CHECKPOINT_DEFAULTS = dict(steps=200, prompts_per_step=128, samples_per_prompt=4, lr=5e-6, max_new_tokens=512)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dopd-train", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    src = p.add_argument_group("models and data (default: the built-in task)")
+    src.add_argument("--student", metavar="PATH", help="local transformers checkpoint of the student")
+    src.add_argument("--teacher", metavar="PATH", help="local transformers checkpoint of the teacher (same tokenizer)")
+    src.add_argument("--data", metavar="JSONL", help='training prompts: {"prompt", "hint", "answer"?} per line')
+    src.add_argument("--eval-data", metavar="JSONL", help="held-out prompts for accuracy (need answers or --reward)")
+    src.add_argument("--reward", metavar="MODULE:FUNCTION",
+                     help="accuracy function f(completion: str, example) -> float (default: exact match with answer)")
+    builtin = p.add_argument_group("built-in task")
+    builtin.add_argument("--digits", type=int, default=2, help="operand digits of the addition task")
+    builtin.add_argument("--train-size", type=int, default=9000)
+    builtin.add_argument("--eval-size", type=int, default=500)
+    builtin.add_argument("--hidden", type=int, default=128, help="hidden size of the tiny models")
+    builtin.add_argument("--layers", type=int, default=2, help="layers of the tiny models")
+    builtin.add_argument("--teacher-warmup-steps", type=int, default=400, help="SFT steps of the teacher, with hints")
+    builtin.add_argument("--student-warmup-steps", type=int, default=250, help="SFT steps of the student, no hints")
+    builtin.add_argument("--cache-dir", default="~/.cache/dopd_trainer", help="where warmed-up models are cached")
+    method = p.add_argument_group("method")
+    method.add_argument("--method", choices=METHODS, default="dopd")
+    method.add_argument("--divergence", choices=DIVERGENCES, default="reverse_kl", help="vanilla OPD divergence")
+    method.add_argument("--granularity", choices=GRANULARITIES, default="sampled", help="vanilla OPD support")
+    method.add_argument("--anchor", choices=ANCHORS, default="priv-student", help="DOPD's third stream")
+    method.add_argument("--no-compare", dest="compare", action="store_false",
+                        help="train only --method (by default the other method is trained too, from the same start)")
+    loop = p.add_argument_group("loop (defaults marked * depend on built-in vs checkpoints)")
+    loop.add_argument("--steps", type=int, help="* optimizer steps (built-in 150, checkpoints 200)")
+    loop.add_argument("--prompts-per-step", type=int, help="* prompts per step (16 / 128)")
+    loop.add_argument("--samples-per-prompt", type=int, help="* rollouts G per prompt (4 / 4)")
+    loop.add_argument("--lr", type=float, help="* peak AdamW learning rate (1e-3 / 5e-6)")
+    loop.add_argument("--max-new-tokens", type=int, help="* response length cap (answer length + 1 / 512)")
+    loop.add_argument("--temperature", type=float, default=1.0)
+    loop.add_argument("--top-p", type=float, default=1.0)
+    loop.add_argument("--warmup-steps", type=int, default=10, help="linear LR warm-up before the cosine decay")
+    loop.add_argument("--weight-decay", type=float, default=0.0)
+    loop.add_argument("--max-grad-norm", type=float, default=1.0)
+    loop.add_argument("--top-k", type=int, default=128, help="K of the top-K terms")
+    loop.add_argument("--seed", type=int, default=0)
+    loop.add_argument("--eval-every", type=int, default=25)
+    loop.add_argument("--save-every", type=int, default=25)
+    out = p.add_argument_group("output")
+    out.add_argument("--run-dir", help="run folder (default runs/<time>)")
+    out.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved configuration")
+    out.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    out.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    return p
+
+
+def load_reward(spec: str | None):
+    if spec is None:
+        return task.exact_match
+    module, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ValueError(f"--reward {spec!r}: cannot import it as MODULE:FUNCTION ({exc})") from exc
+
+
+def setup_builtin(args):
+    """Tokenizer, data and the two warmed-up models of the built-in task."""
+    tokenizer = build_char_tokenizer(task.ALPHABET)
+    train_set, eval_set = task.addition_splits(args.digits, args.train_size, args.eval_size, args.seed)
+    common = dict(digits=args.digits, train_size=args.train_size, eval_size=args.eval_size, seed=args.seed,
+                  hidden=args.hidden, layers=args.layers, alphabet=task.ALPHABET, version=1)
+
+    def warmed(with_hint: bool, steps: int, seed: int):
+        def build():
+            model = tiny_llama(tokenizer, args.hidden, args.layers, heads=4, seed=seed)
+            sft(model, tokenizer, train_set, with_hint=with_hint, steps=steps, batch_size=64, lr=1e-3, seed=seed)
+            return model, tokenizer
+        return build
+
+    teacher, _ = cached_warmup(args.cache_dir, "teacher", {**common, "hint": True, "steps": args.teacher_warmup_steps},
+                               warmed(True, args.teacher_warmup_steps, args.seed + 1))
+    student, tokenizer = cached_warmup(args.cache_dir, "student",
+                                       {**common, "hint": False, "steps": args.student_warmup_steps},
+                                       warmed(False, args.student_warmup_steps, args.seed + 2))
+    return student, teacher, tokenizer, train_set, eval_set
+
+
+def setup_checkpoints(args):
+    if not (args.student and args.teacher):
+        raise ValueError("--student and --teacher go together (give both, or neither for the built-in task)")
+    if not args.data:
+        raise ValueError("--data is required with --student/--teacher")
+    student, tokenizer = load_checkpoint(args.student, "--student")
+    teacher, teacher_tokenizer = load_checkpoint(args.teacher, "--teacher")
+    check_same_vocabulary(tokenizer, teacher_tokenizer, student, teacher)
+    eval_set = task.load_jsonl(args.eval_data) if args.eval_data else []
+    return student, teacher, tokenizer, task.load_jsonl(args.data), eval_set
+
+
+def resolve(args) -> argparse.Namespace:
+    """Fill the model-dependent defaults in place and return the namespace."""
+    builtin = args.student is None and args.teacher is None
+    for name, value in (BUILTIN_DEFAULTS if builtin else CHECKPOINT_DEFAULTS).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.max_new_tokens is None:  # built-in: the answer's digits + 1 plus EOS, and one spare token
+        args.max_new_tokens = args.digits + 3
+    return args
+
+
+def train_configs(args) -> list[TrainConfig]:
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    main = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    if not args.compare:
+        return [main]
+    return [main, dataclasses.replace(main, method="opd" if main.method == "dopd" else "dopd")]
+
+
+def run(args) -> dict:
+    started = time.time()
+    run_dir = Path(args.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(vars(args), indent=2))
+    configs = train_configs(args)  # validates names before any model is built
+    reward_fn = load_reward(args.reward)
+    if args.student is None and args.teacher is None:
+        student, teacher, tokenizer, train_set, eval_set = setup_builtin(args)
+    else:
+        student, teacher, tokenizer, train_set, eval_set = setup_checkpoints(args)
+
+    summary: dict = {"run_dir": str(run_dir)}
+    if eval_set:
+        summary["teacher_accuracy_with_hint"] = accuracy(teacher, tokenizer, eval_set, reward_fn, with_hint=True,
+                                                         max_new_tokens=args.max_new_tokens)
+        summary["teacher_accuracy_without_hint"] = accuracy(teacher, tokenizer, eval_set, reward_fn, with_hint=False,
+                                                            max_new_tokens=args.max_new_tokens)
+    arms = {}
+    for cfg in configs:
+        arms[cfg.arm_name] = train_arm(run_dir / cfg.arm_name, cfg, copy.deepcopy(student), teacher, tokenizer,
+                                       train_set, eval_set, reward_fn if eval_set else None, args.progress)
+    for name, records in arms.items():
+        evals = [r for r in records if r["event"] == "eval"]
+        if evals:
+            summary["student_accuracy_before"] = evals[0]["eval_accuracy"]
+            summary[f"student_accuracy_after_{name}"] = evals[-1]["eval_accuracy"]
+    summary["wall_time_s"] = round(time.time() - started, 1)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot_run(run_dir / "report.png", arms, summary.get("teacher_accuracy_with_hint"))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.resume:
+        saved = Path(args.resume) / "config.json"
+        if not saved.exists():
+            parser.error(f"--resume {args.resume}: no config.json there")
+        args = argparse.Namespace(**{**json.loads(saved.read_text()), "progress": args.progress,
+                                     "threads": args.threads if args.threads is not None else None})
+        args.resume = None
+    else:
+        resolve(args)
+        if args.run_dir is None:
+            args.run_dir = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        summary = run(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    print(json.dumps(summary, indent=2))
+    print(f"report: {Path(args.run_dir) / 'report.png'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""The on-policy distillation loop: sample, build contexts, score, fused loss, AdamW step, log."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import resource
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from dopd_kernels import DOPDConfig, fused_linear_dopd_loss, fused_linear_opd_loss
+
+from .checkpoint import load_latest, save_checkpoint, save_pretrained_atomic, truncate_metrics
+from .contexts import IGNORE_INDEX, Contexts, build_contexts, gather_response
+from .models import final_hidden, lm_head
+from .rollout import accuracy, encode_prompts, generate
+from .task import Example
+
+METHODS = ("dopd", "opd")
+DIVERGENCES = ("reverse_kl", "forward_kl", "js")
+GRANULARITIES = ("sampled", "topk", "full")
+ANCHORS = ("priv-student", "teacher-no-hint")
+# Metrics that depend on the machine's speed rather than on the computation; excluded when
+# comparing a resumed run with an uninterrupted one.
+TIMING_FIELDS = ("tokens_per_s", "peak_mem_mb", "step_time_s")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training arm (one method from one starting student)."""
+
+    method: str = "dopd"
+    divergence: str = "reverse_kl"  # vanilla OPD only
+    granularity: str = "sampled"  # vanilla OPD only
+    anchor: str = "priv-student"  # DOPD's third stream
+    steps: int = 200
+    prompts_per_step: int = 16
+    samples_per_prompt: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 8
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    top_k: int = 128
+    seed: int = 0
+    eval_every: int = 25
+    save_every: int = 25
+
+    def __post_init__(self) -> None:
+        for name, value, allowed in (("method", self.method, METHODS), ("divergence", self.divergence, DIVERGENCES),
+                                     ("granularity", self.granularity, GRANULARITIES),
+                                     ("anchor", self.anchor, ANCHORS)):
+            if value not in allowed:
+                raise ValueError(f"--{name}: {value!r} is not one of {', '.join(allowed)}")
+
+    @property
+    def arm_name(self) -> str:
+        return "dopd" if self.method == "dopd" else f"opd-{self.divergence}-{self.granularity}"
+
+
+def batch_indices(step: int, batch: int, n: int, seed: int) -> list[int]:
+    """Example indices of a step: consecutive slices of per-epoch permutations seeded by (seed, epoch).
+    A pure function of the step, so a resumed run sees exactly the data an uninterrupted one would."""
+    out, perms = [], {}
+    for i in range(step * batch, (step + 1) * batch):
+        epoch = i // n
+        if epoch not in perms:
+            perms[epoch] = random.Random(f"{seed}-{epoch}").sample(range(n), n)
+        out.append(perms[epoch][i % n])
+    return out
+
+
+def cosine_schedule(optimizer, warmup_steps: int, total_steps: int):
+    """Linear warm-up to the base rate, then cosine decay to zero at `total_steps`."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@torch.no_grad()
+def mean_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], valid: torch.Tensor,
+                 rows_per_chunk: int = 1024) -> float:
+    """Mean entropy of the student's next-token distributions at the valid positions, in row chunks
+    so no full `[N, V]` logit tensor is held at once."""
+    rows = hidden[valid]
+    total = 0.0
+    for chunk in rows.split(rows_per_chunk):
+        logp = torch.log_softmax(torch.nn.functional.linear(chunk, weight, bias).float(), dim=-1)
+        total += float(-(logp.exp() * logp).sum())
+    return total / max(1, rows.shape[0])
+
+
+def distillation_loss(cfg: TrainConfig, student, teacher, contexts: Contexts) -> tuple[torch.Tensor, dict]:
+    """The training loss on the response tokens of `contexts`, and what to log about it."""
+    s_ctx, p_ctx = contexts.student, contexts.privileged
+    tokens = s_ctx.tokens
+    w_s, b_s = lm_head(student)
+    w_t, b_t = lm_head(teacher)
+    s_hidden = gather_response(final_hidden(student, s_ctx.input_ids, s_ctx.attention_mask), s_ctx)
+    with torch.no_grad():
+        t_hidden = gather_response(final_hidden(teacher, p_ctx.input_ids, p_ctx.attention_mask), p_ctx)
+        if cfg.method == "dopd" and cfg.anchor == "priv-student":
+            a_hidden = gather_response(final_hidden(student, p_ctx.input_ids, p_ctx.attention_mask), p_ctx)
+            a_weight, a_bias = w_s.detach(), None if b_s is None else b_s.detach()
+        elif cfg.method == "dopd":
+            a_hidden = gather_response(final_hidden(teacher, s_ctx.input_ids, s_ctx.attention_mask), s_ctx)
+            a_weight, a_bias = w_t, b_t
+    valid = tokens != IGNORE_INDEX
+    logs = {"entropy": mean_entropy(s_hidden.detach(), w_s.detach(), b_s, valid)}
+    if cfg.method == "opd":
+        out = fused_linear_opd_loss(s_hidden, w_s, t_hidden, w_t, tokens, student_bias=b_s, teacher_bias=b_t,
+                                    divergence=cfg.divergence, granularity=cfg.granularity, top_k=cfg.top_k,
+                                    reduction="seq_mean")
+        return out.loss, logs
+    out = fused_linear_dopd_loss(s_hidden, w_s, t_hidden, w_t, a_hidden, tokens, priv_student_weight=a_weight,
+                                 student_bias=b_s, teacher_bias=b_t, priv_student_bias=a_bias,
+                                 config=DOPDConfig(top_k=cfg.top_k, reduction="seq_mean"))
+    logs["regime"] = out.regime_fractions()
+    logs["adv_gap"] = float(out.adv_gap[valid].mean())
+    return out.loss, logs
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class MetricsLog:
+    """Append-only JSONL, flushed per record so a killed run keeps what it logged."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def read(self) -> list[dict]:
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line] if self.path.exists() else []
+
+
+def train_arm(arm_dir: Path, cfg: TrainConfig, student, teacher, tokenizer, train_set: list[Example],
+              eval_set: list[Example], reward_fn: Optional[Callable[[str, Example], float]],
+              show_progress: bool = True) -> list[dict]:
+    """Train `student` in place for `cfg.steps` steps, resuming from `arm_dir`'s newest checkpoint if
+    any. Returns the arm's metric records (train and eval)."""
+    arm_dir.mkdir(parents=True, exist_ok=True)
+    (arm_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    log = MetricsLog(arm_dir / "metrics.jsonl")
+    teacher.requires_grad_(False).eval()
+    student.train()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = cosine_schedule(optimizer, cfg.warmup_steps, cfg.steps)
+
+    def evaluate(step: int) -> None:
+        if reward_fn is None or not eval_set:
+            return
+        with torch.random.fork_rng(devices=[]):  # evaluation must not move the sampling RNG
+            acc = accuracy(student, tokenizer, eval_set, reward_fn, with_hint=False, max_new_tokens=cfg.max_new_tokens)
+        log.write({"event": "eval", "step": step, "eval_accuracy": acc})
+        bar.set_postfix_str(f"acc={acc:.3f}", refresh=False)
+
+    start = load_latest(arm_dir, student, optimizer, scheduler)
+    bar = tqdm(total=cfg.steps, desc=cfg.arm_name, disable=not show_progress, dynamic_ncols=True)
+    if start is None:
+        start = 0
+        torch.manual_seed(cfg.seed)
+        log.path.unlink(missing_ok=True)
+        evaluate(0)
+    else:
+        truncate_metrics(log.path, start)
+        bar.update(start)
+
+    for step in range(start, cfg.steps):
+        t0 = time.perf_counter()
+        examples = [train_set[i] for i in batch_indices(step, cfg.prompts_per_step, len(train_set), cfg.seed)]
+        prompts, hints = encode_prompts(tokenizer, examples)
+        g = cfg.samples_per_prompt
+        responses = generate(student, tokenizer, prompts, num_samples=g, max_new_tokens=cfg.max_new_tokens,
+                             temperature=cfg.temperature, top_p=cfg.top_p)
+        prompts, hints = [x for x in prompts for _ in range(g)], [p for p in hints for _ in range(g)]
+        contexts = build_contexts(prompts, hints, responses, tokenizer.pad_token_id)
+        loss, logs = distillation_loss(cfg, student, teacher, contexts)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        elapsed = time.perf_counter() - t0
+        n_tokens = sum(len(r) for r in responses)
+        record = {"event": "train", "step": step + 1, "loss": float(loss), "lr": lr, "grad_norm": float(grad_norm),
+                  **logs, "response_len": n_tokens / len(responses)}
+        if reward_fn is not None and all(e.answer is not None for e in examples):
+            texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+            record["sample_reward"] = sum(reward_fn(t, examples[i // g]) for i, t in enumerate(texts)) / len(texts)
+        record.update(tokens_per_s=n_tokens / elapsed, peak_mem_mb=peak_memory_mb(), step_time_s=elapsed)
+        log.write(record)
+        bar.update(1)
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            evaluate(step + 1)
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            save_checkpoint(arm_dir, step + 1, student, optimizer, scheduler)
+    bar.close()
+    if not (arm_dir / "final").exists():
+        save_pretrained_atomic(student, tokenizer, arm_dir / "final")
+    return log.read()

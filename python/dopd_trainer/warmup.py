@@ -1,0 +1,64 @@
+"""Supervised warm-up of the built-in models, cached on disk by a hash of everything that shapes it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .contexts import build_context, gather_response
+from .models import final_hidden, lm_head, load_checkpoint
+from .rollout import encode_prompts
+from .task import Example
+
+
+def sft(model, tokenizer, examples: list[Example], *, with_hint: bool, steps: int, batch_size: int, lr: float,
+        seed: int) -> None:
+    """Teacher-forced cross-entropy on the answer (+EOS), reading `x,p` when `with_hint` else `x`."""
+    rng = random.Random(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    weight, bias = lm_head(model)
+    model.train()
+    for _ in range(steps):
+        batch = rng.sample(examples, batch_size)
+        prompts, hints = encode_prompts(tokenizer, batch)
+        prefixes = [x + p for x, p in zip(prompts, hints)] if with_hint else prompts
+        answers = [tokenizer(e.answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for e in batch]
+        ctx = build_context(prefixes, answers, tokenizer.pad_token_id)
+        hidden = gather_response(final_hidden(model, ctx.input_ids, ctx.attention_mask), ctx)
+        logits = F.linear(hidden, weight, bias)
+        loss = F.cross_entropy(logits.flatten(0, 1), ctx.tokens.flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    model.eval()
+
+
+def cached_warmup(cache_dir: str, name: str, key: dict, build):
+    """Return `(model, tokenizer)` from `cache_dir/name-<hash of key>`, calling `build()` to make and
+    save it on a miss. The folder appears atomically (written elsewhere, then renamed)."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(cache_dir).expanduser() / f"{name}-{digest}"
+    if not path.is_dir():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        model, tokenizer = build()
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{name}-"))
+        try:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "warmup.json").write_text(json.dumps(key, indent=2, sort_keys=True))
+            os.rename(tmp, path)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not path.is_dir():  # a concurrent run may have won the rename; anything else is real
+                raise
+    return load_checkpoint(str(path), f"cached {name}")
