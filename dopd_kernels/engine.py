@@ -124,6 +124,12 @@ class LossEngine:
         local, owned = self.shard.localize(term.cols)
         return RowTerm(term.value, term.dense, local, term.sparse.masked_fill(~owned, 0.0))
 
+    def _vocab_size(self) -> int:
+        """Size of the valid vocabulary top-K supports are drawn from (over all shards)."""
+        if self.shard is not None:
+            return self.shard.valid_vocab
+        return self.student.valid_vocab or self.student.vocab
+
     def _group_value(self, g: Group) -> torch.Tensor:
         s, st = self.settings, self.stats
         lse_s, lse_t = st.lse[STUDENT][g.pos], st.lse[g.target][g.pos]
@@ -140,8 +146,12 @@ class LossEngine:
                                   self.tokens[g.pos], g.divergence, s.js_beta)
         else:
             cols = st.topk[STUDENT if s.topk_from == "student" else g.target][g.pos]
+            # A support covering the whole valid vocabulary (K >= V) leaves an empty tail, and the tail
+            # form equals the renormalized one. Computing that empty tail as 1 − Σp from rounded
+            # log-sum-exps gave one stream a spurious tail mass and the other none: KL = inf.
+            renorm = s.topk_renorm or cols.shape[1] >= self._vocab_size()
             g.term = topk_term(self._gather(self.student, rows, cols).to(f64), self._gather(target, rows, cols).to(f64),
-                               lse_s.to(f64), lse_t.to(f64), cols, g.divergence, s.js_beta, s.topk_renorm)
+                               lse_s.to(f64), lse_t.to(f64), cols, g.divergence, s.js_beta, renorm)
         g.term = self._localize(g.term)
         return g.term.value
 
