@@ -13,13 +13,25 @@ import torch
 from .reference import ReferenceBackend
 from .torch_chunked import TorchBackend
 
+
+def _triton_backend():
+    """The Triton backend, imported only when asked for: triton (and the kernels, which read
+    TRITON_INTERPRET when they are decorated) stays out of `import dopd_kernels`."""
+    try:
+        from .triton_backend import TritonBackend
+    except ImportError as err:
+        raise RuntimeError(f"backend 'triton' needs the triton package ({err})") from err
+    return TritonBackend()
+
+
 # name -> factory returning a backend, or raising RuntimeError saying why it is unavailable here.
 _FACTORIES: Dict[str, Callable[[], object]] = {
     "reference": ReferenceBackend,
     "torch": TorchBackend,
+    "triton": _triton_backend,  # CUDA tensors, or CPU tensors under TRITON_INTERPRET=1
 }
 # Preference order of backend="auto", fastest first; the first that loads and supports the device wins.
-_AUTO_ORDER = ("torch",)
+_AUTO_ORDER = ("triton", "torch")
 
 
 def _load(name: str):

@@ -16,8 +16,10 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
 
 from . import task
+from .errors import UsageError
 from .models import check_same_vocabulary, load_checkpoint, tiny_llama
 from .report import plot_run
 from .rollout import accuracy
@@ -48,12 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     builtin.add_argument("--hidden", type=int, default=128, help="hidden size of the tiny models")
     builtin.add_argument("--layers", type=int, default=2, help="layers of the tiny models")
     builtin.add_argument("--teacher-warmup-steps", type=int, default=400, help="SFT steps of the teacher, with hints")
-    builtin.add_argument("--student-warmup-steps", type=int, default=250, help="SFT steps of the student, no hints")
+    builtin.add_argument("--student-warmup-steps", type=int, default=300,
+                         help="SFT steps of the student (half of its examples with hints)")
     builtin.add_argument("--cache-dir", default="~/.cache/dopd_trainer", help="where warmed-up models are cached")
     method = p.add_argument_group("method")
     method.add_argument("--method", choices=METHODS, default="dopd")
     method.add_argument("--divergence", choices=DIVERGENCES, default="reverse_kl", help="vanilla OPD divergence")
-    method.add_argument("--granularity", choices=GRANULARITIES, default="sampled", help="vanilla OPD support")
+    method.add_argument("--granularity", choices=GRANULARITIES, default="topk", help="vanilla OPD support")
     method.add_argument("--anchor", choices=ANCHORS, default="priv-student", help="DOPD's third stream")
     method.add_argument("--no-compare", dest="compare", action="store_false",
                         help="train only --method (by default the other method is trained too, from the same start)")
@@ -87,7 +90,7 @@ def load_reward(spec: str | None):
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError) as exc:
-        raise ValueError(f"--reward {spec!r}: cannot import it as MODULE:FUNCTION ({exc})") from exc
+        raise UsageError(f"--reward {spec!r}: cannot import it as MODULE:FUNCTION ({exc})") from exc
 
 
 def setup_builtin(args):
@@ -97,30 +100,30 @@ def setup_builtin(args):
     common = dict(digits=args.digits, train_size=args.train_size, eval_size=args.eval_size, seed=args.seed,
                   hidden=args.hidden, layers=args.layers, alphabet=task.ALPHABET, version=1)
 
-    def warmed(with_hint: bool, steps: int, seed: int):
+    def warmed(name: str, hint_fraction: float, steps: int, seed: int):
         def build():
             model = tiny_llama(tokenizer, args.hidden, args.layers, heads=4, seed=seed)
-            sft(model, tokenizer, train_set, with_hint=with_hint, steps=steps, batch_size=64, lr=1e-3, seed=seed)
+            sft(model, tokenizer, train_set, hint_fraction=hint_fraction, steps=steps, batch_size=64, lr=1e-3, seed=seed)
             return model, tokenizer
-        return build
+        key = {**common, "hint_fraction": hint_fraction, "steps": steps, "model_seed": seed}
+        return cached_warmup(args.cache_dir, name, key, build)
 
-    teacher, _ = cached_warmup(args.cache_dir, "teacher", {**common, "hint": True, "steps": args.teacher_warmup_steps},
-                               warmed(True, args.teacher_warmup_steps, args.seed + 1))
-    student, tokenizer = cached_warmup(args.cache_dir, "student",
-                                       {**common, "hint": False, "steps": args.student_warmup_steps},
-                                       warmed(False, args.student_warmup_steps, args.seed + 2))
+    teacher, _ = warmed("teacher", 1.0, args.teacher_warmup_steps, args.seed + 1)
+    # Half of the student's warm-up reads hints: like a pretrained LM, its privileged self can use a
+    # hint, which is what DOPD's third stream assumes; its unhinted skill stays weak.
+    student, tokenizer = warmed("student", 0.5, args.student_warmup_steps, args.seed + 2)
     return student, teacher, tokenizer, train_set, eval_set
 
 
 def setup_checkpoints(args):
     if not (args.student and args.teacher):
-        raise ValueError("--student and --teacher go together (give both, or neither for the built-in task)")
+        raise UsageError("--student and --teacher go together (give both, or neither for the built-in task)")
     if not args.data:
-        raise ValueError("--data is required with --student/--teacher")
+        raise UsageError("--data is required with --student/--teacher")
     student, tokenizer = load_checkpoint(args.student, "--student")
     teacher, teacher_tokenizer = load_checkpoint(args.teacher, "--teacher")
     check_same_vocabulary(tokenizer, teacher_tokenizer, student, teacher)
-    eval_set = task.load_jsonl(args.eval_data) if args.eval_data else []
+    eval_set = task.load_jsonl(args.eval_data, "--eval-data") if args.eval_data else []
     return student, teacher, tokenizer, task.load_jsonl(args.data), eval_set
 
 
@@ -190,11 +193,12 @@ def main(argv: list[str] | None = None) -> int:
         resolve(args)
         if args.run_dir is None:
             args.run_dir = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    transformers.utils.logging.disable_progress_bar()  # keep the terminal to our own progress bars
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         summary = run(args)
-    except ValueError as exc:
+    except UsageError as exc:
         parser.error(str(exc))
     print(json.dumps(summary, indent=2))
     print(f"report: {Path(args.run_dir) / 'report.png'}", file=sys.stderr)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
+from .errors import UsageError
+
 
 def tiny_llama(tokenizer: PreTrainedTokenizerBase, hidden: int, layers: int, heads: int, seed: int,
                max_positions: int = 128) -> LlamaForCausalLM:
@@ -29,7 +31,7 @@ def load_checkpoint(path: str, arg: str):
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
     except OSError as exc:
-        raise ValueError(f"{arg} {path}: not a loadable local transformers checkpoint ({exc})") from exc
+        raise UsageError(f"{arg} {path}: not a loadable local transformers checkpoint ({exc})") from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
@@ -38,10 +40,10 @@ def load_checkpoint(path: str, arg: str):
 def check_same_vocabulary(student_tok, teacher_tok, student, teacher) -> None:
     """Student and teacher must score the same token ids: same tokenizer vocabulary, same lm_head rows."""
     if student_tok.get_vocab() != teacher_tok.get_vocab():
-        raise ValueError("--teacher: its tokenizer vocabulary differs from --student's; both must share one tokenizer")
+        raise UsageError("--teacher: its tokenizer vocabulary differs from --student's; both must share one tokenizer")
     v_s, v_t = lm_head(student)[0].shape[0], lm_head(teacher)[0].shape[0]
     if v_s != v_t:
-        raise ValueError(f"--teacher: lm_head has {v_t} rows but --student's has {v_s}; both must share one vocabulary")
+        raise UsageError(f"--teacher: lm_head has {v_t} rows but --student's has {v_s}; both must share one vocabulary")
 
 
 def lm_head(model):

@@ -13,6 +13,8 @@ import random
 from dataclasses import dataclass
 from typing import Optional
 
+from .errors import UsageError
+
 ALPHABET = "0123456789+=,;"
 
 
@@ -40,7 +42,9 @@ def addition_splits(digits: int, n_train: int, n_eval: int, seed: int) -> tuple[
     rng = random.Random(seed)
     limit = 10**digits
     if n_train + n_eval > limit * limit:
-        raise ValueError(f"digits={digits} has only {limit * limit} problems; asked for {n_train + n_eval}")
+        raise UsageError(f"--digits {digits}: only {limit * limit} problems exist, fewer than "
+                         f"--train-size + --eval-size = {n_train + n_eval}")
+        #{digits} has only {limit * limit} problems; asked for {n_train + n_eval}")
     pairs: set[tuple[int, int]] = set()
     ordered = []
     while len(ordered) < n_train + n_eval:
@@ -52,26 +56,30 @@ def addition_splits(digits: int, n_train: int, n_eval: int, seed: int) -> tuple[
     return examples[:n_train], examples[n_train:]
 
 
-def load_jsonl(path: str) -> list[Example]:
-    """Read `{"prompt", "hint", "answer"?}` records; a missing or non-string field is a ValueError."""
+def load_jsonl(path: str, arg: str = "--data") -> list[Example]:
+    """Read `{"prompt", "hint", "answer"?}` records; a bad line is a UsageError naming `arg`, the file
+    and the line."""
     examples = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UsageError(f"{arg} {path}:{lineno}: not JSON ({exc})") from exc
             for field in ("prompt", "hint"):
                 if not isinstance(record.get(field), str):
-                    raise ValueError(f"--data {path}:{lineno}: field {field!r} is missing or not a string")
+                    raise UsageError(f"{arg} {path}:{lineno}: field {field!r} is missing or not a string")
             answer = record.get("answer")
             examples.append(Example(record["prompt"], record["hint"], None if answer is None else str(answer)))
     if not examples:
-        raise ValueError(f"--data {path}: no records")
+        raise UsageError(f"{arg} {path}: no records")
     return examples
 
 
 def exact_match(completion: str, example: Example) -> float:
     """Default accuracy: 1.0 when the completion equals the reference answer (whitespace-stripped)."""
     if example.answer is None:
-        raise ValueError("exact_match needs an 'answer' field in every evaluation record")
+        raise UsageError("exact_match needs an 'answer' field in every evaluation record")
     return float(completion.strip() == example.answer.strip())

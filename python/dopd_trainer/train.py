@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from dopd_kernels import DOPDConfig, fused_linear_dopd_loss, fused_linear_opd_loss
 
 from .checkpoint import load_latest, save_checkpoint, save_pretrained_atomic, truncate_metrics
+from .errors import UsageError
 from .contexts import IGNORE_INDEX, Contexts, build_contexts, gather_response
 from .models import final_hidden, lm_head
 from .rollout import accuracy, encode_prompts, generate
@@ -37,7 +38,7 @@ class TrainConfig:
 
     method: str = "dopd"
     divergence: str = "reverse_kl"  # vanilla OPD only
-    granularity: str = "sampled"  # vanilla OPD only
+    granularity: str = "topk"  # vanilla OPD only
     anchor: str = "priv-student"  # DOPD's third stream
     steps: int = 200
     prompts_per_step: int = 16
@@ -59,7 +60,7 @@ class TrainConfig:
                                      ("granularity", self.granularity, GRANULARITIES),
                                      ("anchor", self.anchor, ANCHORS)):
             if value not in allowed:
-                raise ValueError(f"--{name}: {value!r} is not one of {', '.join(allowed)}")
+                raise UsageError(f"--{name}: {value!r} is not one of {', '.join(allowed)}")
 
     @property
     def arm_name(self) -> str:
@@ -201,7 +202,7 @@ def train_arm(arm_dir: Path, cfg: TrainConfig, student, teacher, tokenizer, trai
         scheduler.step()
         elapsed = time.perf_counter() - t0
         n_tokens = sum(len(r) for r in responses)
-        record = {"event": "train", "step": step + 1, "loss": float(loss), "lr": lr, "grad_norm": float(grad_norm),
+        record = {"event": "train", "step": step + 1, "loss": float(loss.detach()), "lr": lr, "grad_norm": float(grad_norm),
                   **logs, "response_len": n_tokens / len(responses)}
         if reward_fn is not None and all(e.answer is not None for e in examples):
             texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]

@@ -19,18 +19,19 @@ from .rollout import encode_prompts
 from .task import Example
 
 
-def sft(model, tokenizer, examples: list[Example], *, with_hint: bool, steps: int, batch_size: int, lr: float,
+def sft(model, tokenizer, examples: list[Example], *, hint_fraction: float, steps: int, batch_size: int, lr: float,
         seed: int) -> None:
-    """Teacher-forced cross-entropy on the answer (+EOS), reading `x,p` when `with_hint` else `x`."""
+    """Teacher-forced cross-entropy on the answer (+EOS); each example reads `x,p` with probability
+    `hint_fraction`, else `x`."""
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     weight, bias = lm_head(model)
     model.train()
     for _ in range(steps):
-        batch = rng.sample(examples, batch_size)
+        batch = rng.sample(examples, min(batch_size, len(examples)))
         prompts, hints = encode_prompts(tokenizer, batch)
-        prefixes = [x + p for x, p in zip(prompts, hints)] if with_hint else prompts
+        prefixes = [x + p if rng.random() < hint_fraction else x for x, p in zip(prompts, hints)]
         answers = [tokenizer(e.answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for e in batch]
         ctx = build_context(prefixes, answers, tokenizer.pad_token_id)
         hidden = gather_response(final_hidden(model, ctx.input_ids, ctx.attention_mask), ctx)

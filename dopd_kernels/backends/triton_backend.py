@@ -1,0 +1,303 @@
+"""The `triton` backend: the passes of `engine.py` as Triton kernels (`dopd_kernels/kernels/`).
+
+Flow (DESIGN.md section 4; the O(N) and O(N·K) steps are shared with every backend):
+
+1. stats pass — `kernels.stats.stats_kernel`, one launch for all streams: log-sum-exp, sampled
+   logit and the running top-K of the valid rows.
+2. routing / planning — `backends/base.py` on the `[N]` statistics (float64, O(N)).
+3. values — full-vocabulary rows (DOPD's HT rows, full OPD) are compacted to their row ids and run
+   through `kernels.divergence.full_value_kernel`; top-K and sampled rows use `[n, K]` gathers and
+   `row_terms.py`.
+4. backward — `kernels.divergence.grad_kernel` forms the gradient tiles of full rows (and the dense
+   `p·dense` part of sampled / tail-bucket rows); in logits mode it stores them into the student
+   gradient (the only `[N, V]` tensor), in fused-linear mode it contracts them into dH / dW / db
+   inside the kernel. Sparse top-K coefficients are scattered on `[n, K]`.
+
+Memory: logits mode reads the logits in their dtype (bf16/fp16/fp32) and allocates no fp32 copy;
+fused-linear mode allocates `[n]` statistics, `[n, K]` top-K columns, the fp32 dH/dW/db
+accumulators and `[rows, K, H]` weight gathers bounded by `gather_budget` — never a tensor with a
+vocabulary axis per token.
+
+Tile sizes (`_Config`), Hopper defaults chosen per shape:
+  * fused-linear: BLOCK_N = 64 rows (16 when the stats pass keeps a top-K of ≥ 256: the running
+    `[BLOCK_N, K_PAD]` int64 key block lives in registers), BLOCK_V = 128 (= K_PAD when larger),
+    BLOCK_H = 64, num_warps = 8, num_stages = 3 — tiles feed wgmma with fp32 accumulators;
+  * logits mode (memory bound): BLOCK_N = 16, BLOCK_V = 512 for lse-only passes (K_PAD when the
+    stats pass keeps a top-K), num_warps = 4;
+  * the fused-linear gradient grid splits the vocabulary so that about 4 programs per SM exist.
+Under the interpreter (`TRITON_INTERPRET=1`, CPU tensors) the blocks are as large as the shapes
+allow and num_warps/num_stages are ignored. Every knob can be fixed through the constructor.
+`triton.autotune` is not used: its first-call benchmarking would multiply compile time for every
+new (N, V, H) and it cannot run in the interpreter; the fixed per-shape heuristics keep first-call
+compile time to one config per kernel variant.
+
+float64 inputs are delegated to the `torch` backend (the kernels compute in fp32).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import triton  # noqa: F401  (fails here, so the registry reports the backend as unavailable)
+
+from ..engine import STUDENT, Group, LinearGradSink, LogitsGradSink, Stats
+from ..sources import LinearSource, LogitsSource
+from .base import PassBackend
+from .torch_chunked import TorchBackend
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _pow2(x: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(1, x))))
+
+
+def stream_args(src) -> tuple:
+    """The eight kernel arguments of a stream (see `kernels/tiles.py`)."""
+    if isinstance(src, LogitsSource):
+        x = src.logits
+        return (x, x.stride(0), x.stride(1), x, 0, 0, x, 0)
+    h, w, b = src.hidden, src.weight, src.bias
+    return (h, h.stride(0), h.stride(1), w, w.stride(0), w.stride(1), w if b is None else b, h.shape[1])
+
+
+def _masks(sources) -> tuple:
+    """(bias bit mask, upcast bit mask): bit j for stream j. A fused-linear stream multiplies in
+    fp32 when its hidden states and weight differ in dtype, and under the interpreter when either
+    is bf16: Triton 3.9's interpreter runs tl.dot on the raw uint16 bit patterns of bf16 operands.
+    (bf16 × bf16 products are exact in fp32, so this changes no result, only the instruction.)"""
+    def upcast(s) -> bool:
+        dts = (s.hidden.dtype, s.weight.dtype)
+        return dts[0] != dts[1] or (_interpreting() and torch.bfloat16 in dts)
+
+    bias = sum(1 << j for j, s in enumerate(sources) if isinstance(s, LinearSource) and s.bias is not None)
+    up = sum(1 << j for j, s in enumerate(sources) if isinstance(s, LinearSource) and upcast(s))
+    return bias, up
+
+
+@dataclass
+class _Config:
+    block_n: int
+    block_v: int
+    block_h: int
+    num_warps: int
+    num_stages: int
+
+
+class TritonBackend(PassBackend):
+    """Triton kernels; `None` knobs are chosen per shape (see the module docstring)."""
+
+    name = "triton"
+
+    def __init__(self, block_n: Optional[int] = None, block_v: Optional[int] = None, block_h: Optional[int] = None,
+                 num_warps: Optional[int] = None, num_stages: Optional[int] = None, vocab_splits: Optional[int] = None,
+                 allow_tf32: bool = False, gather_budget: int = 1 << 22):
+        for name, v in (("block_n", block_n), ("block_v", block_v), ("block_h", block_h)):
+            if v is not None and (v < 16 or v & (v - 1)):
+                raise ValueError(f"{name} must be a power of two >= 16, got {v}")
+        self.block_n, self.block_v, self.block_h = block_n, block_v, block_h
+        self.num_warps, self.num_stages, self.vocab_splits = num_warps, num_stages, vocab_splits
+        self.dot_precision = "tf32" if allow_tf32 else "ieee"
+        self.gather_budget = gather_budget
+        self._fallback = TorchBackend()
+
+    # The kernel modules are imported at the first launch, not when the backend is built (as
+    # backend="auto" does on any device): the kernels are decorated with the TRITON_INTERPRET
+    # setting of that moment.
+    @property
+    def _stats(self):
+        from ..kernels import stats
+        return stats
+
+    @property
+    def _tail(self):
+        from ..kernels import tail
+        return tail
+
+    @property
+    def _div(self):
+        from ..kernels import divergence
+        return divergence
+
+    def supports(self, device: torch.device) -> bool:
+        device = torch.device(device)
+        return device.type == "cuda" or (device.type == "cpu" and _interpreting())
+
+    def __repr__(self) -> str:
+        return f"TritonBackend(block_n={self.block_n}, block_v={self.block_v}, block_h={self.block_h})"
+
+    # -- float64: the torch backend ----------------------------------------------------------------
+
+    def dopd(self, student, teacher, priv, tokens, valid, cfg, thresholds, **kw):
+        impl = self._fallback if student.dtype == torch.float64 else super()
+        return impl.dopd(student, teacher, priv, tokens, valid, cfg, thresholds, **kw)
+
+    def opd(self, student, teacher, tokens, valid, cfg, **kw):
+        impl = self._fallback if student.dtype == torch.float64 else super()
+        return impl.opd(student, teacher, tokens, valid, cfg, **kw)
+
+    def token_logprobs(self, source, tokens, valid, **kw):
+        impl = self._fallback if source.dtype == torch.float64 else super()
+        return impl.token_logprobs(source, tokens, valid, **kw)
+
+    # -- configuration -----------------------------------------------------------------------------
+
+    def _config(self, source, n: int, k_pad: int = 0) -> _Config:
+        """Blocks for a pass over `n` rows of `source`; `k_pad` > 0 when a running top-K is kept
+        (then BLOCK_V = max(BLOCK_V, K_PAD): the stats kernel merges whole tiles into it)."""
+        linear = isinstance(source, LinearSource)
+        v = source.effective_vocab
+        if _interpreting():
+            bn = min(32, max(16, _pow2(n)))
+            bv = min(256, max(16, _pow2(v)))
+            bh = min(64, max(16, _pow2(source.hidden.shape[1]))) if linear else 16
+            warps, stages = 4, 1
+        elif linear:
+            bn, bv, bh, warps, stages = (16 if k_pad >= 256 else 64), 128, 64, 8, 3
+        else:
+            bn, bv, bh, warps, stages = 16, (k_pad or 512), 16, 4, 2
+        bn = self.block_n or bn
+        bv = max(self.block_v or bv, k_pad)
+        bh = self.block_h or bh
+        return _Config(bn, bv, bh, self.num_warps or warps, self.num_stages or stages)
+
+    def _launch(self, kernel, grid, cfg: _Config, *args, **constexprs):
+        kernel[grid](*args, DOT_PRECISION=self.dot_precision, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v,
+                     BLOCK_H=cfg.block_h, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **constexprs)
+
+    # -- passes ------------------------------------------------------------------------------------
+
+    def sparse_rows(self, source, k: int) -> int:
+        """Rows per chunk of `[rows, K, H]` weight gathers (fused-linear top-K terms)."""
+        width = source.hidden.shape[1] if isinstance(source, LinearSource) else 1
+        return max(1, self.gather_budget // max(1, k * width))
+
+    def gather(self, source, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        step = self.sparse_rows(source, cols.shape[1])
+        return torch.cat([source.gather(rows[i:i + step], cols[i:i + step]) for i in range(0, rows.shape[0], step)])
+
+    def stats_pass(self, sources: Sequence, rows: torch.Tensor, tokens: torch.Tensor, topk_streams, top_k: int) -> Stats:
+        student = sources[STUDENT]
+        n, dev = rows.shape[0], rows.device
+        vv = student.effective_vocab
+        k = min(top_k, vv)
+        order = sorted(topk_streams)
+        k_pad = _pow2(k) if order else 0
+        cfg = self._config(student, n, k_pad)
+        lse = torch.empty(len(sources), n, dtype=torch.float32, device=dev)
+        logit_y = torch.empty_like(lse)
+        topk = torch.empty(len(order), n, k, dtype=torch.long, device=dev) if order else lse
+        args = [stream_args(sources[min(j, len(sources) - 1)]) for j in range(3)]
+        bias, upcast = _masks(sources)
+        self._launch(self._stats.stats_kernel, (triton_cdiv(n, cfg.block_n),), cfg,
+                     rows.contiguous(), tokens.contiguous(), n, lse, logit_y, topk, k, *args[0], *args[1], *args[2],
+                     student.vocab, vv, 1.0 / student.temperature,
+                     NUM_STREAMS=len(sources), LINEAR=isinstance(student, LinearSource), BIAS_MASK=bias,
+                     UPCAST_MASK=upcast, TOPK_MASK=sum(1 << j for j in order), LOG_K=int(math.log2(cfg.block_v)))
+        return Stats(list(lse.unbind(0)), list(logit_y.unbind(0)), {j: topk[i] for i, j in enumerate(order)})
+
+    def rest_logsumexp(self, source, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """log Σ exp(scaled logit) over the valid columns of each row not in `cols` [n, k] (entries < 0
+        ignored): the tail bucket, summed directly by `kernels.tail.tail_lse_kernel`."""
+        n = rows.shape[0]
+        out = torch.empty(n, dtype=torch.float32, device=rows.device)
+        if n == 0:
+            return out
+        cfg = self._config(source, n)
+        bias, upcast = _masks((source,))
+        self._launch(self._tail.tail_lse_kernel, (triton_cdiv(n, cfg.block_n),), cfg,
+                     rows.contiguous(), n, cols.contiguous(), cols.shape[1], out, *stream_args(source),
+                     source.vocab, source.effective_vocab, 1.0 / source.temperature,
+                     LINEAR=isinstance(source, LinearSource), BIAS_MASK=bias, UPCAST_MASK=upcast)
+        return out
+
+    @staticmethod
+    def _js_args(beta: float) -> tuple:
+        """β, log β, log(1 − β) of the JS mixture (β ∈ (0, 1), validated by the configs)."""
+        return (beta, math.log(beta), math.log1p(-beta))
+
+    def full_value_pass(self, student, target, rows, lse_s, lse_t, kind: str, beta: float):
+        n = rows.shape[0]
+        cfg = self._config(student, n)
+        value = torch.empty(n, dtype=torch.float32, device=rows.device)
+        c = torch.empty_like(value)
+        bias, upcast = _masks((student, target))
+        self._launch(self._div.full_value_kernel, (triton_cdiv(n, cfg.block_n),), cfg,
+                     rows.contiguous(), n, lse_s.float().contiguous(), lse_t.float().contiguous(), value, c,
+                     *stream_args(student), *stream_args(target), student.vocab, student.effective_vocab,
+                     1.0 / student.temperature, *self._js_args(beta),
+                     KIND=self._div.KINDS[kind], LINEAR=isinstance(student, LinearSource), BIAS_MASK=bias,
+                     UPCAST_MASK=upcast)
+        return value.double(), c.double()
+
+    def grad_pass(self, engine, g: Group, rows: torch.Tensor, scale: torch.Tensor, sink) -> None:
+        """Gradient of one group's rows, scaled per row by `scale` (upstream · weight / τ)."""
+        student, target = engine.student, engine.sources[g.target]
+        lse_s, lse_t = engine.stats.lse[STUDENT][g.pos], engine.stats.lse[g.target][g.pos]
+        term = g.term
+        if term is not None and term.dense is None:  # renormalized top-K: only K logits move
+            sink.add_sparse(rows, term.cols, (term.sparse * scale[:, None]).to(student.dtype))
+            return
+        kind = self._div.DENSE if term is not None else self._div.KINDS[g.divergence]
+        coef = term.dense if term is not None else g.full_c
+        self._grad_tiles(student, target, rows, lse_s, lse_t, coef, scale, kind, engine.settings.js_beta, sink)
+        if term is None:
+            return
+        if isinstance(sink, LogitsGradSink) and engine.shard is None:
+            # The explicit columns get p·dense + sparse in one rounding to the gradient's dtype,
+            # overwriting the kernel's p·dense there (the columns of a row are distinct; with a
+            # vocabulary shard foreign columns alias column 0, so the sparse part is added instead).
+            p = (student.gather(rows, term.cols).double() - lse_s.double()[:, None]).exp()
+            vals = (p * term.dense[:, None] + term.sparse) * scale[:, None]
+            sink.grad[rows[:, None].expand_as(term.cols), term.cols] = vals.to(sink.grad.dtype)
+        else:
+            sink.add_sparse(rows, term.cols, (term.sparse * scale[:, None]).to(student.dtype))
+
+    def _grad_tiles(self, student, target, rows, lse_s, lse_t, coef, scale, kind: int, beta: float, sink) -> None:
+        n = rows.shape[0]
+        cfg = self._config(student, n)
+        linear = isinstance(student, LinearSource)
+        vv = student.effective_vocab
+        row_blocks, vocab_tiles = triton_cdiv(n, cfg.block_n), triton_cdiv(vv, cfg.block_v)
+        f32 = lambda t: t.to(torch.float32).contiguous()  # noqa: E731
+        dummy = scale
+        if linear:
+            assert isinstance(sink, LinearGradSink)
+            splits = self.vocab_splits or self._vocab_splits(rows.device, row_blocks, vocab_tiles)
+            per_program = triton_cdiv(vocab_tiles, min(splits, vocab_tiles))
+            grid = (row_blocks, triton_cdiv(vocab_tiles, per_program))
+            dh, dw, db = sink.dh, sink.dw, sink.db
+            outs = (dummy, 0, 0, dummy if dh is None else dh, 0 if dh is None else dh.stride(0),
+                    dummy if dw is None else dw, 0 if dw is None else dw.stride(0), dummy if db is None else db)
+            needs = dict(NEED_DH=dh is not None, NEED_DW=dw is not None, NEED_DB=db is not None)
+        else:
+            per_program, grid = 1, (row_blocks, vocab_tiles)
+            gr = sink.grad
+            outs = (gr, gr.stride(0), gr.stride(1), dummy, 0, dummy, 0, dummy)
+            needs = dict(NEED_DH=False, NEED_DW=False, NEED_DB=False)
+        bias, upcast = _masks((student, target))
+        self._launch(self._div.grad_kernel, grid, cfg,
+                     rows.contiguous(), n, f32(lse_s), f32(lse_t), f32(coef), f32(scale), *outs,
+                     *stream_args(student), *stream_args(target), student.vocab, vv, 1.0 / student.temperature,
+                     *self._js_args(beta), per_program,
+                     KIND=kind, LINEAR=linear, BIAS_MASK=bias, UPCAST_MASK=upcast, **needs)
+
+    @staticmethod
+    def _vocab_splits(device: torch.device, row_blocks: int, vocab_tiles: int) -> int:
+        """Vocabulary splits of the fused-linear gradient grid: ~4 programs per SM on a GPU (each
+        split adds one atomic contribution per dH element); 2 under the interpreter so the split
+        path is exercised."""
+        if device.type == "cuda":
+            target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+            return max(1, min(vocab_tiles, triton_cdiv(target, row_blocks)))
+        return 2
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)

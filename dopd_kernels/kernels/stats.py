@@ -1,0 +1,131 @@
+"""Stats pass (DESIGN.md section 4, step 1): one sweep over the vocabulary for up to three streams.
+
+Grid: one program per block of `BLOCK_N` (compacted) rows. The program walks the valid vocabulary in
+`BLOCK_V` column tiles; for each tile and each stream it forms the logit tile (a load in logits mode,
+`H·Wᵀ` by tl.dot in fused-linear mode, `tiles.logit_tile`) and updates, per row,
+
+  * the online (max, Σ exp) pair → log-sum-exp,
+  * the logit at the sampled token (a masked row sum: the token's column lies in exactly one tile),
+  * for the streams flagged in TOPK_MASK, the running top-K.
+
+Running top-K (K ≤ 256): each row keeps its K_PAD (= next power of two ≥ K) largest values so far as
+int64 keys packing (value, column) (`tiles.topk_keys`), sorted descending, in a `[BLOCK_N, K_PAD]`
+register block. A tile is merged only when some row's tile maximum beats its current K-th key (after
+the first few tiles of a peaked LM distribution this skips almost every tile): the tile's own top
+K_PAD (tl.topk, ascending after a flip) and the running block combine elementwise by `max`, which
+leaves exactly the K_PAD largest of the union as a bitonic sequence, and one bitonic merge sorts it.
+No scratch memory: the top-K costs O(N·K) output only (a two-stage per-tile scratch would be
+O(N·K·V/BLOCK_V)). BLOCK_V ≥ K_PAD is required (the backend enforces it).
+
+Streams are passed as `tiles.py` eight-argument groups; per-stream options are bit masks
+(bit j = stream j) so one kernel covers 1–3 streams, both modes and any top-K subset.
+"""
+
+import triton
+import triton.language as tl
+
+from .tiles import finish_lse, key_column, logit_tile, online_lse, topk_keys
+
+
+@triton.jit
+def compare_swap(x, J: tl.constexpr, DIR_BIT: tl.constexpr, DESC: tl.constexpr, BLOCK_N: tl.constexpr,
+                 K_PAD: tl.constexpr):
+    """One bitonic layer on [BLOCK_N, K_PAD]: order each pair (i, i + J) (bit J of i clear) ascending
+    when bit DIR_BIT of i is clear, descending otherwise; DESC reverses every pair. The pairs are
+    exposed by reshape/permute/split (elementwise min/max), not by reductions, so the layer is a
+    handful of vectorised operations in the interpreter as well."""
+    y = tl.permute(tl.reshape(x, (BLOCK_N, K_PAD // (2 * J), 2, J)), (0, 1, 3, 2))
+    a, b = tl.split(y)
+    lo = tl.minimum(a, b)
+    hi = tl.maximum(a, b)
+    up = (((tl.arange(0, K_PAD // (2 * J)) * (2 * J)) & DIR_BIT) == 0) ^ DESC
+    up = up[None, :, None]
+    y = tl.join(tl.where(up, lo, hi), tl.where(up, hi, lo))
+    return tl.reshape(tl.permute(y, (0, 1, 3, 2)), (BLOCK_N, K_PAD))
+
+
+@triton.jit
+def merge_topk(run, keys, BLOCK_N: tl.constexpr, K_PAD: tl.constexpr, LOG_K: tl.constexpr):
+    """Running top-K `run` [BLOCK_N, K_PAD] (keys descending) merged with a tile's keys [BLOCK_N, K_PAD]."""
+    enters = tl.max(keys, 1) > tl.min(run, 1)
+    if tl.max(enters.to(tl.int32), 0) > 0:
+        # Bitonic sort of the tile, ascending.
+        for stage in tl.static_range(1, LOG_K + 1):
+            for sub in tl.static_range(stage):
+                keys = compare_swap(keys, 1 << (stage - 1 - sub), 1 << stage, False, BLOCK_N, K_PAD)
+        # max(descending, ascending) keeps the K_PAD largest of the union as a bitonic sequence;
+        # one descending bitonic merge sorts it.
+        run = tl.maximum(run, keys)
+        for sub in tl.static_range(LOG_K):
+            run = compare_swap(run, 1 << (LOG_K - 1 - sub), K_PAD, True, BLOCK_N, K_PAD)
+    return run
+
+
+@triton.jit
+def stream_update(z, cols, tok, m, s, ly, run, TOPK: tl.constexpr, BLOCK_N: tl.constexpr, K_PAD: tl.constexpr,
+                  LOG_K: tl.constexpr):
+    m, s = online_lse(m, s, z)
+    ly += tl.sum(tl.where(cols[None, :] == tok[:, None], z, 0.0), 1)
+    if TOPK:
+        run = merge_topk(run, topk_keys(z, cols[None, :]), BLOCK_N, K_PAD, LOG_K)
+    return m, s, ly, run
+
+
+@triton.jit
+def store_stream(lse_ptr, ly_ptr, topk_ptr, j, slot, n_rows, top_k, offs, row_mask, m, s, ly, run,
+                 TOPK: tl.constexpr, K_PAD: tl.constexpr):
+    tl.store(lse_ptr + j * n_rows + offs, finish_lse(m, s), mask=row_mask)
+    tl.store(ly_ptr + j * n_rows + offs, ly, mask=row_mask)
+    if TOPK:
+        ks = tl.arange(0, K_PAD)
+        ptr = topk_ptr + slot * n_rows * top_k + offs[:, None] * top_k + ks[None, :]
+        tl.store(ptr, key_column(run), mask=row_mask[:, None] & (ks < top_k)[None, :])
+
+
+@triton.jit
+def stats_kernel(rows_ptr, tok_ptr, n_rows, lse_ptr, ly_ptr, topk_ptr, top_k,
+                 x0, sx00, sx01, w0, sw00, sw01, b0, h0,
+                 x1, sx10, sx11, w1, sw10, sw11, b1, h1,
+                 x2, sx20, sx21, w2, sw20, sw21, b2, h2,
+                 vocab, valid_vocab, inv_temp,
+                 NUM_STREAMS: tl.constexpr, LINEAR: tl.constexpr, BIAS_MASK: tl.constexpr,
+                 UPCAST_MASK: tl.constexpr, TOPK_MASK: tl.constexpr, LOG_K: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Writes lse [NUM_STREAMS, n], sampled logit [NUM_STREAMS, n] (fp32, scaled by 1/τ) and the top-K
+    columns [n_topk_streams, n, top_k] (descending) of the rows `rows_ptr[0:n]`."""
+    K_PAD: tl.constexpr = BLOCK_V
+    offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = offs < n_rows
+    rows = tl.load(rows_ptr + offs, mask=row_mask, other=0)
+    tok = tl.load(tok_ptr + offs, mask=row_mask, other=-1)
+
+    ninf = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    zero = tl.zeros((BLOCK_N,), tl.float32)
+    # Empty running top-K: (-inf, column 2^31 − 1) sorts below every real key.
+    empty = topk_keys(tl.full((BLOCK_N, K_PAD), float("-inf"), tl.float32), tl.full((1, K_PAD), 0x7FFFFFFF, tl.int32))
+    m0, s0, y0, r0 = ninf, zero, zero, empty
+    m1, s1, y1, r1 = ninf, zero, zero, empty
+    m2, s2, y2, r2 = ninf, zero, zero, empty
+
+    for v0 in range(0, valid_vocab, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        z = logit_tile(x0, sx00, sx01, w0, sw00, sw01, b0, h0, rows, row_mask, cols, vocab, valid_vocab, inv_temp,
+                       LINEAR, BIAS_MASK & 1, UPCAST_MASK & 1, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+        m0, s0, y0, r0 = stream_update(z, cols, tok, m0, s0, y0, r0, TOPK_MASK & 1, BLOCK_N, K_PAD, LOG_K)
+        if NUM_STREAMS > 1:
+            z = logit_tile(x1, sx10, sx11, w1, sw10, sw11, b1, h1, rows, row_mask, cols, vocab, valid_vocab, inv_temp,
+                           LINEAR, (BIAS_MASK >> 1) & 1, (UPCAST_MASK >> 1) & 1, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+            m1, s1, y1, r1 = stream_update(z, cols, tok, m1, s1, y1, r1, (TOPK_MASK >> 1) & 1, BLOCK_N, K_PAD, LOG_K)
+        if NUM_STREAMS > 2:
+            z = logit_tile(x2, sx20, sx21, w2, sw20, sw21, b2, h2, rows, row_mask, cols, vocab, valid_vocab, inv_temp,
+                           LINEAR, (BIAS_MASK >> 2) & 1, (UPCAST_MASK >> 2) & 1, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+            m2, s2, y2, r2 = stream_update(z, cols, tok, m2, s2, y2, r2, (TOPK_MASK >> 2) & 1, BLOCK_N, K_PAD, LOG_K)
+
+    # A stream's slot in the top-K output counts the top-K streams before it.
+    store_stream(lse_ptr, ly_ptr, topk_ptr, 0, 0, n_rows, top_k, offs, row_mask, m0, s0, y0, r0, TOPK_MASK & 1, K_PAD)
+    if NUM_STREAMS > 1:
+        store_stream(lse_ptr, ly_ptr, topk_ptr, 1, TOPK_MASK & 1, n_rows, top_k, offs, row_mask, m1, s1, y1, r1,
+                     (TOPK_MASK >> 1) & 1, K_PAD)
+    if NUM_STREAMS > 2:
+        store_stream(lse_ptr, ly_ptr, topk_ptr, 2, (TOPK_MASK & 1) + ((TOPK_MASK >> 1) & 1), n_rows, top_k, offs,
+                     row_mask, m2, s2, y2, r2, (TOPK_MASK >> 2) & 1, K_PAD)

@@ -1,0 +1,88 @@
+"""`dopd-train` end to end on a tiny configuration, on the built-in task and on local checkpoints."""
+
+import json
+
+import pytest
+
+from dopd_trainer.cli import main
+from dopd_trainer.models import check_same_vocabulary, load_checkpoint, tiny_llama
+from dopd_trainer.task import ALPHABET, load_jsonl
+from dopd_trainer.tokenizer import build_char_tokenizer
+
+TINY = ["--digits", "1", "--train-size", "60", "--eval-size", "12", "--hidden", "16", "--layers", "1",
+        "--teacher-warmup-steps", "4", "--student-warmup-steps", "3", "--steps", "3", "--prompts-per-step", "3",
+        "--samples-per-prompt", "2", "--eval-every", "2", "--save-every", "2", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def builtin_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    run_dir, cache = root / "run", root / "cache"
+    assert main(TINY + ["--run-dir", str(run_dir), "--cache-dir", str(cache)]) == 0
+    return run_dir, cache
+
+
+def test_builtin_run_writes_the_run_folder(builtin_run):
+    run_dir, cache = builtin_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key in ("teacher_accuracy_with_hint", "student_accuracy_before", "student_accuracy_after_dopd",
+                "student_accuracy_after_opd-reverse_kl-topk"):
+        assert 0.0 <= summary[key] <= 1.0
+    assert json.loads((run_dir / "config.json").read_text())["method"] == "dopd"
+    assert (run_dir / "report.png").stat().st_size > 10_000
+    for arm in ("dopd", "opd-reverse_kl-topk"):
+        records = [json.loads(line) for line in (run_dir / arm / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records if r["event"] == "train"] == [1, 2, 3]
+        assert (run_dir / arm / "final" / "config.json").exists()
+        assert sorted(p.name for p in (run_dir / arm).glob("ckpt-*.pt")) == ["ckpt-000002.pt", "ckpt-000003.pt"]
+    assert sorted(p.name.split("-")[0] for p in cache.iterdir()) == ["student", "teacher"]
+
+
+def test_resume_of_a_finished_run_changes_nothing(builtin_run):
+    run_dir, _ = builtin_run
+    before = (run_dir / "dopd" / "metrics.jsonl").read_text()
+    assert main(["--resume", str(run_dir), "--no-progress"]) == 0
+    assert (run_dir / "dopd" / "metrics.jsonl").read_text() == before
+
+
+def test_local_checkpoints_and_jsonl(builtin_run, tmp_path):
+    _, cache = builtin_run
+    student = next(cache.glob("student-*"))
+    teacher = next(cache.glob("teacher-*"))
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "hint": f"{a}+{b}+0={a + b:02d};",
+                                        "answer": str(a + b).zfill(2)[::-1]}) + "\n"
+                            for a in range(4) for b in range(3)))
+    args = ["--student", str(student), "--teacher", str(teacher), "--data", str(data), "--eval-data", str(data),
+            "--steps", "2", "--prompts-per-step", "2", "--max-new-tokens", "4", "--no-compare", "--no-progress",
+            "--method", "opd", "--divergence", "js", "--granularity", "full", "--run-dir", str(tmp_path / "run")]
+    assert main(args) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert "student_accuracy_after_opd-js-full" in summary and "student_accuracy_after_dopd" not in summary
+
+
+def test_mismatched_vocabularies_are_rejected(builtin_run, tmp_path):
+    _, cache = builtin_run
+    student, student_tok = load_checkpoint(str(next(cache.glob("student-*"))), "--student")
+    other_tok = build_char_tokenizer(ALPHABET + "abc")
+    other = tiny_llama(other_tok, hidden=16, layers=1, heads=2, seed=0)
+    with pytest.raises(ValueError, match="--teacher"):
+        check_same_vocabulary(student_tok, other_tok, student, other)
+    other.save_pretrained(tmp_path / "other")
+    other_tok.save_pretrained(tmp_path / "other")
+    with pytest.raises(SystemExit):  # the CLI turns the ValueError into a usage error
+        main(["--student", str(next(cache.glob("student-*"))), "--teacher", str(tmp_path / "other"),
+              "--data", str(tmp_path / "none.jsonl"), "--run-dir", str(tmp_path / "run")])
+
+
+def test_jsonl_missing_field_names_the_field(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "1+1=", "hint": "x"}\n{"prompt": "2+2="}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: field 'hint'"):
+        load_jsonl(str(path))
+
+
+def test_bad_method_name_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit):
+        main(["--method", "grpo"])
+    assert "--method" in capsys.readouterr().err
