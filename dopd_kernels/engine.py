@@ -122,7 +122,20 @@ class LossEngine:
         if self.shard is None:
             return term
         local, owned = self.shard.localize(term.cols)
+        # `explicit` is written, not added, so it cannot carry the zeroed foreign columns: dropped.
         return RowTerm(term.value, term.dense, local, term.sparse.masked_fill(~owned, 0.0))
+
+    def _rest_logprob(self, source, rows: torch.Tensor, cols: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+        """Log-probability [n] (float64) of the tail bucket: the valid columns outside `cols` [n, k]
+        (global), summed directly. 1 − Σp over the explicit columns cancels: a tail below the rounding
+        of the log-sum-exp came out as 0 or negative, and KL as inf (e.g. sampled forward KL when the
+        student is confident of its sampled token)."""
+        if self.shard is None:
+            rest = self.passes.rest_logsumexp(source, rows, cols)
+        else:  # each shard sums its own columns outside the support (foreign columns marked -1)
+            local, owned = self.shard.localize(cols)
+            rest = self.shard.merge_logsumexp(self.passes.rest_logsumexp(source, rows, local.masked_fill(~owned, -1)))
+        return rest.to(torch.float64) - lse.to(torch.float64)
 
     def _vocab_size(self) -> int:
         """Size of the valid vocabulary top-K supports are drawn from (over all shards)."""
@@ -142,16 +155,24 @@ class LossEngine:
             return value
         f64 = torch.float64
         if g.granularity == "sampled":
-            g.term = sampled_term((st.logit_y[STUDENT][g.pos] - lse_s).to(f64), (st.logit_y[g.target][g.pos] - lse_t).to(f64),
-                                  self.tokens[g.pos], g.divergence, s.js_beta)
+            y = self.tokens[g.pos]
+            rests = (None, None)
+            if g.divergence != "reverse_kl":  # two buckets {y, not y}: the second one summed directly
+                rests = (self._rest_logprob(self.student, rows, y[:, None], lse_s),
+                         self._rest_logprob(target, rows, y[:, None], lse_t))
+            g.term = sampled_term(st.logit_y[STUDENT][g.pos].to(f64) - lse_s.to(f64), st.logit_y[g.target][g.pos].to(f64) - lse_t.to(f64),
+                                  y, g.divergence, s.js_beta, *rests)
         else:
             cols = st.topk[STUDENT if s.topk_from == "student" else g.target][g.pos]
             # A support covering the whole valid vocabulary (K >= V) leaves an empty tail, and the tail
             # form equals the renormalized one. Computing that empty tail as 1 − Σp from rounded
             # log-sum-exps gave one stream a spurious tail mass and the other none: KL = inf.
             renorm = s.topk_renorm or cols.shape[1] >= self._vocab_size()
+            rests = (None, None)
+            if not renorm:
+                rests = (self._rest_logprob(self.student, rows, cols, lse_s), self._rest_logprob(target, rows, cols, lse_t))
             g.term = topk_term(self._gather(self.student, rows, cols).to(f64), self._gather(target, rows, cols).to(f64),
-                               lse_s.to(f64), lse_t.to(f64), cols, g.divergence, s.js_beta, renorm)
+                               lse_s.to(f64), lse_t.to(f64), cols, g.divergence, s.js_beta, renorm, *rests)
         g.term = self._localize(g.term)
         return g.term.value
 

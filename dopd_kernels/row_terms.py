@@ -33,12 +33,17 @@ class RowTerm:
     dense:  [n] coefficient of p_v on every column (the explicit ones included), or None.
     cols:   [n, k] explicit columns.
     sparse: [n, k] gradient added on those columns on top of `p_v · dense`.
+    explicit: [n, k] or None: the whole gradient P_v·e_v on those columns. With a tail bucket far
+            smaller for one stream than the other, `dense` is huge and `p_v · dense + sparse`
+            cancels catastrophically on a column with p_v ≈ 1; a backend that writes `explicit`
+            there instead of adding `sparse` avoids it.
     """
 
     value: torch.Tensor
     dense: Optional[torch.Tensor]
     cols: torch.Tensor
     sparse: torch.Tensor
+    explicit: Optional[torch.Tensor] = None
 
 
 def bucket_coefficients(log_p: torch.Tensor, log_q: torch.Tensor, kind: str, js_beta: float) -> torch.Tensor:
@@ -67,7 +72,7 @@ def bucket_term(log_p: torch.Tensor, log_q: torch.Tensor, cols: torch.Tensor, ki
         return RowTerm(value, None, cols, p * e)
     k = cols.shape[1]
     dense = e[:, k]
-    return RowTerm(value, dense, cols, p[:, :k] * (e[:, :k] - dense[:, None]))
+    return RowTerm(value, dense, cols, p[:, :k] * (e[:, :k] - dense[:, None]), p[:, :k] * e[:, :k])
 
 
 def with_rest_bucket(log_p_cols: torch.Tensor) -> torch.Tensor:
@@ -76,31 +81,54 @@ def with_rest_bucket(log_p_cols: torch.Tensor) -> torch.Tensor:
     return torch.cat([log_p_cols, rest[:, None]], dim=-1)
 
 
-def sampled_term(log_p_y: torch.Tensor, log_q_y: torch.Tensor, tokens: torch.Tensor, kind: str, js_beta: float) -> RowTerm:
+def tail_term(log_p_cols: torch.Tensor, log_q_cols: torch.Tensor, rest_p: Optional[torch.Tensor],
+              rest_q: Optional[torch.Tensor], cols: torch.Tensor, kind: str, js_beta: float) -> RowTerm:
+    """Term over the explicit columns `cols` [n, k] (full-vocabulary log-probs) plus a rest bucket.
+
+    `rest_p`/`rest_q` [n]: log-mass of the rest summed directly by the caller (accurate however small
+    the tail); None: log(1 − Σp), which cancels to 0 or below it for a tail under the rounding of the
+    log-sum-exp. A direct rest is renormalized together with the explicit columns so the buckets sum
+    to 1; the backend still applies `dense` with its own p_v = exp(log p_v) on the explicit columns,
+    so their sparse coefficients are adjusted to give exactly P_v·e_v there.
+    """
+    if rest_p is None or rest_q is None:
+        return bucket_term(with_rest_bucket(log_p_cols), with_rest_bucket(log_q_cols), cols, kind, js_beta, has_rest=True)
+    raw_p = torch.cat([log_p_cols, rest_p[:, None].to(log_p_cols.dtype)], dim=-1)
+    raw_q = torch.cat([log_q_cols, rest_q[:, None].to(log_q_cols.dtype)], dim=-1)
+    lp = raw_p - torch.logsumexp(raw_p, dim=-1, keepdim=True)
+    lq = raw_q - torch.logsumexp(raw_q, dim=-1, keepdim=True)
+    term = bucket_term(lp, lq, cols, kind, js_beta, has_rest=True)
+    k = cols.shape[1]
+    term.sparse = term.sparse + (lp[:, :k].exp() - log_p_cols.exp()) * term.dense[:, None]
+    return term
+
+
+def sampled_term(log_p_y: torch.Tensor, log_q_y: torch.Tensor, tokens: torch.Tensor, kind: str, js_beta: float,
+                 rest_p: Optional[torch.Tensor] = None, rest_q: Optional[torch.Tensor] = None) -> RowTerm:
     """Sampled-token term. Reverse KL is the log-ratio estimator of vanilla OPD,
     `loss = sg(log p(y) − log q(y)) · log p(y)`, whose gradient d · (δ_vy − p_v)/τ (d the log ratio)
-    is the policy-gradient estimate of reverse KL. Forward KL and JS use the two buckets {y, not y}.
+    is the policy-gradient estimate of reverse KL. Forward KL and JS use the two buckets {y, not y};
+    `rest_p`/`rest_q` [n] are the log-masses of "not y" if the caller summed them directly.
     """
     cols = tokens[:, None]
     if kind == "reverse_kl":
         d = log_p_y - log_q_y
         return RowTerm(d * log_p_y, -d, cols, d[:, None])
-    lp = with_rest_bucket(log_p_y[:, None])
-    lq = with_rest_bucket(log_q_y[:, None])
-    return bucket_term(lp, lq, cols, kind, js_beta, has_rest=True)
+    return tail_term(log_p_y[:, None], log_q_y[:, None], rest_p, rest_q, cols, kind, js_beta)
 
 
 def topk_term(student_cols: torch.Tensor, target_cols: torch.Tensor, lse_student: torch.Tensor,
-              lse_target: torch.Tensor, cols: torch.Tensor, kind: str, js_beta: float, renorm: bool) -> RowTerm:
+              lse_target: torch.Tensor, cols: torch.Tensor, kind: str, js_beta: float, renorm: bool,
+              rest_student: Optional[torch.Tensor] = None, rest_target: Optional[torch.Tensor] = None) -> RowTerm:
     """Top-K term from the scaled logits of both streams at the support `cols` [n, K].
 
     renorm=True: both distributions renormalized over the K tokens (gradient on K logits only).
-    renorm=False: K full-vocabulary probabilities plus a tail bucket with the remaining mass.
+    renorm=False: K full-vocabulary probabilities plus a tail bucket with the remaining mass
+    (`rest_student`/`rest_target` [n]: its log-mass summed directly, if the caller has it).
     """
     if renorm:
         lp = torch.log_softmax(student_cols, dim=-1)
         lq = torch.log_softmax(target_cols, dim=-1)
         return bucket_term(lp, lq, cols, kind, js_beta, has_rest=False)
-    lp = with_rest_bucket(student_cols - lse_student[:, None])
-    lq = with_rest_bucket(target_cols - lse_target[:, None])
-    return bucket_term(lp, lq, cols, kind, js_beta, has_rest=True)
+    return tail_term(student_cols - lse_student[:, None], target_cols - lse_target[:, None], rest_student, rest_target,
+                     cols, kind, js_beta)

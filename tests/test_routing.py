@@ -161,7 +161,7 @@ def test_dopd_routing_matches_naive(trim, backend):
         assert got.dtype == torch.float64 and not got.requires_grad
         assert_close(got, exp, rtol=1e-5, what="routing statistic")
     for got, exp in zip(out.thresholds, th):
-        assert_close(got, torch.tensor(exp), rtol=1e-5, what="threshold")
+        assert_close(got, torch.tensor(exp, dtype=torch.float64), rtol=1e-5, what="threshold")
     assert set(out.regime[y != IGNORE].tolist()) <= {LH, LL, HT, HS}
 
 

@@ -144,10 +144,17 @@ def test_dopd_each_regime_alone(regime, device):
 def test_dopd_every_regime_present_reduction_none_weights(device):
     zs, zt, zp = to(device, *correlated_logits(40, 120, noise=(0.8, 1.5)))
     y = random_tokens(40, 120, mask_frac=0.1).to(device)
-    # Thresholds at the medians of this batch's statistics: all four regimes are populated.
+    # Thresholds halfway between the two middle values of each statistic (no token sits on a
+    # threshold, where fp32 and float64 statistics could route differently): all four regimes occur.
     probe = dopd_loss(zs.double(), zt.double(), zp.double(), y, backend="reference")
     valid = y != IGNORE
-    med = tuple(float(getattr(probe, k)[valid].median()) for k in ("adv_gap", "q_teacher", "q_priv_student"))
+    half = int(valid.sum()) // 2
+
+    def middle(x):
+        x = x[valid].sort().values
+        return float(x[half - 1] + x[half]) / 2
+
+    med = tuple(middle(getattr(probe, k)) for k in ("adv_gap", "q_teacher", "q_priv_student"))
     out, _ = compare_dopd(zs, zt, zp, y, DOPDConfig(top_k=10, reduction="none"), thresholds=med,
                           upstream=torch.randn(40))
     assert set(out.regime[valid].tolist()) == {0, 1, 2, 3}
@@ -160,19 +167,25 @@ def test_dopd_extreme_logits_no_nan(device):
     zt[:, :8] = zs[:, :8]  # some shared mass so the divergences are not all saturated
     y = random_tokens(n, v).to(device)
     zs, zt, zp = to(device, zs, zt, zp)
-    for cfg in (DOPDConfig(top_k=8), DOPDConfig(top_k=8, topk_renorm=False, temperature=3.0)):
-        s = leaf(zs)
-        out = dopd_loss(s, zt, zp, y, config=cfg, backend=TB)
-        out.loss.backward()
-        assert torch.isfinite(out.per_token_loss).all() and torch.isfinite(s.grad).all()
-        s64 = leaf(zs, torch.float64)
-        ref = dopd_loss(s64, zt.double(), zp.double(), y, config=cfg, backend="reference")
-        ref.loss.backward()
+    for cfg in (DOPDConfig(top_k=8), DOPDConfig(top_k=8, temperature=3.0)):
+        grads = {}
+        for backend in (TB, "torch", "reference"):
+            dt = torch.float64 if backend == "reference" else None
+            s = leaf(zs, dt)
+            out = dopd_loss(s, zt.to(s.dtype), zp.to(s.dtype), y, config=cfg, backend=backend)
+            out.loss.backward()
+            grads[backend if isinstance(backend, str) else "triton"] = (out, s.grad)
+        (out, g), (ref, g64), (_, g_torch) = grads["triton"], grads["reference"], grads["torch"]
+        assert torch.isfinite(out.per_token_loss).all() and torch.isfinite(g).all()
         assert torch.equal(out.regime, ref.regime)
         # fp32 logits of magnitude 1e4/τ carry ~1e-4 absolute rounding in log p, so p (and a KL of
-        # size ~1e3) agrees with float64 to ~1e-4 relative: the bar is finiteness and ~1e-3 agreement.
+        # size ~1e3) agrees with float64 to ~1e-4 relative, and near-one-hot rows leave gradients
+        # that cancel to ~0 with fp32 residue: against float64 the bar is agreement at that level;
+        # against the torch backend (the same fp32 statistics) it is tight.
         assert_close(out.per_token_loss, ref.per_token_loss, rtol=2e-3, what="per-token loss")
-        assert_close(s.grad, s64.grad, rtol=2e-3, what="grad")
+        scale = float(g64.abs().max())
+        assert_close(g, g64, rtol=2e-3, atol=1e-5 + 2e-2 * scale, what="grad vs float64")
+        assert_close(g, g_torch, rtol=1e-4, atol=1e-7 + 1e-4 * scale, what="grad vs torch backend")
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -86,6 +86,30 @@ class PassBackend:
         engine = LossEngine(self, (student, teacher), tokens, valid, settings_of(cfg), topk_streams, plan, shard)
         return run(engine, self)
 
+    def rest_logsumexp(self, source, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """log Σ exp(scaled logit) over the valid columns of each row of `rows` that are not in
+        `cols` [n, k] (entries < 0 are ignored): a tail bucket summed directly, [n] in the compute
+        dtype. A plain tiled pass over `source.tile`; backends may override it with a kernel."""
+        row_chunk, vocab_chunk = getattr(self, "row_chunk", 1024), getattr(self, "vocab_chunk", 8192)
+        vocab = source.valid_vocab or source.vocab
+        out = torch.empty(rows.shape[0], dtype=source.dtype, device=rows.device)
+        for i in range(0, rows.shape[0], row_chunk):
+            r, c = rows[i:i + row_chunk], cols[i:i + row_chunk]
+            m = torch.full((r.shape[0],), float("-inf"), dtype=source.dtype, device=r.device)
+            s = torch.zeros_like(m)
+            for c0 in range(0, vocab, vocab_chunk):
+                tile = source.tile(r, c0, min(c0 + vocab_chunk, vocab))
+                inside = (c >= c0) & (c < c0 + tile.shape[1])
+                hits = torch.zeros(tile.shape, dtype=torch.int32, device=tile.device)
+                hits.scatter_add_(1, torch.where(inside, c - c0, torch.zeros_like(c)), inside.to(torch.int32))
+                tile = tile.masked_fill(hits > 0, float("-inf"))
+                m_new = torch.maximum(m, tile.max(dim=1).values)
+                shift = torch.where(m_new == float("-inf"), torch.zeros_like(m_new), m_new)
+                s = s * torch.exp(m - shift) + torch.exp(tile - shift[:, None]).sum(dim=1)
+                m = m_new
+            out[i:i + row_chunk] = torch.where(m == float("-inf"), m, m + torch.log(s))
+        return out
+
     def token_logprobs(self, source, tokens: torch.Tensor, valid: torch.Tensor,
                        shard: Optional[VocabShard] = None) -> torch.Tensor:
         engine = LossEngine(self, (source,), tokens, valid, TermSettings(1, 0.5, "student", True, source.temperature),

@@ -134,7 +134,10 @@ class TorchBackend(PassBackend):
                     grad = self._full_tile_grad(lp, p, lq, g.full_c[sl, None].to(dt), g.divergence, engine.settings.js_beta)
                 else:
                     grad = p * term.dense[sl, None].to(dt)
-                    self._fold_sparse(grad, term.cols[sl], term.sparse[sl].to(dt), c0)
+                    if term.explicit is not None:
+                        self._write_explicit(grad, term.cols[sl], term.explicit[sl].to(dt), c0)
+                    else:
+                        self._fold_sparse(grad, term.cols[sl], term.sparse[sl].to(dt), c0)
                 sink.add_tile(r, c0, grad * sc)
 
     @staticmethod
@@ -148,6 +151,13 @@ class TorchBackend(PassBackend):
         lq0 = torch.where(has_mass, lq, torch.zeros_like(lq))
         r = lp0 - lq0 if kind == "reverse_kl" else beta * (lp0 - log_mixture(lp0, lq0, beta))
         return torch.where(has_mass, p * (r - c), torch.zeros_like(p))
+
+    @staticmethod
+    def _write_explicit(grad: torch.Tensor, cols: torch.Tensor, explicit: torch.Tensor, start: int) -> None:
+        """Set the explicit columns inside this tile to their whole gradient (no p·dense + sparse sum)."""
+        inside = (cols >= start) & (cols < start + grad.shape[1])
+        r, j = inside.nonzero(as_tuple=True)
+        grad[r, cols[r, j] - start] = explicit[r, j]
 
     @staticmethod
     def _fold_sparse(grad: torch.Tensor, cols: torch.Tensor, sparse: torch.Tensor, start: int) -> None:
