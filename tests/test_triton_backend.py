@@ -167,7 +167,7 @@ def test_dopd_extreme_logits_no_nan(device):
     zt[:, :8] = zs[:, :8]  # some shared mass so the divergences are not all saturated
     y = random_tokens(n, v).to(device)
     zs, zt, zp = to(device, zs, zt, zp)
-    for cfg in (DOPDConfig(top_k=8), DOPDConfig(top_k=8, temperature=3.0)):
+    for cfg in (DOPDConfig(top_k=8), DOPDConfig(top_k=8, topk_renorm=False, temperature=3.0)):
         grads = {}
         for backend in (TB, "torch", "reference"):
             dt = torch.float64 if backend == "reference" else None
@@ -402,6 +402,22 @@ def test_opd_full_bf16_vs_naive_bf16(kind, device):
     assert _err(out.loss.cpu(), loss64) <= _err(loss16, loss64) + 1e-6
     gscale = float(s64.grad.abs().max())
     assert _err(s.grad.cpu(), s64.grad) <= _err(s16.grad, s64.grad) + 1e-3 * gscale
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dopd_fp16_logits(device):
+    zs, zt, zp = to(device, *correlated_logits(30, 100, noise=(0.8, 1.5), dtype=torch.float16))
+    y = random_tokens(30, 100).to(device)
+    cfg = DOPDConfig(top_k=10, topk_renorm=False)
+    s = leaf(zs)
+    out = dopd_loss(s, zt, zp, y, config=cfg, backend=TB)
+    out.loss.backward()
+    s64 = leaf(zs, torch.float64)
+    ref = dopd_loss(s64, zt.double(), zp.double(), y, config=cfg, backend="reference")
+    ref.loss.backward()
+    assert s.grad.dtype == torch.float16 and torch.equal(out.regime, ref.regime)
+    assert_close(out.per_token_loss, ref.per_token_loss, rtol=1e-5, what="per-token loss")
+    assert_close(s.grad, s64.grad, rtol=2 ** -10, atol=1e-5 * float(s64.grad.abs().max()), what="grad (fp16 storage)")
 
 
 # -- token_logprobs, stats pass, float64, registry ---------------------------------------------------

@@ -246,20 +246,23 @@ class TritonBackend(PassBackend):
             return
         kind = self._div.DENSE if term is not None else self._div.KINDS[g.divergence]
         coef = term.dense if term is not None else g.full_c
-        self._grad_tiles(student, target, rows, lse_s, lse_t, coef, scale, kind, engine.settings.js_beta, sink)
-        if term is None:
+        explicit = None if term is None else term.explicit
+        logits = isinstance(sink, LogitsGradSink)
+        in_kernel = explicit is not None and not logits
+        self._grad_tiles(student, target, rows, lse_s, lse_t, coef, scale, kind, engine.settings.js_beta, sink,
+                         (term.cols, explicit) if in_kernel else None)
+        if term is None or in_kernel:
             return
-        if isinstance(sink, LogitsGradSink) and engine.shard is None:
-            # The explicit columns get p·dense + sparse in one rounding to the gradient's dtype,
-            # overwriting the kernel's p·dense there (the columns of a row are distinct; with a
-            # vocabulary shard foreign columns alias column 0, so the sparse part is added instead).
-            p = (student.gather(rows, term.cols).double() - lse_s.double()[:, None]).exp()
-            vals = (p * term.dense[:, None] + term.sparse) * scale[:, None]
-            sink.grad[rows[:, None].expand_as(term.cols), term.cols] = vals.to(sink.grad.dtype)
-        else:
+        if explicit is not None:
+            # Logits mode: the explicit columns get their whole gradient in one O(n·k) write over the
+            # kernel's p·dense there (a row's explicit columns are distinct).
+            sink.grad[rows[:, None].expand_as(term.cols), term.cols] = (explicit * scale[:, None]).to(sink.grad.dtype)
+        else:  # no `explicit` (vocabulary shards): add the sparse correction
             sink.add_sparse(rows, term.cols, (term.sparse * scale[:, None]).to(student.dtype))
 
-    def _grad_tiles(self, student, target, rows, lse_s, lse_t, coef, scale, kind: int, beta: float, sink) -> None:
+    def _grad_tiles(self, student, target, rows, lse_s, lse_t, coef, scale, kind: int, beta: float, sink,
+                    explicit=None) -> None:
+        """Launch `grad_kernel`; `explicit` = (cols [n, k], whole gradient [n, k] before `scale`) or None."""
         n = rows.shape[0]
         cfg = self._config(student, n)
         linear = isinstance(student, LinearSource)
@@ -282,11 +285,13 @@ class TritonBackend(PassBackend):
             outs = (gr, gr.stride(0), gr.stride(1), dummy, 0, dummy, 0, dummy)
             needs = dict(NEED_DH=False, NEED_DW=False, NEED_DB=False)
         bias, upcast = _masks((student, target))
+        ex = (dummy, dummy, 0) if explicit is None else (explicit[0].contiguous(), f32(explicit[1]), explicit[0].shape[1])
         self._launch(self._div.grad_kernel, grid, cfg,
-                     rows.contiguous(), n, f32(lse_s), f32(lse_t), f32(coef), f32(scale), *outs,
+                     rows.contiguous(), n, f32(lse_s), f32(lse_t), f32(coef), f32(scale), *ex, *outs,
                      *stream_args(student), *stream_args(target), student.vocab, vv, 1.0 / student.temperature,
                      *self._js_args(beta), per_program,
-                     KIND=kind, LINEAR=linear, BIAS_MASK=bias, UPCAST_MASK=upcast, **needs)
+                     KIND=kind, EXPLICIT=explicit is not None, LINEAR=linear, BIAS_MASK=bias, UPCAST_MASK=upcast,
+                     **needs)
 
     @staticmethod
     def _vocab_splits(device: torch.device, row_blocks: int, vocab_tiles: int) -> int:

@@ -11,7 +11,10 @@ of DOPD), so the cost is proportional to the rows that need the whole vocabulary
 
 `grad_kernel` — the gradient tile `G = scale_n · ∂D_n/∂z` (scale = upstream · weight / τ):
     reverse KL  p(lp − lq − c)      JS  p(β(lp − log m) − c)      forward KL  p − q
-    KIND 3 (dense part of sampled / tail-bucket top-K rows, `row_terms.py`): p · dense_n.
+    KIND 3 (dense part of sampled / tail-bucket top-K rows, `row_terms.py`): p · dense_n; with
+    EXPLICIT the row's k explicit columns are set to their whole gradient `explicit` instead (one
+    compare per explicit column and logit: O(k) beside a tile's O(H) multiply-adds), because
+    p·dense + sparse cancels catastrophically there when dense is huge and p ≈ 1.
 Logits mode: grid (row blocks, vocabulary blocks), every program stores one tile of the student
 gradient; nothing else of size [N, V] exists. Fused-linear mode: grid (row blocks, vocabulary
 splits); a program recomputes its logit tiles by tl.dot and contracts each gradient tile at once,
@@ -27,7 +30,7 @@ with the student's upcast bit (mixed dtypes, or bf16 under the interpreter) both
 import triton
 import triton.language as tl
 
-from .tiles import logaddexp, logit_tile
+from .tiles import logaddexp, logit_tile, round_to
 
 REVERSE_KL, FORWARD_KL, JS, DENSE = 0, 1, 2, 3
 KINDS = {"reverse_kl": REVERSE_KL, "forward_kl": FORWARD_KL, "js": JS}
@@ -73,12 +76,13 @@ def full_value_kernel(rows_ptr, n_rows, lse_s_ptr, lse_t_ptr, value_ptr, c_ptr,
 
 
 @triton.jit
-def grad_kernel(rows_ptr, n_rows, lse_s_ptr, lse_t_ptr, coef_ptr, scale_ptr,
+def grad_kernel(rows_ptr, n_rows, lse_s_ptr, lse_t_ptr, coef_ptr, scale_ptr, ex_cols_ptr, ex_vals_ptr, k_explicit,
                 g_ptr, sg0, sg1, dh_ptr, sdh0, dw_ptr, sdw0, db_ptr,
                 xs, sxs0, sxs1, ws, sws0, sws1, bs, hs,
                 xt, sxt0, sxt1, wt, swt0, swt1, bt, ht,
                 vocab, valid_vocab, inv_temp, beta, log_beta, log_1m_beta, tiles_per_program,
-                KIND: tl.constexpr, LINEAR: tl.constexpr, NEED_DH: tl.constexpr, NEED_DW: tl.constexpr,
+                KIND: tl.constexpr, EXPLICIT: tl.constexpr, LINEAR: tl.constexpr, NEED_DH: tl.constexpr,
+                NEED_DW: tl.constexpr,
                 NEED_DB: tl.constexpr, BIAS_MASK: tl.constexpr, UPCAST_MASK: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
     offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -98,6 +102,11 @@ def grad_kernel(rows_ptr, n_rows, lse_s_ptr, lse_t_ptr, coef_ptr, scale_ptr,
         p = tl.exp(lp)
         if KIND == 3:
             g = p * coef[:, None]
+            if EXPLICIT:  # the row's explicit columns take their whole gradient (no p·dense + sparse)
+                for j in range(0, k_explicit):
+                    c = tl.load(ex_cols_ptr + offs * k_explicit + j, mask=row_mask, other=-1)
+                    e = tl.load(ex_vals_ptr + offs * k_explicit + j, mask=row_mask, other=0.0)
+                    g = tl.where(cols[None, :] == c[:, None], e[:, None], g)
         else:
             lq = logit_tile(xt, sxt0, sxt1, wt, swt0, swt1, bt, ht, rows, row_mask, cols, vocab, valid_vocab,
                             inv_temp, LINEAR, (BIAS_MASK >> 1) & 1, (UPCAST_MASK >> 1) & 1, DOT_PRECISION,
@@ -118,7 +127,7 @@ def grad_kernel(rows_ptr, n_rows, lse_s_ptr, lse_t_ptr, coef_ptr, scale_ptr,
                 if NEED_DH:
                     w = tl.load(ws + cols[:, None] * sws0 + hcols[None, :] * sws1,
                                 mask=col_in[:, None] & h_in[None, :], other=0.0)
-                    gw = g.to(w.dtype)
+                    gw = round_to(g, w.dtype)
                     if UPCAST_MASK & 1:
                         gw = gw.to(tl.float32)
                         w = w.to(tl.float32)
@@ -128,7 +137,7 @@ def grad_kernel(rows_ptr, n_rows, lse_s_ptr, lse_t_ptr, coef_ptr, scale_ptr,
                 if NEED_DW:
                     h = tl.load(xs + rows[:, None] * sxs0 + hcols[None, :] * sxs1,
                                 mask=row_mask[:, None] & h_in[None, :], other=0.0)
-                    gh = g.to(h.dtype)
+                    gh = round_to(g, h.dtype)
                     if UPCAST_MASK & 1:
                         gh = gh.to(tl.float32)
                         h = h.to(tl.float32)
@@ -138,5 +147,5 @@ def grad_kernel(rows_ptr, n_rows, lse_s_ptr, lse_t_ptr, coef_ptr, scale_ptr,
             if NEED_DB:
                 tl.atomic_add(db_ptr + cols, tl.sum(g, 0), mask=col_in)
         else:
-            tl.store(g_ptr + rows[:, None] * sg0 + cols[None, :] * sg1, g.to(g_ptr.dtype.element_ty),
+            tl.store(g_ptr + rows[:, None] * sg0 + cols[None, :] * sg1, round_to(g, g_ptr.dtype.element_ty),
                      mask=row_mask[:, None] & col_in[None, :])

@@ -79,3 +79,15 @@ def topk_keys(z, cols):
 @triton.jit
 def key_column(keys):
     return 0x7FFFFFFF - (keys & 0xFFFFFFFF)
+
+
+@triton.jit
+def round_to(x, dtype: tl.constexpr):
+    """fp32 → `dtype`, rounding to nearest even. For bf16 the rounding is done on the fp32 bits
+    first (add half an ulp of bf16, ties to even, clear the low 16 bits), so the final cast is exact:
+    GPUs round like this anyway, and Triton 3.9's interpreter would otherwise truncate."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
