@@ -1,0 +1,251 @@
+"""The contenders of each workload, all starting from the same fused-linear inputs (`inputs.py`).
+
+Workloads (what one call computes, from hidden states and `lm_head` weights):
+
+- `dopd`:    the DOPD loss (paper defaults: K=128, β_l=0.6, β_w=0.3, trim=0.05), forward+backward.
+- `js`:      full-vocabulary JS(s, t) with β=0.5, mean over tokens, forward+backward.
+- `kl`:      full-vocabulary forward KL(t ‖ s), mean over tokens, forward+backward.
+- `logprob`: log π_s(y) of the sampled tokens (the log-sum-exp / log-prob part), forward only.
+
+Contenders:
+
+- `naive`: what a user writes by hand: the `[N, V]` logits via matmul, upcast to fp32,
+  `log_softmax`, routing, top-K and the divergences, all materialized. Independent of the
+  library's code.
+- `naive_compiled`: `torch.compile` of the same function.
+- `lib_<name>`: this library through its public API with `backend=<name>`, for every name that
+  `dopd_kernels.available_backends()` can offer (the float64 `reference` is ground truth, not a
+  contender); names it does not offer are recorded as unavailable.
+- peers, when installed: Liger-Kernel (`LigerFusedLinearJSD`, its JSD and KL-divergence ops on
+  materialized logits, `LigerFusedLinearKLDivLoss`) on the `js`/`kl` workloads, and Cut
+  Cross-Entropy (its log-sum-exp / log-prob kernel) on `logprob`. The DOPD routing exists only here.
+
+`availability(name, case)` returns None when a contender can run on a case, or the reason it
+cannot; `build(name, inputs, case)` returns a zero-argument callable computing the workload
+(a scalar loss to back-propagate, or the log-probs for `logprob`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from .inputs import Case, Inputs
+
+LIBRARY_BACKENDS = ("torch", "cpp", "triton", "cuda")  # always listed, so a missing one is recorded
+K, BETA_LIGHT, BETA_WEAK, BETA_STRONG, JS_BETA, TRIM = 128, 0.6, 0.3, 1.0, 0.5, 0.05
+FORWARD_ONLY = ("logprob",)
+
+
+# -- naive PyTorch, as a user writes it ------------------------------------------------------------
+
+def _trimmed_mean(x: torch.Tensor, trim: float) -> torch.Tensor:
+    keep = x.shape[0] - math.floor(trim * x.shape[0])
+    return torch.sort(x).values[:keep].mean()
+
+
+def _js(ls: torch.Tensor, lt: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-token JS_β of log-prob rows: β KL(p‖m) + (1−β) KL(q‖m), log m by logaddexp."""
+    lm = torch.logaddexp(ls + math.log(beta), lt + math.log(1 - beta))
+    return beta * (ls.exp() * (ls - lm)).sum(-1) + (1 - beta) * (lt.exp() * (lt - lm)).sum(-1)
+
+
+def _topk_rkl(zs_k: torch.Tensor, zt_k: torch.Tensor) -> torch.Tensor:
+    """Reverse KL over a top-K set, both distributions renormalized over the set."""
+    ls, lt = torch.log_softmax(zs_k, -1), torch.log_softmax(zt_k, -1)
+    return (ls.exp() * (ls - lt)).sum(-1)
+
+
+def naive_dopd(hs, ws, ht, wt, hp, tokens):
+    zs = (hs @ ws.T).float()
+    with torch.no_grad():  # frozen streams
+        zt = (ht @ wt.T).float()
+        zp = (hp @ ws.T).float()
+        lt, lp = torch.log_softmax(zt, -1), torch.log_softmax(zp, -1)
+        lt_y, lp_y = lt.gather(1, tokens[:, None])[:, 0], lp.gather(1, tokens[:, None])[:, 0]
+        gap, q_t, q_p = (lt_y - lp_y).abs(), lt_y.exp(), lp_y.exp()
+        low = gap < _trimmed_mean(gap, TRIM)
+        confident = q_t + q_p >= _trimmed_mean(q_t, TRIM) + _trimmed_mean(q_p, TRIM)
+        teacher_wins = q_t >= q_p
+    ls = torch.log_softmax(zs, -1)
+    idx = ls.topk(K, dim=-1).indices
+    zs_k = zs.gather(1, idx)
+    rkl_t = _topk_rkl(zs_k, zt.gather(1, idx))
+    rkl_p = _topk_rkl(zs_k, zp.gather(1, idx))
+    js = _js(ls, lt, JS_BETA)
+    per_token = torch.where(low, torch.where(confident, BETA_LIGHT * rkl_t, BETA_WEAK * rkl_p),
+                            torch.where(teacher_wins, BETA_STRONG * js, BETA_LIGHT * rkl_p))
+    return per_token.mean()
+
+
+def naive_js(hs, ws, ht, wt, tokens):
+    ls = torch.log_softmax((hs @ ws.T).float(), -1)
+    with torch.no_grad():
+        lt = torch.log_softmax((ht @ wt.T).float(), -1)
+    return _js(ls, lt, JS_BETA).mean()
+
+
+def naive_kl(hs, ws, ht, wt, tokens):
+    ls = torch.log_softmax((hs @ ws.T).float(), -1)
+    with torch.no_grad():
+        lt = torch.log_softmax((ht @ wt.T).float(), -1)
+    return (lt.exp() * (lt - ls)).sum(-1).mean()
+
+
+def naive_logprob(hs, ws, tokens):
+    return torch.log_softmax((hs @ ws.T).float(), -1).gather(1, tokens[:, None])[:, 0]
+
+
+NAIVE = {"dopd": naive_dopd, "js": naive_js, "kl": naive_kl, "logprob": naive_logprob}
+
+
+def _args(workload: str, x: Inputs) -> tuple:
+    if workload == "dopd":
+        return x.hs, x.ws, x.ht, x.wt, x.hp, x.tokens
+    if workload in ("js", "kl"):
+        return x.hs, x.ws, x.ht, x.wt, x.tokens
+    return x.hs, x.ws, x.tokens
+
+
+# -- this library -----------------------------------------------------------------------------------
+
+def _library(workload: str, backend: str, x: Inputs) -> Callable:
+    import dopd_kernels as dk
+
+    if workload == "dopd":
+        return lambda: dk.fused_linear_dopd_loss(x.hs, x.ws, x.ht, x.wt, x.hp, x.tokens, backend=backend).loss
+    if workload in ("js", "kl"):
+        div = "js" if workload == "js" else "forward_kl"
+        return lambda: dk.fused_linear_opd_loss(x.hs, x.ws, x.ht, x.wt, x.tokens, divergence=div,
+                                                granularity="full", js_beta=JS_BETA, backend=backend).loss
+    return lambda: dk.token_logprobs(x.hs, x.tokens, weight=x.ws, backend=backend)
+
+
+def smoke_mode() -> bool:
+    """Smoke mode (`--smoke` sets this variable for the probe subprocesses too)."""
+    return os.environ.get("DOPD_BENCH_SMOKE") == "1"
+
+
+def _library_availability(backend: str, case: Case) -> Optional[str]:
+    import dopd_kernels as dk
+    from dopd_kernels.backends import resolve_backend
+
+    offered = dk.available_backends()
+    if backend not in offered:
+        return f"unavailable: backend {backend!r} not offered by available_backends() = {offered}"
+    try:
+        resolve_backend(backend, torch.device(case.device))
+    except (ValueError, RuntimeError) as err:
+        return f"unavailable: {err}"
+    if backend == "triton" and case.device == "cpu" and not smoke_mode():
+        return "skipped: Triton needs CUDA (interpreter too slow)"
+    return None
+
+
+# -- peers ----------------------------------------------------------------------------------------
+
+def _liger(workload: str, which: str, x: Inputs) -> Callable:
+    from liger_kernel.transformers import LigerFusedLinearJSD, LigerFusedLinearKLDivLoss, LigerJSD, LigerKLDIVLoss
+
+    beta = JS_BETA if workload == "js" else 0.0  # Liger's JSD is forward KL(t‖s) at beta=0
+    if which == "liger_fused_linear_jsd":
+        loss = LigerFusedLinearJSD(jsd_beta=beta)
+        return lambda: loss(x.hs, x.ws, x.ht, x.wt, None)
+
+    def teacher_logprobs():
+        with torch.no_grad():
+            return torch.log_softmax((x.ht @ x.wt.T).float(), -1)
+
+    if which == "liger_fused_linear_kl_div":  # takes the teacher's probabilities as data
+        loss = LigerFusedLinearKLDivLoss()
+        return lambda: loss(x.hs, x.ws, teacher_logprobs().exp())
+    op = LigerJSD(beta=beta) if which == "liger_jsd" else LigerKLDIVLoss(reduction="batchmean", log_target=True)
+    return lambda: op(torch.log_softmax((x.hs @ x.ws.T).float(), -1), teacher_logprobs())
+
+
+def _cce(x: Inputs) -> Callable:
+    from cut_cross_entropy import linear_cross_entropy
+
+    return lambda: -linear_cross_entropy(x.hs, x.ws, x.tokens, reduction="none", impl="cce")
+
+
+PEERS: Dict[str, Dict[str, str]] = {  # workload -> contender -> module that must import
+    "js": {"liger_fused_linear_jsd": "liger_kernel", "liger_jsd": "liger_kernel"},
+    "kl": {"liger_fused_linear_jsd": "liger_kernel", "liger_kl_div": "liger_kernel",
+           "liger_fused_linear_kl_div": "liger_kernel"},
+    "logprob": {"cce": "cut_cross_entropy"},
+}
+
+
+def _peer_availability(name: str, case: Case) -> Optional[str]:
+    module = PEERS[case.workload][name]
+    try:
+        importlib.import_module(module)
+    except Exception as err:  # any import failure means the peer cannot run here
+        return f"unavailable: import {module} failed ({type(err).__name__}: {err})"
+    if case.device != "cuda" and not smoke_mode():
+        return "skipped: Triton peers need CUDA (interpreter too slow)"
+    if case.device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "skipped: Triton peers need CUDA or TRITON_INTERPRET=1"
+    if name == "cce" and case.device != "cuda":
+        return "skipped: CCE's kernel needs CUDA"
+    return None
+
+
+# -- registry -------------------------------------------------------------------------------------
+
+def names(workload: str) -> List[str]:
+    """Every contender of a workload, available here or not; torch.compile last (its compile time is
+    the least predictable, so a time budget should cut it first)."""
+    return ["naive"] + [f"lib_{b}" for b in library_backends()] + list(PEERS.get(workload, {})) + ["naive_compiled"]
+
+
+def library_backends() -> List[str]:
+    """The known backends plus any other fast backend the library offers (not `reference`)."""
+    import dopd_kernels as dk
+
+    extra = [b for b in dk.available_backends() if b not in LIBRARY_BACKENDS and b != "reference"]
+    return list(LIBRARY_BACKENDS) + extra
+
+
+def kind(name: str) -> str:
+    if name.startswith("naive"):
+        return "baseline"
+    return "library" if name.startswith("lib_") else "peer"
+
+
+def availability(name: str, case: Case) -> Optional[str]:
+    if name == "naive":
+        return None
+    if name == "naive_compiled":
+        if case.device == "cpu" and case.dtype != "float32":
+            return "skipped: torch.compile CPU codegen benchmarked in fp32 only"
+        return None
+    if name.startswith("lib_"):
+        return _library_availability(name[4:], case)
+    return _peer_availability(name, case)
+
+
+_COMPILED: Dict[str, Callable] = {}
+
+
+def build(name: str, x: Inputs, case: Case) -> Callable:
+    w = case.workload
+    if name == "naive":
+        fn, args = NAIVE[w], _args(w, x)
+        return lambda: fn(*args)
+    if name == "naive_compiled":
+        if w not in _COMPILED:  # one compiled function per workload; dynamic shapes avoid a recompile per size
+            # smoke mode checks the path through dynamo and AOT autograd, not inductor's codegen time
+            _COMPILED[w] = torch.compile(NAIVE[w], dynamic=True, backend="aot_eager" if smoke_mode() else "inductor")
+        fn, args = _COMPILED[w], _args(w, x)
+        return lambda: fn(*args)
+    if name.startswith("lib_"):
+        return _library(w, name[4:], x)
+    if name.startswith("liger"):
+        return _liger(w, name, x)
+    return _cce(x)
