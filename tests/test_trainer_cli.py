@@ -1,6 +1,11 @@
 """`dopd-train` end to end on a tiny configuration, on the built-in task and on local checkpoints."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -86,3 +91,30 @@ def test_bad_method_name_is_a_usage_error(capsys):
     with pytest.raises(SystemExit):
         main(["--method", "grpo"])
     assert "--method" in capsys.readouterr().err
+
+
+def test_resume_after_sigkill_equals_an_uninterrupted_run(builtin_run, tmp_path):
+    """Kill `dopd-train` mid-run with SIGKILL, resume it, and get the uninterrupted run's metrics and weights."""
+    _, cache = builtin_run
+    cmd = [sys.executable, "-m", "dopd_trainer.cli", *TINY, "--steps", "30", "--eval-every", "1", "--threads", "1",
+           "--cache-dir", str(cache)]
+    subprocess.run(cmd + ["--run-dir", str(tmp_path / "full")], check=True, capture_output=True)
+    proc = subprocess.Popen(cmd + ["--run-dir", str(tmp_path / "cut")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "cut" / "dopd" / "metrics.jsonl"
+    while proc.poll() is None and not (metrics.exists() and metrics.read_text().count('"train"') >= 5):
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    subprocess.run(cmd[:3] + ["--resume", str(tmp_path / "cut"), "--no-progress", "--threads", "1"], check=True,
+                   capture_output=True)
+    for arm in ("dopd", "opd-reverse_kl-topk"):
+        full, cut = (tmp_path / run / arm for run in ("full", "cut"))
+        assert strip_timing(cut / "metrics.jsonl") == strip_timing(full / "metrics.jsonl")
+        assert (cut / "final" / "model.safetensors").read_bytes() == (full / "final" / "model.safetensors").read_bytes()
+
+
+def strip_timing(path):
+    from dopd_trainer.train import TIMING_FIELDS
+
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_FIELDS} for line in path.read_text().splitlines()]

@@ -24,7 +24,7 @@ def setup():
 
 def tiny_config(**changes):
     base = dict(steps=4, prompts_per_step=3, samples_per_prompt=2, max_new_tokens=4, lr=1e-2, warmup_steps=1,
-                eval_every=2, save_every=2, seed=3)
+                eval_every=2, save_every=2, seed=3, backend="torch")
     return TrainConfig(**{**base, **changes})
 
 

@@ -27,15 +27,27 @@ from .tokenizer import build_char_tokenizer
 from .train import ANCHORS, DIVERGENCES, GRANULARITIES, METHODS, TrainConfig, train_arm
 from .warmup import cached_warmup, sft
 
-# Loop settings whose default depends on the models: tiny built-in ones learn at a high rate from
-# small batches; for real checkpoints the paper's settings (DESIGN.md section 7).
-BUILTIN_DEFAULTS = dict(steps=150, prompts_per_step=16, samples_per_prompt=4, lr=1e-3, max_new_tokens=None)
-CHECKPOINT_DEFAULTS = dict(steps=200, prompts_per_step=128, samples_per_prompt=4, lr=5e-6, max_new_tokens=512)
+# Loop settings whose default depends on the models: for real checkpoints the paper's (DESIGN.md
+# section 7); the tiny built-in models take small batches at a higher rate, but not so high that the
+# privileged student (the student's own weights) drifts away under DOPD's self-referenced regimes,
+# and sample at a lower temperature so fewer rollouts go off the rails.
+BUILTIN_DEFAULTS = dict(prompts_per_step=16, lr=2e-4, temperature=0.7,
+                        max_new_tokens=None, threads=1)
+CHECKPOINT_DEFAULTS = dict(prompts_per_step=128, lr=5e-6, temperature=1.0,
+                           max_new_tokens=512, threads=None)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except the unset (model-dependent) ones and flags."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dopd-train", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="dopd-train", description=__doc__, formatter_class=_HelpFormatter)
     src = p.add_argument_group("models and data (default: the built-in task)")
     src.add_argument("--student", metavar="PATH", help="local transformers checkpoint of the student")
     src.add_argument("--teacher", metavar="PATH", help="local transformers checkpoint of the teacher (same tokenizer)")
@@ -45,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="accuracy function f(completion: str, example) -> float (default: exact match with answer)")
     builtin = p.add_argument_group("built-in task")
     builtin.add_argument("--digits", type=int, default=2, help="operand digits of the addition task")
-    builtin.add_argument("--train-size", type=int, default=9000)
-    builtin.add_argument("--eval-size", type=int, default=500)
+    builtin.add_argument("--train-size", type=int, default=9000, help="training problems")
+    builtin.add_argument("--eval-size", type=int, default=500, help="held-out problems")
     builtin.add_argument("--hidden", type=int, default=128, help="hidden size of the tiny models")
     builtin.add_argument("--layers", type=int, default=2, help="layers of the tiny models")
     builtin.add_argument("--teacher-warmup-steps", type=int, default=400, help="SFT steps of the teacher, with hints")
@@ -61,24 +73,27 @@ def build_parser() -> argparse.ArgumentParser:
     method.add_argument("--no-compare", dest="compare", action="store_false",
                         help="train only --method (by default the other method is trained too, from the same start)")
     loop = p.add_argument_group("loop (defaults marked * depend on built-in vs checkpoints)")
-    loop.add_argument("--steps", type=int, help="* optimizer steps (built-in 150, checkpoints 200)")
+    loop.add_argument("--steps", type=int, default=200, help="optimizer steps per method")
     loop.add_argument("--prompts-per-step", type=int, help="* prompts per step (16 / 128)")
-    loop.add_argument("--samples-per-prompt", type=int, help="* rollouts G per prompt (4 / 4)")
-    loop.add_argument("--lr", type=float, help="* peak AdamW learning rate (1e-3 / 5e-6)")
-    loop.add_argument("--max-new-tokens", type=int, help="* response length cap (answer length + 1 / 512)")
-    loop.add_argument("--temperature", type=float, default=1.0)
-    loop.add_argument("--top-p", type=float, default=1.0)
+    loop.add_argument("--samples-per-prompt", type=int, default=4, help="rollouts G per prompt")
+    loop.add_argument("--lr", type=float, help="* peak AdamW learning rate (2e-4 / 5e-6)")
+    loop.add_argument("--max-new-tokens", type=int, help="* response length cap (answer + EOS + 1 / 512)")
+    loop.add_argument("--temperature", type=float, help="* sampling temperature (0.7 / 1.0)")
+    loop.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     loop.add_argument("--warmup-steps", type=int, default=10, help="linear LR warm-up before the cosine decay")
-    loop.add_argument("--weight-decay", type=float, default=0.0)
-    loop.add_argument("--max-grad-norm", type=float, default=1.0)
+    loop.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    loop.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm")
     loop.add_argument("--top-k", type=int, default=128, help="K of the top-K terms")
-    loop.add_argument("--seed", type=int, default=0)
-    loop.add_argument("--eval-every", type=int, default=25)
-    loop.add_argument("--save-every", type=int, default=25)
+    loop.add_argument("--backend", default="auto", help="dopd_kernels backend (auto, torch, cpp, triton, ...)")
+    loop.add_argument("--seed", type=int, default=0, help="seeds data split, data order, sampling")
+    loop.add_argument("--eval-every", type=int, default=25, help="steps between held-out evaluations")
+    loop.add_argument("--save-every", type=int, default=25, help="steps between checkpoints")
+    loop.add_argument("--device", default="cpu", help="torch device of both models, e.g. cuda")
+    loop.add_argument("--threads", type=int,
+                      help="* torch CPU threads (1: tiny models gain nothing from more / torch's choice)")
     out = p.add_argument_group("output")
     out.add_argument("--run-dir", help="run folder (default runs/<time>)")
     out.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved configuration")
-    out.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     out.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     return p
 
@@ -103,7 +118,8 @@ def setup_builtin(args):
     def warmed(name: str, hint_fraction: float, steps: int, seed: int):
         def build():
             model = tiny_llama(tokenizer, args.hidden, args.layers, heads=4, seed=seed)
-            sft(model, tokenizer, train_set, hint_fraction=hint_fraction, steps=steps, batch_size=64, lr=1e-3, seed=seed)
+            sft(model, tokenizer, train_set, hint_fraction=hint_fraction, steps=steps, batch_size=64, lr=1e-3, seed=seed,
+                desc=f"{name} warm-up (cached after this run)", show_progress=args.progress)
             return model, tokenizer
         key = {**common, "hint_fraction": hint_fraction, "steps": steps, "model_seed": seed}
         return cached_warmup(args.cache_dir, name, key, build)
@@ -149,16 +165,15 @@ def train_configs(args) -> list[TrainConfig]:
 def run(args) -> dict:
     started = time.time()
     run_dir = Path(args.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(vars(args), indent=2))
     configs = train_configs(args)  # validates names before any model is built
     reward_fn = load_reward(args.reward)
     if args.student is None and args.teacher is None:
         student, teacher, tokenizer, train_set, eval_set = setup_builtin(args)
     else:
         student, teacher, tokenizer, train_set, eval_set = setup_checkpoints(args)
+    student, teacher = student.to(args.device), teacher.to(args.device)
 
-    summary: dict = {"run_dir": str(run_dir)}
+    summary: dict = {"run_dir": str(run_dir), "eval_examples": len(eval_set)}
     if eval_set:
         summary["teacher_accuracy_with_hint"] = accuracy(teacher, tokenizer, eval_set, reward_fn, with_hint=True,
                                                          max_new_tokens=args.max_new_tokens)
@@ -179,6 +194,21 @@ def run(args) -> dict:
     return summary
 
 
+def format_summary(summary: dict) -> str:
+    """The end-of-run report for the terminal."""
+    lines = []
+    if "student_accuracy_before" in summary:
+        lines.append(f"held-out accuracy without hints ({summary['eval_examples']} prompts, greedy):")
+        rows = [(k.removeprefix("student_accuracy_").replace("_", " ", 1), v) for k, v in summary.items()
+                if k.startswith("student_accuracy_")]
+        rows += [("teacher, with hint" if k.endswith("with_hint") else "teacher, without hint", v)
+                 for k, v in summary.items() if k.startswith("teacher_accuracy_")]
+        lines += [f"  {'student ' + name if not name.startswith('teacher') else name:<40} {v:7.1%}" for name, v in rows]
+    lines.append(f"run folder {summary['run_dir']} (report.png, summary.json, metrics per arm); "
+                 f"wall time {summary['wall_time_s']:.0f} s")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -186,13 +216,17 @@ def main(argv: list[str] | None = None) -> int:
         saved = Path(args.resume) / "config.json"
         if not saved.exists():
             parser.error(f"--resume {args.resume}: no config.json there")
-        args = argparse.Namespace(**{**json.loads(saved.read_text()), "progress": args.progress,
-                                     "threads": args.threads if args.threads is not None else None})
-        args.resume = None
+        # The saved configuration wins, except for progress bars and where the folder is now. The saved
+        # thread count is kept unless overridden: a different one may change float rounding.
+        config = json.loads(saved.read_text())
+        args = argparse.Namespace(**{**config, "progress": args.progress, "run_dir": args.resume, "resume": None,
+                                     "threads": config["threads"] if args.threads is None else args.threads})
     else:
         resolve(args)
         if args.run_dir is None:
             args.run_dir = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+        Path(args.run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(args.run_dir) / "config.json").write_text(json.dumps(vars(args), indent=2))
     transformers.utils.logging.disable_progress_bar()  # keep the terminal to our own progress bars
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -200,8 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = run(args)
     except UsageError as exc:
         parser.error(str(exc))
-    print(json.dumps(summary, indent=2))
-    print(f"report: {Path(args.run_dir) / 'report.png'}", file=sys.stderr)
+    print(format_summary(summary))
     return 0
 
 

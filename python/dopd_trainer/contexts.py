@@ -81,5 +81,5 @@ def check_alignment(*contexts: Context) -> None:
 
 def gather_response(hidden: torch.Tensor, ctx: Context) -> torch.Tensor:
     """`[B, L, H]` hidden states -> `[B, T, H]` at the scored response positions."""
-    index = ctx.positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+    index = ctx.positions.to(hidden.device).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
     return torch.gather(hidden, 1, index)

@@ -54,4 +54,5 @@ def lm_head(model):
 
 def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Final (normed) hidden states `[B, T, H]`, i.e. what `lm_head` maps to logits, without the logits."""
-    return model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    device = model.device
+    return model.base_model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).last_hidden_state

@@ -51,6 +51,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     top_k: int = 128
+    backend: str = "auto"  # dopd_kernels backend
     seed: int = 0
     eval_every: int = 25
     save_every: int = 25
@@ -105,7 +106,6 @@ def mean_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
 def distillation_loss(cfg: TrainConfig, student, teacher, contexts: Contexts) -> tuple[torch.Tensor, dict]:
     """The training loss on the response tokens of `contexts`, and what to log about it."""
     s_ctx, p_ctx = contexts.student, contexts.privileged
-    tokens = s_ctx.tokens
     w_s, b_s = lm_head(student)
     w_t, b_t = lm_head(teacher)
     s_hidden = gather_response(final_hidden(student, s_ctx.input_ids, s_ctx.attention_mask), s_ctx)
@@ -117,24 +117,26 @@ def distillation_loss(cfg: TrainConfig, student, teacher, contexts: Contexts) ->
         elif cfg.method == "dopd":
             a_hidden = gather_response(final_hidden(teacher, s_ctx.input_ids, s_ctx.attention_mask), s_ctx)
             a_weight, a_bias = w_t, b_t
+    tokens = s_ctx.tokens.to(s_hidden.device)
     valid = tokens != IGNORE_INDEX
     logs = {"entropy": mean_entropy(s_hidden.detach(), w_s.detach(), b_s, valid)}
     if cfg.method == "opd":
         out = fused_linear_opd_loss(s_hidden, w_s, t_hidden, w_t, tokens, student_bias=b_s, teacher_bias=b_t,
                                     divergence=cfg.divergence, granularity=cfg.granularity, top_k=cfg.top_k,
-                                    reduction="seq_mean")
+                                    reduction="seq_mean", backend=cfg.backend)
         return out.loss, logs
     out = fused_linear_dopd_loss(s_hidden, w_s, t_hidden, w_t, a_hidden, tokens, priv_student_weight=a_weight,
                                  student_bias=b_s, teacher_bias=b_t, priv_student_bias=a_bias,
-                                 config=DOPDConfig(top_k=cfg.top_k, reduction="seq_mean"))
+                                 config=DOPDConfig(top_k=cfg.top_k, reduction="seq_mean"), backend=cfg.backend)
     logs["regime"] = out.regime_fractions()
     logs["adv_gap"] = float(out.adv_gap[valid].mean())
     return out.loss, logs
 
 
-def peak_memory_mb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak accelerator memory on a GPU, else the process's peak resident memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
@@ -171,8 +173,9 @@ def train_arm(arm_dir: Path, cfg: TrainConfig, student, teacher, tokenizer, trai
         with torch.random.fork_rng(devices=[]):  # evaluation must not move the sampling RNG
             acc = accuracy(student, tokenizer, eval_set, reward_fn, with_hint=False, max_new_tokens=cfg.max_new_tokens)
         log.write({"event": "eval", "step": step, "eval_accuracy": acc})
-        bar.set_postfix_str(f"acc={acc:.3f}", refresh=False)
+        status["acc"] = f"{acc:.3f}"
 
+    status: dict = {}  # what the progress bar shows after the step count
     start = load_latest(arm_dir, student, optimizer, scheduler)
     bar = tqdm(total=cfg.steps, desc=cfg.arm_name, disable=not show_progress, dynamic_ncols=True)
     if start is None:
@@ -207,8 +210,10 @@ def train_arm(arm_dir: Path, cfg: TrainConfig, student, teacher, tokenizer, trai
         if reward_fn is not None and all(e.answer is not None for e in examples):
             texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
             record["sample_reward"] = sum(reward_fn(t, examples[i // g]) for i, t in enumerate(texts)) / len(texts)
-        record.update(tokens_per_s=n_tokens / elapsed, peak_mem_mb=peak_memory_mb(), step_time_s=elapsed)
+        record.update(tokens_per_s=n_tokens / elapsed, peak_mem_mb=peak_memory_mb(student.device), step_time_s=elapsed)
         log.write(record)
+        status.update(loss=f"{record['loss']:.3f}", **{k: f"{v:.2f}" for k, v in record.get("regime", {}).items()})
+        bar.set_postfix(status, refresh=False)
         bar.update(1)
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             evaluate(step + 1)

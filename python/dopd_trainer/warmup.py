@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from .contexts import build_context, gather_response
 from .models import final_hidden, lm_head, load_checkpoint
@@ -20,7 +21,7 @@ from .task import Example
 
 
 def sft(model, tokenizer, examples: list[Example], *, hint_fraction: float, steps: int, batch_size: int, lr: float,
-        seed: int) -> None:
+        seed: int, desc: str = "warm-up", show_progress: bool = False) -> None:
     """Teacher-forced cross-entropy on the answer (+EOS); each example reads `x,p` with probability
     `hint_fraction`, else `x`."""
     rng = random.Random(seed)
@@ -28,7 +29,7 @@ def sft(model, tokenizer, examples: list[Example], *, hint_fraction: float, step
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     weight, bias = lm_head(model)
     model.train()
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc=desc, disable=not show_progress, dynamic_ncols=True):
         batch = rng.sample(examples, min(batch_size, len(examples)))
         prompts, hints = encode_prompts(tokenizer, batch)
         prefixes = [x + p if rng.random() < hint_fraction else x for x, p in zip(prompts, hints)]
@@ -36,7 +37,7 @@ def sft(model, tokenizer, examples: list[Example], *, hint_fraction: float, step
         ctx = build_context(prefixes, answers, tokenizer.pad_token_id)
         hidden = gather_response(final_hidden(model, ctx.input_ids, ctx.attention_mask), ctx)
         logits = F.linear(hidden, weight, bias)
-        loss = F.cross_entropy(logits.flatten(0, 1), ctx.tokens.flatten())
+        loss = F.cross_entropy(logits.flatten(0, 1), ctx.tokens.flatten().to(logits.device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
