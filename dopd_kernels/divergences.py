@@ -22,8 +22,14 @@ def kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
 
 
 def log_mixture(log_p: torch.Tensor, log_q: torch.Tensor, beta: float) -> torch.Tensor:
-    """log(β p + (1−β) q), computed in log space."""
-    return torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+    """log(β p + (1−β) q), computed in log space; -inf where both are -inf, with a zero (not NaN)
+    gradient there: logaddexp's own gradient at (-inf, -inf) is NaN, and autograd (the reference)
+    would spread it over the row through the softmax of padding columns."""
+    a, b = log_p + math.log(beta), log_q + math.log1p(-beta)
+    empty = (a == float("-inf")) & (b == float("-inf"))
+    zero = torch.zeros((), dtype=a.dtype, device=a.device)
+    mixed = torch.logaddexp(torch.where(empty, zero, a), torch.where(empty, zero, b))
+    return mixed.masked_fill(empty, float("-inf"))
 
 
 def divergence(log_p: torch.Tensor, log_q: torch.Tensor, kind: str, js_beta: float = 0.5) -> torch.Tensor:
