@@ -68,11 +68,16 @@ def bucket_term(log_p: torch.Tensor, log_q: torch.Tensor, cols: torch.Tensor, ki
     value = divergence(log_p, log_q, kind, js_beta)
     e = bucket_coefficients(log_p, log_q, kind, js_beta)
     p = log_p.exp()
+    if kind == "forward_kl":
+        # P_b·e_b = P_b − Q_b: the product form is 0·(−inf) = NaN when P_b underflows (log P_b finite).
+        pe = torch.where(log_p > float("-inf"), p - log_q.exp(), torch.zeros_like(p))
+    else:
+        pe = p * e
     if not has_rest:
-        return RowTerm(value, None, cols, p * e)
+        return RowTerm(value, None, cols, pe)
     k = cols.shape[1]
     dense = e[:, k]
-    return RowTerm(value, dense, cols, p[:, :k] * (e[:, :k] - dense[:, None]), p[:, :k] * e[:, :k])
+    return RowTerm(value, dense, cols, pe[:, :k] - p[:, :k] * dense[:, None], pe[:, :k])
 
 
 def with_rest_bucket(log_p_cols: torch.Tensor) -> torch.Tensor:

@@ -133,7 +133,9 @@ class TorchBackend(PassBackend):
                     lq = target.tile(r, c0, c1) - lse_t[sl, None]
                     grad = self._full_tile_grad(lp, p, lq, g.full_c[sl, None].to(dt), g.divergence, engine.settings.js_beta)
                 else:
-                    grad = p * term.dense[sl, None].to(dt)
+                    # p·dense with p = 0 where it underflowed: dense may be ±inf there (the rest
+                    # bucket's own mass underflowed in float64), and 0·inf would be NaN.
+                    grad = torch.where(p > 0, p * term.dense[sl, None].to(dt), torch.zeros_like(p))
                     if term.explicit is not None:
                         self._write_explicit(grad, term.cols[sl], term.explicit[sl].to(dt), c0)
                     else:
