@@ -9,10 +9,12 @@ import time
 
 import pytest
 
-from dopd_trainer.cli import main
+from dopd_trainer.cli import load_reward, main
+from dopd_trainer.errors import UsageError
 from dopd_trainer.models import check_same_vocabulary, load_checkpoint, tiny_llama
 from dopd_trainer.task import ALPHABET, load_jsonl
 from dopd_trainer.tokenizer import build_char_tokenizer
+from dopd_trainer.train import TIMING_FIELDS
 
 TINY = ["--digits", "1", "--train-size", "60", "--eval-size", "12", "--hidden", "16", "--layers", "1",
         "--teacher-warmup-steps", "4", "--student-warmup-steps", "3", "--steps", "3", "--prompts-per-step", "3",
@@ -87,6 +89,12 @@ def test_jsonl_missing_field_names_the_field(tmp_path):
         load_jsonl(str(path))
 
 
+def test_reward_function_is_pluggable():
+    assert load_reward("os.path:exists") is os.path.exists
+    with pytest.raises(UsageError, match="--reward"):
+        load_reward("os.path:no_such_function")
+
+
 def test_bad_method_name_is_a_usage_error(capsys):
     with pytest.raises(SystemExit):
         main(["--method", "grpo"])
@@ -115,6 +123,5 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(builtin_run, tmp_path)
 
 
 def strip_timing(path):
-    from dopd_trainer.train import TIMING_FIELDS
-
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_FIELDS} for line in path.read_text().splitlines()]
+    lines = path.read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_FIELDS} for line in lines]

@@ -118,8 +118,8 @@ def setup_builtin(args):
     def warmed(name: str, hint_fraction: float, steps: int, seed: int):
         def build():
             model = tiny_llama(tokenizer, args.hidden, args.layers, heads=4, seed=seed)
-            sft(model, tokenizer, train_set, hint_fraction=hint_fraction, steps=steps, batch_size=64, lr=1e-3, seed=seed,
-                desc=f"{name} warm-up (cached after this run)", show_progress=args.progress)
+            sft(model, tokenizer, train_set, hint_fraction=hint_fraction, steps=steps, batch_size=64, lr=1e-3,
+                seed=seed, desc=f"{name} warm-up (cached after this run)", show_progress=args.progress)
             return model, tokenizer
         key = {**common, "hint_fraction": hint_fraction, "steps": steps, "model_seed": seed}
         return cached_warmup(args.cache_dir, name, key, build)

@@ -29,9 +29,9 @@ def generate(model, tokenizer, prefixes: list[list[int]], *, num_samples: int = 
     sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
     was_training = model.training
     model.eval()
-    out = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device), max_new_tokens=max_new_tokens,
-                         num_return_sequences=num_samples, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
-                         **sampling)
+    out = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
+                         max_new_tokens=max_new_tokens, num_return_sequences=num_samples, pad_token_id=pad,
+                         eos_token_id=tokenizer.eos_token_id, **sampling)
     model.train(was_training)
     responses = []
     for row in out[:, width:].tolist():

@@ -81,5 +81,6 @@ def load_jsonl(path: str, arg: str = "--data") -> list[Example]:
 def exact_match(completion: str, example: Example) -> float:
     """Default accuracy: 1.0 when the completion equals the reference answer (whitespace-stripped)."""
     if example.answer is None:
-        raise UsageError("exact_match needs an 'answer' field in every evaluation record")
+        raise UsageError("--eval-data: the default accuracy (exact match) needs an 'answer' in every record; "
+                         "add answers or pass --reward")
     return float(completion.strip() == example.answer.strip())

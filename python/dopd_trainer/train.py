@@ -154,6 +154,36 @@ class MetricsLog:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line] if self.path.exists() else []
 
 
+def train_step(cfg: TrainConfig, step: int, student, teacher, tokenizer, train_set: list[Example], optimizer,
+               scheduler, reward_fn: Optional[Callable[[str, Example], float]]) -> dict:
+    """One on-policy update: sample G responses per prompt, score them in the three contexts, step
+    AdamW and the schedule. Returns the step's metric record."""
+    t0 = time.perf_counter()
+    examples = [train_set[i] for i in batch_indices(step, cfg.prompts_per_step, len(train_set), cfg.seed)]
+    prompts, hints = encode_prompts(tokenizer, examples)
+    g = cfg.samples_per_prompt
+    responses = generate(student, tokenizer, prompts, num_samples=g, max_new_tokens=cfg.max_new_tokens,
+                         temperature=cfg.temperature, top_p=cfg.top_p)
+    contexts = build_contexts([x for x in prompts for _ in range(g)], [p for p in hints for _ in range(g)],
+                              responses, tokenizer.pad_token_id)
+    loss, logs = distillation_loss(cfg, student, teacher, contexts)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    elapsed = time.perf_counter() - t0
+    n_tokens = sum(len(r) for r in responses)
+    record = {"event": "train", "step": step + 1, "loss": float(loss.detach()), "lr": lr,
+              "grad_norm": float(grad_norm), **logs, "response_len": n_tokens / len(responses)}
+    if reward_fn is not None and all(e.answer is not None for e in examples):
+        texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+        record["sample_reward"] = sum(reward_fn(t, examples[i // g]) for i, t in enumerate(texts)) / len(texts)
+    record.update(tokens_per_s=n_tokens / elapsed, peak_mem_mb=peak_memory_mb(student.device), step_time_s=elapsed)
+    return record
+
+
 def train_arm(arm_dir: Path, cfg: TrainConfig, student, teacher, tokenizer, train_set: list[Example],
               eval_set: list[Example], reward_fn: Optional[Callable[[str, Example], float]],
               show_progress: bool = True) -> list[dict]:
@@ -166,6 +196,7 @@ def train_arm(arm_dir: Path, cfg: TrainConfig, student, teacher, tokenizer, trai
     student.train()
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = cosine_schedule(optimizer, cfg.warmup_steps, cfg.steps)
+    status: dict = {}  # what the progress bar shows after the step count
 
     def evaluate(step: int) -> None:
         if reward_fn is None or not eval_set:
@@ -175,7 +206,6 @@ def train_arm(arm_dir: Path, cfg: TrainConfig, student, teacher, tokenizer, trai
         log.write({"event": "eval", "step": step, "eval_accuracy": acc})
         status["acc"] = f"{acc:.3f}"
 
-    status: dict = {}  # what the progress bar shows after the step count
     start = load_latest(arm_dir, student, optimizer, scheduler)
     bar = tqdm(total=cfg.steps, desc=cfg.arm_name, disable=not show_progress, dynamic_ncols=True)
     if start is None:
@@ -186,31 +216,8 @@ def train_arm(arm_dir: Path, cfg: TrainConfig, student, teacher, tokenizer, trai
     else:
         truncate_metrics(log.path, start)
         bar.update(start)
-
     for step in range(start, cfg.steps):
-        t0 = time.perf_counter()
-        examples = [train_set[i] for i in batch_indices(step, cfg.prompts_per_step, len(train_set), cfg.seed)]
-        prompts, hints = encode_prompts(tokenizer, examples)
-        g = cfg.samples_per_prompt
-        responses = generate(student, tokenizer, prompts, num_samples=g, max_new_tokens=cfg.max_new_tokens,
-                             temperature=cfg.temperature, top_p=cfg.top_p)
-        prompts, hints = [x for x in prompts for _ in range(g)], [p for p in hints for _ in range(g)]
-        contexts = build_contexts(prompts, hints, responses, tokenizer.pad_token_id)
-        loss, logs = distillation_loss(cfg, student, teacher, contexts)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        elapsed = time.perf_counter() - t0
-        n_tokens = sum(len(r) for r in responses)
-        record = {"event": "train", "step": step + 1, "loss": float(loss.detach()), "lr": lr, "grad_norm": float(grad_norm),
-                  **logs, "response_len": n_tokens / len(responses)}
-        if reward_fn is not None and all(e.answer is not None for e in examples):
-            texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
-            record["sample_reward"] = sum(reward_fn(t, examples[i // g]) for i, t in enumerate(texts)) / len(texts)
-        record.update(tokens_per_s=n_tokens / elapsed, peak_mem_mb=peak_memory_mb(student.device), step_time_s=elapsed)
+        record = train_step(cfg, step, student, teacher, tokenizer, train_set, optimizer, scheduler, reward_fn)
         log.write(record)
         status.update(loss=f"{record['loss']:.3f}", **{k: f"{v:.2f}" for k, v in record.get("regime", {}).items()})
         bar.set_postfix(status, refresh=False)
