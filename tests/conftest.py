@@ -106,7 +106,10 @@ def assert_close(actual, expected, rtol=1e-5, atol=None, what=""):
     if atol is None:
         atol = rtol * max(float(expected.abs().max()) if expected.numel() else 0.0, 1e-12)
     err = (actual - expected).abs()
-    bad = err > atol + rtol * expected.abs()
+    # NaN anywhere fails; ±inf must match exactly; finite values within tolerance.
+    finite = torch.isfinite(expected)
+    bad = torch.where(finite, ~(err <= atol + rtol * expected.abs()), actual != expected)
+    bad |= torch.isnan(actual) | torch.isnan(expected)
     if bool(bad.any()):
         i = int(bad.reshape(-1).nonzero()[0])
         raise AssertionError(

@@ -37,7 +37,8 @@ def div(lp: torch.Tensor, lq: torch.Tensor, kind: str, beta: float = 0.5) -> tor
     if kind == "forward_kl":
         return kl(lq, lp)
     assert kind == "js"
-    lm = torch.log(beta * lp.exp() + (1 - beta) * lq.exp())  # plain (non log-space) mixture
+    m = beta * lp.exp() + (1 - beta) * lq.exp()  # plain (non log-space) mixture
+    lm = torch.log(torch.where(m > 0, m, torch.ones_like(m))).masked_fill(m == 0, NEG_INF)
     return beta * kl(lp, lm) + (1 - beta) * kl(lq, lm)
 
 

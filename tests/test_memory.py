@@ -1,0 +1,139 @@
+"""Structural memory tests of the `torch` backend (DESIGN.md section 3 memory rules).
+
+A `TorchDispatchMode` records every tensor an aten op allocates (outputs that share no storage with
+the op's inputs: views and in-place results are not allocations) during forward + backward. With
+`TorchBackend(row_chunk=R, vocab_chunk=C)`, N > R and V > C:
+
+- fused-linear mode: no allocation with ≥ N·V elements, and none above the tile budget R·(C + K)
+  (a tile [R, C] plus the running top-K [R, K] it is merged with) except the input-/gradient-sized
+  tensors the design allows: dH [N, H], dW [V, H], db [V], per-token [N] / [N, K] vectors.
+- logits mode: no fp32/fp64 allocation with ≥ N·V elements; the only [N, V] allocation is the
+  gradient of the student logits, in their dtype.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from conftest import correlated_logits, leaf, linear_streams, random_tokens
+from dopd_kernels import DOPDConfig, TorchBackend, dopd_loss, fused_linear_dopd_loss, fused_linear_opd_loss, opd_loss
+
+N, V, H, HT, R, C, K = 24, 131, 6, 5, 8, 32, 4
+
+
+class AllocationRecorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.allocs = []  # (op name, shape, dtype, storage ptr)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.allocs.append((str(func), tuple(t.shape), t.dtype, t.untyped_storage().data_ptr()))
+        return out
+
+
+def numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def check_fused(allocs, hidden_sizes):
+    allowed = {(N, h) for h in hidden_sizes} | {(V, h) for h in hidden_sizes} | {(V,), (N,), (N, K), (N, 1)}
+    budget = R * (C + K)
+    for op, shape, dtype, _ in allocs:
+        assert numel(shape) < N * V, f"{op} allocated {shape} ({dtype}): an [N, V]-sized tensor"
+        assert numel(shape) <= budget or shape in allowed, (
+            f"{op} allocated {shape} ({dtype}) = {numel(shape)} elements > tile budget R·(C+K) = {budget}")
+    assert any(a[1] == (V, H) for a in allocs), "the recorder did not see the backward (no dW allocation)"
+    assert any(len(a[1]) == 2 and a[1][0] <= R and 1 < a[1][1] <= C for a in allocs), "no [≤R, ≤C] tile seen"
+
+
+@pytest.mark.parametrize("topk_from", ["student", "target"])
+@pytest.mark.parametrize("renorm", [True, False])
+def test_fused_linear_dopd_stays_within_tiles(renorm, topk_from):
+    t = linear_streams(N, H, V, teacher_hidden=HT)
+    y = random_tokens(N, V)
+    h, w, b = leaf(t["student_hidden"]), leaf(t["student_weight"]), leaf(t["student_bias"])
+    rec = AllocationRecorder()
+    with rec:
+        out = fused_linear_dopd_loss(h, w, t["teacher_hidden"], t["teacher_weight"], t["priv_student_hidden"], y,
+                                     student_bias=b, teacher_bias=t["teacher_bias"],
+                                     config=DOPDConfig(top_k=K, topk_renorm=renorm, topk_from=topk_from, trim=0.0),
+                                     backend=TorchBackend(row_chunk=R, vocab_chunk=C))
+        out.loss.backward()
+    assert (out.regime == 2).any(), "no HT token: the full-vocabulary JS pass was not exercised"
+    check_fused(rec.allocs, (H, HT))
+
+
+@pytest.mark.parametrize("kind,gran", [("reverse_kl", "full"), ("forward_kl", "full"), ("js", "full"),
+                                       ("forward_kl", "sampled"), ("reverse_kl", "sampled")])
+def test_fused_linear_opd_stays_within_tiles(kind, gran):
+    t = linear_streams(N, H, V)
+    y = random_tokens(N, V)
+    h, w, b = leaf(t["student_hidden"]), leaf(t["student_weight"]), leaf(t["student_bias"])
+    rec = AllocationRecorder()
+    with rec:
+        out = fused_linear_opd_loss(h, w, t["teacher_hidden"], t["teacher_weight"], y, student_bias=b,
+                                    teacher_bias=t["teacher_bias"], divergence=kind, granularity=gran,
+                                    backend=TorchBackend(row_chunk=R, vocab_chunk=C))
+        out.loss.backward()
+    check_fused(rec.allocs, (H,))
+
+
+def check_logits(allocs, grad_dtype):
+    big = [a for a in allocs if numel(a[1]) >= N * V]
+    for op, shape, dtype, _ in big:
+        assert dtype == grad_dtype, f"{op} allocated {shape} in {dtype}: a copy of an [N, V] tensor in another dtype"
+    assert len({a[3] for a in big}) <= 1, f"more than one [N, V] allocation: {[(a[0], a[1], a[2]) for a in big]}"
+    assert big, "no [N, V] allocation seen: the gradient was not recorded"
+    fp32_big = [a for a in allocs if a[2] in (torch.float32, torch.float64) and numel(a[1]) > R * (C + K)
+                and a[1] not in ((N,), (N, K), (N, 1))]
+    assert not fp32_big, f"fp32 allocations beyond the tile budget: {fp32_big[:5]}"
+
+
+@pytest.mark.parametrize("renorm", [True, False])
+def test_logits_mode_dopd_no_fp32_copy(renorm):
+    zs, zt, zp = correlated_logits(N, V, dtype=torch.bfloat16)
+    y = random_tokens(N, V)
+    s = leaf(zs)
+    rec = AllocationRecorder()
+    with rec:
+        out = dopd_loss(s, zt, zp, y, config=DOPDConfig(top_k=K, topk_renorm=renorm, trim=0.0),
+                        backend=TorchBackend(row_chunk=R, vocab_chunk=C))
+        out.loss.backward()
+    assert s.grad.dtype == torch.bfloat16
+    check_logits(rec.allocs, torch.bfloat16)
+
+
+@pytest.mark.parametrize("kind,gran", [("js", "full"), ("forward_kl", "sampled"), ("reverse_kl", "topk")])
+def test_logits_mode_opd_no_fp32_copy(kind, gran):
+    zs, zt = correlated_logits((4, 10), V, n_streams=2, dtype=torch.bfloat16)
+    y = random_tokens((4, 10), V)
+    s = leaf(zs)
+    rec = AllocationRecorder()
+    with rec:
+        out = opd_loss(s, zt, y, divergence=kind, granularity=gran, top_k=K, topk_renorm=False,
+                       backend=TorchBackend(row_chunk=R, vocab_chunk=C))
+        out.loss.backward()
+    check_logits(rec.allocs, torch.bfloat16)
+
+
+def test_recorder_detects_a_materialized_logits_tensor():
+    """The recorder is not blind: the float64 reference (which materializes [N, V]) fails the checks."""
+    t = linear_streams(N, H, V)
+    y = random_tokens(N, V)
+    h, w = leaf(t["student_hidden"]), leaf(t["student_weight"])
+    rec = AllocationRecorder()
+    with rec:
+        fused_linear_opd_loss(h, w, t["teacher_hidden"], t["teacher_weight"], y, backend="reference").loss.backward()
+    with pytest.raises(AssertionError, match="an \\[N, V\\]-sized tensor"):
+        check_fused(rec.allocs, (H,))
