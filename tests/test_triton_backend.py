@@ -102,6 +102,8 @@ DOPD_CASES = {
     "V=block+1": ((20,), 33, dict(top_k=8, topk_renorm=False), SMALL_TILES),
     "small-tiles": ((37,), 150, dict(top_k=8, js_beta=0.3), SMALL_TILES),
     "N=1": ((1,), 70, dict(top_k=8), TB),
+    "V=1": ((6,), 1, dict(top_k=4, topk_renorm=False), TB),
+    "K=V=5": ((12,), 5, dict(top_k=5), TB),
 }
 
 
@@ -113,7 +115,7 @@ def test_dopd_logits_fp32(case, device):
     y = random_tokens(shape, kw.get("valid_vocab") or v, mask_frac=0.0 if shape == (1,) else 0.2).to(device)
     cfg = DOPDConfig(trim=0.1, **kw)
     out, _ = compare_dopd(zs, zt, zp, y, cfg, backend)
-    if shape[-1] > 20:
+    if shape[-1] > 20 and v > 20:
         assert len(set(out.regime[y != IGNORE].tolist())) >= 3  # several regimes exercised
 
 
@@ -406,7 +408,7 @@ def test_opd_full_bf16_vs_naive_bf16(kind, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_dopd_fp16_logits(device):
-    zs, zt, zp = to(device, *correlated_logits(30, 100, noise=(0.8, 1.5), dtype=torch.float16))
+    zs, zt, zp = to(device, *distinct_logits(30, 100, noise=(0.8, 1.5), dtype=torch.float16))  # no top-K ties
     y = random_tokens(30, 100).to(device)
     cfg = DOPDConfig(top_k=10, topk_renorm=False)
     s = leaf(zs)
@@ -417,7 +419,8 @@ def test_dopd_fp16_logits(device):
     ref.loss.backward()
     assert s.grad.dtype == torch.float16 and torch.equal(out.regime, ref.regime)
     assert_close(out.per_token_loss, ref.per_token_loss, rtol=1e-5, what="per-token loss")
-    assert_close(s.grad, s64.grad, rtol=2 ** -10, atol=1e-5 * float(s64.grad.abs().max()), what="grad (fp16 storage)")
+    # fp16 storage: half an ulp relative, and fp16's subnormal spacing 2^-24 below 6e-5.
+    assert_close(s.grad, s64.grad, rtol=2 ** -10, atol=2 ** -24, what="grad (fp16 storage)")
 
 
 # -- token_logprobs, stats pass, float64, registry ---------------------------------------------------
@@ -490,6 +493,29 @@ def test_registry_auto_and_unavailable(monkeypatch):
     monkeypatch.delitem(sys.modules, "dopd_kernels.backends.triton_backend")
     with pytest.raises(RuntimeError, match="triton"):
         resolve_backend("triton", device)
+
+
+def test_torch_compile_step_runs_with_a_graph_break():
+    """A compiled training step around the fused loss: the backend's entry point is a deliberate graph
+    break (`torch.compiler.disable`), so the step compiles and matches eager, gradients included."""
+    t = linear_streams(20, 24, 90)
+    y = random_tokens(20, 90)
+
+    def step(h, w):
+        out = fused_linear_dopd_loss(h, w, t["teacher_hidden"], t["teacher_weight"], t["priv_student_hidden"], y,
+                                     config=DOPDConfig(top_k=8), backend=TB)
+        return 2.0 * out.loss
+
+    h, w = leaf(t["student_hidden"]), leaf(t["student_weight"])
+    eager = step(h, w)
+    eager.backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    compiled = torch.compile(step, backend="eager")(h, w)
+    compiled.backward()
+    assert_close(compiled, eager, rtol=1e-6, what="loss")
+    assert_close(h.grad, gh, rtol=1e-6, what="dH")
+    assert_close(w.grad, gw, rtol=1e-6, what="dW")
 
 
 # -- memory rule and a peer implementation ----------------------------------------------------------

@@ -14,9 +14,9 @@ Flow (DESIGN.md section 4; the O(N) and O(N·K) steps are shared with every back
    inside the kernel. Sparse top-K coefficients are scattered on `[n, K]`.
 
 Memory: logits mode reads the logits in their dtype (bf16/fp16/fp32) and allocates no fp32 copy;
-fused-linear mode allocates `[n]` statistics, `[n, K]` top-K columns, the fp32 dH/dW/db
-accumulators and `[rows, K, H]` weight gathers bounded by `gather_budget` — never a tensor with a
-vocabulary axis per token.
+fused-linear mode allocates `[n]` statistics, `[n, K]` top-K columns and logits, and the fp32
+dH/dW/db accumulators — never a tensor with a vocabulary axis per token (`kernels/sparse.py`
+computes the K logits of a row and contracts its sparse gradient without `[rows, K, H]` gathers).
 
 Tile sizes (`_Config`), Hopper defaults chosen per shape:
   * fused-linear: BLOCK_N = 64 rows (16 when the stats pass keeps a top-K of ≥ 256: the running
@@ -97,14 +97,13 @@ class TritonBackend(PassBackend):
 
     def __init__(self, block_n: Optional[int] = None, block_v: Optional[int] = None, block_h: Optional[int] = None,
                  num_warps: Optional[int] = None, num_stages: Optional[int] = None, vocab_splits: Optional[int] = None,
-                 allow_tf32: bool = False, gather_budget: int = 1 << 22):
+                 allow_tf32: bool = False):
         for name, v in (("block_n", block_n), ("block_v", block_v), ("block_h", block_h)):
             if v is not None and (v < 16 or v & (v - 1)):
                 raise ValueError(f"{name} must be a power of two >= 16, got {v}")
         self.block_n, self.block_v, self.block_h = block_n, block_v, block_h
         self.num_warps, self.num_stages, self.vocab_splits = num_warps, num_stages, vocab_splits
         self.dot_precision = "tf32" if allow_tf32 else "ieee"
-        self.gather_budget = gather_budget
         self._fallback = TorchBackend()
 
     # The kernel modules are imported at the first launch, not when the backend is built (as
@@ -121,6 +120,11 @@ class TritonBackend(PassBackend):
         return tail
 
     @property
+    def _sparse(self):
+        from ..kernels import sparse
+        return sparse
+
+    @property
     def _div(self):
         from ..kernels import divergence
         return divergence
@@ -132,16 +136,23 @@ class TritonBackend(PassBackend):
     def __repr__(self) -> str:
         return f"TritonBackend(block_n={self.block_n}, block_v={self.block_v}, block_h={self.block_h})"
 
-    # -- float64: the torch backend ----------------------------------------------------------------
+    # -- entry points (float64 inputs: the torch backend) --------------------------------------------
 
+    # torch.compile: each entry point is one deliberate graph break (`torch.compiler.disable`). The
+    # flow routes on data (nonzero, trimmed means) and launches kernels through Python objects, so
+    # Dynamo cannot capture it; the step around the loss still compiles. (Registering the passes as
+    # torch.library ops with fake-tensor rules would remove the break: not done yet.)
+    @torch.compiler.disable
     def dopd(self, student, teacher, priv, tokens, valid, cfg, thresholds, **kw):
         impl = self._fallback if student.dtype == torch.float64 else super()
         return impl.dopd(student, teacher, priv, tokens, valid, cfg, thresholds, **kw)
 
+    @torch.compiler.disable
     def opd(self, student, teacher, tokens, valid, cfg, **kw):
         impl = self._fallback if student.dtype == torch.float64 else super()
         return impl.opd(student, teacher, tokens, valid, cfg, **kw)
 
+    @torch.compiler.disable
     def token_logprobs(self, source, tokens, valid, **kw):
         impl = self._fallback if source.dtype == torch.float64 else super()
         return impl.token_logprobs(source, tokens, valid, **kw)
@@ -174,13 +185,46 @@ class TritonBackend(PassBackend):
     # -- passes ------------------------------------------------------------------------------------
 
     def sparse_rows(self, source, k: int) -> int:
-        """Rows per chunk of `[rows, K, H]` weight gathers (fused-linear top-K terms)."""
+        """Rows per chunk of `[rows, K, H]` weight gathers, for the engine's `LinearGradSink` (this
+        backend contracts sparse gradients with `kernels.sparse` and never calls it)."""
         width = source.hidden.shape[1] if isinstance(source, LinearSource) else 1
-        return max(1, self.gather_budget // max(1, k * width))
+        return max(1, (1 << 22) // max(1, k * width))
+
+    def _sparse_block_h(self, source, k_pad: int) -> int:
+        """H chunk of the sparse kernels: a `[K_PAD, BLOCK_H]` weight block of at most 8K elements."""
+        return self.block_h or max(16, min(_pow2(source.hidden.shape[1]), 8192 // k_pad, 128))
 
     def gather(self, source, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        step = self.sparse_rows(source, cols.shape[1])
-        return torch.cat([source.gather(rows[i:i + step], cols[i:i + step]) for i in range(0, rows.shape[0], step)])
+        """Scaled logits at `cols` [n, K] of `rows`; fused-linear mode: K dot products per row in
+        `kernels.sparse.gather_kernel`."""
+        if isinstance(source, LogitsSource) or rows.shape[0] == 0:
+            return source.gather(rows, cols)
+        n, k = cols.shape
+        out = torch.empty(n, k, dtype=torch.float32, device=rows.device)
+        k_pad = _pow2(k)
+        x, sx0, sx1, w, sw0, sw1, b, hdim = stream_args(source)
+        self._sparse.gather_kernel[(n,)](rows.contiguous(), cols.contiguous(), k, out, x, sx0, sx1, w, sw0, sw1, b,
+                                         hdim, source.effective_vocab, 1.0 / source.temperature,
+                                         HAS_BIAS=source.bias is not None, K_PAD=k_pad,
+                                         BLOCK_H=self._sparse_block_h(source, k_pad))
+        return out
+
+    def _add_sparse(self, sink, source, rows: torch.Tensor, cols: torch.Tensor, g: torch.Tensor) -> None:
+        """Sparse gradient `g` [n, k] at `cols`: a scatter into the logit gradient, or in fused-linear
+        mode contracted into dH / dW / db by `kernels.sparse.sparse_grad_kernel`."""
+        if isinstance(sink, LogitsGradSink):
+            sink.add_sparse(rows, cols, g)
+            return
+        n, k = cols.shape
+        dummy = g = g.to(torch.float32).contiguous()
+        dh, dw, db = sink.dh, sink.dw, sink.db
+        k_pad = _pow2(k)
+        x, sx0, sx1, w, sw0, sw1, _, hdim = stream_args(source)
+        self._sparse.sparse_grad_kernel[(n,)](
+            rows.contiguous(), cols.contiguous(), g, k, dummy if dh is None else dh, 0 if dh is None else dh.stride(0),
+            dummy if dw is None else dw, 0 if dw is None else dw.stride(0), dummy if db is None else db,
+            x, sx0, sx1, w, sw0, sw1, hdim, NEED_DH=dh is not None, NEED_DW=dw is not None, NEED_DB=db is not None,
+            K_PAD=k_pad, BLOCK_H=self._sparse_block_h(source, k_pad))
 
     def stats_pass(self, sources: Sequence, rows: torch.Tensor, tokens: torch.Tensor, topk_streams, top_k: int) -> Stats:
         student = sources[STUDENT]
@@ -242,7 +286,7 @@ class TritonBackend(PassBackend):
         lse_s, lse_t = engine.stats.lse[STUDENT][g.pos], engine.stats.lse[g.target][g.pos]
         term = g.term
         if term is not None and term.dense is None:  # renormalized top-K: only K logits move
-            sink.add_sparse(rows, term.cols, (term.sparse * scale[:, None]).to(student.dtype))
+            self._add_sparse(sink, student, rows, term.cols, (term.sparse * scale[:, None]).to(student.dtype))
             return
         kind = self._div.DENSE if term is not None else self._div.KINDS[g.divergence]
         coef = term.dense if term is not None else g.full_c
@@ -258,7 +302,7 @@ class TritonBackend(PassBackend):
             # kernel's p·dense there (a row's explicit columns are distinct).
             sink.grad[rows[:, None].expand_as(term.cols), term.cols] = (explicit * scale[:, None]).to(sink.grad.dtype)
         else:  # no `explicit` (vocabulary shards): add the sparse correction
-            sink.add_sparse(rows, term.cols, (term.sparse * scale[:, None]).to(student.dtype))
+            self._add_sparse(sink, student, rows, term.cols, (term.sparse * scale[:, None]).to(student.dtype))
 
     def _grad_tiles(self, student, target, rows, lse_s, lse_t, coef, scale, kind: int, beta: float, sink,
                     explicit=None) -> None:

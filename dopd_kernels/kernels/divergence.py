@@ -125,7 +125,7 @@ def grad_kernel(rows_ptr, n_rows, lse_s_ptr, lse_t_ptr, coef_ptr, scale_ptr, ex_
                 hcols = h0 + tl.arange(0, BLOCK_H)
                 h_in = hcols < hs
                 if NEED_DH:
-                    w = tl.load(ws + cols[:, None] * sws0 + hcols[None, :] * sws1,
+                    w = tl.load(ws + cols.to(tl.int64)[:, None] * sws0 + hcols[None, :] * sws1,
                                 mask=col_in[:, None] & h_in[None, :], other=0.0)
                     gw = round_to(g, w.dtype)
                     if UPCAST_MASK & 1:
@@ -142,7 +142,7 @@ def grad_kernel(rows_ptr, n_rows, lse_s_ptr, lse_t_ptr, coef_ptr, scale_ptr, ex_
                         gh = gh.to(tl.float32)
                         h = h.to(tl.float32)
                     part = tl.dot(tl.trans(gh), h, input_precision=DOT_PRECISION)
-                    tl.atomic_add(dw_ptr + cols[:, None] * sdw0 + hcols[None, :], part,
+                    tl.atomic_add(dw_ptr + cols.to(tl.int64)[:, None] * sdw0 + hcols[None, :], part,
                                   mask=col_in[:, None] & h_in[None, :])
             if NEED_DB:
                 tl.atomic_add(db_ptr + cols, tl.sum(g, 0), mask=col_in)

@@ -8,14 +8,17 @@ Grid: one program per block of `BLOCK_N` (compacted) rows. The program walks the
   * the logit at the sampled token (a masked row sum: the token's column lies in exactly one tile),
   * for the streams flagged in TOPK_MASK, the running top-K.
 
-Running top-K (K ≤ 256): each row keeps its K_PAD (= next power of two ≥ K) largest values so far as
-int64 keys packing (value, column) (`tiles.topk_keys`), sorted descending, in a `[BLOCK_N, K_PAD]`
-register block. A tile is merged only when some row's tile maximum beats its current K-th key (after
-the first few tiles of a peaked LM distribution this skips almost every tile): the tile's own top
-K_PAD (tl.topk, ascending after a flip) and the running block combine elementwise by `max`, which
-leaves exactly the K_PAD largest of the union as a bitonic sequence, and one bitonic merge sorts it.
-No scratch memory: the top-K costs O(N·K) output only (a two-stage per-tile scratch would be
-O(N·K·V/BLOCK_V)). BLOCK_V ≥ K_PAD is required (the backend enforces it).
+Running top-K (K ≤ 256): each row keeps its K_PAD largest values so far as int64 keys packing
+(value, column) (`tiles.topk_keys`), sorted descending, in a `[BLOCK_N, K_PAD]` register block, with
+K_PAD = BLOCK_V (the backend makes BLOCK_V ≥ next power of two ≥ K; the first K are written). A tile
+is merged only when some row's tile maximum beats its current K_PAD-th key (after the first few tiles
+of a peaked LM distribution almost every tile is skipped): the tile's keys are bitonic-sorted
+ascending, and the running block and the tile combine elementwise by `max`, which leaves exactly the
+K_PAD largest of the union as a bitonic sequence; one bitonic merge sorts it descending. The
+compare-and-swap layers are written with reshape/split/min/max (`compare_swap`) rather than
+tl.sort, whose xor-reductions the interpreter evaluates element by element (about 50× slower).
+No scratch memory: the top-K costs its O(N·K) output only (a two-stage per-tile scratch would be
+O(N·K·V/BLOCK_V)).
 
 Streams are passed as `tiles.py` eight-argument groups; per-stream options are bit masks
 (bit j = stream j) so one kernel covers 1–3 streams, both modes and any top-K subset.

@@ -19,7 +19,8 @@ def logit_tile(x, sx0, sx1, w, sw0, sw1, b, hdim, rows, row_mask, cols, vocab, v
     Fused-linear mode computes `H[rows] · W[cols]ᵀ` over H chunks with tl.dot accumulating in fp32
     (bf16/fp16 operands stay in their dtype, so tensor cores are used; fp32 operands use
     DOT_PRECISION, "ieee" by default). Nothing is rounded between the matmul and the softmax.
-    Rows outside the block read as 0 (finite), so callers only mask their stores.
+    Rows outside the block read as 0 (finite), so callers only mask their stores. Offsets into the
+    `[V, H]` weight are int64 (V·H may pass 2^31).
     """
     col_in = cols < vocab
     if LINEAR:
@@ -28,7 +29,8 @@ def logit_tile(x, sx0, sx1, w, sw0, sw1, b, hdim, rows, row_mask, cols, vocab, v
             hs = h0 + tl.arange(0, BLOCK_H)
             h_in = hs < hdim
             a = tl.load(x + rows[:, None] * sx0 + hs[None, :] * sx1, mask=row_mask[:, None] & h_in[None, :], other=0.0)
-            bt = tl.load(w + cols[:, None] * sw0 + hs[None, :] * sw1, mask=col_in[:, None] & h_in[None, :], other=0.0)
+            bt = tl.load(w + cols.to(tl.int64)[:, None] * sw0 + hs[None, :] * sw1, mask=col_in[:, None] & h_in[None, :],
+                         other=0.0)
             if UPCAST:  # hidden and weight of different dtypes: multiply in fp32
                 a = a.to(tl.float32)
                 bt = bt.to(tl.float32)
