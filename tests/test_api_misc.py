@@ -215,3 +215,41 @@ def test_regime_fractions_and_output_types():
         assert th.dtype == torch.float64 and th.dim() == 0
     o64 = dopd_loss(zs.double(), zt.double(), zp.double(), y, backend="torch")
     assert o64.loss.dtype == torch.float64
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float16,) * 3, (torch.bfloat16, torch.float32, torch.float32),
+                                    (torch.float32, torch.bfloat16, torch.float16), (torch.float64,) * 3],
+                         ids=["fp16", "bf16-student", "mixed-frozen", "fp64"])
+def test_dtypes_and_mixed_streams(dtypes):
+    zs, zt, zp = correlated_logits(20, 31)
+    zs, zt, zp = (z.to(d) for z, d in zip((zs, zt, zp), dtypes))
+    y = random_tokens(20, 31)
+    s, s64 = leaf(zs), leaf(zs, torch.float64)
+    out = dopd_loss(s, zt, zp, y, config=DOPDConfig(top_k=6), backend=TorchBackend(row_chunk=6, vocab_chunk=8))
+    ref = dopd_loss(s64, zt.double(), zp.double(), y, config=DOPDConfig(top_k=6), backend="reference")
+    assert out.loss.dtype == (torch.float64 if dtypes[0] == torch.float64 else torch.float32)
+    assert torch.equal(out.regime, ref.regime)
+    assert_close(out.loss, ref.loss, rtol=1e-5, what="loss")
+    out.loss.backward()
+    ref.loss.backward()
+    assert s.grad.dtype == dtypes[0]
+    # The gradient is stored in the student's dtype: its rounding is the bound.
+    rtol = {torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}.get(dtypes[0], 1e-5)
+    assert_close(s.grad, s64.grad, rtol=rtol, atol=rtol * float(s64.grad.abs().max()), what="grad")
+
+
+def test_token_dtypes_custom_ignore_index_and_non_contiguous_inputs():
+    zs, zt, zp = correlated_logits((4, 5), 23)
+    y = random_tokens((4, 5), 23, ignore_index=-1)
+    cfg = DOPDConfig(top_k=5, ignore_index=-1)
+    ref = dopd_loss(zs.double(), zt.double(), zp.double(), y, config=cfg, backend="reference")
+    assert (ref.regime[y == -1] == -1).all()
+    for tokens in (y, y.int()):
+        out = dopd_loss(zs, zt, zp, tokens, config=cfg, backend="torch")
+        assert_close(out.loss, ref.loss, rtol=1e-5, what=f"tokens {tokens.dtype}")
+    # Transposed (non-contiguous) [T, B, V] views give the transposed result.
+    tr = [z.transpose(0, 1) for z in (zs, zt, zp)]
+    out = dopd_loss(*tr, y.T, config=cfg.replace(reduction="none"), backend="torch")
+    ref_none = dopd_loss(zs.double(), zt.double(), zp.double(), y, config=cfg.replace(reduction="none"),
+                         backend="reference")
+    assert_close(out.loss, ref_none.loss.T, rtol=1e-5, what="non-contiguous")
