@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_reward(spec: str | None):
+    """The accuracy function named by `--reward MODULE:FUNCTION`, or exact match."""
     if spec is None:
         return task.exact_match
     module, _, name = spec.partition(":")
@@ -132,6 +133,7 @@ def setup_builtin(args):
 
 
 def setup_checkpoints(args):
+    """Models, tokenizer and data from `--student`, `--teacher`, `--data` and `--eval-data`."""
     if not (args.student and args.teacher):
         raise UsageError("--student and --teacher go together (give both, or neither for the built-in task)")
     if not args.data:
@@ -155,6 +157,7 @@ def resolve(args) -> argparse.Namespace:
 
 
 def train_configs(args) -> list[TrainConfig]:
+    """The `--method` arm, and unless `--no-compare` the other method's arm from the same start."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     main = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
     if not args.compare:
@@ -163,6 +166,7 @@ def train_configs(args) -> list[TrainConfig]:
 
 
 def run(args) -> dict:
+    """Set up, measure the teacher, train every arm, write summary.json and report.png."""
     started = time.time()
     run_dir = Path(args.run_dir)
     configs = train_configs(args)  # validates names before any model is built
@@ -199,11 +203,11 @@ def format_summary(summary: dict) -> str:
     lines = []
     if "student_accuracy_before" in summary:
         lines.append(f"held-out accuracy without hints ({summary['eval_examples']} prompts, greedy):")
-        rows = [(k.removeprefix("student_accuracy_").replace("_", " ", 1), v) for k, v in summary.items()
-                if k.startswith("student_accuracy_")]
-        rows += [("teacher, with hint" if k.endswith("with_hint") else "teacher, without hint", v)
+        rows = [("student " + k.removeprefix("student_accuracy_").replace("_", " ", 1), v)
+                for k, v in summary.items() if k.startswith("student_accuracy_")]
+        rows += [("teacher, " + k.removeprefix("teacher_accuracy_").replace("_", " "), v)
                  for k, v in summary.items() if k.startswith("teacher_accuracy_")]
-        lines += [f"  {'student ' + name if not name.startswith('teacher') else name:<40} {v:7.1%}" for name, v in rows]
+        lines += [f"  {name:<40} {v:7.1%}" for name, v in rows]
     lines.append(f"run folder {summary['run_dir']} (report.png, summary.json, metrics per arm); "
                  f"wall time {summary['wall_time_s']:.0f} s")
     return "\n".join(lines)

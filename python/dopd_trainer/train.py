@@ -15,17 +15,16 @@ import torch
 from tqdm.auto import tqdm
 
 from dopd_kernels import DOPDConfig, fused_linear_dopd_loss, fused_linear_opd_loss
+from dopd_kernels.config import DIVERGENCES, GRANULARITIES
 
 from .checkpoint import load_latest, save_checkpoint, save_pretrained_atomic, truncate_metrics
-from .errors import UsageError
 from .contexts import IGNORE_INDEX, Contexts, build_contexts, gather_response
+from .errors import UsageError
 from .models import final_hidden, lm_head
 from .rollout import accuracy, encode_prompts, generate
 from .task import Example
 
 METHODS = ("dopd", "opd")
-DIVERGENCES = ("reverse_kl", "forward_kl", "js")
-GRANULARITIES = ("sampled", "topk", "full")
 ANCHORS = ("priv-student", "teacher-no-hint")
 # Metrics that depend on the machine's speed rather than on the computation; excluded when
 # comparing a resumed run with an uninterrupted one.
