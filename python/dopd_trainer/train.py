@@ -200,9 +200,12 @@ def train_arm(arm_dir: Path, cfg: TrainConfig, student, teacher, tokenizer, trai
     def evaluate(step: int) -> None:
         if reward_fn is None or not eval_set:
             return
+        # Also with the hint: that is the privileged student, DOPD's default third stream, whose
+        # competence decides whether its regimes teach anything.
         with torch.random.fork_rng(devices=[]):  # evaluation must not move the sampling RNG
-            acc = accuracy(student, tokenizer, eval_set, reward_fn, with_hint=False, max_new_tokens=cfg.max_new_tokens)
-        log.write({"event": "eval", "step": step, "eval_accuracy": acc})
+            acc, acc_hint = (accuracy(student, tokenizer, eval_set, reward_fn, with_hint=hint,
+                                      max_new_tokens=cfg.max_new_tokens) for hint in (False, True))
+        log.write({"event": "eval", "step": step, "eval_accuracy": acc, "eval_accuracy_with_hint": acc_hint})
         status["acc"] = f"{acc:.3f}"
 
     start = load_latest(arm_dir, student, optimizer, scheduler)
