@@ -1,0 +1,566 @@
+// CPU passes of the fused DOPD / OPD loss: OpenMP over tokens, blocked loops over the vocabulary,
+// per-row math from row_math.h.
+//
+// Logits mode: each thread owns whole rows and streams them block by block (each logit is read once
+// per pass from memory; a block is re-read from cache by the two-step max / sum-exp). Fused-linear
+// mode: for each chunk of rows and vocabulary block, ATen matmul writes the logit tile
+// H[rows] · W[block]ᵀ (+ b) into a fixed-size buffer, then the rows of the tile are processed in
+// parallel; in the gradient pass the gradient tile overwrites the logit tile and is contracted at
+// once into dH and dW. No buffer has a full vocabulary axis.
+#include "passes_cpu.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <stdexcept>
+#include <type_traits>
+#include <vector>
+
+#include "linear_tiles.h"
+#include "row_math.h"
+
+namespace dopd {
+namespace {
+
+using at::Tensor;
+
+int num_threads() { return std::max(1, at::get_num_threads()); }
+
+// -- element access ------------------------------------------------------------------------------
+
+// Pointer to `len` logits in A starting at element `off` of a tensor's storage: the data itself when
+// its dtype is A, otherwise a converted copy in `scratch`.
+template <typename A, typename T>
+const A* load_as(const void* base, int64_t off, int64_t len, A* scratch) {
+  const T* p = static_cast<const T*>(base) + off;
+  if constexpr (std::is_same_v<T, A>) {
+    return p;
+  } else {
+    for (int64_t j = 0; j < len; ++j) scratch[j] = static_cast<A>(p[j]);
+    return scratch;
+  }
+}
+
+template <typename A, typename T>
+void store_as(void* base, int64_t off, const A* src, int64_t len) {
+  T* p = static_cast<T*>(base) + off;
+  for (int64_t j = 0; j < len; ++j) p[j] = static_cast<T>(src[j]);
+}
+
+template <typename A>
+using LoadFn = const A* (*)(const void*, int64_t, int64_t, A*);
+template <typename A>
+using StoreFn = void (*)(void*, int64_t, const A*, int64_t);
+
+template <typename A>
+LoadFn<A> loader(at::ScalarType st) {
+  switch (st) {
+    case at::kFloat: return load_as<A, float>;
+    case at::kDouble: return load_as<A, double>;
+    case at::kBFloat16: return load_as<A, c10::BFloat16>;
+    case at::kHalf: return load_as<A, c10::Half>;
+    default: throw std::invalid_argument("dopd cpu: logits must be float32, float64, bfloat16 or float16");
+  }
+}
+
+template <typename A>
+StoreFn<A> storer(at::ScalarType st) {
+  switch (st) {
+    case at::kFloat: return store_as<A, float>;
+    case at::kDouble: return store_as<A, double>;
+    case at::kBFloat16: return store_as<A, c10::BFloat16>;
+    case at::kHalf: return store_as<A, c10::Half>;
+    default: throw std::invalid_argument("dopd cpu: gradient must be float32, float64, bfloat16 or float16");
+  }
+}
+
+// Rows of a logits-mode stream: row r starts at base + r · stride (columns contiguous).
+template <typename A>
+struct LogitRows {
+  const void* base;
+  int64_t stride;
+  LoadFn<A> load;
+
+  explicit LogitRows(const Tensor& x) : base(x.data_ptr()), stride(x.stride(0)), load(loader<A>(x.scalar_type())) {
+    TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "dopd cpu: logits must be [N, V] with contiguous rows");
+  }
+  const A* segment(int64_t row, int64_t c0, int64_t len, A* scratch) const {
+    return load(base, row * stride + c0, len, scratch);
+  }
+};
+
+// Per-thread scratch for converted segments.
+template <typename A>
+struct Scratch {
+  std::vector<A> s, t, g;
+  explicit Scratch(int64_t n) : s(n), t(n), g(n) {}
+};
+
+// -- stats ---------------------------------------------------------------------------------------
+
+// Running statistics of one row: online log-sum-exp and top-k heap (heap storage owned by the caller).
+template <typename A>
+struct RowStats {
+  LseState<A> lse;
+  A* heap_v;
+  int64_t* heap_i;
+  int count;
+};
+
+// Merge one block of scaled logits z·inv_tau (columns c0 .. c0+len) into a row's statistics.
+template <typename A>
+void stats_segment(const A* z, int64_t c0, int64_t len, A inv_tau, int k, RowStats<A>& st) {
+  A mx = neg_inf<A>();
+#pragma omp simd reduction(max : mx)
+  for (int64_t j = 0; j < len; ++j) mx = std::max(mx, z[j] * inv_tau);
+  if (mx > neg_inf<A>()) {  // an all -inf block adds nothing to the log-sum-exp
+    A sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < len; ++j) sum += fexp(z[j] * inv_tau - mx);
+    st.lse = lse_merge(st.lse, LseState<A>{mx, sum});
+  }
+  if (!topk_admits(mx, st.heap_v, st.count, k)) return;  // nothing in this block beats the weakest kept column
+  for (int64_t j = 0; j < len; ++j) {
+    const A v = z[j] * inv_tau;
+    if (topk_admits(v, st.heap_v, st.count, k)) topk_push(st.heap_v, st.heap_i, &st.count, k, v, c0 + j);
+  }
+}
+
+template <typename A>
+std::tuple<Tensor, Tensor> stats_impl(const Stream& s, const Tensor& rows, int64_t k64, Tiling tl) {
+  const int64_t n = rows.size(0), vv = s.valid_vocab;
+  const int k = static_cast<int>(k64);
+  const A inv_tau = static_cast<A>(s.inv_tau);
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  std::vector<A> heap_v(static_cast<size_t>(n) * k);
+  Tensor topk = at::empty({n, k64}, rows.options().dtype(at::kLong));
+  int64_t* heap_i = topk.data_ptr<int64_t>();
+  std::vector<RowStats<A>> st(n);
+  for (int64_t i = 0; i < n; ++i) st[i] = {lse_empty<A>(), heap_v.data() + i * k, heap_i + i * k, 0};
+
+  if (!s.linear()) {
+    const LogitRows<A> x(s.x);
+    const int64_t block = std::max<int64_t>(1, std::min(tl.vocab_chunk, vv));
+#pragma omp parallel num_threads(num_threads())
+    {
+      Scratch<A> scr(block);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t c0 = 0; c0 < vv; c0 += block) {
+          const int64_t len = std::min(block, vv - c0);
+          stats_segment(x.segment(rp[i], c0, len, scr.s.data()), c0, len, inv_tau, k, st[i]);
+        }
+    }
+  } else {
+    const LinearPlan plan(n, vv, tl);
+    Tensor buf = at::empty({plan.buffer()}, rows.options().dtype(s.acc()));
+    for (int64_t r0 = 0; r0 < n; r0 += plan.rows_per_chunk) {
+      const int64_t r = std::min(plan.rows_per_chunk, n - r0);
+      const Tensor h = hidden_rows(s, rows.narrow(0, r0, r));
+      for (int64_t c0 = 0; c0 < vv; c0 += plan.block) {
+        const int64_t len = std::min(plan.block, vv - c0);
+        const A* tile = linear_tile(s, h, c0, len, buf).data_ptr<A>();
+#pragma omp parallel for num_threads(num_threads()) schedule(static)
+        for (int64_t i = 0; i < r; ++i) stats_segment(tile + i * len, c0, len, inv_tau, k, st[r0 + i]);
+      }
+    }
+  }
+
+  Tensor lse = at::empty({n}, rows.options().dtype(s.acc()));
+  A* lp = lse.data_ptr<A>();
+#pragma omp parallel for num_threads(num_threads()) schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    lp[i] = lse_finish(st[i].lse);
+    topk_sort(st[i].heap_v, st[i].heap_i, st[i].count);
+  }
+  return {lse, topk};
+}
+
+// -- full-vocabulary value -------------------------------------------------------------------------
+
+// Row constants and parameters are taken by value throughout: read through a reference, the compiler
+// cannot prove them loop-invariant and gives up vectorising the column loops.
+template <int KIND, typename A>
+void value_segment(const A* zs, const A* zt, int64_t len, A inv_tau, A ls, A lt, const DivParams<A> P, double& value,
+                   double& c) {
+  A v = 0, cs = 0;
+#pragma omp simd reduction(+ : v)
+  for (int64_t j = 0; j < len; ++j) v += value_term<KIND>(zs[j] * inv_tau - ls, zt[j] * inv_tau - lt, P);
+  if constexpr (KIND == JS) {
+#pragma omp simd reduction(+ : cs)
+    for (int64_t j = 0; j < len; ++j) cs += js_c_term(zs[j] * inv_tau - ls, zt[j] * inv_tau - lt, P);
+  }
+  value += v;  // block partial sums add in float64
+  c += cs;
+}
+
+template <int KIND, typename A>
+std::tuple<Tensor, Tensor> value_impl(const Stream& s, const Stream& t, const Tensor& rows, const Tensor& lse_s,
+                                      const Tensor& lse_t, double beta, Tiling tl) {
+  const int64_t n = rows.size(0), vv = s.valid_vocab;
+  const A inv_tau = static_cast<A>(s.inv_tau);
+  const DivParams<A> P = div_params<A>(KIND, beta);
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  const Tensor ls_c = lse_s.to(s.acc()).contiguous(), lt_c = lse_t.to(s.acc()).contiguous();
+  const A* ls = ls_c.data_ptr<A>();
+  const A* lt = lt_c.data_ptr<A>();
+  Tensor value = at::zeros({n}, rows.options().dtype(at::kDouble));
+  Tensor c = at::zeros({n}, rows.options().dtype(at::kDouble));
+  double* vp = value.data_ptr<double>();
+  double* cp = c.data_ptr<double>();
+
+  if (!s.linear()) {
+    const LogitRows<A> xs(s.x), xt(t.x);
+    const int64_t block = std::max<int64_t>(1, std::min(tl.vocab_chunk, vv));
+#pragma omp parallel num_threads(num_threads())
+    {
+      Scratch<A> scr(block);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t c0 = 0; c0 < vv; c0 += block) {
+          const int64_t len = std::min(block, vv - c0);
+          value_segment<KIND>(xs.segment(rp[i], c0, len, scr.s.data()), xt.segment(rp[i], c0, len, scr.t.data()), len,
+                              inv_tau, ls[i], lt[i], P, vp[i], cp[i]);
+        }
+    }
+  } else {
+    const LinearPlan plan(n, vv, tl);
+    Tensor buf_s = at::empty({plan.buffer()}, rows.options().dtype(s.acc()));
+    Tensor buf_t = at::empty({plan.buffer()}, rows.options().dtype(s.acc()));
+    for (int64_t r0 = 0; r0 < n; r0 += plan.rows_per_chunk) {
+      const int64_t r = std::min(plan.rows_per_chunk, n - r0);
+      const Tensor rr = rows.narrow(0, r0, r);
+      const Tensor hs = hidden_rows(s, rr), ht = hidden_rows(t, rr);
+      for (int64_t c0 = 0; c0 < vv; c0 += plan.block) {
+        const int64_t len = std::min(plan.block, vv - c0);
+        const A* ts = linear_tile(s, hs, c0, len, buf_s).data_ptr<A>();
+        const A* tt = linear_tile(t, ht, c0, len, buf_t).data_ptr<A>();
+#pragma omp parallel for num_threads(num_threads()) schedule(static)
+        for (int64_t i = 0; i < r; ++i)
+          value_segment<KIND>(ts + i * len, tt + i * len, len, inv_tau, ls[r0 + i], lt[r0 + i], P, vp[r0 + i], cp[r0 + i]);
+      }
+    }
+  }
+  if (KIND == REVERSE_KL) c.copy_(value);
+  return {value, c};
+}
+
+// -- gradient ------------------------------------------------------------------------------------
+
+// What the gradient of one row needs besides its logits.
+template <typename A>
+struct GradRow {
+  A ls, lt, c, dense, scale;
+  const int64_t* cols;  // few-column term: explicit columns [K] and their coefficients
+  const A* sparse;
+  bool overwrite;       // coefficients are the columns' whole gradient (else added to p·dense)
+};
+
+// Gradient of one block (τ · ∂D/∂z times `scale`) into g; g may alias zs (element-wise in place).
+template <int KIND, bool FULL, typename A>
+void grad_segment(const A* zs, const A* zt, A* g, int64_t c0, int64_t len, int64_t k, A inv_tau, const GradRow<A> r,
+                  const DivParams<A> P) {
+  if constexpr (FULL) {
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j)
+      g[j] = full_grad_term<KIND>(zs[j] * inv_tau - r.ls, zt[j] * inv_tau - r.lt, r.c, P) * r.scale;
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) g[j] = dense_grad_term(zs[j] * inv_tau - r.ls, r.dense) * r.scale;
+    // The explicit columns inside this block: their whole gradient, or a sparse part added.
+    for (int64_t q = 0; q < k; ++q) {
+      const int64_t col = r.cols[q] - c0;
+      if (col < 0 || col >= len) continue;
+      g[col] = (r.overwrite ? A(0) : g[col]) + r.sparse[q] * r.scale;
+    }
+  }
+}
+
+template <typename A>
+const A* data_or_null(const std::optional<Tensor>& t) {
+  return t.has_value() && t->defined() ? t->data_ptr<A>() : nullptr;
+}
+
+template <int KIND, bool FULL, typename A>
+void grad_impl(const Stream& s, const Stream* t, const Tensor& rows, const Tensor& lse_s, const std::optional<Tensor>& lse_t,
+               const std::optional<Tensor>& c, const std::optional<Tensor>& dense, const std::optional<Tensor>& cols,
+               const std::optional<Tensor>& sparse, bool overwrite, const Tensor& scale, double beta, Tiling tl,
+               const std::optional<Tensor>& grad_logits, const std::optional<Tensor>& dh, const std::optional<Tensor>& dw,
+               const std::optional<Tensor>& db) {
+  const int64_t n = rows.size(0), vv = s.valid_vocab;
+  const A inv_tau = static_cast<A>(s.inv_tau);
+  const DivParams<A> P = div_params<A>(KIND, beta);
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  auto as_acc = [&](const std::optional<Tensor>& x) -> std::optional<Tensor> {
+    if (!x.has_value() || !x->defined()) return std::nullopt;
+    return x->to(s.acc()).contiguous();
+  };
+  const Tensor ls_c = lse_s.to(s.acc()).contiguous(), sc_c = scale.to(s.acc()).contiguous();
+  const std::optional<Tensor> lt_c = as_acc(lse_t), c_c = as_acc(c), dense_c = as_acc(dense), sparse_c = as_acc(sparse);
+  const std::optional<Tensor> cols_c = cols.has_value() && cols->defined() ? std::optional<Tensor>(cols->contiguous()) : std::nullopt;
+  const A *ls = ls_c.data_ptr<A>(), *sc = sc_c.data_ptr<A>(), *lt = data_or_null<A>(lt_c), *cc = data_or_null<A>(c_c),
+          *dn = data_or_null<A>(dense_c), *sp = data_or_null<A>(sparse_c);
+  const int64_t* cl = cols_c ? cols_c->data_ptr<int64_t>() : nullptr;
+  const int64_t k = cols_c ? cols_c->size(1) : 0;
+  auto row_of = [&](int64_t i) {
+    return GradRow<A>{ls[i], FULL ? lt[i] : A(0), (FULL && cc) ? cc[i] : A(0), FULL ? A(0) : dn[i], sc[i],
+                      FULL ? nullptr : cl + i * k, FULL ? nullptr : sp + i * k, overwrite};
+  };
+
+  if (!s.linear()) {
+    TORCH_CHECK(grad_logits.has_value() && grad_logits->defined(), "dopd cpu: logits mode needs grad_logits");
+    const Tensor& gl = *grad_logits;
+    TORCH_CHECK(gl.stride(1) == 1, "dopd cpu: grad_logits must have contiguous rows");
+    const LogitRows<A> xs(s.x);
+    const std::optional<LogitRows<A>> xt = FULL ? std::optional<LogitRows<A>>(LogitRows<A>(t->x)) : std::nullopt;
+    const StoreFn<A> store = storer<A>(gl.scalar_type());
+    void* gbase = gl.data_ptr();
+    const int64_t gstride = gl.stride(0);
+    const bool direct = gl.scalar_type() == s.acc();  // write the gradient in place, no conversion
+    const int64_t block = std::max<int64_t>(1, std::min(tl.vocab_chunk, vv));
+#pragma omp parallel num_threads(num_threads())
+    {
+      Scratch<A> scr(block);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t i = 0; i < n; ++i) {
+        const GradRow<A> r = row_of(i);
+        for (int64_t c0 = 0; c0 < vv; c0 += block) {
+          const int64_t len = std::min(block, vv - c0);
+          const int64_t off = rp[i] * gstride + c0;
+          A* g = direct ? static_cast<A*>(gbase) + off : scr.g.data();
+          const A* zs = xs.segment(rp[i], c0, len, scr.s.data());
+          const A* zt = FULL ? xt->segment(rp[i], c0, len, scr.t.data()) : nullptr;
+          grad_segment<KIND, FULL>(zs, zt, g, c0, len, k, inv_tau, r, P);
+          if (!direct) store(gbase, off, g, len);
+        }
+      }
+    }
+    return;
+  }
+
+  const bool want_dh = dh.has_value() && dh->defined(), want_dw = dw.has_value() && dw->defined(),
+             want_db = db.has_value() && db->defined();
+  const LinearPlan plan(n, vv, tl);
+  Tensor buf_s = at::empty({plan.buffer()}, rows.options().dtype(s.acc()));
+  Tensor buf_t = FULL ? at::empty({plan.buffer()}, rows.options().dtype(s.acc())) : Tensor();
+  for (int64_t r0 = 0; r0 < n; r0 += plan.rows_per_chunk) {
+    const int64_t r = std::min(plan.rows_per_chunk, n - r0);
+    const Tensor rr = rows.narrow(0, r0, r);
+    const Tensor hs = hidden_rows(s, rr);
+    const Tensor ht = FULL ? hidden_rows(*t, rr) : Tensor();
+    Tensor dh_rows = want_dh ? at::zeros({r, s.x.size(1)}, rows.options().dtype(s.acc())) : Tensor();
+    for (int64_t c0 = 0; c0 < vv; c0 += plan.block) {
+      const int64_t len = std::min(plan.block, vv - c0);
+      Tensor tile = linear_tile(s, hs, c0, len, buf_s);
+      A* ts = tile.data_ptr<A>();
+      const A* tt = FULL ? linear_tile(*t, ht, c0, len, buf_t).data_ptr<A>() : nullptr;
+#pragma omp parallel for num_threads(num_threads()) schedule(static)
+      for (int64_t i = 0; i < r; ++i)
+        grad_segment<KIND, FULL>(ts + i * len, FULL ? tt + i * len : nullptr, ts + i * len, c0, len, k, inv_tau,
+                                 row_of(r0 + i), P);
+      // The gradient tile G [r, len] (now in `tile`) is contracted at once: dH += G·W, dW += Gᵀ·H, db += Σ G.
+      if (want_dh) dh_rows.addmm_(tile, weight_block(s, c0, len));
+      if (want_dw) dw->narrow(0, c0, len).addmm_(tile.t(), hs);
+      if (want_db) db->narrow(0, c0, len).add_(tile.sum(0));
+    }
+    if (want_dh) dh->index_add_(0, rr, dh_rows);
+  }
+}
+
+template <typename F>
+void with_kind(int64_t kind, F&& f) {
+  switch (kind) {
+    case REVERSE_KL: f(std::integral_constant<int, REVERSE_KL>()); break;
+    case FORWARD_KL: f(std::integral_constant<int, FORWARD_KL>()); break;
+    case JS: f(std::integral_constant<int, JS>()); break;
+    default: throw std::invalid_argument("dopd cpu: unknown divergence kind");
+  }
+}
+
+template <typename F>
+void with_acc(at::ScalarType acc, F&& f) {
+  if (acc == at::kDouble) {
+    f(double(0));
+  } else {
+    f(float(0));
+  }
+}
+
+void check_rows(const Tensor& rows) {
+  TORCH_CHECK(rows.device().is_cpu() && rows.scalar_type() == at::kLong && rows.dim() == 1 && rows.is_contiguous(),
+              "dopd cpu: rows must be a contiguous int64 CPU vector");
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> stats_pass(const Stream& s, const Tensor& rows, int64_t k, Tiling tiling) {
+  check_rows(rows);
+  std::tuple<Tensor, Tensor> out;
+  with_acc(s.acc(), [&](auto a) { out = stats_impl<decltype(a)>(s, rows, k, tiling); });
+  return out;
+}
+
+std::tuple<Tensor, Tensor> full_value_pass(const Stream& s, const Stream& t, const Tensor& rows, const Tensor& lse_s,
+                                           const Tensor& lse_t, int64_t kind, double beta, Tiling tiling) {
+  check_rows(rows);
+  std::tuple<Tensor, Tensor> out;
+  with_acc(s.acc(), [&](auto a) {
+    with_kind(kind, [&](auto kc) { out = value_impl<decltype(kc)::value, decltype(a)>(s, t, rows, lse_s, lse_t, beta, tiling); });
+  });
+  return out;
+}
+
+void grad_pass(const Stream& s, const std::optional<Stream>& t, const Tensor& rows, const Tensor& lse_s,
+               const std::optional<Tensor>& lse_t, const std::optional<Tensor>& c, const std::optional<Tensor>& dense,
+               const std::optional<Tensor>& cols, const std::optional<Tensor>& sparse, bool overwrite, const Tensor& scale,
+               int64_t kind, double beta, Tiling tiling, const std::optional<Tensor>& grad_logits, const std::optional<Tensor>& dh,
+               const std::optional<Tensor>& dw, const std::optional<Tensor>& db) {
+  check_rows(rows);
+  const bool full = t.has_value();
+  TORCH_CHECK(full || (dense.has_value() && cols.has_value() && sparse.has_value()),
+              "dopd cpu: grad_pass needs a target stream or dense/cols/sparse coefficients");
+  with_acc(s.acc(), [&](auto a) {
+    using A = decltype(a);
+    with_kind(kind, [&](auto kc) {
+      constexpr int K = decltype(kc)::value;
+      if (full) {
+        grad_impl<K, true, A>(s, &*t, rows, lse_s, lse_t, c, dense, cols, sparse, overwrite, scale, beta, tiling, grad_logits, dh, dw, db);
+      } else {
+        grad_impl<K, false, A>(s, nullptr, rows, lse_s, lse_t, c, dense, cols, sparse, overwrite, scale, beta, tiling, grad_logits, dh, dw, db);
+      }
+    });
+  });
+}
+
+Tensor gather(const Stream& s, const Tensor& rows, const Tensor& cols_in) {
+  check_rows(rows);
+  const Tensor cols = cols_in.contiguous();
+  const int64_t n = rows.size(0), k = cols.size(1), vv = s.valid_vocab;
+  Tensor out = at::empty({n, k}, rows.options().dtype(s.acc()));
+  with_acc(s.acc(), [&](auto a) {
+    using A = decltype(a);
+    const A inv_tau = static_cast<A>(s.inv_tau);
+    const int64_t* rp = rows.data_ptr<int64_t>();
+    const int64_t* cp = cols.data_ptr<int64_t>();
+    A* op = out.data_ptr<A>();
+    if (!s.linear()) {
+      const LogitRows<A> x(s.x);
+#pragma omp parallel for num_threads(num_threads()) schedule(static)
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t q = 0; q < k; ++q) {
+          const int64_t col = cp[i * k + q];
+          A z;
+          op[i * k + q] = col < vv ? *x.segment(rp[i], col, 1, &z) * inv_tau : neg_inf<A>();
+        }
+      return;
+    }
+    // K dot products per row against weight rows read in place.
+    const Tensor h = hidden_rows(s, rows).contiguous();
+    const Tensor w = s.w->to(s.acc()).contiguous();  // a view unless the weight's dtype differs
+    const std::optional<Tensor> b = s.b.has_value() && s.b->defined() ? std::optional<Tensor>(s.b->to(s.acc()).contiguous()) : std::nullopt;
+    const int64_t hd = h.size(1);
+    const A *hp = h.data_ptr<A>(), *wp = w.data_ptr<A>(), *bp = b ? b->data_ptr<A>() : nullptr;
+#pragma omp parallel for num_threads(num_threads()) schedule(static)
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t q = 0; q < k; ++q) {
+        const int64_t col = cp[i * k + q];
+        const A* wr = wp + col * hd;
+        A acc = 0;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t e = 0; e < hd; ++e) acc += hp[i * hd + e] * wr[e];
+        if (bp) acc += bp[col];
+        op[i * k + q] = col < vv ? acc * inv_tau : neg_inf<A>();
+      }
+  });
+  return out;
+}
+
+void sparse_grad(const Stream& s, const Tensor& rows, const Tensor& cols_in, const Tensor& coef_in,
+                 const std::optional<Tensor>& dh, const std::optional<Tensor>& dw, const std::optional<Tensor>& db) {
+  check_rows(rows);
+  TORCH_CHECK(s.linear(), "dopd cpu: sparse_grad is for fused-linear streams");
+  const Tensor cols = cols_in.contiguous();
+  const int64_t n = cols.size(0), k = cols.size(1), hd = s.x.size(1);
+  with_acc(s.acc(), [&](auto a) {
+    using A = decltype(a);
+    const Tensor coef = coef_in.to(s.acc()).contiguous();
+    const A* cf = coef.data_ptr<A>();
+    const int64_t* cp = cols.data_ptr<int64_t>();
+    const int64_t* rp = rows.data_ptr<int64_t>();
+    if (dh.has_value() && dh->defined()) {
+      // dH[row] += Σ_q coef · W[col]: one writer per row; weight rows read in place (or converted).
+      TORCH_CHECK(dh->is_contiguous() && dh->scalar_type() == s.acc(), "dopd cpu: dh must be contiguous in the compute dtype");
+      const Tensor& w = *s.w;
+      TORCH_CHECK(w.stride(1) == 1, "dopd cpu: weight rows must be contiguous");
+      const LoadFn<A> load = loader<A>(w.scalar_type());
+      A* out = dh->data_ptr<A>();
+#pragma omp parallel num_threads(num_threads())
+      {
+        std::vector<A> scratch(hd);
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < n; ++i) {
+          A* o = out + rp[i] * hd;
+          for (int64_t q = 0; q < k; ++q) {
+            const A c = cf[i * k + q];
+            if (c == A(0)) continue;
+            const A* wr = load(w.data_ptr(), cp[i * k + q] * w.stride(0), hd, scratch.data());
+#pragma omp simd
+            for (int64_t e = 0; e < hd; ++e) o[e] += c * wr[e];
+          }
+        }
+      }
+    }
+    const bool want_dw = dw.has_value() && dw->defined(), want_db = db.has_value() && db->defined();
+    if (!want_dw && !want_db) return;
+    // dW[col] += Σ coef · H[row] and db[col] += Σ coef over the entries sorted by column: each
+    // column's run has one writer, so threads never share an output row.
+    const Tensor order = std::get<1>(at::sort(cols.reshape(-1), /*stable=*/true, /*dim=*/0, /*descending=*/false));
+    const int64_t* op = order.data_ptr<int64_t>();
+    const int64_t m = n * k;
+    std::vector<int64_t> starts;
+    for (int64_t j = 0; j < m; ++j)
+      if (j == 0 || cp[op[j]] != cp[op[j - 1]]) starts.push_back(j);
+    starts.push_back(m);
+    const Tensor h = hidden_rows(s, rows).contiguous();
+    const A* hp = h.data_ptr<A>();
+    if (want_dw) TORCH_CHECK(dw->is_contiguous() && dw->scalar_type() == s.acc(), "dopd cpu: dw must be contiguous in the compute dtype");
+    A* dwp = want_dw ? dw->data_ptr<A>() : nullptr;
+    A* dbp = want_db ? db->data_ptr<A>() : nullptr;
+    const int64_t runs = static_cast<int64_t>(starts.size()) - 1;
+#pragma omp parallel for num_threads(num_threads()) schedule(dynamic, 16)
+    for (int64_t u = 0; u < runs; ++u) {
+      const int64_t col = cp[op[starts[u]]];
+      A bsum = 0;
+      for (int64_t j = starts[u]; j < starts[u + 1]; ++j) {
+        const A c = cf[op[j]];
+        bsum += c;
+        if (dwp && c != A(0)) {
+          const A* hr = hp + (op[j] / k) * hd;
+          A* o = dwp + col * hd;
+#pragma omp simd
+          for (int64_t e = 0; e < hd; ++e) o[e] += c * hr[e];
+        }
+      }
+      if (dbp) dbp[col] += bsum;
+    }
+  });
+}
+
+Tensor assign_regimes(const Tensor& adv, const Tensor& q_t, const Tensor& q_p, const Tensor& valid, double adv_bar,
+                      double qt_bar, double qp_bar) {
+  const Tensor a = adv.to(at::kDouble).contiguous(), t = q_t.to(at::kDouble).contiguous(), p = q_p.to(at::kDouble).contiguous();
+  const Tensor v = valid.to(at::kBool).contiguous();
+  const int64_t n = a.numel();
+  Tensor out = at::empty({n}, a.options().dtype(at::kChar));
+  const double *ap = a.data_ptr<double>(), *tp = t.data_ptr<double>(), *pp = p.data_ptr<double>();
+  const bool* vp = v.data_ptr<bool>();
+  int8_t* op = out.data_ptr<int8_t>();
+  for (int64_t i = 0; i < n; ++i)
+    op[i] = static_cast<int8_t>(vp[i] ? select_regime(ap[i], tp[i], pp[i], adv_bar, qt_bar, qp_bar) : IGNORED);
+  return out.view(adv.sizes());
+}
+
+}  // namespace dopd

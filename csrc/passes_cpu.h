@@ -1,0 +1,68 @@
+// The passes of dopd_kernels/engine.py on CPU tensors (see kernels_cpu.cpp), as bound by bindings.cpp.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace dopd {
+
+// One stream: logits x [N, V] (any float dtype), or hidden x [N, H] with an lm_head weight w [V, H]
+// and optional bias b [V]. Logits are x / τ; columns at or past `valid_vocab` are padding.
+struct Stream {
+  at::Tensor x;
+  std::optional<at::Tensor> w, b;
+  double inv_tau;
+  int64_t valid_vocab;
+
+  bool linear() const { return w.has_value() && w->defined(); }
+  // float64 inputs compute in float64, every other dtype in float32.
+  at::ScalarType acc() const { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+};
+
+// Tile sizes: rows per chunk and vocabulary columns per block. A fused-linear pass holds at most
+// two [rows, block] logit tiles plus, in the gradient pass, a [rows, H] dH accumulator.
+struct Tiling {
+  int64_t row_chunk;
+  int64_t vocab_chunk;
+};
+
+// Log-sum-exp [n] of the scaled logits of `rows`, and (k > 0) their top-k column indices [n, k],
+// best first (ties to the smaller column).
+std::tuple<at::Tensor, at::Tensor> stats_pass(const Stream& s, const at::Tensor& rows, int64_t k, Tiling tiling);
+
+// Σ_v of a full-vocabulary divergence per row [n] (float64) and the gradient constant c [n]:
+// reverse KL the KL itself, JS β·KL(p‖m), forward KL 0. kind: 0 reverse KL, 1 forward KL, 2 JS.
+std::tuple<at::Tensor, at::Tensor> full_value_pass(const Stream& s, const Stream& t, const at::Tensor& rows,
+                                                   const at::Tensor& lse_s, const at::Tensor& lse_t, int64_t kind,
+                                                   double beta, Tiling tiling);
+
+// Gradient of Σ_rows scale_r · D_r with respect to the unscaled student logits (scale includes 1/τ).
+// With a target `t`: full-vocabulary term (lse_t, c). Without: few-column term, p·dense on every
+// column plus `sparse` [n, K] at `cols` — added, or with `overwrite` written as the columns' whole
+// gradient (RowTerm.explicit). The gradient goes to `grad_logits` [N, V] (logits mode, written once,
+// rows disjoint from earlier calls) or is contracted into dh [N, H], dw [V, H], db [V].
+void grad_pass(const Stream& s, const std::optional<Stream>& t, const at::Tensor& rows, const at::Tensor& lse_s,
+               const std::optional<at::Tensor>& lse_t, const std::optional<at::Tensor>& c,
+               const std::optional<at::Tensor>& dense, const std::optional<at::Tensor>& cols,
+               const std::optional<at::Tensor>& sparse, bool overwrite, const at::Tensor& scale, int64_t kind, double beta,
+               Tiling tiling, const std::optional<at::Tensor>& grad_logits, const std::optional<at::Tensor>& dh,
+               const std::optional<at::Tensor>& dw, const std::optional<at::Tensor>& db);
+
+// Fused-linear gradient of a few columns per row: `coef` [n, K] is the gradient with respect to the
+// unscaled logits at (rows[i], cols[i, q]); contracted into dh += coef·W[cols], dw[cols] += coef·H,
+// db[cols] += coef without gathering [n, K, H] weight rows (column-sorted, so dW rows have one writer).
+void sparse_grad(const Stream& s, const at::Tensor& rows, const at::Tensor& cols, const at::Tensor& coef,
+                 const std::optional<at::Tensor>& dh, const std::optional<at::Tensor>& dw,
+                 const std::optional<at::Tensor>& db);
+
+// Scaled logits [n, K] of `rows` at columns `cols` [n, K] (K dot products per row in fused-linear
+// mode, no [n, K, H] gather); -inf at padding columns.
+at::Tensor gather(const Stream& s, const at::Tensor& rows, const at::Tensor& cols);
+
+// DOPD regime codes (int8) of valid tokens from float64 statistics; -1 where not valid.
+at::Tensor assign_regimes(const at::Tensor& adv, const at::Tensor& q_t, const at::Tensor& q_p,
+                          const at::Tensor& valid, double adv_bar, double qt_bar, double qp_bar);
+
+}  // namespace dopd
