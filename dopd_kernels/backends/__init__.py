@@ -10,6 +10,7 @@ from typing import Callable, Dict, List, Union
 
 import torch
 
+from .compiled import CppBackend, CudaBackend
 from .reference import ReferenceBackend
 from .torch_chunked import TorchBackend
 
@@ -29,9 +30,11 @@ _FACTORIES: Dict[str, Callable[[], object]] = {
     "reference": ReferenceBackend,
     "torch": TorchBackend,
     "triton": _triton_backend,  # CUDA tensors, or CPU tensors under TRITON_INTERPRET=1
+    "cpp": CppBackend,  # built on first use (dopd_kernels/_build.py); unavailable without a compiler
+    "cuda": CudaBackend,  # needs a CUDA torch and nvcc
 }
 # Preference order of backend="auto", fastest first; the first that loads and supports the device wins.
-_AUTO_ORDER = ("triton", "torch")
+_AUTO_ORDER = ("triton", "cuda", "cpp", "torch")
 
 
 def _load(name: str):

@@ -1,0 +1,131 @@
+"""The compiled backends `cpp` (C++/OpenMP, CPU tensors) and `cuda` (CUDA kernels, GPU tensors).
+
+Both run the passes of `engine.py` in the extension built from `csrc/` (see `_build.py`): the
+O(N·V) loops — online log-sum-exp, top-K, divergence sums, gradient tiles with the explicit columns
+folded in, and in fused-linear mode the tile matmuls and the dH/dW contraction — happen there, as do
+the K-column gathers (and, on CPU, the fused-linear contraction of renormalized top-K gradients).
+The O(N·K) work (`row_terms.py`, routing) stays in the shared Python code, and so does the tail-bucket
+pass `rest_logsumexp` (inherited from `PassBackend`; used by sampled forward KL / JS and by top-K
+with `topk_renorm=False`).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .._build import load_extension
+from ..engine import STUDENT, Group, LinearGradSink, LogitsGradSink, Stats
+from ..sources import LogitsSource
+from .base import PassBackend
+
+# Divergence codes of csrc/row_math.h (dopd::Kind).
+KIND_CODES = {"reverse_kl": 0, "forward_kl": 1, "js": 2}
+
+
+class CompiledBackend(PassBackend):
+    """Passes in the compiled extension. `row_chunk × vocab_chunk` bounds every logit tile."""
+
+    name = "compiled"
+    _kind = "cpu"
+
+    def __init__(self, row_chunk: int = 2048, vocab_chunk: int = 1024):
+        if row_chunk < 1 or vocab_chunk < 1:
+            raise ValueError(f"row_chunk and vocab_chunk must be >= 1, got {row_chunk}, {vocab_chunk}")
+        self.row_chunk, self.vocab_chunk = row_chunk, vocab_chunk
+        self._ext = load_extension(self._kind)
+        self._ops = self._ext if self._kind == "cpu" else self._ext.cuda
+        self._tiling = self._ext.Tiling(row_chunk, vocab_chunk)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(row_chunk={self.row_chunk}, vocab_chunk={self.vocab_chunk})"
+
+    def _stream(self, src):
+        if isinstance(src, LogitsSource):
+            x = src.logits if src.logits.stride(-1) == 1 else src.logits.contiguous()
+            w = b = None
+        else:
+            x, w, b = src.hidden, src.weight, src.bias
+        return self._ext.Stream(x, w, b, 1.0 / src.temperature, src.effective_vocab)
+
+    def sparse_rows(self, source, k: int) -> int:
+        """Rows per chunk when the shared sink gathers K weight rows of width H per row."""
+        width = source.hidden.shape[1] if hasattr(source, "hidden") else 1
+        return max(1, (self.row_chunk * self.vocab_chunk) // max(1, k * width))
+
+    @torch.no_grad()
+    def gather(self, source, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        return self._ops.gather(self._stream(source), rows.contiguous(), cols)
+
+    @torch.no_grad()
+    def stats_pass(self, sources: Sequence, rows: torch.Tensor, tokens: torch.Tensor, topk_streams, top_k: int) -> Stats:
+        rows, dt = rows.contiguous(), sources[STUDENT].dtype
+        k = min(top_k, sources[STUDENT].effective_vocab)
+        lse, topk, logit_y = [], {}, []
+        for j, src in enumerate(sources):
+            stream = self._stream(src)
+            l, idx = self._ops.stats_pass(stream, rows, k if j in topk_streams else 0, self._tiling)
+            lse.append(l.to(dt))
+            if j in topk_streams:
+                topk[j] = idx
+            logit_y.append(self._ops.gather(stream, rows, tokens[:, None])[:, 0].to(dt))
+        return Stats(lse, logit_y, topk)
+
+    @torch.no_grad()
+    def full_value_pass(self, student, target, rows, lse_s, lse_t, kind: str, beta: float):
+        """Σ_v of the divergence per row and the gradient constant c (see the torch backend)."""
+        return self._ops.full_value_pass(self._stream(student), self._stream(target), rows.contiguous(), lse_s, lse_t,
+                                         KIND_CODES[kind], beta, self._tiling)
+
+    @torch.no_grad()
+    def grad_pass(self, engine, g: Group, rows: torch.Tensor, scale: torch.Tensor, sink) -> None:
+        student, term = engine.student, g.term
+        if term is not None and term.dense is None:  # renormalized top-K: only K logits move
+            coef = (term.sparse * scale[:, None]).to(student.dtype)
+            if isinstance(sink, LinearGradSink) and hasattr(self._ops, "sparse_grad"):
+                self._ops.sparse_grad(self._stream(student), rows.contiguous(), term.cols, coef, sink.dh, sink.dw, sink.db)
+            else:
+                sink.add_sparse(rows, term.cols, coef)
+            return
+        grad_logits, dh, dw, db = _sink_tensors(sink)
+        lse_s = engine.stats.lse[STUDENT][g.pos]
+        common = dict(kind=KIND_CODES[g.divergence], beta=engine.settings.js_beta, tiling=self._tiling,
+                      grad_logits=grad_logits, dh=dh, dw=dw, db=db)
+        rows = rows.contiguous()
+        if term is None:  # full vocabulary
+            self._ops.grad_pass(self._stream(student), self._stream(engine.sources[g.target]), rows, lse_s,
+                                engine.stats.lse[g.target][g.pos], g.full_c, None, None, None, False, scale, **common)
+        else:  # p·dense everywhere; on the explicit columns their whole gradient, or the sparse part added
+            explicit = term.explicit is not None
+            self._ops.grad_pass(self._stream(student), None, rows, lse_s, None, None, term.dense, term.cols,
+                                term.explicit if explicit else term.sparse, explicit, scale, **common)
+
+
+def _sink_tensors(sink):
+    """(grad_logits, dh, dw, db) of the engine's gradient sinks; the kernels write into them directly."""
+    if isinstance(sink, LogitsGradSink):
+        return sink.grad, None, None, None
+    if isinstance(sink, LinearGradSink):
+        return None, sink.dh, sink.dw, sink.db
+    raise TypeError(f"compiled backends need the engine's gradient sinks, got {type(sink).__name__}")
+
+
+class CppBackend(CompiledBackend):
+    """C++/OpenMP passes for CPU tensors."""
+
+    name = "cpp"
+    _kind = "cpu"
+
+    def supports(self, device: torch.device) -> bool:
+        return torch.device(device).type == "cpu"
+
+
+class CudaBackend(CompiledBackend):
+    """CUDA passes for GPU tensors (needs a CUDA build of torch; the extension is built with nvcc)."""
+
+    name = "cuda"
+    _kind = "cuda"
+
+    def supports(self, device: torch.device) -> bool:
+        return torch.device(device).type == "cuda"

@@ -1,0 +1,348 @@
+"""The compiled `cpp` backend (csrc/, C++/OpenMP) against the float64 `reference` backend, and the
+`cuda` backend's availability contract.
+
+Same judgement as tests/test_torch_backend.py (whose comparison helpers are reused): fp32 to ~1e-5
+relative; bf16 judged like Cut Cross-Entropy, error vs the float64 truth not above a naive
+materialized bf16 computation's by more than a small margin. Every case runs with the default tiles
+and with tiny tiles (3 rows × 7 columns) so that block boundaries, partial blocks and multi-chunk
+rows are exercised. The extension is built (or loaded from its cache) once per session.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import naive_reference as nv
+from conftest import IGNORE, assert_close, correlated_logits, distinct_logits, leaf, linear_streams, random_tokens
+from dopd_kernels import DOPDConfig, Regime, dopd_loss, fused_linear_dopd_loss, fused_linear_opd_loss, opd_loss
+from dopd_kernels.backends import available_backends, resolve_backend
+from test_torch_backend import DIVS, GRAN_IDS, GRANS, RTOL, _err, compare_dopd, compare_opd, fused_dopd_pair
+
+TILES = [(2048, 1024), (3, 7)]
+TILE_IDS = ["default-tiles", "tiles-3x7"]
+
+
+def _cpp(row_chunk=2048, vocab_chunk=1024):
+    from dopd_kernels.backends.compiled import CppBackend
+
+    try:
+        return CppBackend(row_chunk, vocab_chunk)
+    except RuntimeError as e:
+        if os.environ.get("DOPD_KERNELS_NO_BUILD", "0") not in ("", "0"):
+            pytest.skip(f"compiled extension disabled: {e}")
+        raise
+
+
+@pytest.fixture(scope="module", params=TILES, ids=TILE_IDS)
+def cpp(request):
+    return _cpp(*request.param)
+
+
+# -- selection -------------------------------------------------------------------------------------
+
+
+def test_cpp_is_available_and_auto_on_cpu(cpp):
+    assert "cpp" in available_backends()
+    assert resolve_backend("auto", torch.device("cpu")).name == "cpp"
+    assert not cpp.supports(torch.device("cuda"))
+
+
+def test_cuda_backend_unavailable_without_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: see test_cuda_matches_reference")
+    assert "cuda" not in available_backends()
+    with pytest.raises(RuntimeError, match="CUDA"):
+        dopd_loss(*correlated_logits(4, 9), torch.zeros(4, dtype=torch.long), backend="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+def test_cuda_matches_reference():
+    zs, zt, zp = (z.cuda() for z in correlated_logits(48, 300, noise=(0.8, 1.5)))
+    y = random_tokens(48, 300).cuda()
+    cfg = DOPDConfig(top_k=16, topk_renorm=False, temperature=0.9)
+    s = leaf(zs)
+    out = dopd_loss(s, zt, zp, y, config=cfg, backend="cuda")
+    out.loss.backward()
+    s64 = leaf(zs.cpu(), torch.float64)
+    ref = dopd_loss(s64, zt.cpu().double(), zp.cpu().double(), y.cpu(), config=cfg, backend="reference")
+    ref.loss.backward()
+    assert torch.equal(out.regime.cpu(), ref.regime)
+    assert_close(out.per_token_loss.cpu(), ref.per_token_loss, rtol=1e-4, what="per-token loss")
+    assert_close(s.grad.cpu(), s64.grad, rtol=1e-4, what="grad")
+
+
+# -- logits mode -----------------------------------------------------------------------------------
+
+
+def opd_rtol(kind, gran):
+    """Forward KL / JS over the sampled buckets {y, rest} can be ~1e-7 per token: a value that small is
+    dominated by the fp32 rounding of the stored log-sum-exp and sampled logit (any fp32 backend)."""
+    return 5e-5 if gran == "sampled" and kind != "reverse_kl" else RTOL
+
+
+@pytest.mark.parametrize("gran,renorm,source", GRANS, ids=GRAN_IDS)
+@pytest.mark.parametrize("kind", DIVS)
+def test_opd_logits_fp32(kind, gran, renorm, source, cpp):
+    zs, zt = correlated_logits((3, 10), 37, n_streams=2, noise=1.2)
+    y = random_tokens((3, 10), 37)
+    compare_opd(zs, zt, y, cpp, rtol=opd_rtol(kind, gran), divergence=kind, granularity=gran, top_k=9,
+                topk_renorm=renorm, topk_from=source, js_beta=0.4, temperature=0.8)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("renorm", [True, False])
+@pytest.mark.parametrize("source", ["student", "target"])
+def test_dopd_logits_fp32(source, renorm, temperature, cpp):
+    zs, zt, zp = correlated_logits((4, 13), 37, noise=(0.8, 1.5))
+    y = random_tokens((4, 13), 37)
+    cfg = DOPDConfig(top_k=8, topk_from=source, topk_renorm=renorm, temperature=temperature, trim=0.1,
+                     reduction="seq_mean")
+    # The tail bucket's mass 1 − Σ_K p is an fp32 cancellation when the top-K holds nearly all of it
+    # (target top-K at τ = 0.7 over 37 columns): relative error ~1e-4 for any fp32 implementation.
+    out, _ = compare_dopd(zs, zt, zp, y, cfg, cpp, rtol=RTOL if renorm else 1e-4)
+    assert len(set(out.regime[y != IGNORE].tolist())) >= 3
+
+
+def test_dopd_reduction_none_with_per_token_weights(cpp):
+    zs, zt, zp = correlated_logits((3, 11), 23)
+    y = random_tokens((3, 11), 23)
+    compare_dopd(zs, zt, zp, y, DOPDConfig(top_k=5, reduction="none"), cpp, upstream=torch.randn(3, 11))
+
+
+@pytest.mark.parametrize("n,v,k", [(1, 37, 8), (2, 1, 4), (7, 5, 5), (7, 5, 64), (16, 61, 61), (5, 1025, 16)],
+                         ids=["N=1", "V=1", "K=V", "K>V", "V=61,K=V", "V=block+1"])
+@pytest.mark.parametrize("renorm", [True, False])
+def test_dopd_odd_sizes(n, v, k, renorm, cpp):
+    zs, zt, zp = correlated_logits(n, v, noise=(0.8, 1.5))
+    y = random_tokens(n, v, mask_frac=0.1)
+    compare_dopd(zs, zt, zp, y, DOPDConfig(top_k=k, topk_renorm=renorm), cpp)
+
+
+@pytest.mark.parametrize("renorm", [True, False])
+def test_dopd_valid_vocab_padding(renorm, cpp):
+    v, vv = 40, 33
+    zs, zt, zp = correlated_logits(24, v, noise=(0.8, 1.5))
+    zs[:, vv:] = 50.0  # padding must be ignored whatever it holds
+    y = random_tokens(24, vv)
+    out, _ = compare_dopd(zs, zt, zp, y, DOPDConfig(top_k=6, topk_renorm=renorm, valid_vocab=vv, temperature=1.3), cpp)
+
+
+@pytest.mark.parametrize("renorm", [True, False])
+def test_dopd_neg_inf_logits_and_k_above_finite_count(renorm, cpp):
+    """-inf logits inside the vocabulary (masked tokens): a top-K larger than a row's finite count still
+    yields K columns; the -inf ones carry no mass in any stream, so which of them is picked is moot."""
+    zs, zt, zp = correlated_logits(10, 19, noise=(0.8, 1.5))
+    masked = torch.rand(10, 19) < 0.5
+    masked[:, 0] = False
+    for z in (zs, zt, zp):
+        z[masked] = float("-inf")
+    y = torch.zeros(10, dtype=torch.long)
+    cfg, th = DOPDConfig(top_k=15, topk_renorm=renorm), (1e9, -1.0, -1.0)
+    if renorm:
+        compare_dopd(zs, zt, zp, y, cfg, cpp, thresholds=th)
+        return
+    # With a tail bucket the reference's autograd gives NaN here (log-sum-exp over an all -inf
+    # remainder): compare values, and require a finite gradient.
+    s = leaf(zs)
+    out = dopd_loss(s, zt, zp, y, config=cfg, backend=cpp, thresholds=th)
+    out.loss.backward()
+    ref = dopd_loss(zs.double(), zt.double(), zp.double(), y, config=cfg, backend="reference", thresholds=th)
+    assert_close(out.per_token_loss, ref.per_token_loss, rtol=RTOL, what="per-token loss")
+    assert torch.isfinite(s.grad).all()
+
+
+def _regime_inputs(n=30, v=41):
+    zs, zt, zp = correlated_logits(n, v, noise=(0.8, 1.5))
+    y = random_tokens(n, v, mask_frac=0.1)
+    return zs, zt, zp, y
+
+
+@pytest.mark.parametrize("regime", ["LH", "LL", "HT", "HS"])
+def test_dopd_each_regime_alone(regime, cpp):
+    zs, zt, zp, y = _regime_inputs()
+    valid = y != IGNORE
+    rows = valid.nonzero()[:, 0]
+    if regime in ("LH", "LL"):  # every gap below Ā; summed confidence above (LH) or below (LL) the bar
+        thresholds = (1e9, -1.0, -1.0) if regime == "LH" else (1e9, 1.0, 1.0)
+    else:  # every gap at or above Ā = 0; the sampled token favours the teacher (HT) or the priv student (HS)
+        thresholds = (0.0, 0.0, 0.0)
+        zp = zt.clone()
+        zp[rows, y[rows]] += -2.0 if regime == "HT" else 2.0
+    out, _ = compare_dopd(zs, zt, zp, y, DOPDConfig(top_k=7, topk_renorm=False), cpp, thresholds=thresholds)
+    assert set(out.regime[valid].tolist()) == {int(Regime[regime])}
+
+
+def test_dopd_every_regime_present(cpp):
+    zs, zt, zp = correlated_logits(64, 53, noise=(0.8, 1.5))
+    y = random_tokens(64, 53)
+    out, _ = compare_dopd(zs, zt, zp, y, DOPDConfig(top_k=8, trim=0.1), cpp)
+    assert set(out.regime[y != IGNORE].tolist()) == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("kind", DIVS)
+def test_extreme_logits_no_nan(kind, cpp):
+    n, v = 12, 29
+    zs, zt, zp = correlated_logits(n, v, noise=(0.8, 1.5))
+    offsets = torch.arange(v) * 0.5  # distinct spikes: a top-K set must not hinge on a tie
+    for z in (zs, zt, zp):  # ±1e4 spikes: near one-hot rows and probabilities that underflow to 0
+        hi, lo = torch.rand(n, v) < 0.15, torch.rand(n, v) < 0.15
+        z[hi] = (1e4 - offsets).expand(n, v)[hi]
+        z[lo & ~hi] = -1e4
+    y = random_tokens(n, v, mask_frac=0.1)
+    for renorm in (True, False):
+        cfg = DOPDConfig(top_k=5, topk_renorm=renorm)
+        s = leaf(zs)
+        out = dopd_loss(s, zt, zp, y, config=cfg, backend=cpp)
+        out.loss.backward()
+        assert torch.isfinite(out.loss) and torch.isfinite(out.per_token_loss).all() and torch.isfinite(s.grad).all()
+        s64 = leaf(zs, torch.float64)
+        ref = dopd_loss(s64, zt.double(), zp.double(), y, config=cfg, backend="reference")
+        ref.loss.backward()
+        # Logits of magnitude 1e4 carry an fp32 rounding of ~1e-3 in every log-prob: compare loosely,
+        # on the rows routed alike (a regime may flip on such rounding).
+        same = out.regime == ref.regime
+        assert_close(out.per_token_loss[same], ref.per_token_loss[same], rtol=1e-2, what="per-token loss")
+        if bool(same.all()):  # the gradient's error: no worse than the fp32 torch backend's
+            st = leaf(zs)
+            dopd_loss(st, zt, zp, y, config=cfg, backend="torch").loss.backward()
+            scale = float(s64.grad.abs().max())
+            assert _err(s.grad, s64.grad) <= 2 * _err(st.grad, s64.grad) + 1e-3 * scale
+    s = leaf(zs)
+    o = opd_loss(s, zt, y, divergence=kind, granularity="full", backend=cpp)
+    o.loss.backward()
+    assert torch.isfinite(o.loss) and torch.isfinite(s.grad).all()
+
+
+# -- fused-linear mode -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("priv_weight", [False, True], ids=["priv-weight-default", "priv-weight-own"])
+@pytest.mark.parametrize("renorm", [True, False])
+def test_fused_linear_dopd_fp32(renorm, priv_weight, bias, cpp):
+    t = linear_streams((5, 9), 13, 41, bias=bias)  # H not a multiple of 16
+    y = random_tokens((5, 9), 41)
+    fused_dopd_pair(t, y, DOPDConfig(top_k=6, topk_renorm=renorm, temperature=1.2), cpp, priv_weight=priv_weight)
+
+
+def test_fused_linear_dopd_teacher_hidden_size_differs(cpp):
+    t = linear_streams(33, 12, 29, teacher_hidden=20)
+    fused_dopd_pair(t, random_tokens(33, 29), DOPDConfig(top_k=5), cpp)
+
+
+@pytest.mark.parametrize("n,v,h,k", [(1, 37, 7, 8), (6, 1025, 17, 16), (7, 5, 3, 64)], ids=["N=1", "V=block+1", "K>V"])
+def test_fused_linear_dopd_odd_sizes(n, v, h, k, cpp):
+    t = linear_streams(n, h, v)
+    fused_dopd_pair(t, random_tokens(n, v, mask_frac=0.1), DOPDConfig(top_k=k, topk_renorm=False), cpp)
+
+
+def test_fused_linear_dopd_valid_vocab_and_ignore(cpp):
+    t = linear_streams((3, 8), 10, 30)
+    y = random_tokens((3, 8), 26, mask_frac=0.4)
+    fused_dopd_pair(t, y, DOPDConfig(top_k=5, valid_vocab=26, topk_renorm=False, temperature=0.8), cpp)
+
+
+@pytest.mark.parametrize("gran,renorm,source", GRANS, ids=GRAN_IDS)
+@pytest.mark.parametrize("kind", DIVS)
+def test_fused_linear_opd_fp32(kind, gran, renorm, source, cpp):
+    t = linear_streams(21, 9, 31)
+    y = random_tokens(21, 31)
+    kw = dict(divergence=kind, granularity=gran, top_k=5, topk_renorm=renorm, topk_from=source, temperature=0.9)
+    h, w, b = leaf(t["student_hidden"]), leaf(t["student_weight"]), leaf(t["student_bias"])
+    h64, w64, b64 = (leaf(x, torch.float64) for x in (t["student_hidden"], t["student_weight"], t["student_bias"]))
+    out = fused_linear_opd_loss(h, w, t["teacher_hidden"], t["teacher_weight"], y, student_bias=b,
+                                teacher_bias=t["teacher_bias"], backend=cpp, **kw)
+    ref = fused_linear_opd_loss(h64, w64, t["teacher_hidden"].double(), t["teacher_weight"].double(), y,
+                                student_bias=b64, teacher_bias=t["teacher_bias"].double(), backend="reference", **kw)
+    rtol = opd_rtol(kind, gran)
+    assert_close(out.per_token_loss, ref.per_token_loss, rtol=rtol, what="per-token loss")
+    out.loss.backward()
+    ref.loss.backward()
+    for name, a, e in (("dH", h, h64), ("dW", w, w64), ("db", b, b64)):
+        assert_close(a.grad, e.grad, rtol=rtol, what=name)
+
+
+# -- bf16 ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("renorm", [True, False])
+def test_dopd_bf16_vs_naive_bf16(renorm, cpp):
+    v = 53
+    zs, zt, zp = distinct_logits(40, v, noise=(0.8, 1.5))
+    y = random_tokens(40, v)
+    cfg = DOPDConfig(top_k=8, topk_renorm=renorm, trim=0.1)
+    s = leaf(zs)
+    out = dopd_loss(s, zt, zp, y, config=cfg, backend=cpp)
+    out.loss.backward()
+    assert s.grad.dtype == torch.bfloat16 and out.loss.dtype == torch.float32
+    s64 = leaf(zs, torch.float64)
+    per64, regime64, *_ = nv.dopd(s64, zt, zp, y, k=8, renorm=renorm, trim=0.1)
+    loss64 = nv.reduce(per64, y, "mean")
+    loss64.backward()
+    assert out.regime.tolist() == regime64
+    s16 = leaf(zs)
+    per16, *_ = nv.dopd(s16, zt, zp, y, k=8, renorm=renorm, trim=0.1, dtype=torch.bfloat16,
+                        thresholds=tuple(float(x) for x in out.thresholds))
+    loss16 = nv.reduce(per16, y, "mean")
+    loss16.backward()
+    assert _err(out.loss, loss64) <= _err(loss16, loss64) + 1e-6
+    assert_close(out.per_token_loss, per64, rtol=1e-4, what="per-token loss (fp32 statistics)")
+    gscale = float(s64.grad.abs().max())
+    assert _err(s.grad, s64.grad) <= _err(s16.grad, s64.grad) + 1e-3 * gscale
+    assert_close(s.grad, s64.grad, rtol=2 ** -7, atol=1e-4 * gscale, what="grad (bf16 storage)")
+
+
+@pytest.mark.parametrize("renorm", [True, False])
+def test_fused_linear_dopd_bf16(renorm, cpp):
+    v, hdim = 45, 13
+    t = linear_streams(30, hdim, v, dtype=torch.bfloat16)
+    y = random_tokens(30, v)
+    cfg = DOPDConfig(top_k=6, topk_renorm=renorm)
+    train = {k: leaf(t[k]) for k in ("student_hidden", "student_weight", "student_bias")}
+    out = fused_linear_dopd_loss(train["student_hidden"], train["student_weight"], t["teacher_hidden"],
+                                 t["teacher_weight"], t["priv_student_hidden"], y, student_bias=train["student_bias"],
+                                 teacher_bias=t["teacher_bias"], config=cfg, backend=cpp)
+    out.loss.backward()
+    t64 = {k: leaf(t[k], torch.float64) for k in train}
+    zs = nv.linear_logits(t64["student_hidden"], t64["student_weight"], t64["student_bias"])
+    zt = nv.linear_logits(t["teacher_hidden"], t["teacher_weight"], t["teacher_bias"])
+    zp = nv.linear_logits(t["priv_student_hidden"], t["student_weight"], t["student_bias"])
+    per64, regime64, *_ = nv.dopd(zs, zt, zp, y, k=6, renorm=renorm)
+    loss64 = nv.reduce(per64, y, "mean")
+    loss64.backward()
+    t16 = {k: leaf(t[k]) for k in train}
+    zs16 = t16["student_hidden"] @ t16["student_weight"].T + t16["student_bias"]
+    zt16 = t["teacher_hidden"] @ t["teacher_weight"].T + t["teacher_bias"]
+    zp16 = t["priv_student_hidden"] @ t["student_weight"].T + t["student_bias"]
+    per16, *_ = nv.dopd(zs16, zt16, zp16, y, k=6, renorm=renorm, dtype=torch.bfloat16,
+                        thresholds=tuple(float(x) for x in out.thresholds))
+    nv.reduce(per16, y, "mean").backward()
+    assert out.regime.tolist() == regime64
+    assert _err(out.loss, loss64) <= _err(nv.reduce(per16, y, "mean"), loss64) + 1e-6
+    assert_close(out.loss, loss64, rtol=1e-4, what="loss")
+    for k in train:
+        g, g64, g16 = train[k].grad, t64[k].grad, t16[k].grad
+        assert g.dtype == torch.bfloat16
+        scale = float(g64.abs().max())
+        assert _err(g, g64) <= _err(g16, g64) + 1e-3 * scale, k
+        assert_close(g, g64, rtol=2 ** -7, atol=2e-3 * scale, what=f"d{k}")
+
+
+# -- the header's regime selection against the library's routing ----------------------------------
+
+
+def test_header_regimes_match_routing(cpp):
+    from dopd_kernels._build import load_extension
+    from dopd_kernels.routing import assign_regimes, batch_thresholds
+
+    n = 500
+    adv, qt, qp = torch.rand(n, dtype=torch.float64), torch.rand(n, dtype=torch.float64), torch.rand(n, dtype=torch.float64)
+    qt[:50] = qp[:50]  # ties of q_T and q_P
+    valid = torch.rand(n) < 0.9
+    th = batch_thresholds(adv, qt, qp, valid, 0.05)
+    adv[50:60] = th.adv_gap  # ties with Ā
+    got = load_extension("cpu").assign_regimes(adv, qt, qp, valid, *(float(x) for x in th))
+    assert torch.equal(got, assign_regimes(adv, qt, qp, valid, th))
