@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from dopd_trainer.cli import load_reward, main
 from dopd_trainer.errors import UsageError
@@ -19,6 +20,14 @@ from dopd_trainer.train import TIMING_FIELDS
 TINY = ["--digits", "1", "--train-size", "60", "--eval-size", "12", "--hidden", "16", "--layers", "1",
         "--teacher-warmup-steps", "4", "--student-warmup-steps", "3", "--steps", "3", "--prompts-per-step", "3",
         "--samples-per-prompt", "2", "--eval-every", "2", "--save-every", "2", "--no-progress"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def keep_thread_count():
+    """`main` sets torch's thread count (1 for the built-in task); later test files keep theirs."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
