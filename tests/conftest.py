@@ -14,6 +14,23 @@ import torch
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
+# Triton reads TRITON_INTERPRET when it is first imported and when a kernel is decorated. Without
+# CUDA, import it and our kernels here, interpreted, before any test module (or a library that pulls
+# triton in, such as transformers) can import them compiled; then restore the variable so that
+# backend="auto" elsewhere still chooses a CPU backend.
+if not torch.cuda.is_available():
+    _saved_interpret = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import dopd_kernels.backends.triton_backend  # noqa: F401
+    except ImportError:  # no triton: its tests skip
+        pass
+    finally:
+        if _saved_interpret is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = _saved_interpret
+
 IGNORE = -100
 
 
