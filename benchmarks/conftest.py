@@ -83,8 +83,9 @@ class Settings:
                  for w in workloads if w in chosen for v, h, ns in self.grid(w) for n in ns]
         return sorted(found, key=lambda c: (c.n, c.v, c.h, workloads.index(c.workload)))
 
-    def out_of_time(self) -> bool:
-        return self.budget_s > 0 and time.time() - self.started > self.budget_s
+    def out_of_time(self, reserve_s: float = 0.0) -> bool:
+        """True once the budget (less `reserve_s`, time a contender needs beyond its rounds) is spent."""
+        return self.budget_s > 0 and time.time() - self.started > self.budget_s - reserve_s
 
     def record(self, case: Case, contender: str, status: str) -> None:
         self.not_run.append({**case.as_dict(), "contender": contender, "status": status})
