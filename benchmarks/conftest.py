@@ -1,7 +1,7 @@
 """Size selection, run settings and result bookkeeping of the benchmark suite.
 
-Sizes follow the device found (see `GRIDS`): CPU sizes by default (the whole CPU run fits in
-10 minutes on 2 cores), real sizes in bf16 on CUDA, tiny sizes in smoke mode (`--smoke` or
+Sizes follow the device found (see `GRIDS`): CPU sizes by default (the whole CPU run takes about
+9.5 CPU-minutes: under 10 minutes on 2 idle cores), real sizes in bf16 on CUDA, tiny sizes in smoke mode (`--smoke` or
 `DOPD_BENCH_SMOKE=1`: N=16, V=500, H=16, one round; every code path, in well under a minute).
 
 Environment overrides (used by `gpu_check.sh`):
@@ -33,7 +33,7 @@ from .inputs import WORKLOADS, Case
 
 # workload -> [(V, H, [N, ...])]
 GRIDS = {
-    "cpu": {  # ~9 minutes on 2 idle cores, memory probes and torch.compile included
+    "cpu": {  # ~9.5 CPU-minutes (< 10 min on 2 idle cores), memory probes and torch.compile included
         "dopd": [(32000, 512, [64, 256]), (151936, 512, [16, 64])],
         "js": [(32000, 512, [32, 128])],
         "kl": [(32000, 512, [32, 128])],
