@@ -118,12 +118,16 @@ class LossEngine:
         return self.shard.owned_max(self.passes.gather(source, rows, local), owned)
 
     def _localize(self, term: RowTerm) -> RowTerm:
-        """A term's explicit columns as this shard sees them: local, with foreign ones zeroed."""
+        """A term's explicit columns as this shard sees them. Added `sparse` values: foreign columns
+        become local column 0 with value 0. Written `explicit` values: foreign columns become -1,
+        which every writer skips (writing 0 at column 0 would erase that column's gradient)."""
         if self.shard is None:
             return term
         local, owned = self.shard.localize(term.cols)
-        # `explicit` is written, not added, so it cannot carry the zeroed foreign columns: dropped.
-        return RowTerm(term.value, term.dense, local, term.sparse.masked_fill(~owned, 0.0))
+        sparse = term.sparse.masked_fill(~owned, 0.0)
+        if term.explicit is None:
+            return RowTerm(term.value, term.dense, local, sparse)
+        return RowTerm(term.value, term.dense, local.masked_fill(~owned, -1), sparse, term.explicit.masked_fill(~owned, 0.0))
 
     def _rest_logprob(self, source, rows: torch.Tensor, cols: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
         """Log-probability [n] (float64) of the tail bucket: the valid columns outside `cols` [n, k]

@@ -1,8 +1,9 @@
 """Vocabulary-parallel losses and global-batch routing across gloo processes on CPU.
 
-Each world size is one spawn: the workers run every case on their vocabulary shard (or batch
-slice) and save what they computed; the parent compares with the single-process result on the
-same inputs. Inputs come from a seed drawn fresh for every run.
+Each (backend, world size) is one spawn: the workers run every case on their vocabulary shard (or
+batch slice) and save what they computed; the parent compares with the single-process result of
+the same backend on the same inputs. Inputs come from a seed drawn fresh for every run. The Triton
+backend runs interpreted on CPU (the workers set TRITON_INTERPRET before importing it).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import torch.multiprocessing as mp
 from dopd_kernels import DOPDConfig, TorchBackend, dopd_loss, fused_linear_dopd_loss, fused_linear_opd_loss, opd_loss, token_logprobs
 
 N, V, H = 24, 37, 8  # V = 37 splits unevenly over 2 and 4 ranks
-BACKEND = TorchBackend(row_chunk=5, vocab_chunk=6)
 OPD_CASES = [dict(divergence=d, granularity=g, top_k=5, topk_renorm=r)
              for d, g, r in [("reverse_kl", "full", True), ("js", "full", True), ("forward_kl", "topk", False),
                              ("reverse_kl", "topk", True), ("js", "sampled", True), ("reverse_kl", "sampled", True)]]
@@ -43,13 +43,28 @@ def shard_bounds(world: int):
     return [(s, s + n) for s, n in zip(starts, sizes)]
 
 
-def compute_all(x, lo=0, hi=V, group=None, routing_rows=None, routing_group=None):
+def make_backend(name: str):
+    """The backend under test, with tiles small enough that a shard spans several of them."""
+    if name == "torch":
+        return TorchBackend(row_chunk=5, vocab_chunk=6)
+    if name == "cpp":
+        from dopd_kernels.backends.compiled import CppBackend
+
+        return CppBackend(row_chunk=5, vocab_chunk=6)
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported in this process
+    from dopd_kernels.backends.triton_backend import TritonBackend
+
+    return TritonBackend(block_n=16, block_v=16, block_h=16, vocab_splits=2)
+
+
+def compute_all(x, backend, lo=0, hi=V, group=None, routing_rows=None, routing_group=None):
     """Every case on columns [lo, hi) (and rows `routing_rows` for the routing case)."""
     out = {}
     cfg = DOPDConfig(top_k=6, temperature=0.9, valid_vocab=33)
     hs, ws, bs = (x[k].clone().requires_grad_() for k in ("hs", "ws", "bs"))
     res = fused_linear_dopd_loss(hs, ws[lo:hi], x["ht"], x["wt"][lo:hi], x["hp"], x["tokens"], student_bias=bs[lo:hi],
-                                 config=cfg, backend=BACKEND, vocab_parallel_group=group)
+                                 config=cfg, backend=backend, vocab_parallel_group=group)
     res.loss.backward()
     out["linear"] = (res.loss.detach(), res.per_token_loss, res.regime, hs.grad, ws.grad[lo:hi], bs.grad[lo:hi])
 
@@ -59,37 +74,37 @@ def compute_all(x, lo=0, hi=V, group=None, routing_rows=None, routing_group=None
         zs_local = zs[:, lo:hi].clone()
     zs_local.requires_grad_()
     res = dopd_loss(zs_local, zt[:, lo:hi], zp[:, lo:hi], x["tokens"], config=cfg.replace(topk_renorm=False),
-                    backend=BACKEND, vocab_parallel_group=group)
+                    backend=backend, vocab_parallel_group=group)
     res.loss.backward()
     out["logits"] = (res.loss.detach(), res.per_token_loss, res.regime, zs_local.grad)
 
     for i, case in enumerate(OPD_CASES):
         hs = x["hs"].clone().requires_grad_()
-        res = fused_linear_opd_loss(hs, x["ws"][lo:hi], x["ht"], x["wt"][lo:hi], x["tokens"], backend=BACKEND,
+        res = fused_linear_opd_loss(hs, x["ws"][lo:hi], x["ht"], x["wt"][lo:hi], x["tokens"], backend=backend,
                                     vocab_parallel_group=group, **case)
         res.loss.backward()
         out[f"opd{i}"] = (res.loss.detach(), res.per_token_loss, hs.grad)
-        res = opd_loss(zs_local.detach(), zt[:, lo:hi], x["tokens"], backend=BACKEND, vocab_parallel_group=group, **case)
+        res = opd_loss(zs_local.detach(), zt[:, lo:hi], x["tokens"], backend=backend, vocab_parallel_group=group, **case)
         out[f"opd_logits{i}"] = (res.loss.detach(), res.per_token_loss)
 
-    out["logprobs"] = (token_logprobs(x["hs"], x["tokens"], x["ws"][lo:hi], x["bs"][lo:hi], backend=BACKEND,
+    out["logprobs"] = (token_logprobs(x["hs"], x["tokens"], x["ws"][lo:hi], x["bs"][lo:hi], backend=backend,
                                       vocab_parallel_group=group),)
 
     rows = slice(None) if routing_rows is None else routing_rows
     res = dopd_loss(zs.detach()[rows], zt[rows], zp[rows], x["tokens"][rows], config=DOPDConfig(top_k=6),
-                    backend=BACKEND, routing_group=routing_group)
+                    backend=backend, routing_group=routing_group)
     out["routing"] = (torch.stack(list(res.thresholds)), res.regime, res.per_token_loss)
     return out
 
 
-def worker(rank: int, world: int, port: int, seed: int, path: str) -> None:
+def worker(rank: int, world: int, port: int, seed: int, path: str, backend_name: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     lo, hi = shard_bounds(world)[rank]
     per_rank = N // world
     rows = slice(rank * per_rank, (rank + 1) * per_rank)
-    out = compute_all(make_inputs(seed), lo, hi, dist.group.WORLD, rows, dist.group.WORLD)
+    out = compute_all(make_inputs(seed), make_backend(backend_name), lo, hi, dist.group.WORLD, rows, dist.group.WORLD)
     torch.save(out, os.path.join(path, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -100,15 +115,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_sharded_equals_single_process(world, tmp_path):
+@pytest.mark.parametrize("backend_name, world", [("torch", 2), ("torch", 4), ("cpp", 2), ("triton", 2)])
+def test_sharded_equals_single_process(backend_name, world, tmp_path):
+    try:
+        backend = make_backend(backend_name)
+    except (ImportError, RuntimeError) as err:  # no compiler / no triton in this environment
+        pytest.skip(f"backend {backend_name!r} unavailable: {err}")
     seed = random.randrange(2**31)
-    mp.spawn(worker, args=(world, free_port(), seed, str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(worker, args=(world, free_port(), seed, str(tmp_path), backend_name), nprocs=world, join=True)
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
-    want = compute_all(make_inputs(seed))
+    want = compute_all(make_inputs(seed), backend)
     # fp32 sums taken in another order; the tail-bucket mass 1 − Σ_K p cancels, hence atol 1e-5.
     close = dict(rtol=2e-5, atol=1e-5)
-    msg = f"seed={seed} world={world}"
+    msg = f"seed={seed} world={world} backend={backend_name}"
     bounds = shard_bounds(world)
     for rank, out in enumerate(got):
         lo, hi = bounds[rank]
