@@ -1,8 +1,9 @@
 """Run-folder files written so that a kill at any moment leaves a resumable state.
 
 A checkpoint holds everything the loop's future depends on: student weights, optimizer and schedule
-state, the step, and the torch RNG state that drives sampling. The data order is a pure function of
-the step (see `train.batch_indices`), so restoring these reproduces an uninterrupted run exactly.
+state, the step, and the torch RNG state that drives sampling (one per data-parallel rank). The data
+order is a pure function of the step (see `train.batch_indices`), so restoring these reproduces an
+uninterrupted run exactly.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Optional
 
 import torch
 
+from .errors import UsageError
+
 _CKPT = re.compile(r"^ckpt-(\d+)\.pt$")
 
 
@@ -26,15 +29,22 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(arm_dir: Path, step: int, student, optimizer, scheduler, keep: int = 2) -> Path:
-    """Write `ckpt-<step>.pt` (to a temporary name, then rename) and keep the newest `keep`."""
+def rng_state() -> dict:
+    """This process's sampling RNG state (torch, and CUDA where present)."""
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def save_checkpoint(arm_dir: Path, step: int, student, optimizer, scheduler, rng_states: list[dict],
+                    keep: int = 2) -> Path:
+    """Write `ckpt-<step>.pt` (to a temporary name, then rename) and keep the newest `keep`.
+    `rng_states`: every rank's `rng_state()`, in rank order."""
     state = {
         "step": step,
         "student": student.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "rng": rng_states,
     }
     path = arm_dir / f"ckpt-{step:06d}.pt"
     tmp = arm_dir / f".ckpt-{step:06d}.pt.tmp"
@@ -49,18 +59,22 @@ def checkpoints(arm_dir: Path) -> list[Path]:
     return [p for p in arm_dir.iterdir() if _CKPT.match(p.name)] if arm_dir.is_dir() else []
 
 
-def load_latest(arm_dir: Path, student, optimizer, scheduler) -> Optional[int]:
-    """Restore the newest checkpoint into the given objects and the RNG; return its step (None if none)."""
+def load_latest(arm_dir: Path, student, optimizer, scheduler, rank: int = 0, world: int = 1) -> Optional[int]:
+    """Restore the newest checkpoint into the given objects and rank `rank`'s RNG; return its step
+    (None if none)."""
     found = sorted(checkpoints(arm_dir))
     if not found:
         return None
     state = torch.load(found[-1], weights_only=False)
+    if len(state["rng"]) != world:
+        raise UsageError(f"--resume: {found[-1]} was written by {len(state['rng'])} process(es); "
+                         f"resume it with as many (this run has {world})")
     student.load_state_dict(state["student"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"] is not None:
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    torch.set_rng_state(state["rng"][rank]["torch"])
+    if state["rng"][rank]["cuda"] is not None:
+        torch.cuda.set_rng_state_all(state["rng"][rank]["cuda"])
     return state["step"]
 
 

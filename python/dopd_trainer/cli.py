@@ -19,6 +19,7 @@ import torch
 import transformers
 
 from . import task
+from .distributed import Workers
 from .errors import UsageError
 from .models import check_same_vocabulary, load_checkpoint, tiny_llama
 from .report import plot_run
@@ -109,7 +110,7 @@ def load_reward(spec: str | None):
         raise UsageError(f"--reward {spec!r}: cannot import it as MODULE:FUNCTION ({exc})") from exc
 
 
-def setup_builtin(args):
+def setup_builtin(args, workers: Workers):
     """Tokenizer, data and the two warmed-up models of the built-in task."""
     tokenizer = build_char_tokenizer(task.ALPHABET)
     train_set, eval_set = task.addition_splits(args.digits, args.train_size, args.eval_size, args.seed)
@@ -125,10 +126,15 @@ def setup_builtin(args):
         key = {**common, "hint_fraction": hint_fraction, "steps": steps, "model_seed": seed}
         return cached_warmup(args.cache_dir, name, key, build)
 
+    # Rank 0 trains and caches the warm-ups while the other ranks wait; they then load its cache.
+    if not workers.is_main:
+        workers.barrier()
     teacher, _ = warmed("teacher", 1.0, args.teacher_warmup_steps, args.seed + 1)
     # Half of the student's warm-up reads hints: like a pretrained LM, its privileged self can use a
     # hint, which is what DOPD's third stream assumes; its unhinted skill stays weak.
     student, tokenizer = warmed("student", 0.5, args.student_warmup_steps, args.seed + 2)
+    if workers.is_main:
+        workers.barrier()
     return student, teacher, tokenizer, train_set, eval_set
 
 
@@ -165,28 +171,32 @@ def train_configs(args) -> list[TrainConfig]:
     return [main, dataclasses.replace(main, method="opd" if main.method == "dopd" else "dopd")]
 
 
-def run(args) -> dict:
-    """Set up, measure the teacher, train every arm, write summary.json and report.png."""
+def run(args, workers: Workers = Workers(), device: str | None = None) -> dict:
+    """Set up, measure the teacher, train every arm, write summary.json and report.png (rank 0; the
+    other ranks return an empty summary). `device`: this rank's device (default `args.device`)."""
     started = time.time()
     run_dir = Path(args.run_dir)
     configs = train_configs(args)  # validates names before any model is built
     reward_fn = load_reward(args.reward)
     if args.student is None and args.teacher is None:
-        student, teacher, tokenizer, train_set, eval_set = setup_builtin(args)
+        student, teacher, tokenizer, train_set, eval_set = setup_builtin(args, workers)
     else:
         student, teacher, tokenizer, train_set, eval_set = setup_checkpoints(args)
-    student, teacher = student.to(args.device), teacher.to(args.device)
+    device = device or args.device
+    student, teacher = student.to(device), teacher.to(device)
 
     summary: dict = {"run_dir": str(run_dir), "eval_examples": len(eval_set)}
     if eval_set:
         summary["teacher_accuracy_with_hint"] = accuracy(teacher, tokenizer, eval_set, reward_fn, with_hint=True,
-                                                         max_new_tokens=args.max_new_tokens)
+                                                         max_new_tokens=args.max_new_tokens, workers=workers)
         summary["teacher_accuracy_without_hint"] = accuracy(teacher, tokenizer, eval_set, reward_fn, with_hint=False,
-                                                            max_new_tokens=args.max_new_tokens)
+                                                            max_new_tokens=args.max_new_tokens, workers=workers)
     arms = {}
     for cfg in configs:
         arms[cfg.arm_name] = train_arm(run_dir / cfg.arm_name, cfg, copy.deepcopy(student), teacher, tokenizer,
-                                       train_set, eval_set, reward_fn if eval_set else None, args.progress)
+                                       train_set, eval_set, reward_fn if eval_set else None, args.progress, workers)
+    if not workers.is_main:
+        return {}
     for name, records in arms.items():
         evals = [r for r in records if r["event"] == "eval"]
         if evals:
@@ -216,6 +226,7 @@ def format_summary(summary: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    fresh = not args.resume
     if args.resume:
         saved = Path(args.resume) / "config.json"
         if not saved.exists():
@@ -227,18 +238,27 @@ def main(argv: list[str] | None = None) -> int:
                                      "threads": config["threads"] if args.threads is None else args.threads})
     else:
         resolve(args)
-        if args.run_dir is None:
-            args.run_dir = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
-        Path(args.run_dir).mkdir(parents=True, exist_ok=True)
-        (Path(args.run_dir) / "config.json").write_text(json.dumps(vars(args), indent=2))
-    transformers.utils.logging.disable_progress_bar()  # keep the terminal to our own progress bars
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    # Under torchrun (WORLD_SIZE > 1) every rank runs what follows on its share of the data; rank 0
+    # alone writes the run folder and prints.
+    workers, device = Workers.start(args.device)
     try:
-        summary = run(args)
-    except UsageError as exc:
-        parser.error(str(exc))
-    print(format_summary(summary))
+        if fresh:
+            if args.run_dir is None:  # rank 0's clock names the folder for all
+                args.run_dir = workers.broadcast(str(Path("runs") / time.strftime("%Y%m%d-%H%M%S")))
+            if workers.is_main:
+                Path(args.run_dir).mkdir(parents=True, exist_ok=True)
+                (Path(args.run_dir) / "config.json").write_text(json.dumps(vars(args), indent=2))
+        transformers.utils.logging.disable_progress_bar()  # keep the terminal to our own progress bars
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        try:
+            summary = run(args, workers, device)
+        except UsageError as exc:
+            parser.error(str(exc))
+    finally:
+        workers.stop()
+    if workers.is_main:
+        print(format_summary(summary))
     return 0
 
 

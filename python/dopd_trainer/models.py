@@ -56,3 +56,18 @@ def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -
     """Final (normed) hidden states `[B, T, H]`, i.e. what `lm_head` maps to logits, without the logits."""
     device = model.device
     return model.base_model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).last_hidden_state
+
+
+class HiddenAndHead(torch.nn.Module):
+    """A causal LM whose forward returns the fused loss's inputs: final hidden states and the `lm_head`
+    weight and bias. Wrapped in DistributedDataParallel, the student's gradient-carrying forward goes
+    through DDP's forward (which arms its gradient all-reduce for the next backward), and the
+    `lm_head` the loss multiplies is a parameter of that same module, so its gradient is averaged
+    with the others (also when it is not tied to the input embeddings)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        return (final_hidden(self.model, input_ids, attention_mask), *lm_head(self.model))

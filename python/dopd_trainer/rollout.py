@@ -6,6 +6,7 @@ from typing import Callable
 
 import torch
 
+from .distributed import Workers
 from .task import Example
 
 
@@ -42,13 +43,15 @@ def generate(model, tokenizer, prefixes: list[list[int]], *, num_samples: int = 
 
 
 def accuracy(model, tokenizer, examples: list[Example], reward_fn: Callable[[str, Example], float], *,
-             with_hint: bool, max_new_tokens: int, batch_size: int = 256) -> float:
-    """Mean reward of greedy completions, reading `x` (or `x,p` when `with_hint`)."""
+             with_hint: bool, max_new_tokens: int, workers: Workers = Workers(), batch_size: int = 256) -> float:
+    """Mean reward of greedy completions, reading `x` (or `x,p` when `with_hint`); with several
+    workers each rank decodes its share of `examples`."""
     total = 0.0
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
+    mine = workers.shard(examples)
+    for start in range(0, len(mine), batch_size):
+        chunk = mine[start : start + batch_size]
         prompts, hints = encode_prompts(tokenizer, chunk)
         prefixes = [x + p for x, p in zip(prompts, hints)] if with_hint else prompts
         responses = generate(model, tokenizer, prefixes, max_new_tokens=max_new_tokens, greedy=True)
         total += sum(reward_fn(tokenizer.decode(r, skip_special_tokens=True), e) for r, e in zip(responses, chunk))
-    return total / len(examples)
+    return sum(workers.gather(total)) / len(examples)

@@ -17,10 +17,11 @@ from tqdm.auto import tqdm
 from dopd_kernels import DOPDConfig, fused_linear_dopd_loss, fused_linear_opd_loss
 from dopd_kernels.config import DIVERGENCES, GRANULARITIES
 
-from .checkpoint import load_latest, save_checkpoint, save_pretrained_atomic, truncate_metrics
+from .checkpoint import load_latest, rng_state, save_checkpoint, save_pretrained_atomic, truncate_metrics
 from .contexts import IGNORE_INDEX, Contexts, build_contexts, gather_response
+from .distributed import Workers
 from .errors import UsageError
-from .models import final_hidden, lm_head
+from .models import HiddenAndHead, final_hidden, lm_head
 from .rollout import accuracy, encode_prompts, generate
 from .task import Example
 
@@ -102,12 +103,15 @@ def mean_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     return total / max(1, rows.shape[0])
 
 
-def distillation_loss(cfg: TrainConfig, student, teacher, contexts: Contexts) -> tuple[torch.Tensor, dict]:
-    """The training loss on the response tokens of `contexts`, and what to log about it."""
+def distillation_loss(cfg: TrainConfig, student, forward, teacher, contexts: Contexts,
+                      routing_group=None) -> tuple[torch.Tensor, dict]:
+    """The training loss on the response tokens of `contexts`, and what to log about it. `forward` is
+    `HiddenAndHead(student)`, in DDP when data-parallel; `routing_group` spans the ranks whose tokens
+    together set DOPD's routing thresholds."""
     s_ctx, p_ctx = contexts.student, contexts.privileged
-    w_s, b_s = lm_head(student)
     w_t, b_t = lm_head(teacher)
-    s_hidden = gather_response(final_hidden(student, s_ctx.input_ids, s_ctx.attention_mask), s_ctx)
+    s_hidden, w_s, b_s = forward(s_ctx.input_ids, s_ctx.attention_mask)
+    s_hidden = gather_response(s_hidden, s_ctx)
     with torch.no_grad():
         t_hidden = gather_response(final_hidden(teacher, p_ctx.input_ids, p_ctx.attention_mask), p_ctx)
         if cfg.method == "dopd" and cfg.anchor == "priv-student":
@@ -126,9 +130,11 @@ def distillation_loss(cfg: TrainConfig, student, teacher, contexts: Contexts) ->
         return out.loss, logs
     out = fused_linear_dopd_loss(s_hidden, w_s, t_hidden, w_t, a_hidden, tokens, priv_student_weight=a_weight,
                                  student_bias=b_s, teacher_bias=b_t, priv_student_bias=a_bias,
-                                 config=DOPDConfig(top_k=cfg.top_k, reduction="seq_mean"), backend=cfg.backend)
+                                 config=DOPDConfig(top_k=cfg.top_k, reduction="seq_mean"), backend=cfg.backend,
+                                 routing_group=routing_group)
     logs["regime"] = out.regime_fractions()
     logs["adv_gap"] = float(out.adv_gap[valid].mean())
+    logs["thresholds"] = [float(t) for t in out.thresholds]  # (Ā, q̄_T, q̄_P) of the global batch
     return out.loss, logs
 
 
@@ -153,43 +159,91 @@ class MetricsLog:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line] if self.path.exists() else []
 
 
-def train_step(cfg: TrainConfig, step: int, student, teacher, tokenizer, train_set: list[Example], optimizer,
-               scheduler, reward_fn: Optional[Callable[[str, Example], float]]) -> dict:
+def optimizer_step(cfg: TrainConfig, student, forward, teacher, contexts: Contexts, optimizer, scheduler,
+                   workers: Workers, batch_size: int) -> dict:
+    """Loss on `contexts` (this rank's share of a global batch of `batch_size` sequences), backward,
+    clipping, AdamW and schedule step. Returns this rank's logs."""
+    loss, logs = distillation_loss(cfg, student, forward, teacher, contexts, workers.group)
+    optimizer.zero_grad(set_to_none=True)
+    # DDP averages the ranks' gradients; weighting each rank's sequence-mean loss by its share of the
+    # batch makes that average the gradient of the global batch's sequence mean, also when the prompts
+    # do not split evenly. The factor is 1 for a single process.
+    (loss * (workers.world * contexts.student.tokens.shape[0] / batch_size)).backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)  # of the averaged gradient
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    return {"loss": float(loss.detach()), "lr": lr, "grad_norm": float(grad_norm), **logs}
+
+
+# How a rank's logged mean becomes the global one: weighted by the rank's sequences or tokens.
+PER_SEQUENCE = ("loss", "response_len", "sample_reward")
+PER_TOKEN = ("entropy", "adv_gap")
+
+
+def merge_records(parts: list[tuple[dict, int, int]]) -> dict:
+    """The step's global record from every rank's `(record, sequences, tokens)`: means weighted by
+    sequences or tokens, throughput over all ranks, time and memory of the slowest and largest rank;
+    the rest (lr, grad_norm, thresholds) is the same on every rank."""
+    if len(parts) == 1:
+        return parts[0][0]
+    record = dict(parts[0][0])
+
+    def mean(key: str, weight: int, sub: Optional[str] = None) -> float:
+        """Mean of `r[key]` (or `r[key][sub]`) over the ranks that logged it, weighted by `part[weight]`."""
+        pairs = [(r[key] if sub is None else r[key][sub], part[weight]) for part in parts if key in (r := part[0])]
+        return sum(v * w for v, w in pairs) / sum(w for _, w in pairs)
+
+    for key in PER_SEQUENCE + PER_TOKEN:
+        if any(key in part[0] for part in parts):
+            record[key] = mean(key, 1 if key in PER_SEQUENCE else 2)
+    if "regime" in record:
+        record["regime"] = {name: mean("regime", 2, name) for name in record["regime"]}
+    record["step_time_s"] = max(p[0]["step_time_s"] for p in parts)
+    record["peak_mem_mb"] = max(p[0]["peak_mem_mb"] for p in parts)
+    record["tokens_per_s"] = sum(p[2] for p in parts) / record["step_time_s"]
+    return record
+
+
+def train_step(cfg: TrainConfig, step: int, student, forward, teacher, tokenizer, train_set: list[Example],
+               optimizer, scheduler, reward_fn: Optional[Callable[[str, Example], float]],
+               workers: Workers = Workers()) -> dict:
     """One on-policy update: sample G responses per prompt, score them in the three contexts, step
-    AdamW and the schedule. Returns the step's metric record."""
+    AdamW and the schedule. Each rank takes every `world`-th prompt of the step's batch (the batch of
+    the single-process run). Returns the step's global metric record."""
     t0 = time.perf_counter()
-    examples = [train_set[i] for i in batch_indices(step, cfg.prompts_per_step, len(train_set), cfg.seed)]
+    batch = [train_set[i] for i in batch_indices(step, cfg.prompts_per_step, len(train_set), cfg.seed)]
+    examples = workers.shard(batch)
     prompts, hints = encode_prompts(tokenizer, examples)
     g = cfg.samples_per_prompt
     responses = generate(student, tokenizer, prompts, num_samples=g, max_new_tokens=cfg.max_new_tokens,
                          temperature=cfg.temperature, top_p=cfg.top_p)
     contexts = build_contexts([x for x in prompts for _ in range(g)], [p for p in hints for _ in range(g)],
                               responses, tokenizer.pad_token_id)
-    loss, logs = distillation_loss(cfg, student, teacher, contexts)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
-    lr = scheduler.get_last_lr()[0]
-    optimizer.step()
-    scheduler.step()
+    logs = optimizer_step(cfg, student, forward, teacher, contexts, optimizer, scheduler, workers, len(batch) * g)
     elapsed = time.perf_counter() - t0
     n_tokens = sum(len(r) for r in responses)
-    record = {"event": "train", "step": step + 1, "loss": float(loss.detach()), "lr": lr,
-              "grad_norm": float(grad_norm), **logs, "response_len": n_tokens / len(responses)}
+    record = {"event": "train", "step": step + 1, **logs, "response_len": n_tokens / len(responses)}
     if reward_fn is not None and all(e.answer is not None for e in examples):
         texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
         record["sample_reward"] = sum(reward_fn(t, examples[i // g]) for i, t in enumerate(texts)) / len(texts)
     record.update(tokens_per_s=n_tokens / elapsed, peak_mem_mb=peak_memory_mb(student.device), step_time_s=elapsed)
-    return record
+    return merge_records(workers.gather((record, len(responses), n_tokens)))
 
 
 def train_arm(arm_dir: Path, cfg: TrainConfig, student, teacher, tokenizer, train_set: list[Example],
               eval_set: list[Example], reward_fn: Optional[Callable[[str, Example], float]],
-              show_progress: bool = True) -> list[dict]:
+              show_progress: bool = True, workers: Workers = Workers()) -> list[dict]:
     """Train `student` in place for `cfg.steps` steps, resuming from `arm_dir`'s newest checkpoint if
-    any. Returns the arm's metric records (train and eval)."""
-    arm_dir.mkdir(parents=True, exist_ok=True)
-    (arm_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    any. Returns the arm's metric records (train and eval). With several workers every rank runs
+    this, and rank 0 alone writes `arm_dir` (and returns the records; the others return [])."""
+    if cfg.prompts_per_step < workers.world:
+        raise UsageError(f"--prompts-per-step {cfg.prompts_per_step}: fewer prompts than the {workers.world} "
+                         "processes that share them")
+    main = workers.is_main
+    if main:
+        arm_dir.mkdir(parents=True, exist_ok=True)
+        (arm_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     log = MetricsLog(arm_dir / "metrics.jsonl")
     teacher.requires_grad_(False).eval()
     student.train()
@@ -204,31 +258,42 @@ def train_arm(arm_dir: Path, cfg: TrainConfig, student, teacher, tokenizer, trai
         # competence decides whether its regimes teach anything.
         with torch.random.fork_rng(devices=[]):  # evaluation must not move the sampling RNG
             acc, acc_hint = (accuracy(student, tokenizer, eval_set, reward_fn, with_hint=hint,
-                                      max_new_tokens=cfg.max_new_tokens) for hint in (False, True))
-        log.write({"event": "eval", "step": step, "eval_accuracy": acc, "eval_accuracy_with_hint": acc_hint})
+                                      max_new_tokens=cfg.max_new_tokens, workers=workers) for hint in (False, True))
+        if main:
+            log.write({"event": "eval", "step": step, "eval_accuracy": acc, "eval_accuracy_with_hint": acc_hint})
         status["acc"] = f"{acc:.3f}"
 
-    start = load_latest(arm_dir, student, optimizer, scheduler)
-    bar = tqdm(total=cfg.steps, desc=cfg.arm_name, disable=not show_progress, dynamic_ncols=True)
+    # Every rank restores the same weights and optimizer state, and its own sampling RNG.
+    start = load_latest(arm_dir, student, optimizer, scheduler, workers.rank, workers.world)
+    forward = workers.wrap(HiddenAndHead(student))
+    bar = tqdm(total=cfg.steps, desc=cfg.arm_name, disable=not (show_progress and main), dynamic_ncols=True)
     if start is None:
         start = 0
-        torch.manual_seed(cfg.seed)
-        log.path.unlink(missing_ok=True)
+        torch.manual_seed(cfg.seed + workers.rank)  # ranks sample their prompts independently
+        if main:
+            log.path.unlink(missing_ok=True)
         evaluate(0)
     else:
-        truncate_metrics(log.path, start)
+        if main:
+            truncate_metrics(log.path, start)
         bar.update(start)
     for step in range(start, cfg.steps):
-        record = train_step(cfg, step, student, teacher, tokenizer, train_set, optimizer, scheduler, reward_fn)
-        log.write(record)
+        record = train_step(cfg, step, student, forward, teacher, tokenizer, train_set, optimizer, scheduler,
+                            reward_fn, workers)
+        if main:
+            log.write(record)
         status.update(loss=f"{record['loss']:.3f}", **{k: f"{v:.2f}" for k, v in record.get("regime", {}).items()})
         bar.set_postfix(status, refresh=False)
         bar.update(1)
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             evaluate(step + 1)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            save_checkpoint(arm_dir, step + 1, student, optimizer, scheduler)
+            rng_states = workers.gather(rng_state())
+            if main:
+                save_checkpoint(arm_dir, step + 1, student, optimizer, scheduler, rng_states)
     bar.close()
+    if not main:
+        return []
     if not (arm_dir / "final").exists():
         save_pretrained_atomic(student, tokenizer, arm_dir / "final")
     return log.read()
