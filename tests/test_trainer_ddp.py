@@ -3,13 +3,15 @@
 One spawn runs three phases in each worker: (1) one optimizer step on a fixed global batch split
 unevenly over the ranks, saved for comparison with a single-process step on the whole batch;
 (2) `dopd-train` end to end under the torchrun environment, recording each rank's routing thresholds
-and final weights; (3) `--resume` of the finished run, which must change nothing.
+and final weights; (3) `--resume` after losing the DOPD arm's last checkpoint (as if killed before
+writing it), which must redo that step exactly.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 
 import pytest
@@ -26,7 +28,7 @@ from dopd_trainer.task import ALPHABET, addition_splits
 from dopd_trainer.tokenizer import build_char_tokenizer
 from dopd_trainer.train import TrainConfig, cosine_schedule, distillation_loss, optimizer_step
 
-from test_trainer_cli import TINY
+from test_trainer_cli import TINY, strip_timing
 
 WORLD = 2
 PROMPTS, SAMPLES = 5, 2  # 5 prompts: 3 on rank 0, 2 on rank 1
@@ -69,7 +71,7 @@ def one_step(workers: Workers):
     return student.state_dict(), logs
 
 
-def worker(rank: int, step_port: int, run_port: int, root: str) -> None:
+def worker(rank: int, step_port: int, run_port: int, resume_port: int, root: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{step_port}", rank=rank, world_size=WORLD)
     torch.save(one_step(Workers(rank, WORLD)), os.path.join(root, f"step-{rank}.pt"))
@@ -96,11 +98,14 @@ def worker(rank: int, step_port: int, run_port: int, root: str) -> None:
     assert cli.main(TINY + ["--run-dir", run_dir, "--cache-dir", os.path.join(root, "cache")]) == 0
     torch.save((thresholds, finals), os.path.join(root, f"run-{rank}.pt"))
 
-    metrics = os.path.join(run_dir, "dopd", "metrics.jsonl")
-    before = open(metrics).read() if rank == 0 else None
+    arm = os.path.join(run_dir, "dopd")
+    if rank == 0:  # before joining the process group, so before any rank can look for checkpoints
+        shutil.copy(os.path.join(arm, "metrics.jsonl"), os.path.join(root, "metrics-uncut.jsonl"))
+        os.rename(os.path.join(arm, "final"), os.path.join(root, "final-uncut"))
+        os.remove(os.path.join(arm, "ckpt-000003.pt"))
+    # A fresh port: rank 0's store of the previous run may still be listening on the old one.
+    os.environ["MASTER_PORT"] = str(resume_port)
     assert cli.main(["--resume", run_dir, "--no-progress"]) == 0
-    if rank == 0:
-        assert open(metrics).read() == before
 
 
 def free_ports(n: int) -> list[int]:
@@ -116,7 +121,7 @@ def free_ports(n: int) -> list[int]:
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
-    mp.spawn(worker, args=(*free_ports(2), str(root)), nprocs=WORLD, join=True)
+    mp.spawn(worker, args=(*free_ports(3), str(root)), nprocs=WORLD, join=True)
     return root
 
 
@@ -147,3 +152,11 @@ def test_dopd_train_under_ddp_writes_rank_0_outputs_with_global_routing_and_equa
     for arm in ("dopd", "opd-reverse_kl-topk"):
         for name, value in finals0[arm].items():
             assert torch.equal(finals1[arm][name], value), (arm, name)
+
+
+def test_resume_under_ddp_redoes_the_lost_step_exactly(ddp_run):
+    """Every rank restores its own sampling RNG from the checkpoint, so step 3 is sampled and applied again
+    as it was."""
+    assert strip_timing(ddp_run / "run" / "dopd" / "metrics.jsonl") == strip_timing(ddp_run / "metrics-uncut.jsonl")
+    weights = "model.safetensors"
+    assert (ddp_run / "run" / "dopd" / "final" / weights).read_bytes() == (ddp_run / "final-uncut" / weights).read_bytes()
