@@ -19,9 +19,10 @@ dH/dW/db accumulators — never a tensor with a vocabulary axis per token (`kern
 computes the K logits of a row and contracts its sparse gradient without `[rows, K, H]` gathers).
 
 Tile sizes (`_Config`), Hopper defaults chosen per shape:
-  * fused-linear: BLOCK_N = 64 rows (16 when the stats pass keeps a top-K of ≥ 256: the running
-    `[BLOCK_N, K_PAD]` int64 key block lives in registers), BLOCK_V = 128 (= K_PAD when larger),
-    BLOCK_H = 64, num_warps = 8, num_stages = 3 — tiles feed wgmma with fp32 accumulators;
+  * fused-linear: BLOCK_N = 64 rows, BLOCK_V = 128 (= K_PAD when larger), BLOCK_H = 64,
+    num_warps = 8, num_stages = 3 — tiles feed wgmma with fp32 accumulators. When the stats pass
+    keeps a top-K, BLOCK_N drops to 32 (K_PAD = 128) or 16 (K_PAD = 256): the running
+    `[BLOCK_N, K_PAD]` int64 key block and the tile being sorted live in registers;
   * logits mode (memory bound): BLOCK_N = 16, BLOCK_V = 512 for lse-only passes (K_PAD when the
     stats pass keeps a top-K), num_warps = 4;
   * the fused-linear gradient grid splits the vocabulary so that about 4 programs per SM exist.
@@ -170,7 +171,7 @@ class TritonBackend(PassBackend):
             bh = min(64, max(16, _pow2(source.hidden.shape[1]))) if linear else 16
             warps, stages = 4, 1
         elif linear:
-            bn, bv, bh, warps, stages = (16 if k_pad >= 256 else 64), 128, 64, 8, 3
+            bn, bv, bh, warps, stages = (64 if k_pad <= 64 else 32 if k_pad <= 128 else 16), 128, 64, 8, 3
         else:
             bn, bv, bh, warps, stages = 16, (k_pad or 512), 16, 4, 2
         bn = self.block_n or bn
@@ -300,8 +301,11 @@ class TritonBackend(PassBackend):
         if explicit is not None:
             # Logits mode: the explicit columns get their whole gradient in one O(n·k) write over the
             # kernel's p·dense there (a row's explicit columns are distinct).
-            sink.grad[rows[:, None].expand_as(term.cols), term.cols] = (explicit * scale[:, None]).to(sink.grad.dtype)
-        else:  # no `explicit` (vocabulary shards): add the sparse correction
+            # Columns marked -1 belong to another vocabulary shard.
+            mine = term.cols >= 0
+            sink.grad[rows[:, None].expand_as(term.cols)[mine], term.cols[mine]] = \
+                (explicit * scale[:, None])[mine].to(sink.grad.dtype)
+        else:  # sampled reverse KL: d·(δ_vy − p_v), the sparse d at y added to p·dense (no cancellation)
             self._add_sparse(sink, student, rows, term.cols, (term.sparse * scale[:, None]).to(student.dtype))
 
     def _grad_tiles(self, student, target, rows, lse_s, lse_t, coef, scale, kind: int, beta: float, sink,
