@@ -19,7 +19,8 @@ import naive_reference as nv
 from conftest import IGNORE, assert_close, correlated_logits, distinct_logits, leaf, linear_streams, random_tokens
 from dopd_kernels import DOPDConfig, Regime, dopd_loss, fused_linear_dopd_loss, fused_linear_opd_loss, opd_loss
 from dopd_kernels.backends import available_backends, resolve_backend
-from test_torch_backend import DIVS, GRAN_IDS, GRANS, RTOL, _err, compare_dopd, compare_opd, fused_dopd_pair
+from test_torch_backend import (DIVS, GRAN_IDS, GRANS, RTOL, _err, check_fused_linear_dopd_bf16, compare_dopd, compare_opd,
+                               fused_dopd_pair)
 
 TILES = [(2048, 1024), (3, 7)]
 TILE_IDS = ["default-tiles", "tiles-3x7"]
@@ -297,38 +298,7 @@ def test_dopd_bf16_vs_naive_bf16(renorm, cpp):
 
 @pytest.mark.parametrize("renorm", [True, False])
 def test_fused_linear_dopd_bf16(renorm, cpp):
-    v, hdim = 45, 13
-    t = linear_streams(30, hdim, v, dtype=torch.bfloat16)
-    y = random_tokens(30, v)
-    cfg = DOPDConfig(top_k=6, topk_renorm=renorm)
-    train = {k: leaf(t[k]) for k in ("student_hidden", "student_weight", "student_bias")}
-    out = fused_linear_dopd_loss(train["student_hidden"], train["student_weight"], t["teacher_hidden"],
-                                 t["teacher_weight"], t["priv_student_hidden"], y, student_bias=train["student_bias"],
-                                 teacher_bias=t["teacher_bias"], config=cfg, backend=cpp)
-    out.loss.backward()
-    t64 = {k: leaf(t[k], torch.float64) for k in train}
-    zs = nv.linear_logits(t64["student_hidden"], t64["student_weight"], t64["student_bias"])
-    zt = nv.linear_logits(t["teacher_hidden"], t["teacher_weight"], t["teacher_bias"])
-    zp = nv.linear_logits(t["priv_student_hidden"], t["student_weight"], t["student_bias"])
-    per64, regime64, *_ = nv.dopd(zs, zt, zp, y, k=6, renorm=renorm)
-    loss64 = nv.reduce(per64, y, "mean")
-    loss64.backward()
-    t16 = {k: leaf(t[k]) for k in train}
-    zs16 = t16["student_hidden"] @ t16["student_weight"].T + t16["student_bias"]
-    zt16 = t["teacher_hidden"] @ t["teacher_weight"].T + t["teacher_bias"]
-    zp16 = t["priv_student_hidden"] @ t["student_weight"].T + t["student_bias"]
-    per16, *_ = nv.dopd(zs16, zt16, zp16, y, k=6, renorm=renorm, dtype=torch.bfloat16,
-                        thresholds=tuple(float(x) for x in out.thresholds))
-    nv.reduce(per16, y, "mean").backward()
-    assert out.regime.tolist() == regime64
-    assert _err(out.loss, loss64) <= _err(nv.reduce(per16, y, "mean"), loss64) + 1e-6
-    assert_close(out.loss, loss64, rtol=1e-4, what="loss")
-    for k in train:
-        g, g64, g16 = train[k].grad, t64[k].grad, t16[k].grad
-        assert g.dtype == torch.bfloat16
-        scale = float(g64.abs().max())
-        assert _err(g, g64) <= _err(g16, g64) + 1e-3 * scale, k
-        assert_close(g, g64, rtol=2 ** -7, atol=2e-3 * scale, what=f"d{k}")
+    check_fused_linear_dopd_bf16(cpp, renorm, v=45, hdim=13, k=6)
 
 
 # -- the header's regime selection against the library's routing ----------------------------------
