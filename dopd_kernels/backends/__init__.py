@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Dict, List, Union
 
 import torch
@@ -22,6 +23,8 @@ def _triton_backend():
         from .triton_backend import TritonBackend
     except ImportError as err:
         raise RuntimeError(f"backend 'triton' needs the triton package ({err})") from err
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("backend 'triton' needs a CUDA device (or TRITON_INTERPRET=1 to interpret it on CPU tensors)")
     return TritonBackend()
 
 
