@@ -47,10 +47,3 @@ def divergence(log_p: torch.Tensor, log_q: torch.Tensor, kind: str, js_beta: flo
         return js_beta * kl(log_p, log_m) + (1.0 - js_beta) * kl(log_q, log_m)
     raise ValueError(f"unknown divergence {kind!r}")
 
-
-def log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 − exp(x)) for x ≤ 0, accurate at both ends; -inf at x ≥ 0 (an empty remainder)."""
-    empty = x >= 0
-    xs = torch.where(empty, torch.full_like(x, -1.0), x)  # keep the unused branch finite for autograd
-    out = torch.where(xs > -math.log(2.0), torch.log(-torch.expm1(xs)), torch.log1p(-torch.exp(xs)))
-    return out.masked_fill(empty, float("-inf"))

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from .divergences import divergence, log1mexp, log_mixture
+from .divergences import divergence, log_mixture
 
 
 @dataclass
@@ -80,24 +80,16 @@ def bucket_term(log_p: torch.Tensor, log_q: torch.Tensor, cols: torch.Tensor, ki
     return RowTerm(value, dense, cols, pe[:, :k] - p[:, :k] * dense[:, None], pe[:, :k])
 
 
-def with_rest_bucket(log_p_cols: torch.Tensor) -> torch.Tensor:
-    """Append the rest bucket log(1 − Σ p) to full-vocabulary log-probs of some columns [n, k]."""
-    rest = log1mexp(torch.logsumexp(log_p_cols, dim=-1))
-    return torch.cat([log_p_cols, rest[:, None]], dim=-1)
-
-
-def tail_term(log_p_cols: torch.Tensor, log_q_cols: torch.Tensor, rest_p: Optional[torch.Tensor],
-              rest_q: Optional[torch.Tensor], cols: torch.Tensor, kind: str, js_beta: float) -> RowTerm:
+def tail_term(log_p_cols: torch.Tensor, log_q_cols: torch.Tensor, rest_p: torch.Tensor, rest_q: torch.Tensor,
+              cols: torch.Tensor, kind: str, js_beta: float) -> RowTerm:
     """Term over the explicit columns `cols` [n, k] (full-vocabulary log-probs) plus a rest bucket.
 
-    `rest_p`/`rest_q` [n]: log-mass of the rest summed directly by the caller (accurate however small
-    the tail); None: log(1 − Σp), which cancels to 0 or below it for a tail under the rounding of the
-    log-sum-exp. A direct rest is renormalized together with the explicit columns so the buckets sum
+    `rest_p`/`rest_q` [n]: log-mass of the rest, summed directly by the caller (accurate however small
+    the tail; log(1 − Σp) would cancel to 0 or below it for a tail under the rounding of the
+    log-sum-exp). The rest is renormalized together with the explicit columns so the buckets sum
     to 1; the backend still applies `dense` with its own p_v = exp(log p_v) on the explicit columns,
     so their sparse coefficients are adjusted to give exactly P_v·e_v there.
     """
-    if rest_p is None or rest_q is None:
-        return bucket_term(with_rest_bucket(log_p_cols), with_rest_bucket(log_q_cols), cols, kind, js_beta, has_rest=True)
     raw_p = torch.cat([log_p_cols, rest_p[:, None].to(log_p_cols.dtype)], dim=-1)
     raw_q = torch.cat([log_q_cols, rest_q[:, None].to(log_q_cols.dtype)], dim=-1)
     lp = raw_p - torch.logsumexp(raw_p, dim=-1, keepdim=True)
@@ -113,7 +105,7 @@ def sampled_term(log_p_y: torch.Tensor, log_q_y: torch.Tensor, tokens: torch.Ten
     """Sampled-token term. Reverse KL is the log-ratio estimator of vanilla OPD,
     `loss = sg(log p(y) − log q(y)) · log p(y)`, whose gradient d · (δ_vy − p_v)/τ (d the log ratio)
     is the policy-gradient estimate of reverse KL. Forward KL and JS use the two buckets {y, not y};
-    `rest_p`/`rest_q` [n] are the log-masses of "not y" if the caller summed them directly.
+    `rest_p`/`rest_q` [n] are the log-masses of "not y", summed directly (not needed for reverse KL).
     """
     cols = tokens[:, None]
     if kind == "reverse_kl":
@@ -129,7 +121,7 @@ def topk_term(student_cols: torch.Tensor, target_cols: torch.Tensor, lse_student
 
     renorm=True: both distributions renormalized over the K tokens (gradient on K logits only).
     renorm=False: K full-vocabulary probabilities plus a tail bucket with the remaining mass
-    (`rest_student`/`rest_target` [n]: its log-mass summed directly, if the caller has it).
+    (`rest_student`/`rest_target` [n]: its log-mass summed directly; needed when renorm=False).
     """
     if renorm:
         lp = torch.log_softmax(student_cols, dim=-1)
