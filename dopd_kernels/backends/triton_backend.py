@@ -18,19 +18,25 @@ fused-linear mode allocates `[n]` statistics, `[n, K]` top-K columns and logits,
 dH/dW/db accumulators — never a tensor with a vocabulary axis per token (`kernels/sparse.py`
 computes the K logits of a row and contracts its sparse gradient without `[rows, K, H]` gathers).
 
-Tile sizes (`_Config`), Hopper defaults chosen per shape:
-  * fused-linear: BLOCK_N = 64 rows, BLOCK_V = 128 (= K_PAD when larger), BLOCK_H = 64,
-    num_warps = 8, num_stages = 3 — tiles feed wgmma with fp32 accumulators. When the stats pass
-    keeps a top-K, BLOCK_N drops to 32 (K_PAD = 128) or 16 (K_PAD = 256): the running
-    `[BLOCK_N, K_PAD]` int64 key block and the tile being sorted live in registers;
-  * logits mode (memory bound): BLOCK_N = 16, BLOCK_V = 512 for lse-only passes (K_PAD when the
-    stats pass keeps a top-K), num_warps = 4;
+Tile sizes (`_Config`), Hopper defaults chosen per shape. Each is the largest tile that Triton 3.9's
+compiler and ptxas build for sm_90a in bf16 without register spills, checked by compiling every
+kernel variant ahead of time without a GPU (`tests/triton_sm90.py`, run in CI); they have not yet
+been timed on a GPU:
+  * fused-linear: BLOCK_N = 64 rows (32 for the full reverse-KL gradient, which spills at 64),
+    BLOCK_V = 128, BLOCK_H = 32, num_warps = 8, num_stages = 3 — tiles feed wgmma with fp32
+    accumulators. When the stats pass keeps a top-K, BLOCK_N = 16 and BLOCK_H = 4096 / K_PAD
+    (32 for K ≤ 128, 16 for K = 256): the running `[BLOCK_N, K_PAD]` int64 key block and the tile
+    being sorted live in registers;
+  * logits mode (memory bound): BLOCK_N = 8, BLOCK_V = 512 (K_PAD when the stats pass keeps a
+    top-K), num_warps = 8 (4 for a top-K of K_PAD ≤ 128);
+  * sparse top-K kernels (one program per row): a `[K_PAD, BLOCK_H]` weight block of 4K elements;
   * the fused-linear gradient grid splits the vocabulary so that about 4 programs per SM exist.
 Under the interpreter (`TRITON_INTERPRET=1`, CPU tensors) the blocks are as large as the shapes
 allow and num_warps/num_stages are ignored. Every knob can be fixed through the constructor.
 `triton.autotune` is not used: its first-call benchmarking would multiply compile time for every
-new (N, V, H) and it cannot run in the interpreter; the fixed per-shape heuristics keep first-call
-compile time to one config per kernel variant.
+new (N, V, H), it cannot run in the interpreter, and the gradient kernels accumulate with atomics
+(each trial would need its outputs reset); the fixed per-shape rules keep first-call compile time to
+one config per kernel variant.
 
 float64 inputs are delegated to the `torch` backend (the kernels compute in fp32).
 """
@@ -160,9 +166,11 @@ class TritonBackend(PassBackend):
 
     # -- configuration -----------------------------------------------------------------------------
 
-    def _config(self, source, n: int, k_pad: int = 0) -> _Config:
+    def _config(self, source, n: int, k_pad: int = 0, rows: int = 64) -> _Config:
         """Blocks for a pass over `n` rows of `source`; `k_pad` > 0 when a running top-K is kept
-        (then BLOCK_V = max(BLOCK_V, K_PAD): the stats kernel merges whole tiles into it)."""
+        (then BLOCK_V = max(BLOCK_V, K_PAD): the stats kernel merges whole tiles into it); `rows`
+        is BLOCK_N of a fused-linear pass without top-K. The CUDA defaults are the largest tiles
+        that ptxas compiles without register spills for sm_90a in bf16 (`tests/triton_sm90.py`)."""
         linear = isinstance(source, LinearSource)
         v = source.effective_vocab
         if _interpreting():
@@ -171,9 +179,12 @@ class TritonBackend(PassBackend):
             bh = min(64, max(16, _pow2(source.hidden.shape[1]))) if linear else 16
             warps, stages = 4, 1
         elif linear:
-            bn, bv, bh, warps, stages = (64 if k_pad <= 64 else 32 if k_pad <= 128 else 16), 128, 64, 8, 3
+            # A running top-K of K_PAD int64 keys per row shares the registers with the logit tile.
+            bn, bv = (16 if k_pad else rows), 128
+            bh, warps, stages = (4096 // max(k_pad, bv) if k_pad else 32), 8, 3
         else:
-            bn, bv, bh, warps, stages = 16, (k_pad or 512), 16, 4, 2
+            bn, bv, bh, stages = 8, (k_pad or 512), 16, 2
+            warps = 4 if 0 < k_pad <= 128 else 8
         bn = self.block_n or bn
         bv = max(self.block_v or bv, k_pad)
         bh = self.block_h or bh
@@ -192,8 +203,9 @@ class TritonBackend(PassBackend):
         return max(1, (1 << 22) // max(1, k * width))
 
     def _sparse_block_h(self, source, k_pad: int) -> int:
-        """H chunk of the sparse kernels: a `[K_PAD, BLOCK_H]` weight block of at most 8K elements."""
-        return self.block_h or max(16, min(_pow2(source.hidden.shape[1]), 8192 // k_pad, 128))
+        """H chunk of the sparse kernels: a `[K_PAD, BLOCK_H]` weight block of at most 4K elements
+        (larger blocks spill registers on sm_90a with the default 4 warps)."""
+        return self.block_h or max(16, min(_pow2(source.hidden.shape[1]), 4096 // k_pad, 128))
 
     def gather(self, source, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """Scaled logits at `cols` [n, K] of `rows`; fused-linear mode: K dot products per row in
@@ -312,7 +324,8 @@ class TritonBackend(PassBackend):
                     explicit=None) -> None:
         """Launch `grad_kernel`; `explicit` = (cols [n, k], whole gradient [n, k] before `scale`) or None."""
         n = rows.shape[0]
-        cfg = self._config(student, n)
+        # The full reverse-KL gradient tile spills at 64 fused-linear rows on sm_90a (ptxas, bf16).
+        cfg = self._config(student, n, rows=32 if kind == self._div.REVERSE_KL else 64)
         linear = isinstance(student, LinearSource)
         vv = student.effective_vocab
         row_blocks, vocab_tiles = triton_cdiv(n, cfg.block_n), triton_cdiv(vv, cfg.block_v)

@@ -121,15 +121,22 @@ def grad_kernel(rows_ptr, n_rows, lse_s_ptr, lse_t_ptr, coef_ptr, scale_ptr, ex_
                 g = tl.where(p > 0, p * (r - coef[:, None]), 0.0)
         g = g * scale[:, None]
         if LINEAR:
+            if NEED_DB:
+                tl.atomic_add(db_ptr + cols, tl.sum(g, 0), mask=col_in)
+            # The tile enters the two products in the dtype of the other operand (tensor cores for
+            # bf16/fp16), rounded once here so that only the rounded tiles stay live over the H loop.
+            gw = round_to(g, ws.dtype.element_ty)
+            gh = round_to(g, xs.dtype.element_ty)
+            if UPCAST_MASK & 1:
+                gw = gw.to(tl.float32)
+                gh = gh.to(tl.float32)
             for h0 in range(0, hs, BLOCK_H):
                 hcols = h0 + tl.arange(0, BLOCK_H)
                 h_in = hcols < hs
                 if NEED_DH:
                     w = tl.load(ws + cols.to(tl.int64)[:, None] * sws0 + hcols[None, :] * sws1,
                                 mask=col_in[:, None] & h_in[None, :], other=0.0)
-                    gw = round_to(g, w.dtype)
                     if UPCAST_MASK & 1:
-                        gw = gw.to(tl.float32)
                         w = w.to(tl.float32)
                     part = tl.dot(gw, w, input_precision=DOT_PRECISION)
                     tl.atomic_add(dh_ptr + rows[:, None] * sdh0 + hcols[None, :], part,
@@ -137,15 +144,11 @@ def grad_kernel(rows_ptr, n_rows, lse_s_ptr, lse_t_ptr, coef_ptr, scale_ptr, ex_
                 if NEED_DW:
                     h = tl.load(xs + rows[:, None] * sxs0 + hcols[None, :] * sxs1,
                                 mask=row_mask[:, None] & h_in[None, :], other=0.0)
-                    gh = round_to(g, h.dtype)
                     if UPCAST_MASK & 1:
-                        gh = gh.to(tl.float32)
                         h = h.to(tl.float32)
                     part = tl.dot(tl.trans(gh), h, input_precision=DOT_PRECISION)
                     tl.atomic_add(dw_ptr + cols.to(tl.int64)[:, None] * sdw0 + hcols[None, :], part,
                                   mask=col_in[:, None] & h_in[None, :])
-            if NEED_DB:
-                tl.atomic_add(db_ptr + cols, tl.sum(g, 0), mask=col_in)
         else:
             tl.store(g_ptr + rows[:, None] * sg0 + cols[None, :] * sg1, round_to(g, g_ptr.dtype.element_ty),
                      mask=row_mask[:, None] & col_in[None, :])
