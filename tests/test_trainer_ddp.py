@@ -75,7 +75,7 @@ def worker(rank: int, step_port: int, run_port: int, resume_port: int, root: str
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{step_port}", rank=rank, world_size=WORLD)
     torch.save(one_step(Workers(rank, WORLD)), os.path.join(root, f"step-{rank}.pt"))
-    dist.destroy_process_group()
+    Workers(rank, WORLD).stop()
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(run_port))

@@ -33,7 +33,11 @@ class Workers:
         return cls(dist.get_rank(), dist.get_world_size()), device
 
     def stop(self) -> None:
+        """Leave the group together: without the barrier a rank that finishes first tears down its
+        gloo connections (rank 0 also the TCP store) while a peer still uses them, and the peer
+        aborts at exit ("terminate called without an active exception")."""
         if self.world > 1:
+            dist.barrier()
             dist.destroy_process_group()
 
     @property
