@@ -124,10 +124,9 @@ class LossEngine:
         if self.shard is None:
             return term
         local, owned = self.shard.localize(term.cols)
-        sparse = term.sparse.masked_fill(~owned, 0.0)
         if term.explicit is None:
-            return RowTerm(term.value, term.dense, local, sparse)
-        return RowTerm(term.value, term.dense, local.masked_fill(~owned, -1), sparse, term.explicit.masked_fill(~owned, 0.0))
+            return RowTerm(term.value, term.dense, local, term.sparse.masked_fill(~owned, 0.0))
+        return RowTerm(term.value, term.dense, local.masked_fill(~owned, -1), None, term.explicit.masked_fill(~owned, 0.0))
 
     def _rest_logprob(self, source, rows: torch.Tensor, cols: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
         """Log-probability [n] (float64) of the tail bucket: the valid columns outside `cols` [n, k]

@@ -32,17 +32,21 @@ class RowTerm:
     value:  [n] divergence of each row.
     dense:  [n] coefficient of p_v on every column (the explicit ones included), or None.
     cols:   [n, k] explicit columns.
-    sparse: [n, k] gradient added on those columns on top of `p_v · dense`.
-    explicit: [n, k] or None: the whole gradient P_v·e_v on those columns. With a tail bucket far
-            smaller for one stream than the other, `dense` is huge and `p_v · dense + sparse`
-            cancels catastrophically on a column with p_v ≈ 1; a backend that writes `explicit`
-            there instead of adding `sparse` avoids it.
+    sparse: [n, k] gradient added on those columns on top of `p_v · dense` (or the whole gradient
+            when `dense` is None); None when `explicit` is given.
+    explicit: [n, k] or None: the whole gradient P_v·e_v on those columns, written over `p_v · dense`.
+            Terms with a tail bucket use it: with a tail far smaller for one stream than the other,
+            `dense` is huge and `p_v · dense + sparse` would cancel catastrophically on a column with
+            p_v ≈ 1.
+
+    The three shapes: renormalized top-K (`sparse` only), tail-bucket terms (`dense` + `explicit`),
+    sampled reverse KL (`dense` + `sparse`).
     """
 
     value: torch.Tensor
     dense: Optional[torch.Tensor]
     cols: torch.Tensor
-    sparse: torch.Tensor
+    sparse: Optional[torch.Tensor]
     explicit: Optional[torch.Tensor] = None
 
 
@@ -76,8 +80,7 @@ def bucket_term(log_p: torch.Tensor, log_q: torch.Tensor, cols: torch.Tensor, ki
     if not has_rest:
         return RowTerm(value, None, cols, pe)
     k = cols.shape[1]
-    dense = e[:, k]
-    return RowTerm(value, dense, cols, pe[:, :k] - p[:, :k] * dense[:, None], pe[:, :k])
+    return RowTerm(value, e[:, k], cols, None, pe[:, :k])
 
 
 def tail_term(log_p_cols: torch.Tensor, log_q_cols: torch.Tensor, rest_p: torch.Tensor, rest_q: torch.Tensor,
@@ -87,17 +90,13 @@ def tail_term(log_p_cols: torch.Tensor, log_q_cols: torch.Tensor, rest_p: torch.
     `rest_p`/`rest_q` [n]: log-mass of the rest, summed directly by the caller (accurate however small
     the tail; log(1 − Σp) would cancel to 0 or below it for a tail under the rounding of the
     log-sum-exp). The rest is renormalized together with the explicit columns so the buckets sum
-    to 1; the backend still applies `dense` with its own p_v = exp(log p_v) on the explicit columns,
-    so their sparse coefficients are adjusted to give exactly P_v·e_v there.
+    to 1; the explicit columns get their whole gradient P_v·e_v written (`explicit`).
     """
     raw_p = torch.cat([log_p_cols, rest_p[:, None].to(log_p_cols.dtype)], dim=-1)
     raw_q = torch.cat([log_q_cols, rest_q[:, None].to(log_q_cols.dtype)], dim=-1)
     lp = raw_p - torch.logsumexp(raw_p, dim=-1, keepdim=True)
     lq = raw_q - torch.logsumexp(raw_q, dim=-1, keepdim=True)
-    term = bucket_term(lp, lq, cols, kind, js_beta, has_rest=True)
-    k = cols.shape[1]
-    term.sparse = term.sparse + (lp[:, :k].exp() - log_p_cols.exp()) * term.dense[:, None]
-    return term
+    return bucket_term(lp, lq, cols, kind, js_beta, has_rest=True)
 
 
 def sampled_term(log_p_y: torch.Tensor, log_q_y: torch.Tensor, tokens: torch.Tensor, kind: str, js_beta: float,
