@@ -28,7 +28,9 @@ import tempfile
 from typing import Dict, List
 
 KERNEL_MODULES = ("stats", "tail", "sparse", "divergence")
-SHARED_LIMIT = 232448  # bytes of shared memory a block may use on sm_90 (227 KiB)
+# Bytes of shared memory one block may use (opt-in maximum) per compute capability.
+SHARED_LIMITS = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+SHARED_LIMIT = SHARED_LIMITS[90]
 TORCH_TO_TRITON = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64",
                    "int64": "i64", "int32": "i32", "bool": "i1"}
 
@@ -176,6 +178,11 @@ def _signature(kernel, spec: dict):
     return sig, constexprs
 
 
+def _arch(capability: int) -> str:
+    """ptxas's name of the target Triton compiles for (Hopper with the wgmma-enabled `a` suffix)."""
+    return f"sm_{capability}a" if capability == 90 else f"sm_{capability}"
+
+
 def _ptxas_usage(ptx: str, arch: str) -> dict:
     """Registers, spill bytes and stack of the kernel, from `ptxas -v` on its PTX."""
     from triton.backends.nvidia.compiler import get_ptxas
@@ -213,7 +220,7 @@ def compile_spec(spec: dict, capability: int = 90) -> dict:
         compiled = triton.compile(ASTSource(kernel, sig, constexprs), target=GPUTarget("cuda", capability, 32),
                                   options=spec["options"])
         res["shared"] = compiled.metadata.shared
-        res.update(_ptxas_usage(compiled.asm["ptx"], f"sm_{capability}a"))
+        res.update(_ptxas_usage(compiled.asm["ptx"], _arch(capability)))
     except Exception as e:  # reported per variant; the caller decides what fails
         res["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
     return res
@@ -265,7 +272,8 @@ def _format(res: dict) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", help="write the per-variant results here")
-    ap.add_argument("--capability", type=int, default=90)
+    ap.add_argument("--capability", type=int, default=90, choices=sorted(SHARED_LIMITS),
+                    help="compute capability to compile for (default 90: H100/H200)")
     ap.add_argument("--step", choices=("all", "record", "compile"), default="all", help=argparse.SUPPRESS)
     ap.add_argument("--specs", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -290,8 +298,10 @@ def main() -> int:
             results = json.load(f)
     for res in results:
         print(_format(res))
-    bad = [r for r in results if "error" in r or r["shared"] > SHARED_LIMIT]
-    print(f"{len(results)} kernel variants compiled for sm_{args.capability}a; {len(bad)} failed or exceed shared memory")
+    limit = SHARED_LIMITS.get(args.capability, SHARED_LIMIT)
+    bad = [r for r in results if "error" in r or r["shared"] > limit]
+    print(f"{len(results)} kernel variants compiled for {_arch(args.capability)}; "
+          f"{len(bad)} failed or exceed its {limit} B of shared memory")
     return 1 if bad else 0
 
 
