@@ -22,11 +22,13 @@ Tile sizes (`_Config`), Hopper defaults chosen per shape. Each is the largest ti
 compiler and ptxas build for sm_90a in bf16 without register spills, checked by compiling every
 kernel variant ahead of time without a GPU (`tests/triton_sm90.py`, run in CI); they have not yet
 been timed on a GPU:
-  * fused-linear: BLOCK_N = 64 rows (32 for the full reverse-KL gradient, which spills at 64),
-    BLOCK_V = 128, BLOCK_H = 32, num_warps = 8, num_stages = 3 — tiles feed wgmma with fp32
+  * fused-linear bf16/fp16: BLOCK_N = 64 rows (32 for the full reverse-KL gradient, which spills
+    at 64), BLOCK_V = 128, BLOCK_H = 32, num_warps = 8, num_stages = 3 — tiles feed wgmma with fp32
     accumulators. When the stats pass keeps a top-K, BLOCK_N = 16 and BLOCK_H = 4096 / K_PAD
     (32 for K ≤ 128, 16 for K = 256): the running `[BLOCK_N, K_PAD]` int64 key block and the tile
     being sorted live in registers;
+  * fused-linear with fp32 operands (IEEE `tl.dot`, no tensor cores): 64 × 64 tiles and
+    BLOCK_H = 8 (16 × 128 × 8 with a top-K);
   * logits mode (memory bound): BLOCK_N = 8, BLOCK_V = 512 (K_PAD when the stats pass keeps a
     top-K), num_warps = 8 (4 for a top-K of K_PAD ≤ 128);
   * sparse top-K kernels (one program per row): a `[K_PAD, BLOCK_H]` weight block of 4K elements;
@@ -179,9 +181,17 @@ class TritonBackend(PassBackend):
             bh = min(64, max(16, _pow2(source.hidden.shape[1]))) if linear else 16
             warps, stages = 4, 1
         elif linear:
-            # A running top-K of K_PAD int64 keys per row shares the registers with the logit tile.
-            bn, bv = (16 if k_pad else rows), 128
-            bh, warps, stages = (4096 // max(k_pad, bv) if k_pad else 32), 8, 3
+            # IEEE fp32 tl.dot (fp32 or mixed-dtype operands) needs far more registers per tile than
+            # bf16/fp16 on tensor cores. A running top-K of K_PAD int64 keys per row shares the
+            # registers with the logit tile.
+            fp32_dot = torch.float32 in (source.hidden.dtype, source.weight.dtype) \
+                or source.hidden.dtype != source.weight.dtype
+            if k_pad:
+                bn, bv = 16, 128
+                bh = 8 if fp32_dot else 4096 // max(k_pad, bv)
+            else:
+                bn, bv, bh = (64, 64, 8) if fp32_dot else (rows, 128, 32)
+            warps, stages = 8, 3
         else:
             bn, bv, bh, stages = 8, (k_pad or 512), 16, 2
             warps = 4 if 0 < k_pad <= 128 else 8
@@ -324,7 +334,7 @@ class TritonBackend(PassBackend):
                     explicit=None) -> None:
         """Launch `grad_kernel`; `explicit` = (cols [n, k], whole gradient [n, k] before `scale`) or None."""
         n = rows.shape[0]
-        # The full reverse-KL gradient tile spills at 64 fused-linear rows on sm_90a (ptxas, bf16).
+        # The full reverse-KL bf16 gradient tile spills at 64 fused-linear rows on sm_90a (ptxas).
         cfg = self._config(student, n, rows=32 if kind == self._div.REVERSE_KL else 64)
         linear = isinstance(student, LinearSource)
         vv = student.effective_vocab
