@@ -3,6 +3,11 @@
 Shapes: `N` tokens (or `B, T` sequences × positions), `V` vocabulary, `H` hidden size. The logits
 (or hidden states) at position n are the distribution that produced `tokens[n]`: shift before
 calling, as for a causal-LM cross-entropy.
+
+Under `torch.compile` each call of a public function here is one deliberate graph break
+(`torch.compiler.disable`): the computation validates and routes on data (token ranges, `nonzero`,
+trimmed means) and launches kernels, which Dynamo would otherwise cut into dozens of small graphs.
+The model before the loss and the code after it still compile; autograd runs across the break.
 """
 
 from __future__ import annotations
@@ -115,6 +120,7 @@ def _dopd(prepared, cfg: DOPDConfig, thresholds, backend, normalizer, routing_gr
     )
 
 
+@torch.compiler.disable
 def dopd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -158,6 +164,7 @@ def dopd_loss(
     return _dopd(prepared, cfg, thresholds, backend, normalizer, routing_group)
 
 
+@torch.compiler.disable
 def fused_linear_dopd_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -217,6 +224,7 @@ def _opd(prepared, cfg: OPDConfig, backend, normalizer) -> OPDOutput:
                      per_token.detach().reshape(token_shape))
 
 
+@torch.compiler.disable
 def opd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -257,6 +265,7 @@ def opd_loss(
     return _opd(prepared, cfg, backend, normalizer)
 
 
+@torch.compiler.disable
 def fused_linear_opd_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -292,6 +301,7 @@ def fused_linear_opd_loss(
     return _opd(prepared, cfg, backend, normalizer)
 
 
+@torch.compiler.disable
 def token_logprobs(
     logits_or_hidden: torch.Tensor,
     tokens: torch.Tensor,

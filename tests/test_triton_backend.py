@@ -466,8 +466,9 @@ def test_registry_auto_and_unavailable(monkeypatch):
 
 
 def test_torch_compile_step_runs_with_a_graph_break():
-    """A compiled training step around the fused loss: the backend's entry point is a deliberate graph
-    break (`torch.compiler.disable`), so the step compiles and matches eager, gradients included."""
+    """A compiled training step around the fused loss with the Triton kernels: the public function is
+    a deliberate graph break (`torch.compiler.disable`), so the step compiles and matches eager,
+    gradients included."""
     t = linear_streams(20, 24, 90)
     y = random_tokens(20, 90)
 

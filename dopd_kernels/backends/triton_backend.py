@@ -147,21 +147,14 @@ class TritonBackend(PassBackend):
 
     # -- entry points (float64 inputs: the torch backend) --------------------------------------------
 
-    # torch.compile: each entry point is one deliberate graph break (`torch.compiler.disable`). The
-    # flow routes on data (nonzero, trimmed means) and launches kernels through Python objects, so
-    # Dynamo cannot capture it; the step around the loss still compiles. (Registering the passes as
-    # torch.library ops with fake-tensor rules would remove the break: not done yet.)
-    @torch.compiler.disable
     def dopd(self, student, teacher, priv, tokens, valid, cfg, thresholds, **kw):
         impl = self._fallback if student.dtype == torch.float64 else super()
         return impl.dopd(student, teacher, priv, tokens, valid, cfg, thresholds, **kw)
 
-    @torch.compiler.disable
     def opd(self, student, teacher, tokens, valid, cfg, **kw):
         impl = self._fallback if student.dtype == torch.float64 else super()
         return impl.opd(student, teacher, tokens, valid, cfg, **kw)
 
-    @torch.compiler.disable
     def token_logprobs(self, source, tokens, valid, **kw):
         impl = self._fallback if source.dtype == torch.float64 else super()
         return impl.token_logprobs(source, tokens, valid, **kw)
