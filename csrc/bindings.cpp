@@ -23,6 +23,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   m.def("stats_pass", &dopd::stats_pass, py::arg("stream"), py::arg("rows"), py::arg("k"), py::arg("tiling"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("rest_lse_pass", &dopd::rest_lse_pass, py::arg("stream"), py::arg("rows"), py::arg("cols"), py::arg("tiling"),
+        py::call_guard<py::gil_scoped_release>());
   m.def("full_value_pass", &dopd::full_value_pass, py::arg("student"), py::arg("target"), py::arg("rows"),
         py::arg("lse_s"), py::arg("lse_t"), py::arg("kind"), py::arg("beta"), py::arg("tiling"),
         py::call_guard<py::gil_scoped_release>());

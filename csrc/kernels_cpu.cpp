@@ -129,10 +129,27 @@ void stats_segment(const A* z, int64_t c0, int64_t len, A inv_tau, int k, RowSta
   }
 }
 
+// A tail bucket's segment: `z` with the row's excluded columns (those in [c0, c0 + len); entries
+// < 0 belong to another vocabulary shard) set to -inf, written to `out` (which may be `z` itself).
 template <typename A>
-std::tuple<Tensor, Tensor> stats_impl(const Stream& s, const Tensor& rows, int64_t k64, Tiling tl) {
+const A* mask_excluded(const A* z, int64_t c0, int64_t len, const int64_t* ex, int64_t k_ex, A* out) {
+  if (out != z) std::copy(z, z + len, out);
+  for (int64_t q = 0; q < k_ex; ++q) {
+    const int64_t c = ex[q] - c0;
+    if (ex[q] >= 0 && c >= 0 && c < len) out[c] = neg_inf<A>();
+  }
+  return out;
+}
+
+// Log-sum-exp (and top-k when k > 0) of each row; with `excluded` [n, k_ex], the log-sum-exp of the
+// valid columns outside the row's excluded ones (a tail bucket, summed directly).
+template <typename A>
+std::tuple<Tensor, Tensor> stats_impl(const Stream& s, const Tensor& rows, int64_t k64, Tiling tl,
+                                      const Tensor* excluded = nullptr) {
   const int64_t n = rows.size(0), vv = s.valid_vocab;
   const int k = static_cast<int>(k64);
+  const int64_t k_ex = excluded ? excluded->size(1) : 0;
+  const int64_t* ex = excluded ? excluded->data_ptr<int64_t>() : nullptr;
   const A inv_tau = static_cast<A>(s.inv_tau);
   const int64_t* rp = rows.data_ptr<int64_t>();
   std::vector<A> heap_v(static_cast<size_t>(n) * k);
@@ -151,7 +168,9 @@ std::tuple<Tensor, Tensor> stats_impl(const Stream& s, const Tensor& rows, int64
       for (int64_t i = 0; i < n; ++i)
         for (int64_t c0 = 0; c0 < vv; c0 += block) {
           const int64_t len = std::min(block, vv - c0);
-          stats_segment(x.segment(rp[i], c0, len, scr.s.data()), c0, len, inv_tau, k, st[i]);
+          const A* z = x.segment(rp[i], c0, len, scr.s.data());
+          if (ex) z = mask_excluded(z, c0, len, ex + i * k_ex, k_ex, scr.g.data());
+          stats_segment(z, c0, len, inv_tau, k, st[i]);
         }
     }
   } else {
@@ -162,9 +181,13 @@ std::tuple<Tensor, Tensor> stats_impl(const Stream& s, const Tensor& rows, int64
       const Tensor h = hidden_rows(s, rows.narrow(0, r0, r));
       for (int64_t c0 = 0; c0 < vv; c0 += plan.block) {
         const int64_t len = std::min(plan.block, vv - c0);
-        const A* tile = linear_tile(s, h, c0, len, buf).data_ptr<A>();
+        A* tile = linear_tile(s, h, c0, len, buf).data_ptr<A>();
 #pragma omp parallel for num_threads(num_threads()) schedule(static)
-        for (int64_t i = 0; i < r; ++i) stats_segment(tile + i * len, c0, len, inv_tau, k, st[r0 + i]);
+        for (int64_t i = 0; i < r; ++i) {
+          A* z = tile + i * len;  // this row's part of the tile buffer: masked in place
+          if (ex) mask_excluded(z, c0, len, ex + (r0 + i) * k_ex, k_ex, z);
+          stats_segment(z, c0, len, inv_tau, k, st[r0 + i]);
+        }
       }
     }
   }
@@ -400,6 +423,16 @@ std::tuple<Tensor, Tensor> stats_pass(const Stream& s, const Tensor& rows, int64
   check_rows(rows);
   std::tuple<Tensor, Tensor> out;
   with_acc(s.acc(), [&](auto a) { out = stats_impl<decltype(a)>(s, rows, k, tiling); });
+  return out;
+}
+
+Tensor rest_lse_pass(const Stream& s, const Tensor& rows, const Tensor& cols, Tiling tiling) {
+  check_rows(rows);
+  TORCH_CHECK(cols.dim() == 2 && cols.size(0) == rows.size(0) && cols.scalar_type() == at::kLong,
+              "dopd cpu: cols must be int64 [n, k] for n rows");
+  const Tensor ex = cols.contiguous();
+  Tensor out;
+  with_acc(s.acc(), [&](auto a) { out = std::get<0>(stats_impl<decltype(a)>(s, rows, 0, tiling, &ex)); });
   return out;
 }
 

@@ -32,6 +32,10 @@ struct Tiling {
 // best first (ties to the smaller column).
 std::tuple<at::Tensor, at::Tensor> stats_pass(const Stream& s, const at::Tensor& rows, int64_t k, Tiling tiling);
 
+// Log-sum-exp [n] of the scaled logits of `rows` over the valid columns not in the row's `cols`
+// [n, k] (entries < 0 ignored): a tail bucket's log-mass, summed directly.
+at::Tensor rest_lse_pass(const Stream& s, const at::Tensor& rows, const at::Tensor& cols, Tiling tiling);
+
 // Σ_v of a full-vocabulary divergence per row [n] (float64) and the gradient constant c [n]:
 // reverse KL the KL itself, JS β·KL(p‖m), forward KL 0. kind: 0 reverse KL, 1 forward KL, 2 JS.
 std::tuple<at::Tensor, at::Tensor> full_value_pass(const Stream& s, const Stream& t, const at::Tensor& rows,

@@ -42,6 +42,38 @@ def cpp(request):
     return _cpp(*request.param)
 
 
+# -- the tail-bucket pass ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode,dtype", [("logits", torch.float32), ("logits", torch.bfloat16),
+                                        ("linear", torch.float32), ("linear", torch.bfloat16)])
+def test_rest_logsumexp_matches_float64(mode, dtype, cpp):
+    """log Σ exp over the valid columns outside each row's explicit ones, summed directly, against a
+    float64 computation on the same (rounded) inputs: padded columns past `valid_vocab`, masked rows
+    skipped, and -1 entries (another shard's columns) ignored."""
+    from dopd_kernels.sources import LinearSource, LogitsSource
+
+    n, v, h, vv, k = 9, 41, 12, 37, 5
+    rows = torch.tensor([0, 2, 3, 5, 6, 8])
+    cols = torch.stack([torch.randperm(vv)[:k] for _ in rows])
+    cols[1, 2] = -1
+    cols[4, :] = -1
+    if mode == "logits":
+        x = (2 * torch.randn(n, v)).to(dtype)
+        src, z = LogitsSource(x, 0.8, vv), x.double() / 0.8
+    else:
+        hid, w, b = (torch.randn(n, h).to(dtype), (torch.randn(v, h) / 2).to(dtype), torch.randn(v).to(dtype))
+        src, z = LinearSource(hid, w, b, 0.8, vv), (hid.double() @ w.double().T + b.double()) / 0.8
+    want = z[rows, :vv].clone()
+    for i in range(rows.shape[0]):
+        mine = cols[i][cols[i] >= 0]
+        want[i, mine] = float("-inf")
+    want = torch.logsumexp(want, dim=1)
+    got = cpp.rest_logsumexp(src, rows, cols)
+    assert got.dtype == src.dtype
+    assert_close(got.double(), want, rtol=1e-5, atol=1e-5, what=f"rest log-sum-exp ({mode}, {dtype})")
+
+
 # -- selection -------------------------------------------------------------------------------------
 
 

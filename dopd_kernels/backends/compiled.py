@@ -3,10 +3,10 @@
 Both run the passes of `engine.py` in the extension built from `csrc/` (see `_build.py`): the
 O(N·V) loops — online log-sum-exp, top-K, divergence sums, gradient tiles with the explicit columns
 folded in, and in fused-linear mode the tile matmuls and the dH/dW contraction — happen there, as do
-the K-column gathers (and, on CPU, the fused-linear contraction of renormalized top-K gradients).
-The O(N·K) work (`row_terms.py`, routing) stays in the shared Python code, and so does the tail-bucket
-pass `rest_logsumexp` (inherited from `PassBackend`; used by sampled forward KL / JS and by top-K
-with `topk_renorm=False`).
+the K-column gathers, and on CPU the fused-linear contraction of renormalized top-K gradients and
+the tail-bucket pass `rest_logsumexp` (sampled forward KL / JS, top-K with `topk_renorm=False`; the
+`cuda` backend inherits the tiled PyTorch pass of `PassBackend` for it). The O(N·K) work
+(`row_terms.py`, routing) stays in the shared Python code.
 """
 
 from __future__ import annotations
@@ -57,6 +57,12 @@ class CompiledBackend(PassBackend):
     @torch.no_grad()
     def gather(self, source, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         return self._ops.gather(self._stream(source), rows.contiguous(), cols)
+
+    @torch.no_grad()
+    def rest_logsumexp(self, source, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        if not hasattr(self._ops, "rest_lse_pass"):
+            return super().rest_logsumexp(source, rows, cols)
+        return self._ops.rest_lse_pass(self._stream(source), rows.contiguous(), cols, self._tiling).to(source.dtype)
 
     @torch.no_grad()
     def stats_pass(self, sources: Sequence, rows: torch.Tensor, tokens: torch.Tensor, topk_streams, top_k: int) -> Stats:
