@@ -160,12 +160,19 @@ def test_extreme_logits_no_nan(kind, gran, renorm, backend):
     out.loss.backward()
     assert torch.isfinite(out.per_token_loss).all() and torch.isfinite(out.loss)
     assert torch.isfinite(s.grad).all()
-    # Values agree with float64 to what fp32 logits of size 1e4 allow: their log-sum-exp has an ulp of
-    # ~1e-3, so a probability near 1 can be off by ~1e-3 relative, times log-ratios of ~1e4 (a naive
-    # fp32 log_softmax computation is off by as much).
+    # Values agree with float64 to what fp32 logits of size 1e4 allow. Their log-sum-exp has an ulp of
+    # ~1e-3, so a log-probability of ~-1e4 is off by ~1e-3 absolute: sampled reverse KL, d·log p(y)
+    # with d a difference of two such log-probs, is then off by up to ~10. Judged like Cut
+    # Cross-Entropy: within 2e-3 relative / 1e-2 absolute, or no worse than twice the error of a naive
+    # fp32 log_softmax computation on the same inputs.
     ref = opd_loss(zs.double(), zt.double(), y, divergence=kind, granularity=gran, top_k=6, topk_renorm=renorm,
-                   reduction="none", backend="reference")
-    assert_close(out.per_token_loss, ref.per_token_loss, rtol=2e-3, atol=1e-2, what="per-token loss")
+                   reduction="none", backend="reference").per_token_loss
+    naive = nv.opd(zs, zt, y, kind, gran, k=6, renorm=renorm, dtype=torch.float32).double()
+    err = (out.per_token_loss.double() - ref).abs()
+    naive_err = (naive - ref).abs().max().item()
+    within = err <= 1e-2 + 2e-3 * ref.abs()
+    assert bool(within.all()) or err.max().item() <= 2 * naive_err, \
+        f"per-token loss: max error {err.max().item():.3g}, naive fp32 {naive_err:.3g}"
 
 
 @pytest.mark.parametrize("backend", BACKENDS, ids=BACKEND_IDS)
