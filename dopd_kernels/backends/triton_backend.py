@@ -19,9 +19,9 @@ dH/dW/db accumulators — never a tensor with a vocabulary axis per token (`kern
 computes the K logits of a row and contracts its sparse gradient without `[rows, K, H]` gathers).
 
 Tile sizes (`_Config`), Hopper defaults chosen per shape. Each is the largest tile that Triton 3.9's
-compiler and ptxas build for sm_90a in bf16 without register spills, checked by compiling every
-kernel variant ahead of time without a GPU (`tests/triton_sm90.py`, run in CI); they have not yet
-been timed on a GPU:
+compiler and ptxas build for sm_90a without register spills (bf16 and fp32 inputs), checked by
+compiling every kernel variant ahead of time without a GPU (`tests/triton_sm90.py`, run in CI);
+they have not yet been timed on a GPU:
   * fused-linear bf16/fp16: BLOCK_N = 64 rows (32 for the full reverse-KL gradient, which spills
     at 64), BLOCK_V = 128, BLOCK_H = 32, num_warps = 8, num_stages = 3 — tiles feed wgmma with fp32
     accumulators. When the stats pass keeps a top-K, BLOCK_N = 16 and BLOCK_H = 4096 / K_PAD
@@ -164,8 +164,8 @@ class TritonBackend(PassBackend):
     def _config(self, source, n: int, k_pad: int = 0, rows: int = 64) -> _Config:
         """Blocks for a pass over `n` rows of `source`; `k_pad` > 0 when a running top-K is kept
         (then BLOCK_V = max(BLOCK_V, K_PAD): the stats kernel merges whole tiles into it); `rows`
-        is BLOCK_N of a fused-linear pass without top-K. The CUDA defaults are the largest tiles
-        that ptxas compiles without register spills for sm_90a in bf16 (`tests/triton_sm90.py`)."""
+        is BLOCK_N of a bf16/fp16 fused-linear pass without top-K. The CUDA defaults are the largest
+        tiles that ptxas compiles without register spills for sm_90a (`tests/triton_sm90.py`)."""
         linear = isinstance(source, LinearSource)
         v = source.effective_vocab
         if _interpreting():
