@@ -30,7 +30,7 @@ with the student's upcast bit (mixed dtypes, or bf16 under the interpreter) both
 import triton
 import triton.language as tl
 
-from .tiles import logaddexp, logit_tile, round_to
+from .tiles import logaddexp, logit_tile, round_to, row_block
 
 REVERSE_KL, FORWARD_KL, JS, DENSE = 0, 1, 2, 3
 KINDS = {"reverse_kl": REVERSE_KL, "forward_kl": FORWARD_KL, "js": JS}
@@ -43,9 +43,7 @@ def full_value_kernel(rows_ptr, n_rows, lse_s_ptr, lse_t_ptr, value_ptr, c_ptr,
                       vocab, valid_vocab, inv_temp, beta, log_beta, log_1m_beta,
                       KIND: tl.constexpr, LINEAR: tl.constexpr, BIAS_MASK: tl.constexpr, UPCAST_MASK: tl.constexpr,
                       DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = offs < n_rows
-    rows = tl.load(rows_ptr + offs, mask=row_mask, other=0)
+    offs, row_mask, rows = row_block(rows_ptr, n_rows, BLOCK_N)
     lse_s = tl.load(lse_s_ptr + offs, mask=row_mask, other=0.0)
     lse_t = tl.load(lse_t_ptr + offs, mask=row_mask, other=0.0)
     value = tl.zeros((BLOCK_N,), tl.float32)
@@ -85,9 +83,7 @@ def grad_kernel(rows_ptr, n_rows, lse_s_ptr, lse_t_ptr, coef_ptr, scale_ptr, ex_
                 NEED_DW: tl.constexpr,
                 NEED_DB: tl.constexpr, BIAS_MASK: tl.constexpr, UPCAST_MASK: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = offs < n_rows
-    rows = tl.load(rows_ptr + offs, mask=row_mask, other=0)
+    offs, row_mask, rows = row_block(rows_ptr, n_rows, BLOCK_N)
     lse_s = tl.load(lse_s_ptr + offs, mask=row_mask, other=0.0)
     lse_t = tl.load(lse_t_ptr + offs, mask=row_mask, other=0.0)
     coef = tl.load(coef_ptr + offs, mask=row_mask, other=0.0)

@@ -27,7 +27,7 @@ Streams are passed as `tiles.py` eight-argument groups; per-stream options are b
 import triton
 import triton.language as tl
 
-from .tiles import finish_lse, key_column, logit_tile, online_lse, topk_keys
+from .tiles import finish_lse, key_column, logit_tile, online_lse, row_block, topk_keys
 
 
 @triton.jit
@@ -97,9 +97,7 @@ def stats_kernel(rows_ptr, tok_ptr, n_rows, lse_ptr, ly_ptr, topk_ptr, top_k,
     """Writes lse [NUM_STREAMS, n], sampled logit [NUM_STREAMS, n] (fp32, scaled by 1/τ) and the top-K
     columns [n_topk_streams, n, top_k] (descending) of the rows `rows_ptr[0:n]`."""
     K_PAD: tl.constexpr = BLOCK_V
-    offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = offs < n_rows
-    rows = tl.load(rows_ptr + offs, mask=row_mask, other=0)
+    offs, row_mask, rows = row_block(rows_ptr, n_rows, BLOCK_N)
     tok = tl.load(tok_ptr + offs, mask=row_mask, other=-1)
 
     ninf = tl.full((BLOCK_N,), float("-inf"), tl.float32)

@@ -11,7 +11,7 @@ O(H) multiply-adds of a fused-linear tile (k = 128 against H ≥ 2048). Entries 
 import triton
 import triton.language as tl
 
-from .tiles import finish_lse, logit_tile, online_lse
+from .tiles import finish_lse, logit_tile, online_lse, row_block
 
 
 @triton.jit
@@ -20,9 +20,7 @@ def tail_lse_kernel(rows_ptr, n_rows, cols_ptr, k, out_ptr,
                     vocab, valid_vocab, inv_temp,
                     LINEAR: tl.constexpr, BIAS_MASK: tl.constexpr, UPCAST_MASK: tl.constexpr,
                     DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = offs < n_rows
-    rows = tl.load(rows_ptr + offs, mask=row_mask, other=0)
+    offs, row_mask, rows = row_block(rows_ptr, n_rows, BLOCK_N)
     m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     s = tl.zeros((BLOCK_N,), tl.float32)
     for v0 in range(0, valid_vocab, BLOCK_V):

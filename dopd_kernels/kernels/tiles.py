@@ -46,6 +46,15 @@ def logit_tile(x, sx0, sx1, w, sw0, sw1, b, hdim, rows, row_mask, cols, vocab, v
 
 
 @triton.jit
+def row_block(rows_ptr, n_rows, BLOCK_N: tl.constexpr):
+    """This program's block of the compacted rows: positions `offs` [BLOCK_N], which of them exist
+    (`row_mask`) and their row ids `rows` (0 past the end, so loads there stay in bounds)."""
+    offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = offs < n_rows
+    return offs, row_mask, tl.load(rows_ptr + offs, mask=row_mask, other=0)
+
+
+@triton.jit
 def online_lse(m, s, z):
     """Merge tile `z` into the running (max m, Σ exp(z − m)) of each row; safe when all are -inf."""
     m_new = tl.maximum(m, tl.max(z, 1))
