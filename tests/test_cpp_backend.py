@@ -17,10 +17,10 @@ import torch
 
 import naive_reference as nv
 from conftest import IGNORE, assert_close, correlated_logits, distinct_logits, leaf, linear_streams, random_tokens
-from dopd_kernels import DOPDConfig, Regime, dopd_loss, fused_linear_dopd_loss, fused_linear_opd_loss, opd_loss
+from dopd_kernels import DOPDConfig, Regime, dopd_loss, fused_linear_dopd_loss, opd_loss
 from dopd_kernels.backends import available_backends, resolve_backend
-from test_torch_backend import (DIVS, GRAN_IDS, GRANS, RTOL, _err, check_fused_linear_dopd_bf16, compare_dopd, compare_opd,
-                               fused_dopd_pair)
+from test_torch_backend import (DIVS, GRAN_IDS, GRANS, RTOL, _err, check_fused_linear_dopd_bf16, compare_dopd,
+                               compare_fused_linear_opd, compare_opd, fused_dopd_pair)
 
 TILES = [(2048, 1024), (3, 7)]
 TILE_IDS = ["default-tiles", "tiles-3x7"]
@@ -281,21 +281,9 @@ def test_fused_linear_dopd_valid_vocab_and_ignore(cpp):
 @pytest.mark.parametrize("gran,renorm,source", GRANS, ids=GRAN_IDS)
 @pytest.mark.parametrize("kind", DIVS)
 def test_fused_linear_opd_fp32(kind, gran, renorm, source, cpp):
-    t = linear_streams(21, 9, 31)
-    y = random_tokens(21, 31)
-    kw = dict(divergence=kind, granularity=gran, top_k=5, topk_renorm=renorm, topk_from=source, temperature=0.9)
-    h, w, b = leaf(t["student_hidden"]), leaf(t["student_weight"]), leaf(t["student_bias"])
-    h64, w64, b64 = (leaf(x, torch.float64) for x in (t["student_hidden"], t["student_weight"], t["student_bias"]))
-    out = fused_linear_opd_loss(h, w, t["teacher_hidden"], t["teacher_weight"], y, student_bias=b,
-                                teacher_bias=t["teacher_bias"], backend=cpp, **kw)
-    ref = fused_linear_opd_loss(h64, w64, t["teacher_hidden"].double(), t["teacher_weight"].double(), y,
-                                student_bias=b64, teacher_bias=t["teacher_bias"].double(), backend="reference", **kw)
-    rtol = opd_rtol(kind, gran)
-    assert_close(out.per_token_loss, ref.per_token_loss, rtol=rtol, what="per-token loss")
-    out.loss.backward()
-    ref.loss.backward()
-    for name, a, e in (("dH", h, h64), ("dW", w, w64), ("db", b, b64)):
-        assert_close(a.grad, e.grad, rtol=rtol, what=name)
+    compare_fused_linear_opd(linear_streams(21, 9, 31), random_tokens(21, 31), cpp, rtol=opd_rtol(kind, gran),
+                             divergence=kind, granularity=gran, top_k=5, topk_renorm=renorm, topk_from=source,
+                             temperature=0.9)
 
 
 # -- bf16 ----------------------------------------------------------------------------------------

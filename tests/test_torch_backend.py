@@ -105,6 +105,23 @@ def test_dopd_reduction_none_with_per_token_weights(backend):
 # -- fused-linear mode ---------------------------------------------------------------------------
 
 
+def compare_fused_linear_opd(t, y, backend, rtol=RTOL, **kw):
+    """fused_linear_opd_loss on the backend (streams `t` as given, student and teacher biases) and on
+    the reference (float64 copies): per-token loss, dH, dW and db."""
+    names = ("student_hidden", "student_weight", "student_bias")
+    tr, tr64 = [leaf(t[k]) for k in names], [leaf(t[k], torch.float64) for k in names]
+    out = fused_linear_opd_loss(tr[0], tr[1], t["teacher_hidden"], t["teacher_weight"], y, student_bias=tr[2],
+                                teacher_bias=t["teacher_bias"], backend=backend, **kw)
+    ref = fused_linear_opd_loss(tr64[0], tr64[1], t["teacher_hidden"].double(), t["teacher_weight"].double(), y,
+                                student_bias=tr64[2], teacher_bias=t["teacher_bias"].double(), backend="reference",
+                                **kw)
+    assert_close(out.per_token_loss, ref.per_token_loss, rtol=rtol, what="per-token loss")
+    out.loss.backward()
+    ref.loss.backward()
+    for name, a, e in zip(("dH", "dW", "db"), tr, tr64):
+        assert_close(a.grad, e.grad, rtol=rtol, what=name)
+
+
 def fused_dopd_pair(t, y, cfg, backend, priv_weight=False, rtol=RTOL, shape_check=True):
     frozen = {k: v for k, v in t.items() if not k.startswith("student")}
     if priv_weight:
@@ -156,20 +173,8 @@ def test_fused_linear_dopd_teacher_hidden_size_differs(backend):
 @pytest.mark.parametrize("gran,renorm,source", GRANS, ids=GRAN_IDS)
 @pytest.mark.parametrize("kind", DIVS)
 def test_fused_linear_opd_fp32(kind, gran, renorm, source, backend):
-    t = linear_streams(21, 8, 31)
-    y = random_tokens(21, 31)
-    kw = dict(divergence=kind, granularity=gran, top_k=5, topk_renorm=renorm, topk_from=source, temperature=0.9)
-    h, w, b = leaf(t["student_hidden"]), leaf(t["student_weight"]), leaf(t["student_bias"])
-    h64, w64, b64 = (leaf(x, torch.float64) for x in (t["student_hidden"], t["student_weight"], t["student_bias"]))
-    out = fused_linear_opd_loss(h, w, t["teacher_hidden"], t["teacher_weight"], y, student_bias=b,
-                                teacher_bias=t["teacher_bias"], backend=backend, **kw)
-    ref = fused_linear_opd_loss(h64, w64, t["teacher_hidden"].double(), t["teacher_weight"].double(), y,
-                                student_bias=b64, teacher_bias=t["teacher_bias"].double(), backend="reference", **kw)
-    assert_close(out.per_token_loss, ref.per_token_loss, rtol=RTOL, what="per-token loss")
-    out.loss.backward()
-    ref.loss.backward()
-    for name, a, e in (("dH", h, h64), ("dW", w, w64), ("db", b, b64)):
-        assert_close(a.grad, e.grad, rtol=RTOL, what=name)
+    compare_fused_linear_opd(linear_streams(21, 8, 31), random_tokens(21, 31), backend, divergence=kind,
+                             granularity=gran, top_k=5, topk_renorm=renorm, topk_from=source, temperature=0.9)
 
 
 def test_fused_linear_frozen_streams_get_no_gradient():

@@ -34,7 +34,7 @@ if not CUDA:
         os.environ["TRITON_INTERPRET"] = _saved
 
 import naive_reference as nv  # noqa: E402
-from test_torch_backend import check_fused_linear_dopd_bf16  # noqa: E402
+from test_torch_backend import check_fused_linear_dopd_bf16, compare_fused_linear_opd  # noqa: E402
 from conftest import IGNORE, assert_close, correlated_logits, distinct_logits, leaf, linear_streams, random_tokens  # noqa: E402
 from dopd_kernels import (DOPDConfig, dopd_loss, fused_linear_dopd_loss, fused_linear_opd_loss, opd_loss,  # noqa: E402
                           token_logprobs)
@@ -301,20 +301,8 @@ def test_fused_linear_dopd_fp32(case, device):
                                               ("reverse_kl", "sampled", True), ("forward_kl", "topk", False)])
 def test_fused_linear_opd_fp32(kind, gran, renorm, device):
     t = {k: x.to(device) for k, x in linear_streams(20, 24, 70).items()}
-    y = random_tokens(20, 70).to(device)
-    kw = dict(divergence=kind, granularity=gran, top_k=7, topk_renorm=renorm, temperature=0.9)
-    names = ("student_hidden", "student_weight", "student_bias")
-    tr, tr64 = [leaf(t[k]) for k in names], [leaf(t[k], torch.float64) for k in names]
-    out = fused_linear_opd_loss(tr[0], tr[1], t["teacher_hidden"], t["teacher_weight"], y, student_bias=tr[2],
-                                teacher_bias=t["teacher_bias"], backend=SMALL_TILES, **kw)
-    ref = fused_linear_opd_loss(tr64[0], tr64[1], t["teacher_hidden"].double(), t["teacher_weight"].double(), y,
-                                student_bias=tr64[2], teacher_bias=t["teacher_bias"].double(), backend="reference",
-                                **kw)
-    assert_close(out.per_token_loss, ref.per_token_loss, rtol=RTOL, what="per-token loss")
-    out.loss.backward()
-    ref.loss.backward()
-    for name, a, e in zip(("dH", "dW", "db"), tr, tr64):
-        assert_close(a.grad, e.grad, rtol=RTOL, what=name)
+    compare_fused_linear_opd(t, random_tokens(20, 70).to(device), SMALL_TILES, divergence=kind, granularity=gran,
+                             top_k=7, topk_renorm=renorm, temperature=0.9)
 
 
 # -- bf16 ------------------------------------------------------------------------------------------
