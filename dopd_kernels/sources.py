@@ -61,6 +61,14 @@ class LinearSource:
     """A stream given as hidden states `[N, H]` and an `lm_head` weight `[V, H]` (+ bias `[V]`).
 
     Tiles are `H[rows] @ W[start:stop]ᵀ` with fp32 accumulation: only `[rows, stop-start]` exists.
+
+    Output-head transforms of real models (DESIGN.md section 4), in the order their forward applies
+    them, before the distillation temperature:
+
+        z = h·Wᵀ + b;   z ← scale · z;   z ← softcap · tanh(z / softcap) (when softcap is set);   z ← z / τ
+
+    The gradient with respect to the raw `h·Wᵀ + b` is the gradient with respect to the final
+    (pre-temperature) logit times `scale · (1 − tanh²(scale·z/softcap))`; see `head_jacobian`.
     """
 
     hidden: torch.Tensor
@@ -68,6 +76,12 @@ class LinearSource:
     bias: Optional[torch.Tensor] = None
     temperature: float = 1.0
     valid_vocab: Optional[int] = None
+    scale: float = 1.0
+    softcap: Optional[float] = None
+
+    @property
+    def has_transform(self) -> bool:
+        return self.scale != 1.0 or self.softcap is not None
 
     @property
     def num_rows(self) -> int:
@@ -91,7 +105,7 @@ class LinearSource:
         t = self.hidden[rows].to(self.dtype) @ self.weight[start:stop].to(self.dtype).T
         if self.bias is not None:
             t = t + self.bias[start:stop].to(self.dtype)
-        return _finish(t, start, self.temperature, self.valid_vocab)
+        return _finish(self.transform(t), start, self.temperature, self.valid_vocab)
 
     def gather(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         # K dot products per row: [r, K, H] gathered weight rows, bounded by the caller's row chunk.
@@ -99,7 +113,24 @@ class LinearSource:
         t = torch.einsum("rkh,rh->rk", w, self.hidden[rows].to(self.dtype))
         if self.bias is not None:
             t = t + self.bias[cols].to(self.dtype)
-        return _mask_gathered(t / self.temperature, cols, self.valid_vocab)
+        return _mask_gathered(self.transform(t) / self.temperature, cols, self.valid_vocab)
+
+    def transform(self, z: torch.Tensor) -> torch.Tensor:
+        """The head transform on raw logits `h·Wᵀ + b` (before the temperature)."""
+        if self.scale != 1.0:
+            z = z * self.scale
+        if self.softcap is not None:
+            z = torch.tanh(z / self.softcap) * self.softcap
+        return z
+
+    def head_jacobian(self, scaled: torch.Tensor) -> torch.Tensor:
+        """d(final logit)/d(raw logit) from tile values `scaled` = final logit / τ (as `tile`/`gather`
+        return them): `scale · (1 − (τ·scaled / softcap)²)`, 0 at padding columns (-inf)."""
+        jac = torch.full_like(scaled, self.scale)
+        if self.softcap is not None:
+            t = scaled * (self.temperature / self.softcap)  # tanh(scale·z/softcap)
+            jac = torch.where(torch.isfinite(scaled), self.scale * (1.0 - t * t), torch.zeros_like(scaled))
+        return jac
 
 
 def _finish(t: torch.Tensor, start: int, temperature: float, valid_vocab: Optional[int]) -> torch.Tensor:
