@@ -25,10 +25,22 @@ from .sources import LinearSource, LogitsSource
 STUDENT = 0
 
 
+def split_lse(lse: torch.Tensor, dtype: torch.dtype) -> tuple:
+    """A float64 log-sum-exp as an unevaluated sum `hi + lo` of two `dtype` tensors.
+
+    Kernels form log-probabilities as `(z − hi) − lo`: `z − hi` is exact when z is near the row's
+    maximum (Sterbenz), so log p keeps fp32 precision even when the logits are ~1e4 and an fp32 lse
+    alone would be off by an ulp of 1e4 (~1e-3). For float64 compute, lo is 0."""
+    hi = lse.to(dtype)
+    return hi, (lse - hi.to(lse.dtype)).to(dtype)
+
+
 @dataclass
 class Stats:
-    """Per valid row (compact order): `lse[j]` and `logit_y[j]` of stream j (scaled, compute
-    dtype), `topk[j]` the top-K column indices [n, K] of each stream that needs them."""
+    """Per valid row (compact order): `lse[j]` (float64: the fp32 row max plus the log of the
+    rescaled sum, added in float64 so no precision is lost at large logits; see `split_lse`) and
+    `logit_y[j]` (scaled logits, compute dtype) of stream j, `topk[j]` the top-K column indices
+    [n, K] of each stream that needs them."""
 
     lse: List[torch.Tensor]
     logit_y: List[torch.Tensor]
