@@ -1,0 +1,102 @@
+"""Tiny models, tokenizer and datasets for the TRL integration tests (CPU, a few seconds each).
+
+The tokenizer is character-level, built locally, with a chat template that wraps every turn in
+special tokens (`<|user|>...<|end|>`) and opens the assistant turn with `<|assistant|>`, so the
+tests see a template that adds tokens around turns. The models are random `transformers` causal
+LMs built from configs: a Llama student and a wider Qwen2 teacher over the same vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+from datasets import Dataset
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+SPECIAL = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+TURN_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz +-=?:.,!\n"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+# Context tokens: the privileged context of every test row is written in capitals, a range of
+# tokens no plain prompt contains, so a test can tell which model read it.
+CONTEXT_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per character, special tokens for the turns, left padding (TRL generates left-padded)."""
+    chars = sorted(set(ALPHABET + CONTEXT_ALPHABET))
+    vocab = {tok: i for i, tok in enumerate([*SPECIAL.values(), *TURN_TOKENS])}
+    vocab.update({c: len(vocab) + i for i, c in enumerate(chars)})
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL["unk_token"]))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, padding_side="left", **SPECIAL)
+    tok.add_special_tokens({"additional_special_tokens": TURN_TOKENS})
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def tiny_student(tok, seed: int = 0, hidden: int = 32) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).float()
+
+
+def tiny_teacher(tok, seed: int = 1, hidden: int = 48) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      tie_word_embeddings=False)
+    return Qwen2ForCausalLM(cfg).float()
+
+
+def dataset(n: int = 8, conversational: bool = False, seed: int = 0) -> Dataset:
+    """Rows `{"prompt", "privileged_context"}`: sums with a capital-letter hint."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        a, b = (int(v) for v in torch.randint(0, 50, (2,), generator=g))
+        prompt = f"{a}+{b}="
+        hint = "HINT " + CONTEXT_ALPHABET[i % 26] * (1 + i % 3)
+        rows.append({"prompt": [{"role": "user", "content": prompt}] if conversational else prompt,
+                     "privileged_context": hint})
+    return Dataset.from_list(rows)
+
+
+def config(tmp_path, **overrides):
+    """A small, fast, deterministic CPU configuration of the trainer."""
+    from dopd_kernels.integrations.trl import DOPDTrainerConfig
+
+    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2,
+                bf16=False, gradient_checkpointing=False, report_to="none", logging_steps=1, save_strategy="no",
+                max_completion_length=6, use_cpu=True, seed=0, disable_dropout=True, loss_top_k=8,
+                shuffle_dataset=False)
+    base.update(overrides)
+    return DOPDTrainerConfig(**base)
+
+
+def context_token_ids(tok) -> set[int]:
+    return set(tok.convert_tokens_to_ids(list(CONTEXT_ALPHABET)))
+
+
+def use_lm_head_standin() -> None:
+    """Until `dopd_kernels.hf` lands: a minimal `lm_head` (weight, bias, no transform) for the trainer."""
+    import importlib.util
+
+    if importlib.util.find_spec("dopd_kernels.hf") is not None:
+        return
+    from dopd_kernels.heads import LMHead
+    from dopd_kernels.integrations import trl as trl_integration
+
+    def standin(model):
+        head = model.get_output_embeddings()
+        return LMHead(head.weight, head.bias)
+
+    trl_integration._lm_head = standin
