@@ -2,49 +2,77 @@
 
 Flow (DESIGN.md section 4; the O(N) and O(N·K) steps are shared with every backend):
 
-1. stats pass — `kernels.stats.stats_kernel`, one launch for all streams: log-sum-exp, sampled
-   logit and the running top-K of the valid rows.
+1. stats pass — `kernels.stats.stats_kernel`, one launch for all streams: the row max and
+   log Σ exp(z − max) (added here in float64 into `Stats.lse`), sampled logit and the running top-K
+   of the valid rows.
 2. routing / planning — `backends/base.py` on the `[N]` statistics (float64, O(N)).
 3. values — full-vocabulary rows (DOPD's HT rows, full OPD) are compacted to their row ids and run
    through `kernels.divergence.full_value_kernel`; top-K and sampled rows use `[n, K]` gathers and
-   `row_terms.py`.
+   `row_terms.py`. The fp32 kernels receive each float64 log-sum-exp as `engine.split_lse`'s
+   (hi, lo) pair and form log p = (z − hi) − lo.
 4. backward — `kernels.divergence.grad_kernel` forms the gradient tiles of full rows (and the dense
    `p·dense` part of sampled / tail-bucket rows); in logits mode it stores them into the student
    gradient (the only `[N, V]` tensor), in fused-linear mode it contracts them into dH / dW / db
    inside the kernel. Sparse top-K coefficients are scattered on `[n, K]`.
 
+Output-head transforms (fused-linear, per stream: `LinearSource.scale` and `.softcap`) are applied
+in the tile epilogue of every kernel that forms logits (after the bias, before 1/τ), selected by a
+constexpr code per stream so the untransformed kernels are unchanged; the gradient tiles are
+multiplied by the jacobian `scale·(1 − u²)` before they are contracted.
+
 Memory: logits mode reads the logits in their dtype (bf16/fp16/fp32) and allocates no fp32 copy;
 fused-linear mode allocates `[n]` statistics, `[n, K]` top-K columns and logits, and the fp32
-dH/dW/db accumulators — never a tensor with a vocabulary axis per token (`kernels/sparse.py`
-computes the K logits of a row and contracts its sparse gradient without `[rows, K, H]` gathers).
+dH/dW/db accumulators (dW only when the student's weight requires grad) — never a tensor with a
+vocabulary axis per token (`kernels/sparse.py` computes the K logits of a row and contracts its
+sparse gradient without `[rows, K, H]` gathers). With several vocabulary splits, dH goes through a
+`[splits, n, H]` scratch bounded by ~4·SMs·BLOCK_N·H floats (`kernels/divergence.py`).
 
-Tile sizes (`_Config`), Hopper defaults chosen per shape. Each is the largest tile that Triton 3.9's
-compiler and ptxas build for sm_90a without register spills (bf16 and fp32 inputs), checked by
-compiling every kernel variant ahead of time without a GPU (`tests/triton_sm90.py`, run in CI);
-they have not yet been timed on a GPU:
+Determinism: `TritonBackend(deterministic=True)`, or `torch.use_deterministic_algorithms(True)`,
+avoids every float atomic: dW / db of full-vocabulary rows come from `grad_dw_kernel` (vocabulary-
+major, one writer per dW row; it recomputes the gradient tiles: one more projection per stream the
+gradient reads, i.e. full JS costs 6 GEMMs instead of 4), and the sparse top-K dW / db from
+`sparse_dw_kernel` (entries stably sorted by column, one program per column; an O(n·K) sort). dH
+never uses atomics. Without it, dW / db use relaxed fp32 atomics and their last bits vary by run.
+
+Tile rules (`_config`). CUDA defaults are the largest tiles that Triton's compiler and ptxas build
+for sm_90a without register spills, checked by compiling every kernel variant ahead of time without
+a GPU (`tests/triton_sm90.py`); they have not yet been timed on a GPU. Invariants, whatever the
+shape or K:
+  * every tl.dot has M, N, K ≥ 16 (Triton 3.6 rejects smaller K, fp32 operands included): in
+    fused-linear tiles BLOCK_N, BLOCK_V, BLOCK_H ≥ 16 (the logits-mode and sparse kernels have
+    no tl.dot);
+  * a running top-K keeps K_PAD = BLOCK_V ≥ next power of two ≥ K entries per row in registers,
+    so the kernels take K ≤ MAX_TOPK = 256; a call whose top-K (after clamping to the valid
+    vocabulary) is larger runs on the `torch` backend (vocabulary-chunked, any K);
+  * logits-mode tiles are at least 128 columns wide (a top-K of 1 no longer means 1-column tiles).
+Defaults:
   * fused-linear bf16/fp16: BLOCK_N = 64 rows (32 for the full reverse-KL gradient, which spills
     at 64), BLOCK_V = 128, BLOCK_H = 32, num_warps = 8, num_stages = 3 — tiles feed wgmma with fp32
-    accumulators. When the stats pass keeps a top-K, BLOCK_N = 16 and BLOCK_H = 4096 / K_PAD
-    (32 for K ≤ 128, 16 for K = 256): the running `[BLOCK_N, K_PAD]` int64 key block and the tile
-    being sorted live in registers;
-  * fused-linear with fp32 operands (IEEE `tl.dot`, no tensor cores): 64 × 64 tiles and
-    BLOCK_H = 8 (16 × 128 × 8 with a top-K);
-  * logits mode (memory bound): BLOCK_N = 8, BLOCK_V = 512 (K_PAD when the stats pass keeps a
-    top-K), num_warps = 8 (4 for a top-K of K_PAD ≤ 128);
-  * sparse top-K kernels (one program per row): a `[K_PAD, BLOCK_H]` weight block of 4K elements;
+    accumulators. With a running top-K: BLOCK_N = 16, BLOCK_V = max(128, K_PAD) and BLOCK_H =
+    max(16, 4096 / BLOCK_V) (32 for K ≤ 128, 16 for K = 256);
+  * fused-linear with fp32 operands (IEEE `tl.dot`, no tensor cores): 64 × 64 tiles, BLOCK_H = 16
+    (16 × max(128, K_PAD) × 16 with a top-K);
+  * logits mode (memory bound): BLOCK_N = 8, BLOCK_V = 512 (max(128, K_PAD) with a top-K),
+    num_warps = 8 (4 for a top-K of K_PAD ≤ 128);
+  * sparse top-K kernels (one program per row, no tl.dot): a `[K_PAD, BLOCK_H]` weight block of
+    at most 4K elements;
   * the fused-linear gradient grid splits the vocabulary so that about 4 programs per SM exist.
 Under the interpreter (`TRITON_INTERPRET=1`, CPU tensors) the blocks are as large as the shapes
 allow and num_warps/num_stages are ignored. Every knob can be fixed through the constructor.
 `triton.autotune` is not used: its first-call benchmarking would multiply compile time for every
-new (N, V, H), it cannot run in the interpreter, and the gradient kernels accumulate with atomics
+new (N, V, H), it cannot run in the interpreter, and the gradient kernels accumulate in place
 (each trial would need its outputs reset); the fixed per-shape rules keep first-call compile time to
 one config per kernel variant.
+
+Every launch runs under `torch.cuda.device(<the inputs' device>)`: Triton launches on the current
+device and its stream, which need not be the inputs'.
 
 float64 inputs are delegated to the `torch` backend (the kernels compute in fp32).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -53,10 +81,13 @@ from typing import Optional, Sequence
 import torch
 import triton  # noqa: F401  (fails here, so the registry reports the backend as unavailable)
 
-from ..engine import STUDENT, Group, LinearGradSink, LogitsGradSink, Stats
+from ..engine import STUDENT, Group, LinearGradSink, LogitsGradSink, Stats, split_lse
 from ..sources import LinearSource, LogitsSource
 from .base import PassBackend
 from .torch_chunked import TorchBackend
+
+MAX_TOPK = 256  # largest top-K the kernels keep in registers (module docstring)
+MIN_LOGITS_BLOCK_V = 128  # narrowest logits-mode tile, whatever K is
 
 
 def _interpreting() -> bool:
@@ -67,27 +98,50 @@ def _pow2(x: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, x))))
 
 
+def device_guard(device: torch.device):
+    """Context that makes `device` current for a launch (Triton launches on the current CUDA device
+    and its current stream); nothing for CPU tensors (the interpreter)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def head_code(src) -> int:
+    """`kernels.tiles` HEAD code of a stream: 0 none, 1 multiplier only, 2 soft-cap (multiplier folded in)."""
+    if not isinstance(src, LinearSource):
+        return 0
+    return 2 if src.softcap is not None else int(src.scale != 1.0)
+
+
 def stream_args(src) -> tuple:
-    """The eight kernel arguments of a stream (see `kernels/tiles.py`)."""
+    """The ten kernel arguments of a stream (see `kernels/tiles.py`): its tensors and strides, and
+    the head transform's runtime scalars (a, c): (scale, 1) or, with a soft-cap c, (scale / c, c)."""
     if isinstance(src, LogitsSource):
         x = src.logits
-        return (x, x.stride(0), x.stride(1), x, 0, 0, x, 0)
+        return (x, x.stride(0), x.stride(1), x, 0, 0, x, 0, 1.0, 1.0)
     h, w, b = src.hidden, src.weight, src.bias
-    return (h, h.stride(0), h.stride(1), w, w.stride(0), w.stride(1), w if b is None else b, h.shape[1])
+    cap = src.softcap
+    a, c = (float(src.scale), 1.0) if cap is None else (float(src.scale) / cap, float(cap))
+    return (h, h.stride(0), h.stride(1), w, w.stride(0), w.stride(1), w if b is None else b, h.shape[1], a, c)
 
 
 def _masks(sources) -> tuple:
-    """(bias bit mask, upcast bit mask): bit j for stream j. A fused-linear stream multiplies in
-    fp32 when its hidden states and weight differ in dtype, and under the interpreter when either
-    is bf16: Triton 3.9's interpreter runs tl.dot on the raw uint16 bit patterns of bf16 operands.
-    (bf16 × bf16 products are exact in fp32, so this changes no result, only the instruction.)"""
+    """(bias, upcast, head) bit masks: bit j (head: bits 2j..2j+1) for stream j. A fused-linear
+    stream multiplies in fp32 when its hidden states and weight differ in dtype, and under the
+    interpreter when either is bf16: Triton 3.9's interpreter runs tl.dot on the raw uint16 bit
+    patterns of bf16 operands. (bf16 × bf16 products are exact in fp32, so this changes no result,
+    only the instruction.)"""
     def upcast(s) -> bool:
         dts = (s.hidden.dtype, s.weight.dtype)
         return dts[0] != dts[1] or (_interpreting() and torch.bfloat16 in dts)
 
     bias = sum(1 << j for j, s in enumerate(sources) if isinstance(s, LinearSource) and s.bias is not None)
     up = sum(1 << j for j, s in enumerate(sources) if isinstance(s, LinearSource) and upcast(s))
-    return bias, up
+    head = sum(head_code(s) << (2 * j) for j, s in enumerate(sources))
+    return bias, up, head
+
+
+def _lse64(hi_max: torch.Tensor, logsum: torch.Tensor) -> torch.Tensor:
+    """float64 log-sum-exp from the kernels' fp32 (row max, log Σ exp(z − max)); -inf for empty rows."""
+    return hi_max.double() + logsum.double()
 
 
 @dataclass
@@ -100,20 +154,26 @@ class _Config:
 
 
 class TritonBackend(PassBackend):
-    """Triton kernels; `None` knobs are chosen per shape (see the module docstring)."""
+    """Triton kernels; `None` knobs are chosen per shape (see the module docstring).
+    `deterministic=True` (or torch's global deterministic flag) avoids float atomics at some cost."""
 
     name = "triton"
 
     def __init__(self, block_n: Optional[int] = None, block_v: Optional[int] = None, block_h: Optional[int] = None,
                  num_warps: Optional[int] = None, num_stages: Optional[int] = None, vocab_splits: Optional[int] = None,
-                 allow_tf32: bool = False):
+                 allow_tf32: bool = False, deterministic: bool = False):
         for name, v in (("block_n", block_n), ("block_v", block_v), ("block_h", block_h)):
             if v is not None and (v < 16 or v & (v - 1)):
                 raise ValueError(f"{name} must be a power of two >= 16, got {v}")
         self.block_n, self.block_v, self.block_h = block_n, block_v, block_h
         self.num_warps, self.num_stages, self.vocab_splits = num_warps, num_stages, vocab_splits
         self.dot_precision = "tf32" if allow_tf32 else "ieee"
+        self.deterministic = deterministic
         self._fallback = TorchBackend()
+
+    @property
+    def _deterministic(self) -> bool:
+        return self.deterministic or torch.are_deterministic_algorithms_enabled()
 
     # The kernel modules are imported at the first launch, not when the backend is built (as
     # backend="auto" does on any device): the kernels are decorated with the TRITON_INTERPRET
@@ -143,29 +203,35 @@ class TritonBackend(PassBackend):
         return device.type == "cuda" or (device.type == "cpu" and _interpreting())
 
     def __repr__(self) -> str:
-        return f"TritonBackend(block_n={self.block_n}, block_v={self.block_v}, block_h={self.block_h})"
+        return (f"TritonBackend(block_n={self.block_n}, block_v={self.block_v}, block_h={self.block_h}, "
+                f"deterministic={self.deterministic})")
 
-    # -- entry points (float64 inputs: the torch backend) --------------------------------------------
+    # -- entry points (float64 inputs and top-K > MAX_TOPK: the torch backend) ------------------------
+
+    def _impl(self, student, top_k: int):
+        """This backend, or the torch one for float64 inputs and for a top-K the kernels cannot keep."""
+        if student.dtype == torch.float64 or min(top_k, student.effective_vocab) > MAX_TOPK:
+            return self._fallback
+        return super()
 
     def dopd(self, student, teacher, priv, tokens, valid, cfg, thresholds, **kw):
-        impl = self._fallback if student.dtype == torch.float64 else super()
-        return impl.dopd(student, teacher, priv, tokens, valid, cfg, thresholds, **kw)
+        return self._impl(student, cfg.top_k).dopd(student, teacher, priv, tokens, valid, cfg, thresholds, **kw)
 
     def opd(self, student, teacher, tokens, valid, cfg, **kw):
-        impl = self._fallback if student.dtype == torch.float64 else super()
-        return impl.opd(student, teacher, tokens, valid, cfg, **kw)
+        top_k = cfg.top_k if cfg.granularity == "topk" else 1
+        return self._impl(student, top_k).opd(student, teacher, tokens, valid, cfg, **kw)
 
     def token_logprobs(self, source, tokens, valid, **kw):
-        impl = self._fallback if source.dtype == torch.float64 else super()
-        return impl.token_logprobs(source, tokens, valid, **kw)
+        return self._impl(source, 1).token_logprobs(source, tokens, valid, **kw)
 
     # -- configuration -----------------------------------------------------------------------------
 
     def _config(self, source, n: int, k_pad: int = 0, rows: int = 64) -> _Config:
         """Blocks for a pass over `n` rows of `source`; `k_pad` > 0 when a running top-K is kept
         (then BLOCK_V = max(BLOCK_V, K_PAD): the stats kernel merges whole tiles into it); `rows`
-        is BLOCK_N of a bf16/fp16 fused-linear pass without top-K. The CUDA defaults are the largest
-        tiles that ptxas compiles without register spills for sm_90a (`tests/triton_sm90.py`)."""
+        is BLOCK_N of a bf16/fp16 fused-linear pass without top-K. The rules are the module
+        docstring's; the CUDA defaults are the largest tiles that ptxas compiles without register
+        spills for sm_90a (`tests/triton_sm90.py`)."""
         linear = isinstance(source, LinearSource)
         v = source.effective_vocab
         if _interpreting():
@@ -176,26 +242,33 @@ class TritonBackend(PassBackend):
         elif linear:
             # IEEE fp32 tl.dot (fp32 or mixed-dtype operands) needs far more registers per tile than
             # bf16/fp16 on tensor cores. A running top-K of K_PAD int64 keys per row shares the
-            # registers with the logit tile.
+            # registers with the logit tile. tl.dot needs K = BLOCK_H ≥ 16.
             fp32_dot = torch.float32 in (source.hidden.dtype, source.weight.dtype) \
                 or source.hidden.dtype != source.weight.dtype
             if k_pad:
-                bn, bv = 16, 128
-                bh = 8 if fp32_dot else 4096 // max(k_pad, bv)
+                bn, bv = 16, max(128, k_pad)
+                bh = 16 if fp32_dot else max(16, 4096 // bv)
             else:
-                bn, bv, bh = (64, 64, 8) if fp32_dot else (rows, 128, 32)
+                bn, bv, bh = (64, 64, 16) if fp32_dot else (rows, 128, 32)
             warps, stages = 8, 3
         else:
-            bn, bv, bh, stages = 8, (k_pad or 512), 16, 2
+            bn, bv, bh, stages = 8, (max(MIN_LOGITS_BLOCK_V, k_pad) if k_pad else 512), 16, 2
             warps = 4 if 0 < k_pad <= 128 else 8
         bn = self.block_n or bn
         bv = max(self.block_v or bv, k_pad)
         bh = self.block_h or bh
         return _Config(bn, bv, bh, self.num_warps or warps, self.num_stages or stages)
 
-    def _launch(self, kernel, grid, cfg: _Config, *args, **constexprs):
-        kernel[grid](*args, DOT_PRECISION=self.dot_precision, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v,
-                     BLOCK_H=cfg.block_h, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **constexprs)
+    @staticmethod
+    def _run(kernel, grid, device: torch.device, *args, **kw) -> None:
+        """Every launch: on the inputs' device (`device_guard`)."""
+        with device_guard(device):
+            kernel[grid](*args, **kw)
+
+    def _launch(self, kernel, grid, cfg: _Config, device: torch.device, *args, **constexprs):
+        self._run(kernel, grid, device, *args, DOT_PRECISION=self.dot_precision, BLOCK_N=cfg.block_n,
+                  BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                  **constexprs)
 
     # -- passes ------------------------------------------------------------------------------------
 
@@ -210,37 +283,63 @@ class TritonBackend(PassBackend):
         (larger blocks spill registers on sm_90a with the default 4 warps)."""
         return self.block_h or max(16, min(_pow2(source.hidden.shape[1]), 4096 // k_pad, 128))
 
-    def gather(self, source, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        """Scaled logits at `cols` [n, K] of `rows`; fused-linear mode: K dot products per row in
-        `kernels.sparse.gather_kernel`."""
-        if isinstance(source, LogitsSource) or rows.shape[0] == 0:
-            return source.gather(rows, cols)
+    def _gather(self, source, rows: torch.Tensor, cols: torch.Tensor, want_jac: bool = False) -> tuple:
+        """(scaled logits at `cols` [n, K] of `rows`, head jacobian there or None): K dot products
+        per row in `kernels.sparse.gather_kernel`."""
         n, k = cols.shape
         out = torch.empty(n, k, dtype=torch.float32, device=rows.device)
+        jac = torch.empty_like(out) if want_jac else out
         k_pad = _pow2(k)
-        x, sx0, sx1, w, sw0, sw1, b, hdim = stream_args(source)
-        self._sparse.gather_kernel[(n,)](rows.contiguous(), cols.contiguous(), k, out, x, sx0, sx1, w, sw0, sw1, b,
-                                         hdim, source.effective_vocab, 1.0 / source.temperature,
-                                         HAS_BIAS=source.bias is not None, K_PAD=k_pad,
-                                         BLOCK_H=self._sparse_block_h(source, k_pad))
-        return out
+        x, sx0, sx1, w, sw0, sw1, b, hdim, a, c = stream_args(source)
+        self._run(self._sparse.gather_kernel, (n,), rows.device, rows.contiguous(), cols.contiguous(), k, out, jac,
+                  x, sx0, sx1, w, sw0, sw1, b, hdim, a, c, source.effective_vocab, 1.0 / source.temperature,
+                  HAS_BIAS=source.bias is not None, HEAD=head_code(source), WANT_JAC=want_jac, K_PAD=k_pad,
+                  BLOCK_H=self._sparse_block_h(source, k_pad))
+        return out, (jac if want_jac else None)
+
+    def gather(self, source, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Scaled logits at `cols` [n, K] of `rows`; fused-linear mode: `kernels.sparse.gather_kernel`."""
+        if isinstance(source, LogitsSource) or rows.shape[0] == 0:
+            return source.gather(rows, cols)
+        return self._gather(source, rows, cols)[0]
 
     def _add_sparse(self, sink, source, rows: torch.Tensor, cols: torch.Tensor, g: torch.Tensor) -> None:
-        """Sparse gradient `g` [n, k] at `cols`: a scatter into the logit gradient, or in fused-linear
-        mode contracted into dH / dW / db by `kernels.sparse.sparse_grad_kernel`."""
+        """Sparse gradient `g` [n, k] (with respect to the final logits) at `cols`: a scatter into the
+        logit gradient, or in fused-linear mode, times the head jacobian, contracted into dH / dW /
+        db by `kernels.sparse` (dW / db by `sparse_dw_kernel` when deterministic)."""
         if isinstance(sink, LogitsGradSink):
             sink.add_sparse(rows, cols, g)
             return
         n, k = cols.shape
-        dummy = g = g.to(torch.float32).contiguous()
+        if n == 0:
+            return
+        rows, cols = rows.contiguous(), cols.contiguous()
+        g = g.to(torch.float32)
+        if head_code(source):
+            g = g * self._gather(source, rows, cols, want_jac=True)[1]
+        dummy = g = g.contiguous()
         dh, dw, db = sink.dh, sink.dw, sink.db
+        det = self._deterministic
         k_pad = _pow2(k)
-        x, sx0, sx1, w, sw0, sw1, _, hdim = stream_args(source)
-        self._sparse.sparse_grad_kernel[(n,)](
-            rows.contiguous(), cols.contiguous(), g, k, dummy if dh is None else dh, 0 if dh is None else dh.stride(0),
-            dummy if dw is None else dw, 0 if dw is None else dw.stride(0), dummy if db is None else db,
-            x, sx0, sx1, w, sw0, sw1, hdim, NEED_DH=dh is not None, NEED_DW=dw is not None, NEED_DB=db is not None,
-            K_PAD=k_pad, BLOCK_H=self._sparse_block_h(source, k_pad))
+        block_h = self._sparse_block_h(source, k_pad)
+        x, sx0, sx1, w, sw0, sw1, _, hdim, _, _ = stream_args(source)
+        atomic_dw, atomic_db = dw is not None and not det, db is not None and not det
+        self._run(self._sparse.sparse_grad_kernel, (n,), rows.device,
+                  rows, cols, g, k, dummy if dh is None else dh, 0 if dh is None else dh.stride(0),
+                  dw if atomic_dw else dummy, dw.stride(0) if atomic_dw else 0, db if atomic_db else dummy,
+                  x, sx0, sx1, w, sw0, sw1, hdim, NEED_DH=dh is not None, NEED_DW=atomic_dw, NEED_DB=atomic_db,
+                  K_PAD=k_pad, BLOCK_H=block_h)
+        if det and (dw is not None or db is not None):
+            # Entries stably sorted by column: one program per distinct column sums them in order.
+            flat = cols.reshape(-1)
+            order = torch.sort(flat, stable=True).indices
+            counts = torch.unique_consecutive(flat[order], return_counts=True)[1]
+            seg = torch.zeros(counts.shape[0] + 1, dtype=torch.long, device=rows.device)
+            torch.cumsum(counts, 0, out=seg[1:])
+            self._run(self._sparse.sparse_dw_kernel, (counts.shape[0],), rows.device,
+                      order, seg, rows, cols, g, k, dummy if dw is None else dw, 0 if dw is None else dw.stride(0),
+                      dummy if db is None else db, x, sx0, sx1, hdim, NEED_DW=dw is not None, NEED_DB=db is not None,
+                      BLOCK_E=16, BLOCK_H=block_h)
 
     def stats_pass(self, sources: Sequence, rows: torch.Tensor, tokens: torch.Tensor, topk_streams, top_k: int) -> Stats:
         student = sources[STUDENT]
@@ -250,50 +349,59 @@ class TritonBackend(PassBackend):
         order = sorted(topk_streams)
         k_pad = _pow2(k) if order else 0
         cfg = self._config(student, n, k_pad)
-        lse = torch.empty(len(sources), n, dtype=torch.float32, device=dev)
-        logit_y = torch.empty_like(lse)
-        topk = torch.empty(len(order), n, k, dtype=torch.long, device=dev) if order else lse
+        hi = torch.empty(len(sources), n, dtype=torch.float32, device=dev)
+        logsum, logit_y = torch.empty_like(hi), torch.empty_like(hi)
+        topk = torch.empty(len(order), n, k, dtype=torch.long, device=dev) if order else hi
         args = [stream_args(sources[min(j, len(sources) - 1)]) for j in range(3)]
-        bias, upcast = _masks(sources)
-        self._launch(self._stats.stats_kernel, (triton_cdiv(n, cfg.block_n),), cfg,
-                     rows.contiguous(), tokens.contiguous(), n, lse, logit_y, topk, k, *args[0], *args[1], *args[2],
-                     student.vocab, vv, 1.0 / student.temperature,
+        bias, upcast, head = _masks(sources)
+        self._launch(self._stats.stats_kernel, (triton_cdiv(n, cfg.block_n),), cfg, dev,
+                     rows.contiguous(), tokens.contiguous(), n, hi, logsum, logit_y, topk, k,
+                     *args[0], *args[1], *args[2], student.vocab, vv, 1.0 / student.temperature,
                      NUM_STREAMS=len(sources), LINEAR=isinstance(student, LinearSource), BIAS_MASK=bias,
-                     UPCAST_MASK=upcast, TOPK_MASK=sum(1 << j for j in order), LOG_K=int(math.log2(cfg.block_v)))
+                     UPCAST_MASK=upcast, HEAD_MASK=head, TOPK_MASK=sum(1 << j for j in order),
+                     LOG_K=int(math.log2(cfg.block_v)))
+        lse = _lse64(hi, logsum)
         return Stats(list(lse.unbind(0)), list(logit_y.unbind(0)), {j: topk[i] for i, j in enumerate(order)})
 
     def rest_logsumexp(self, source, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """log Σ exp(scaled logit) over the valid columns of each row not in `cols` [n, k] (entries < 0
-        ignored): the tail bucket, summed directly by `kernels.tail.tail_lse_kernel`."""
+        ignored): the tail bucket, summed directly by `kernels.tail.tail_lse_kernel`; float64 [n]
+        (the kernel's row max plus log of the rescaled sum, like `Stats.lse`)."""
         n = rows.shape[0]
-        out = torch.empty(n, dtype=torch.float32, device=rows.device)
         if n == 0:
-            return out
+            return torch.empty(0, dtype=torch.float64, device=rows.device)
+        hi = torch.empty(n, dtype=torch.float32, device=rows.device)
+        logsum = torch.empty_like(hi)
         cfg = self._config(source, n)
-        bias, upcast = _masks((source,))
-        self._launch(self._tail.tail_lse_kernel, (triton_cdiv(n, cfg.block_n),), cfg,
-                     rows.contiguous(), n, cols.contiguous(), cols.shape[1], out, *stream_args(source),
+        bias, upcast, head = _masks((source,))
+        self._launch(self._tail.tail_lse_kernel, (triton_cdiv(n, cfg.block_n),), cfg, rows.device,
+                     rows.contiguous(), n, cols.contiguous(), cols.shape[1], hi, logsum, *stream_args(source),
                      source.vocab, source.effective_vocab, 1.0 / source.temperature,
-                     LINEAR=isinstance(source, LinearSource), BIAS_MASK=bias, UPCAST_MASK=upcast)
-        return out
+                     LINEAR=isinstance(source, LinearSource), BIAS_MASK=bias, UPCAST_MASK=upcast, HEAD_MASK=head)
+        return _lse64(hi, logsum)
 
     @staticmethod
     def _js_args(beta: float) -> tuple:
         """β, log β, log(1 − β) of the JS mixture (β ∈ (0, 1), validated by the configs)."""
         return (beta, math.log(beta), math.log1p(-beta))
 
+    @staticmethod
+    def _lse_args(lse_s: torch.Tensor, lse_t: torch.Tensor) -> tuple:
+        """(hi, lo) fp32 pairs of the student's and the target's float64 log-sum-exps."""
+        return tuple(t.contiguous() for lse in (lse_s, lse_t) for t in split_lse(lse.double(), torch.float32))
+
     def full_value_pass(self, student, target, rows, lse_s, lse_t, kind: str, beta: float):
         n = rows.shape[0]
         cfg = self._config(student, n)
         value = torch.empty(n, dtype=torch.float32, device=rows.device)
         c = torch.empty_like(value)
-        bias, upcast = _masks((student, target))
-        self._launch(self._div.full_value_kernel, (triton_cdiv(n, cfg.block_n),), cfg,
-                     rows.contiguous(), n, lse_s.float().contiguous(), lse_t.float().contiguous(), value, c,
+        bias, upcast, head = _masks((student, target))
+        self._launch(self._div.full_value_kernel, (triton_cdiv(n, cfg.block_n),), cfg, rows.device,
+                     rows.contiguous(), n, *self._lse_args(lse_s, lse_t), value, c,
                      *stream_args(student), *stream_args(target), student.vocab, student.effective_vocab,
                      1.0 / student.temperature, *self._js_args(beta),
                      KIND=self._div.KINDS[kind], LINEAR=isinstance(student, LinearSource), BIAS_MASK=bias,
-                     UPCAST_MASK=upcast)
+                     UPCAST_MASK=upcast, HEAD_MASK=head)
         return value.double(), c.double()
 
     def grad_pass(self, engine, g: Group, rows: torch.Tensor, scale: torch.Tensor, sink) -> None:
@@ -302,7 +410,7 @@ class TritonBackend(PassBackend):
         lse_s, lse_t = engine.stats.lse[STUDENT][g.pos], engine.stats.lse[g.target][g.pos]
         term = g.term
         if term is not None and term.dense is None:  # renormalized top-K: only K logits move
-            self._add_sparse(sink, student, rows, term.cols, (term.sparse * scale[:, None]).to(student.dtype))
+            self._add_sparse(sink, student, rows, term.cols, term.sparse * scale[:, None])
             return
         kind = self._div.DENSE if term is not None else self._div.KINDS[g.divergence]
         coef = term.dense if term is not None else g.full_c
@@ -321,47 +429,63 @@ class TritonBackend(PassBackend):
             sink.grad[rows[:, None].expand_as(term.cols)[mine], term.cols[mine]] = \
                 (explicit * scale[:, None])[mine].to(sink.grad.dtype)
         else:  # sampled reverse KL: d·(δ_vy − p_v), the sparse d at y added to p·dense (no cancellation)
-            self._add_sparse(sink, student, rows, term.cols, (term.sparse * scale[:, None]).to(student.dtype))
+            self._add_sparse(sink, student, rows, term.cols, term.sparse * scale[:, None])
 
     def _grad_tiles(self, student, target, rows, lse_s, lse_t, coef, scale, kind: int, beta: float, sink,
                     explicit=None) -> None:
-        """Launch `grad_kernel`; `explicit` = (cols [n, k], whole gradient [n, k] before `scale`) or None."""
+        """Launch `grad_kernel` (and `grad_dw_kernel` when deterministic); `explicit` = (cols [n, k],
+        whole gradient [n, k] before `scale`) or None."""
         n = rows.shape[0]
+        dev = rows.device
         # The full reverse-KL bf16 gradient tile spills at 64 fused-linear rows on sm_90a (ptxas).
         cfg = self._config(student, n, rows=32 if kind == self._div.REVERSE_KL else 64)
         linear = isinstance(student, LinearSource)
         vv = student.effective_vocab
         row_blocks, vocab_tiles = triton_cdiv(n, cfg.block_n), triton_cdiv(vv, cfg.block_v)
         f32 = lambda t: t.to(torch.float32).contiguous()  # noqa: E731
-        dummy = scale
+        dummy = scale = f32(scale)
+        rows = rows.contiguous()
+        bias, upcast, head = _masks((student, target))
+        ex = (dummy, dummy, 0) if explicit is None else (explicit[0].contiguous(), f32(explicit[1]), explicit[0].shape[1])
+        common = (rows, n, *self._lse_args(lse_s, lse_t), f32(coef), scale, *ex)
+        streams = (*stream_args(student), *stream_args(target), student.vocab, vv, 1.0 / student.temperature,
+                   *self._js_args(beta))
+        flags = dict(KIND=kind, EXPLICIT=explicit is not None, BIAS_MASK=bias, UPCAST_MASK=upcast, HEAD_MASK=head)
+        scratch = None
         if linear:
             assert isinstance(sink, LinearGradSink)
-            splits = self.vocab_splits or self._vocab_splits(rows.device, row_blocks, vocab_tiles)
+            splits = self.vocab_splits or self._vocab_splits(dev, row_blocks, vocab_tiles)
             per_program = triton_cdiv(vocab_tiles, min(splits, vocab_tiles))
             grid = (row_blocks, triton_cdiv(vocab_tiles, per_program))
             dh, dw, db = sink.dh, sink.dw, sink.db
-            outs = (dummy, 0, 0, dummy if dh is None else dh, 0 if dh is None else dh.stride(0),
-                    dummy if dw is None else dw, 0 if dw is None else dw.stride(0), dummy if db is None else db)
-            needs = dict(NEED_DH=dh is not None, NEED_DW=dw is not None, NEED_DB=db is not None)
+            det = self._deterministic
+            if dh is not None and grid[1] > 1:  # one [n, H] slice per split, summed below in a fixed order
+                scratch = dh = torch.zeros(grid[1], n, dh.shape[1], dtype=torch.float32, device=dev)
+            kdw, kdb = (None, None) if det else (dw, db)  # dW / db in this kernel: atomics
+            outs = (dummy, 0, 0, dummy if dh is None else dh, 0 if dh is None else dh.stride(-2),
+                    dummy if kdw is None else kdw, 0 if kdw is None else kdw.stride(0), dummy if kdb is None else kdb)
+            needs = dict(NEED_DH=dh is not None, DH_SCRATCH=scratch is not None, NEED_DW=kdw is not None,
+                         NEED_DB=kdb is not None)
         else:
             per_program, grid = 1, (row_blocks, vocab_tiles)
             gr = sink.grad
             outs = (gr, gr.stride(0), gr.stride(1), dummy, 0, dummy, 0, dummy)
-            needs = dict(NEED_DH=False, NEED_DW=False, NEED_DB=False)
-        bias, upcast = _masks((student, target))
-        ex = (dummy, dummy, 0) if explicit is None else (explicit[0].contiguous(), f32(explicit[1]), explicit[0].shape[1])
-        self._launch(self._div.grad_kernel, grid, cfg,
-                     rows.contiguous(), n, f32(lse_s), f32(lse_t), f32(coef), f32(scale), *ex, *outs,
-                     *stream_args(student), *stream_args(target), student.vocab, vv, 1.0 / student.temperature,
-                     *self._js_args(beta), per_program,
-                     KIND=kind, EXPLICIT=explicit is not None, LINEAR=linear, BIAS_MASK=bias, UPCAST_MASK=upcast,
-                     **needs)
+            needs = dict(NEED_DH=False, DH_SCRATCH=False, NEED_DW=False, NEED_DB=False)
+        if not linear or any(needs.values()):
+            self._launch(self._div.grad_kernel, grid, cfg, dev, *common, *outs, *streams, per_program,
+                         LINEAR=linear, **needs, **flags)
+        if scratch is not None:
+            sink.dh[rows] += scratch.sum(0)
+        if linear and det and (dw is not None or db is not None):
+            self._launch(self._div.grad_dw_kernel, (vocab_tiles,), cfg, dev, *common,
+                         dummy if dw is None else dw, 0 if dw is None else dw.stride(0), dummy if db is None else db,
+                         *streams, NEED_DW=dw is not None, NEED_DB=db is not None, **flags)
 
     @staticmethod
     def _vocab_splits(device: torch.device, row_blocks: int, vocab_tiles: int) -> int:
-        """Vocabulary splits of the fused-linear gradient grid: ~4 programs per SM on a GPU (each
-        split adds one atomic contribution per dH element); 2 under the interpreter so the split
-        path is exercised."""
+        """Vocabulary splits of the fused-linear gradient grid: ~4 programs per SM on a GPU (with
+        more than one split dH goes through a per-split scratch); 2 under the interpreter so the
+        split path is exercised."""
         if device.type == "cuda":
             target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
             return max(1, min(vocab_tiles, triton_cdiv(target, row_blocks)))

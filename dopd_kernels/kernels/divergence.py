@@ -1,60 +1,83 @@
 """Divergence passes over full vocabulary rows (DESIGN.md section 4, steps 3–4).
 
-Both kernels run on a compacted set of rows (`rows_ptr`: the original row ids of, e.g., the HT rows
-of DOPD), so the cost is proportional to the rows that need the whole vocabulary.
+The kernels run on a compacted set of rows (`rows_ptr`: the original row ids of, e.g., the HT rows
+of DOPD), so the cost is proportional to the rows that need the whole vocabulary. Log-probabilities
+are `lp = (z − hi) − lo` from the `(hi, lo)` split of each row's float64 log-sum-exp
+(`tiles.log_prob`).
 
 `full_value_kernel` — grid: one program per `BLOCK_N` rows, looping over the vocabulary. With
-`lp = log p`, `lq = log q` from the stats pass's log-sum-exps it accumulates per row the divergence
-(KIND 0 reverse KL Σ p(lp − lq), 1 forward KL Σ q(lq − lp), 2 JS_β with the mixture in log space,
-`log m = logaddexp(log β + lp, log(1−β) + lq)`) and the constant `c` of the gradient
-(reverse KL: the KL itself; JS: β·KL(p‖m); forward KL: 0).
+`lp = log p`, `lq = log q` it accumulates per row the divergence (KIND 0 reverse KL Σ p(lp − lq),
+1 forward KL Σ q(lq − lp), 2 JS_β with the mixture in log space, `log m = logaddexp(log β + lp,
+log(1−β) + lq)`) and the constant `c` of the gradient (reverse KL: the KL itself; JS: β·KL(p‖m);
+forward KL: 0).
 
-`grad_kernel` — the gradient tile `G = scale_n · ∂D_n/∂z` (scale = upstream · weight / τ):
+`grad_tile` — the gradient tile `G = scale_n · ∂D_n/∂z` (scale = upstream · weight / τ):
     reverse KL  p(lp − lq − c)      JS  p(β(lp − log m) − c)      forward KL  p − q
-    KIND 3 (dense part of sampled / tail-bucket top-K rows, `row_terms.py`): p · dense_n; with
-    EXPLICIT the row's k explicit columns are set to their whole gradient `explicit` instead (one
-    compare per explicit column and logit: O(k) beside a tile's O(H) multiply-adds), because
-    p·dense + sparse cancels catastrophically there when dense is huge and p ≈ 1.
-Logits mode: grid (row blocks, vocabulary blocks), every program stores one tile of the student
-gradient; nothing else of size [N, V] exists. Fused-linear mode: grid (row blocks, vocabulary
-splits); a program recomputes its logit tiles by tl.dot and contracts each gradient tile at once,
-H chunk by H chunk, into `dH[rows] += G·W[cols]` and `dW[cols] += Gᵀ·H[rows]` (and `db += Σ_rows G`)
-with fp32 atomic adds. Atomics let both contractions happen while the tile is in registers: a
-dW-owning grid (vocabulary-major) would have to recompute every tile once more for dH, and G itself
-may not be stored. Contention is low: a dH row block is hit by the few vocabulary splits of its row
-block, a dW block by the row blocks only. The gradient operand of each contraction takes the dtype
-of the other operand (bf16 weight → bf16 G on tensor cores, fp32 accumulation; fp32 stays fp32);
-with the student's upcast bit (mixed dtypes, or bf16 under the interpreter) both multiply in fp32.
+    KIND 3 (dense part of sampled / tail-bucket top-K rows, `row_terms.py`): p · dense_n, 0 where
+    p = 0 (a dense coefficient that overflows fp32 would make 0·inf = NaN there, as `row_math.h`
+    guards too); with EXPLICIT the row's k explicit columns are set to their whole gradient
+    `explicit` instead (one compare per explicit column and logit: O(k) beside a tile's O(H)
+    multiply-adds), because p·dense + sparse cancels catastrophically there when dense is huge and
+    p ≈ 1. In fused-linear mode G is then multiplied by the head transform's jacobian
+    (`tiles.head_transform`), which makes it the gradient with respect to the raw `h·Wᵀ + b`.
+
+`grad_kernel` — logits mode: grid (row blocks, vocabulary blocks), every program stores one tile of
+the student gradient; nothing else of size [N, V] exists. Fused-linear mode: grid (row blocks,
+vocabulary splits); a program recomputes its logit tiles by tl.dot and contracts each gradient
+tile at once, H chunk by H chunk, into `dH[rows] += G·W[cols]` and (unless deterministic)
+`dW[cols] += Gᵀ·H[rows]`, `db += Σ_rows G`.
+  * dH has one writer per element and no atomics: with one vocabulary split the program owns its
+    rows' dH and accumulates into it across its vocabulary tiles (read-modify-write, L2-resident);
+    with several splits each split accumulates into its own slice of a `[splits, n, H]` fp32 scratch
+    (DH_SCRATCH) that the backend sums in a fixed order. The scratch exists only when there are
+    fewer row blocks than ~4 per SM, so it is bounded by ~4·SMs·BLOCK_N·H floats whatever N is.
+  * dW / db are hit by every row block: fp32 atomic adds with relaxed semantics (no ordering with
+    other memory is needed; each add is independent), letting the contraction happen while the
+    tile is in registers. Their order varies from run to run, so the last bits do.
+
+`grad_dw_kernel` — the deterministic dW / db (TritonBackend(deterministic=True) or
+`torch.use_deterministic_algorithms(True)`): grid over vocabulary tiles; each program walks all row
+blocks in order, recomputes their gradient tiles and accumulates `Gᵀ·H` into the dW rows it owns.
+No atomics, the same bits every run; the cost is one more projection of each stream the gradient
+reads (e.g. full JS: 2 projections + dH + dW = 4 GEMMs become 6).
+
+The gradient operand of each contraction takes the dtype of the other operand (bf16 weight → bf16 G
+on tensor cores, fp32 accumulation; fp32 stays fp32); with the student's upcast bit (mixed dtypes,
+or bf16 under the interpreter) both multiply in fp32.
 """
 
 import triton
 import triton.language as tl
 
-from .tiles import logaddexp, logit_tile, round_to, row_block
+from .tiles import load_lse, log_prob, logaddexp, logit_tile, round_to, row_block, rows_at
 
 REVERSE_KL, FORWARD_KL, JS, DENSE = 0, 1, 2, 3
 KINDS = {"reverse_kl": REVERSE_KL, "forward_kl": FORWARD_KL, "js": JS}
 
 
 @triton.jit
-def full_value_kernel(rows_ptr, n_rows, lse_s_ptr, lse_t_ptr, value_ptr, c_ptr,
-                      xs, sxs0, sxs1, ws, sws0, sws1, bs, hs,
-                      xt, sxt0, sxt1, wt, swt0, swt1, bt, ht,
+def full_value_kernel(rows_ptr, n_rows, lse_s_hi, lse_s_lo, lse_t_hi, lse_t_lo, value_ptr, c_ptr,
+                      xs, sxs0, sxs1, ws, sws0, sws1, bs, hs, as_, cs,
+                      xt, sxt0, sxt1, wt, swt0, swt1, bt, ht, at, ct,
                       vocab, valid_vocab, inv_temp, beta, log_beta, log_1m_beta,
                       KIND: tl.constexpr, LINEAR: tl.constexpr, BIAS_MASK: tl.constexpr, UPCAST_MASK: tl.constexpr,
-                      DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+                      HEAD_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
     offs, row_mask, rows = row_block(rows_ptr, n_rows, BLOCK_N)
-    lse_s = tl.load(lse_s_ptr + offs, mask=row_mask, other=0.0)
-    lse_t = tl.load(lse_t_ptr + offs, mask=row_mask, other=0.0)
+    hi_s, lo_s = load_lse(lse_s_hi, lse_s_lo, offs, row_mask)
+    hi_t, lo_t = load_lse(lse_t_hi, lse_t_lo, offs, row_mask)
     value = tl.zeros((BLOCK_N,), tl.float32)
     c = tl.zeros((BLOCK_N,), tl.float32)
     for v0 in range(0, valid_vocab, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
-        lp = logit_tile(xs, sxs0, sxs1, ws, sws0, sws1, bs, hs, rows, row_mask, cols, vocab, valid_vocab, inv_temp,
-                        LINEAR, BIAS_MASK & 1, UPCAST_MASK & 1, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H) - lse_s[:, None]
-        lq = logit_tile(xt, sxt0, sxt1, wt, swt0, swt1, bt, ht, rows, row_mask, cols, vocab, valid_vocab, inv_temp,
-                        LINEAR, (BIAS_MASK >> 1) & 1, (UPCAST_MASK >> 1) & 1, DOT_PRECISION, BLOCK_N, BLOCK_V,
-                        BLOCK_H) - lse_t[:, None]
+        zs, _ = logit_tile(xs, sxs0, sxs1, ws, sws0, sws1, bs, hs, as_, cs, rows, row_mask, cols, vocab, valid_vocab,
+                           inv_temp, LINEAR, BIAS_MASK & 1, UPCAST_MASK & 1, HEAD_MASK & 3, DOT_PRECISION,
+                           BLOCK_N, BLOCK_V, BLOCK_H)
+        zt, _ = logit_tile(xt, sxt0, sxt1, wt, swt0, swt1, bt, ht, at, ct, rows, row_mask, cols, vocab, valid_vocab,
+                           inv_temp, LINEAR, (BIAS_MASK >> 1) & 1, (UPCAST_MASK >> 1) & 1, (HEAD_MASK >> 2) & 3,
+                           DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+        lp = log_prob(zs, hi_s, lo_s)
+        lq = log_prob(zt, hi_t, lo_t)
         p = tl.exp(lp)
         q = tl.exp(lq)
         # 0 · log 0 = 0: a column without mass in the weighting distribution contributes nothing.
@@ -74,58 +97,89 @@ def full_value_kernel(rows_ptr, n_rows, lse_s_ptr, lse_t_ptr, value_ptr, c_ptr,
 
 
 @triton.jit
-def grad_kernel(rows_ptr, n_rows, lse_s_ptr, lse_t_ptr, coef_ptr, scale_ptr, ex_cols_ptr, ex_vals_ptr, k_explicit,
-                g_ptr, sg0, sg1, dh_ptr, sdh0, dw_ptr, sdw0, db_ptr,
-                xs, sxs0, sxs1, ws, sws0, sws1, bs, hs,
-                xt, sxt0, sxt1, wt, swt0, swt1, bt, ht,
+def grad_tile(offs, row_mask, rows, cols, hi_s, lo_s, hi_t, lo_t, coef, scale, ex_cols_ptr, ex_vals_ptr, k_explicit,
+              xs, sxs0, sxs1, ws, sws0, sws1, bs, hs, as_, cs,
+              xt, sxt0, sxt1, wt, swt0, swt1, bt, ht, at, ct,
+              vocab, valid_vocab, inv_temp, beta, log_beta, log_1m_beta,
+              KIND: tl.constexpr, EXPLICIT: tl.constexpr, LINEAR: tl.constexpr, BIAS_MASK: tl.constexpr,
+              UPCAST_MASK: tl.constexpr, HEAD_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    """fp32 gradient tile [BLOCK_N, BLOCK_V] with respect to the student's raw logits (module docstring)."""
+    zs, jac = logit_tile(xs, sxs0, sxs1, ws, sws0, sws1, bs, hs, as_, cs, rows, row_mask, cols, vocab, valid_vocab,
+                         inv_temp, LINEAR, BIAS_MASK & 1, UPCAST_MASK & 1, HEAD_MASK & 3, DOT_PRECISION,
+                         BLOCK_N, BLOCK_V, BLOCK_H)
+    lp = log_prob(zs, hi_s, lo_s)
+    p = tl.exp(lp)
+    if KIND == 3:
+        g = tl.where(p > 0, p * coef[:, None], 0.0)
+        if EXPLICIT:  # the row's explicit columns take their whole gradient (no p·dense + sparse)
+            for j in range(0, k_explicit):
+                c = tl.load(ex_cols_ptr + offs * k_explicit + j, mask=row_mask, other=-1)
+                e = tl.load(ex_vals_ptr + offs * k_explicit + j, mask=row_mask, other=0.0)
+                g = tl.where(cols[None, :] == c[:, None], e[:, None], g)
+    else:
+        zt, _ = logit_tile(xt, sxt0, sxt1, wt, swt0, swt1, bt, ht, at, ct, rows, row_mask, cols, vocab, valid_vocab,
+                           inv_temp, LINEAR, (BIAS_MASK >> 1) & 1, (UPCAST_MASK >> 1) & 1, (HEAD_MASK >> 2) & 3,
+                           DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+        lq = log_prob(zt, hi_t, lo_t)
+        if KIND == 1:
+            g = p - tl.exp(lq)
+        else:
+            if KIND == 0:
+                r = lp - lq
+            else:
+                r = beta * (lp - logaddexp(lp + log_beta, lq + log_1m_beta))
+            g = tl.where(p > 0, p * (r - coef[:, None]), 0.0)
+    g = g * scale[:, None]
+    if HEAD_MASK & 3:
+        g = g * jac
+    return g
+
+
+@triton.jit
+def grad_kernel(rows_ptr, n_rows, lse_s_hi, lse_s_lo, lse_t_hi, lse_t_lo, coef_ptr, scale_ptr, ex_cols_ptr,
+                ex_vals_ptr, k_explicit, g_ptr, sg0, sg1, dh_ptr, sdh0, dw_ptr, sdw0, db_ptr,
+                xs, sxs0, sxs1, ws, sws0, sws1, bs, hs, as_, cs,
+                xt, sxt0, sxt1, wt, swt0, swt1, bt, ht, at, ct,
                 vocab, valid_vocab, inv_temp, beta, log_beta, log_1m_beta, tiles_per_program,
                 KIND: tl.constexpr, EXPLICIT: tl.constexpr, LINEAR: tl.constexpr, NEED_DH: tl.constexpr,
-                NEED_DW: tl.constexpr,
-                NEED_DB: tl.constexpr, BIAS_MASK: tl.constexpr, UPCAST_MASK: tl.constexpr,
-                DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+                DH_SCRATCH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, BIAS_MASK: tl.constexpr,
+                UPCAST_MASK: tl.constexpr, HEAD_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
     offs, row_mask, rows = row_block(rows_ptr, n_rows, BLOCK_N)
-    lse_s = tl.load(lse_s_ptr + offs, mask=row_mask, other=0.0)
-    lse_t = tl.load(lse_t_ptr + offs, mask=row_mask, other=0.0)
+    hi_s, lo_s = load_lse(lse_s_hi, lse_s_lo, offs, row_mask)
+    hi_t, lo_t = load_lse(lse_t_hi, lse_t_lo, offs, row_mask)
     coef = tl.load(coef_ptr + offs, mask=row_mask, other=0.0)
     scale = tl.load(scale_ptr + offs, mask=row_mask, other=0.0)  # 0 on rows outside the block
-    start = tl.program_id(1) * tiles_per_program * BLOCK_V
+    split = tl.program_id(1)
+    # dH rows this program owns: the rows themselves, or its split's slice of the scratch.
+    if DH_SCRATCH:
+        dh_rows = split.to(tl.int64) * n_rows + offs
+    else:
+        dh_rows = rows
+    start = split * tiles_per_program * BLOCK_V
     stop = tl.minimum(start + tiles_per_program * BLOCK_V, valid_vocab)
     for v0 in range(start, stop, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_in = cols < vocab
-        lp = logit_tile(xs, sxs0, sxs1, ws, sws0, sws1, bs, hs, rows, row_mask, cols, vocab, valid_vocab, inv_temp,
-                        LINEAR, BIAS_MASK & 1, UPCAST_MASK & 1, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H) - lse_s[:, None]
-        p = tl.exp(lp)
-        if KIND == 3:
-            g = p * coef[:, None]
-            if EXPLICIT:  # the row's explicit columns take their whole gradient (no p·dense + sparse)
-                for j in range(0, k_explicit):
-                    c = tl.load(ex_cols_ptr + offs * k_explicit + j, mask=row_mask, other=-1)
-                    e = tl.load(ex_vals_ptr + offs * k_explicit + j, mask=row_mask, other=0.0)
-                    g = tl.where(cols[None, :] == c[:, None], e[:, None], g)
-        else:
-            lq = logit_tile(xt, sxt0, sxt1, wt, swt0, swt1, bt, ht, rows, row_mask, cols, vocab, valid_vocab,
-                            inv_temp, LINEAR, (BIAS_MASK >> 1) & 1, (UPCAST_MASK >> 1) & 1, DOT_PRECISION,
-                            BLOCK_N, BLOCK_V, BLOCK_H) - lse_t[:, None]
-            if KIND == 1:
-                g = p - tl.exp(lq)
-            else:
-                if KIND == 0:
-                    r = lp - lq
-                else:
-                    r = beta * (lp - logaddexp(lp + log_beta, lq + log_1m_beta))
-                g = tl.where(p > 0, p * (r - coef[:, None]), 0.0)
-        g = g * scale[:, None]
+        g = grad_tile(offs, row_mask, rows, cols, hi_s, lo_s, hi_t, lo_t, coef, scale, ex_cols_ptr, ex_vals_ptr,
+                      k_explicit, xs, sxs0, sxs1, ws, sws0, sws1, bs, hs, as_, cs,
+                      xt, sxt0, sxt1, wt, swt0, swt1, bt, ht, at, ct,
+                      vocab, valid_vocab, inv_temp, beta, log_beta, log_1m_beta,
+                      KIND, EXPLICIT, LINEAR, BIAS_MASK, UPCAST_MASK, HEAD_MASK, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
         if LINEAR:
             if NEED_DB:
-                tl.atomic_add(db_ptr + cols, tl.sum(g, 0), mask=col_in)
+                tl.atomic_add(db_ptr + cols, tl.sum(g, 0), mask=col_in, sem="relaxed")
             # The tile enters the two products in the dtype of the other operand (tensor cores for
             # bf16/fp16), rounded once here so that only the rounded tiles stay live over the H loop.
-            gw = round_to(g, ws.dtype.element_ty)
-            gh = round_to(g, xs.dtype.element_ty)
-            if UPCAST_MASK & 1:
-                gw = gw.to(tl.float32)
-                gh = gh.to(tl.float32)
+            if NEED_DH:
+                gw = round_to(g, ws.dtype.element_ty)
+                if UPCAST_MASK & 1:
+                    gw = gw.to(tl.float32)
+            if NEED_DW:
+                gh = round_to(g, xs.dtype.element_ty)
+                if UPCAST_MASK & 1:
+                    gh = gh.to(tl.float32)
             for h0 in range(0, hs, BLOCK_H):
                 hcols = h0 + tl.arange(0, BLOCK_H)
                 h_in = hcols < hs
@@ -134,9 +188,10 @@ def grad_kernel(rows_ptr, n_rows, lse_s_ptr, lse_t_ptr, coef_ptr, scale_ptr, ex_
                                 mask=col_in[:, None] & h_in[None, :], other=0.0)
                     if UPCAST_MASK & 1:
                         w = w.to(tl.float32)
-                    part = tl.dot(gw, w, input_precision=DOT_PRECISION)
-                    tl.atomic_add(dh_ptr + rows[:, None] * sdh0 + hcols[None, :], part,
-                                  mask=row_mask[:, None] & h_in[None, :])
+                    dh = dh_ptr + dh_rows[:, None] * sdh0 + hcols[None, :]
+                    dh_mask = row_mask[:, None] & h_in[None, :]
+                    tl.store(dh, tl.load(dh, mask=dh_mask, other=0.0) + tl.dot(gw, w, input_precision=DOT_PRECISION),
+                             mask=dh_mask)
                 if NEED_DW:
                     h = tl.load(xs + rows[:, None] * sxs0 + hcols[None, :] * sxs1,
                                 mask=row_mask[:, None] & h_in[None, :], other=0.0)
@@ -144,7 +199,51 @@ def grad_kernel(rows_ptr, n_rows, lse_s_ptr, lse_t_ptr, coef_ptr, scale_ptr, ex_
                         h = h.to(tl.float32)
                     part = tl.dot(tl.trans(gh), h, input_precision=DOT_PRECISION)
                     tl.atomic_add(dw_ptr + cols.to(tl.int64)[:, None] * sdw0 + hcols[None, :], part,
-                                  mask=col_in[:, None] & h_in[None, :])
+                                  mask=col_in[:, None] & h_in[None, :], sem="relaxed")
         else:
             tl.store(g_ptr + rows[:, None] * sg0 + cols[None, :] * sg1, round_to(g, g_ptr.dtype.element_ty),
                      mask=row_mask[:, None] & col_in[None, :])
+
+
+@triton.jit
+def grad_dw_kernel(rows_ptr, n_rows, lse_s_hi, lse_s_lo, lse_t_hi, lse_t_lo, coef_ptr, scale_ptr, ex_cols_ptr,
+                   ex_vals_ptr, k_explicit, dw_ptr, sdw0, db_ptr,
+                   xs, sxs0, sxs1, ws, sws0, sws1, bs, hs, as_, cs,
+                   xt, sxt0, sxt1, wt, swt0, swt1, bt, ht, at, ct,
+                   vocab, valid_vocab, inv_temp, beta, log_beta, log_1m_beta,
+                   KIND: tl.constexpr, EXPLICIT: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+                   BIAS_MASK: tl.constexpr, UPCAST_MASK: tl.constexpr, HEAD_MASK: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_in = cols < vocab
+    db = tl.zeros((BLOCK_V,), tl.float32)
+    for r0 in range(0, n_rows, BLOCK_N):
+        offs, row_mask, rows = rows_at(rows_ptr, n_rows, r0, BLOCK_N)
+        hi_s, lo_s = load_lse(lse_s_hi, lse_s_lo, offs, row_mask)
+        hi_t, lo_t = load_lse(lse_t_hi, lse_t_lo, offs, row_mask)
+        coef = tl.load(coef_ptr + offs, mask=row_mask, other=0.0)
+        scale = tl.load(scale_ptr + offs, mask=row_mask, other=0.0)
+        g = grad_tile(offs, row_mask, rows, cols, hi_s, lo_s, hi_t, lo_t, coef, scale, ex_cols_ptr, ex_vals_ptr,
+                      k_explicit, xs, sxs0, sxs1, ws, sws0, sws1, bs, hs, as_, cs,
+                      xt, sxt0, sxt1, wt, swt0, swt1, bt, ht, at, ct,
+                      vocab, valid_vocab, inv_temp, beta, log_beta, log_1m_beta,
+                      KIND, EXPLICIT, True, BIAS_MASK, UPCAST_MASK, HEAD_MASK, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+        if NEED_DB:
+            db += tl.sum(g, 0)
+        if NEED_DW:
+            gh = round_to(g, xs.dtype.element_ty)
+            if UPCAST_MASK & 1:
+                gh = gh.to(tl.float32)
+            for h0 in range(0, hs, BLOCK_H):
+                hcols = h0 + tl.arange(0, BLOCK_H)
+                h_in = hcols < hs
+                h = tl.load(xs + rows[:, None] * sxs0 + hcols[None, :] * sxs1,
+                            mask=row_mask[:, None] & h_in[None, :], other=0.0)
+                if UPCAST_MASK & 1:
+                    h = h.to(tl.float32)
+                dw = dw_ptr + cols.to(tl.int64)[:, None] * sdw0 + hcols[None, :]
+                dw_mask = col_in[:, None] & h_in[None, :]
+                tl.store(dw, tl.load(dw, mask=dw_mask, other=0.0) + tl.dot(tl.trans(gh), h, input_precision=DOT_PRECISION),
+                         mask=dw_mask)
+    if NEED_DB:
+        tl.store(db_ptr + cols, tl.load(db_ptr + cols, mask=col_in, other=0.0) + db, mask=col_in)

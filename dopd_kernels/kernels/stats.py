@@ -4,11 +4,12 @@ Grid: one program per block of `BLOCK_N` (compacted) rows. The program walks the
 `BLOCK_V` column tiles; for each tile and each stream it forms the logit tile (a load in logits mode,
 `H·Wᵀ` by tl.dot in fused-linear mode, `tiles.logit_tile`) and updates, per row,
 
-  * the online (max, Σ exp) pair → log-sum-exp,
+  * the online (max, Σ exp) pair, stored as the row max and log Σ exp(z − max) (two fp32 outputs the
+    backend adds in float64: the log-sum-exp of logits ~1e4 keeps its fp32 relative precision),
   * the logit at the sampled token (a masked row sum: the token's column lies in exactly one tile),
   * for the streams flagged in TOPK_MASK, the running top-K.
 
-Running top-K (K ≤ 256): each row keeps its K_PAD largest values so far as int64 keys packing
+Running top-K (K ≤ 256, `backends/triton_backend.MAX_TOPK`): each row keeps its K_PAD largest values so far as int64 keys packing
 (value, column) (`tiles.topk_keys`), sorted descending, in a `[BLOCK_N, K_PAD]` register block, with
 K_PAD = BLOCK_V (the backend makes BLOCK_V ≥ next power of two ≥ K; the first K are written). A tile
 is merged only when some row's tile maximum beats its current K_PAD-th key (after the first few tiles
@@ -20,14 +21,16 @@ tl.sort, whose xor-reductions the interpreter evaluates element by element (abou
 No scratch memory: the top-K costs its O(N·K) output only (a two-stage per-tile scratch would be
 O(N·K·V/BLOCK_V)).
 
-Streams are passed as `tiles.py` eight-argument groups; per-stream options are bit masks
-(bit j = stream j) so one kernel covers 1–3 streams, both modes and any top-K subset.
+Streams are passed as `tiles.py` ten-argument groups; per-stream options are bit masks
+(bit j = stream j; HEAD_MASK: bits 2j..2j+1) so one kernel covers 1–3 streams, both modes, any head
+transforms and any top-K subset. Offsets into the `[n_topk_streams, n, K]` output are int64
+(`topk_offsets`): slot·n·K passes 2^31 at 8.4M rows with K = 128.
 """
 
 import triton
 import triton.language as tl
 
-from .tiles import finish_lse, key_column, logit_tile, online_lse, row_block, topk_keys
+from .tiles import key_column, logit_tile, online_lse, row_block, store_lse, topk_keys
 
 
 @triton.jit
@@ -75,26 +78,32 @@ def stream_update(z, cols, tok, m, s, ly, run, TOPK: tl.constexpr, BLOCK_N: tl.c
 
 
 @triton.jit
-def store_stream(lse_ptr, ly_ptr, topk_ptr, j, slot, n_rows, top_k, offs, row_mask, m, s, ly, run,
-                 TOPK: tl.constexpr, K_PAD: tl.constexpr):
-    tl.store(lse_ptr + j * n_rows + offs, finish_lse(m, s), mask=row_mask)
-    tl.store(ly_ptr + j * n_rows + offs, ly, mask=row_mask)
-    if TOPK:
-        ks = tl.arange(0, K_PAD)
-        ptr = topk_ptr + slot * n_rows * top_k + offs[:, None] * top_k + ks[None, :]
-        tl.store(ptr, key_column(run), mask=row_mask[:, None] & (ks < top_k)[None, :])
+def topk_offsets(slot, n_rows, top_k, offs, ks):
+    """Flat int64 offsets [BLOCK_N, K_PAD] of (slot, offs, ks) in the `[slots, n_rows, top_k]` output."""
+    return (slot * n_rows + offs.to(tl.int64))[:, None] * top_k + ks[None, :]
 
 
 @triton.jit
-def stats_kernel(rows_ptr, tok_ptr, n_rows, lse_ptr, ly_ptr, topk_ptr, top_k,
-                 x0, sx00, sx01, w0, sw00, sw01, b0, h0,
-                 x1, sx10, sx11, w1, sw10, sw11, b1, h1,
-                 x2, sx20, sx21, w2, sw20, sw21, b2, h2,
+def store_stream(max_ptr, logsum_ptr, ly_ptr, topk_ptr, j, slot, n_rows, top_k, offs, row_mask, m, s, ly, run,
+                 TOPK: tl.constexpr, K_PAD: tl.constexpr):
+    store_lse(max_ptr + j * n_rows, logsum_ptr + j * n_rows, offs, row_mask, m, s)
+    tl.store(ly_ptr + j * n_rows + offs, ly, mask=row_mask)
+    if TOPK:
+        ks = tl.arange(0, K_PAD)
+        tl.store(topk_ptr + topk_offsets(slot, n_rows, top_k, offs, ks), key_column(run),
+                 mask=row_mask[:, None] & (ks < top_k)[None, :])
+
+
+@triton.jit
+def stats_kernel(rows_ptr, tok_ptr, n_rows, max_ptr, logsum_ptr, ly_ptr, topk_ptr, top_k,
+                 x0, sx00, sx01, w0, sw00, sw01, b0, h0, a0, c0,
+                 x1, sx10, sx11, w1, sw10, sw11, b1, h1, a1, c1,
+                 x2, sx20, sx21, w2, sw20, sw21, b2, h2, a2, c2,
                  vocab, valid_vocab, inv_temp,
                  NUM_STREAMS: tl.constexpr, LINEAR: tl.constexpr, BIAS_MASK: tl.constexpr,
-                 UPCAST_MASK: tl.constexpr, TOPK_MASK: tl.constexpr, LOG_K: tl.constexpr,
+                 UPCAST_MASK: tl.constexpr, HEAD_MASK: tl.constexpr, TOPK_MASK: tl.constexpr, LOG_K: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Writes lse [NUM_STREAMS, n], sampled logit [NUM_STREAMS, n] (fp32, scaled by 1/τ) and the top-K
+    """Writes the row max and log Σ exp(z − max) [NUM_STREAMS, n] each, sampled logit [NUM_STREAMS, n] (fp32, scaled by 1/τ) and the top-K
     columns [n_topk_streams, n, top_k] (descending) of the rows `rows_ptr[0:n]`."""
     K_PAD: tl.constexpr = BLOCK_V
     offs, row_mask, rows = row_block(rows_ptr, n_rows, BLOCK_N)
@@ -110,23 +119,26 @@ def stats_kernel(rows_ptr, tok_ptr, n_rows, lse_ptr, ly_ptr, topk_ptr, top_k,
 
     for v0 in range(0, valid_vocab, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
-        z = logit_tile(x0, sx00, sx01, w0, sw00, sw01, b0, h0, rows, row_mask, cols, vocab, valid_vocab, inv_temp,
-                       LINEAR, BIAS_MASK & 1, UPCAST_MASK & 1, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+        z, _ = logit_tile(x0, sx00, sx01, w0, sw00, sw01, b0, h0, a0, c0, rows, row_mask, cols, vocab, valid_vocab,
+                          inv_temp, LINEAR, BIAS_MASK & 1, UPCAST_MASK & 1, HEAD_MASK & 3, DOT_PRECISION,
+                          BLOCK_N, BLOCK_V, BLOCK_H)
         m0, s0, y0, r0 = stream_update(z, cols, tok, m0, s0, y0, r0, TOPK_MASK & 1, BLOCK_N, K_PAD, LOG_K)
         if NUM_STREAMS > 1:
-            z = logit_tile(x1, sx10, sx11, w1, sw10, sw11, b1, h1, rows, row_mask, cols, vocab, valid_vocab, inv_temp,
-                           LINEAR, (BIAS_MASK >> 1) & 1, (UPCAST_MASK >> 1) & 1, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+            z, _ = logit_tile(x1, sx10, sx11, w1, sw10, sw11, b1, h1, a1, c1, rows, row_mask, cols, vocab,
+                              valid_vocab, inv_temp, LINEAR, (BIAS_MASK >> 1) & 1, (UPCAST_MASK >> 1) & 1,
+                              (HEAD_MASK >> 2) & 3, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
             m1, s1, y1, r1 = stream_update(z, cols, tok, m1, s1, y1, r1, (TOPK_MASK >> 1) & 1, BLOCK_N, K_PAD, LOG_K)
         if NUM_STREAMS > 2:
-            z = logit_tile(x2, sx20, sx21, w2, sw20, sw21, b2, h2, rows, row_mask, cols, vocab, valid_vocab, inv_temp,
-                           LINEAR, (BIAS_MASK >> 2) & 1, (UPCAST_MASK >> 2) & 1, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+            z, _ = logit_tile(x2, sx20, sx21, w2, sw20, sw21, b2, h2, a2, c2, rows, row_mask, cols, vocab,
+                              valid_vocab, inv_temp, LINEAR, (BIAS_MASK >> 2) & 1, (UPCAST_MASK >> 2) & 1,
+                              (HEAD_MASK >> 4) & 3, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
             m2, s2, y2, r2 = stream_update(z, cols, tok, m2, s2, y2, r2, (TOPK_MASK >> 2) & 1, BLOCK_N, K_PAD, LOG_K)
 
     # A stream's slot in the top-K output counts the top-K streams before it.
-    store_stream(lse_ptr, ly_ptr, topk_ptr, 0, 0, n_rows, top_k, offs, row_mask, m0, s0, y0, r0, TOPK_MASK & 1, K_PAD)
+    store_stream(max_ptr, logsum_ptr, ly_ptr, topk_ptr, 0, 0, n_rows, top_k, offs, row_mask, m0, s0, y0, r0, TOPK_MASK & 1, K_PAD)
     if NUM_STREAMS > 1:
-        store_stream(lse_ptr, ly_ptr, topk_ptr, 1, TOPK_MASK & 1, n_rows, top_k, offs, row_mask, m1, s1, y1, r1,
+        store_stream(max_ptr, logsum_ptr, ly_ptr, topk_ptr, 1, TOPK_MASK & 1, n_rows, top_k, offs, row_mask, m1, s1, y1, r1,
                      (TOPK_MASK >> 1) & 1, K_PAD)
     if NUM_STREAMS > 2:
-        store_stream(lse_ptr, ly_ptr, topk_ptr, 2, (TOPK_MASK & 1) + ((TOPK_MASK >> 1) & 1), n_rows, top_k, offs,
+        store_stream(max_ptr, logsum_ptr, ly_ptr, topk_ptr, 2, (TOPK_MASK & 1) + ((TOPK_MASK >> 1) & 1), n_rows, top_k, offs,
                      row_mask, m2, s2, y2, r2, (TOPK_MASK >> 2) & 1, K_PAD)
