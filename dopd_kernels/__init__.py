@@ -6,6 +6,7 @@ Public API:
     route, token_logprobs                     — routing and sampled-token log-probs for separate passes
     DOPDConfig, OPDConfig, Regime, DOPDOutput, OPDOutput, Thresholds
     DOPDLoss, FusedLinearDOPDLoss, OPDLoss, FusedLinearOPDLoss   — nn.Module faces
+    LMHead                                    — a model's output head (weight, bias, scale, soft-cap, vocab_size)
     available_backends, TorchBackend
 """
 
@@ -13,6 +14,7 @@ from .api import dopd_loss, fused_linear_dopd_loss, fused_linear_opd_loss, opd_l
 from .backends import available_backends
 from .backends.torch_chunked import TorchBackend
 from .config import DOPDConfig, DOPDOutput, OPDConfig, OPDOutput, Regime, Thresholds
+from .heads import LMHead
 from .modules import DOPDLoss, FusedLinearDOPDLoss, FusedLinearOPDLoss, OPDLoss
 from .routing import route
 
@@ -27,6 +29,7 @@ __all__ = [
     "route",
     "available_backends",
     "TorchBackend",
+    "LMHead",
     "DOPDConfig",
     "OPDConfig",
     "DOPDOutput",

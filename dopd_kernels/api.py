@@ -18,22 +18,28 @@ import torch
 
 from .backends import resolve_backend
 from .config import DOPDConfig, DOPDOutput, OPDConfig, OPDOutput, Thresholds
+from .heads import LMHead
 from .parallel import VocabShard
 from .reductions import reduce_loss
 from .sources import LinearSource, LogitsSource
 from .validation import (
     check_finite_logits,
+    check_finite_rows,
     check_float_tensor,
+    check_head_transform,
     check_linear,
     check_normalizer,
+    check_config,
     check_same_device,
     check_seq_mean,
     check_tokens,
     check_valid_vocab,
     coerce_thresholds,
+    common_vocab,
 )
 
 BackendArg = Union[str, object]
+HeadArg = Union[torch.Tensor, LMHead]
 LOGITS_SHAPE = "[N, V] or [B, T, V]"
 
 
@@ -64,39 +70,71 @@ def _logits_sources(named: dict, tokens, cfg, check_finite: bool, vocab_parallel
     for name, t in named.items():
         if t.shape != first.shape:
             raise ValueError(f"{name} must have the shape of {first_name} {list(first.shape)}, got {list(t.shape)}")
+    if first.shape[-1] == 0:
+        raise ValueError(f"{first_name} must have a vocabulary V >= 1, got shape {list(first.shape)}")
     check_same_device({**named, "tokens": tokens} if isinstance(tokens, torch.Tensor) else named)
     flat_tokens, valid, shard, valid_vocab = _prepare_tokens(tokens, first.shape[:-1], first.shape[-1], cfg, first_name,
                                                              vocab_parallel_group)
     if check_finite:
         for name, t in named.items():
-            check_finite_logits(name, t)
+            check_finite_logits(name, t, valid_vocab)
     v = first.shape[-1]
     sources = [LogitsSource(t.reshape(-1, v) if i == 0 else t.detach().reshape(-1, v), cfg.temperature, valid_vocab)
                for i, t in enumerate(named.values())]
     return sources, flat_tokens, valid, first.shape[:-1], shard
 
 
+def _as_head(prefix: str, weight: HeadArg, bias: Optional[torch.Tensor]) -> LMHead:
+    """A stream's head: an `LMHead` as given, or a raw weight (and bias) with no transform."""
+    if isinstance(weight, LMHead):
+        if bias is not None:
+            raise ValueError(f"{prefix}_bias was given together with an LMHead as {prefix}_weight; "
+                             f"put the bias in the LMHead (LMHead(weight, bias=...))")
+        return weight
+    return LMHead(weight, bias)
+
+
 def _linear_sources(streams: list, tokens, cfg, check_finite: bool, vocab_parallel_group=None):
-    """streams: [(prefix, hidden, weight, bias)], the student first. Returns flat sources."""
-    _, h0, w0, _ = streams[0]
-    for prefix, h, w, b in streams:
-        check_linear(prefix, h, w, b, None if prefix == streams[0][0] else h0.shape[:-1])
-        if w.shape[0] != w0.shape[0]:
-            raise ValueError(f"{prefix}_weight has vocabulary {w.shape[0]} but student_weight has {w0.shape[0]}")
-    named = {f"{p}_{k}": t for p, h, w, b in streams for k, t in (("hidden", h), ("weight", w), ("bias", b)) if t is not None}
+    """streams: [(prefix, hidden, LMHead)], the student first. Returns flat sources.
+
+    Vocabulary (see `validation.common_vocab`): the streams share the student's real vocabulary;
+    rows of any head past it are padding and are sliced off (views, no copy), so no softmax sees them.
+    """
+    h0 = streams[0][1]
+    for prefix, h, head in streams:
+        check_linear(prefix, h, head.weight, head.bias, None if prefix == streams[0][0] else h0.shape[:-1])
+        check_head_transform(prefix, head.scale, head.softcap)
+    if vocab_parallel_group is None:
+        vocab = common_vocab([(p, head.weight.shape[0], head.vocab_size) for p, _, head in streams])
+    else:  # each rank holds a shard of rows: padding is declared through config.valid_vocab instead
+        vocab = streams[0][2].weight.shape[0]
+        for prefix, _, head in streams:
+            if head.vocab_size is not None:
+                raise ValueError(f"{prefix}_weight: LMHead.vocab_size is not supported with vocab_parallel_group; "
+                                 f"use config.valid_vocab for padding rows")
+            if head.weight.shape[0] != vocab:
+                raise ValueError(f"{prefix}_weight has {head.weight.shape[0]} rows but {streams[0][0]}_weight has {vocab}: "
+                                 f"every stream's shard must hold the same rows")
+    named = {f"{p}_{k}": t for p, h, head in streams
+             for k, t in (("hidden", h), ("weight", head.weight), ("bias", head.bias)) if t is not None}
     check_same_device({**named, "tokens": tokens} if isinstance(tokens, torch.Tensor) else named)
-    flat_tokens, valid, shard, valid_vocab = _prepare_tokens(tokens, h0.shape[:-1], w0.shape[0], cfg, "student_hidden",
+    flat_tokens, valid, shard, valid_vocab = _prepare_tokens(tokens, h0.shape[:-1], vocab, cfg, "student_hidden",
                                                              vocab_parallel_group)
     if check_finite:
         for name, t in named.items():
-            if not bool(torch.isfinite(t).all()):
-                raise ValueError(f"{name} contains NaN or infinite values")
+            check_finite_rows(name, t)
     sources = []
-    for i, (_, h, w, b) in enumerate(streams):
+    for i, (_, h, head) in enumerate(streams):
+        w, b = head.weight[:vocab], (head.bias[:vocab] if head.bias is not None else None)
         if i:  # frozen streams never receive a gradient
             h, w, b = h.detach(), w.detach(), (b.detach() if b is not None else None)
-        sources.append(LinearSource(h.reshape(-1, h.shape[-1]), w, b, cfg.temperature, valid_vocab))
+        sources.append(LinearSource(h.reshape(-1, h.shape[-1]), w, b, cfg.temperature, valid_vocab,
+                                    float(head.scale), None if head.softcap is None else float(head.softcap)))
     return sources, flat_tokens, valid, h0.shape[:-1], shard
+
+
+def _detached(t):
+    return t.detach() if isinstance(t, torch.Tensor) else t
 
 
 def _dopd(prepared, cfg: DOPDConfig, thresholds, backend, normalizer, routing_group) -> DOPDOutput:
@@ -157,7 +195,7 @@ def dopd_loss(
         `DOPDOutput`; see its docstring. A batch without valid tokens has loss 0 (gradient 0) and
         all tokens in regime IGNORED.
     """
-    cfg = config or DOPDConfig()
+    cfg = check_config(config, DOPDConfig)
     prepared = _logits_sources(
         {"student_logits": student_logits, "teacher_logits": teacher_logits, "priv_student_logits": priv_student_logits},
         tokens, cfg, check_finite, vocab_parallel_group)
@@ -167,13 +205,13 @@ def dopd_loss(
 @torch.compiler.disable
 def fused_linear_dopd_loss(
     student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
+    student_weight: HeadArg,
     teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
+    teacher_weight: HeadArg,
     priv_student_hidden: torch.Tensor,
     tokens: torch.Tensor,
     *,
-    priv_student_weight: Optional[torch.Tensor] = None,
+    priv_student_weight: Optional[HeadArg] = None,
     student_bias: Optional[torch.Tensor] = None,
     teacher_bias: Optional[torch.Tensor] = None,
     priv_student_bias: Optional[torch.Tensor] = None,
@@ -189,12 +227,22 @@ def fused_linear_dopd_loss(
 
     Args:
         student_hidden: `[N, H_s]` or `[B, T, H_s]`; receives a gradient.
-        student_weight: `[V, H_s]` student `lm_head`; receives a gradient.
-        teacher_hidden: `[N, H_t]` or `[B, T, H_t]`; teacher_weight: `[V, H_t]` (frozen).
+        student_weight: `[V, H_s]` student `lm_head`, or an `LMHead` (weight, bias, scale, soft-cap,
+            vocab_size: the logits are `softcap(scale·(h·Wᵀ + b))` before the temperature);
+            receives a gradient unless it does not require one (a frozen head: no dW is computed).
+        teacher_hidden: `[N, H_t]` or `[B, T, H_t]`; teacher_weight: `[V_t, H_t]` or an `LMHead` (frozen).
         priv_student_hidden: `[N, H_p]` or `[B, T, H_p]` (frozen).
         tokens: `[N]` or `[B, T]`.
-        priv_student_weight: `[V, H_p]`; None means the student's weight (and bias), detached.
-        student_bias, teacher_bias, priv_student_bias: optional `[V]` biases.
+        priv_student_weight: `[V_p, H_p]` or an `LMHead`; None means the student's head (its bias,
+            scale, soft-cap and vocab_size included), detached.
+        student_bias, teacher_bias, priv_student_bias: optional `[V]` biases of raw-tensor weights
+            (an `LMHead` carries its own; giving both for one stream is a ValueError).
+
+    Vocabulary: the streams share the student's real vocabulary `V` (its `LMHead.vocab_size`, else its
+    rows). A head with more rows (padding a checkpoint added) is accepted: rows past `V` take no
+    probability in any softmax. A head declaring another `vocab_size`, or with fewer than `V` rows,
+    belongs to another tokenizer and is refused (ValueError naming both sizes).
+
         config, thresholds, backend, normalizer, check_finite, routing_group: as in `dopd_loss`
             (check_finite checks hidden states, weights and biases for NaN/inf).
         vocab_parallel_group: each rank holds the rows [offset_r, offset_r + V_r) of every
@@ -204,14 +252,16 @@ def fused_linear_dopd_loss(
     Returns:
         `DOPDOutput`; gradients reach `student_hidden`, `student_weight` and `student_bias` only.
     """
-    cfg = config or DOPDConfig()
-    if priv_student_weight is None:
-        priv_student_weight = student_weight.detach() if isinstance(student_weight, torch.Tensor) else student_weight
-        if priv_student_bias is None and student_bias is not None:
-            priv_student_bias = student_bias.detach()
-    streams = [("student", student_hidden, student_weight, student_bias),
-               ("teacher", teacher_hidden, teacher_weight, teacher_bias),
-               ("priv_student", priv_student_hidden, priv_student_weight, priv_student_bias)]
+    cfg = check_config(config, DOPDConfig)
+    student = _as_head("student", student_weight, student_bias)
+    if priv_student_weight is None:  # the student's own head, detached (transforms and padding included)
+        bias = priv_student_bias if priv_student_bias is not None else student.bias
+        priv = LMHead(_detached(student.weight), _detached(bias), student.scale, student.softcap, student.vocab_size)
+    else:
+        priv = _as_head("priv_student", priv_student_weight, priv_student_bias)
+    streams = [("student", student_hidden, student),
+               ("teacher", teacher_hidden, _as_head("teacher", teacher_weight, teacher_bias)),
+               ("priv_student", priv_student_hidden, priv)]
     prepared = _linear_sources(streams, tokens, cfg, check_finite, vocab_parallel_group)
     return _dopd(prepared, cfg, thresholds, backend, normalizer, routing_group)
 
@@ -268,9 +318,9 @@ def opd_loss(
 @torch.compiler.disable
 def fused_linear_opd_loss(
     student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
+    student_weight: HeadArg,
     teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
+    teacher_weight: HeadArg,
     tokens: torch.Tensor,
     *,
     student_bias: Optional[torch.Tensor] = None,
@@ -291,12 +341,13 @@ def fused_linear_opd_loss(
     vocab_parallel_group=None,
 ) -> OPDOutput:
     """Vanilla OPD loss from hidden states `[N, H]`/`[B, T, H]` and `lm_head` weights `[V, H]`
-    (optional biases `[V]`); options as in `opd_loss` (`vocab_parallel_group` as in
-    `fused_linear_dopd_loss`). Gradients reach the student's hidden states, weight and bias only."""
+    (optional biases `[V]`) or `LMHead`s; options as in `opd_loss` (heads, vocabulary rule and
+    `vocab_parallel_group` as in `fused_linear_dopd_loss`). Gradients reach the student's hidden
+    states, weight and bias only (those that require grad)."""
     cfg = OPDConfig(divergence, granularity, top_k, js_beta, temperature, topk_from, topk_renorm,
                     ignore_index, reduction, valid_vocab)
-    streams = [("student", student_hidden, student_weight, student_bias),
-               ("teacher", teacher_hidden, teacher_weight, teacher_bias)]
+    streams = [("student", student_hidden, _as_head("student", student_weight, student_bias)),
+               ("teacher", teacher_hidden, _as_head("teacher", teacher_weight, teacher_bias))]
     prepared = _linear_sources(streams, tokens, cfg, check_finite, vocab_parallel_group)
     return _opd(prepared, cfg, backend, normalizer)
 
@@ -305,7 +356,7 @@ def fused_linear_opd_loss(
 def token_logprobs(
     logits_or_hidden: torch.Tensor,
     tokens: torch.Tensor,
-    weight: Optional[torch.Tensor] = None,
+    weight: Optional[HeadArg] = None,
     bias: Optional[torch.Tensor] = None,
     *,
     temperature: float = 1.0,
@@ -329,7 +380,7 @@ def token_logprobs(
         (source,), flat, valid, token_shape, shard = _logits_sources({"logits": logits_or_hidden}, tokens, cfg, False,
                                                                      vocab_parallel_group)
     else:
-        (source,), flat, valid, token_shape, shard = _linear_sources([("student", logits_or_hidden, weight, bias)], tokens,
-                                                                     cfg, False, vocab_parallel_group)
+        (source,), flat, valid, token_shape, shard = _linear_sources(
+            [("student", logits_or_hidden, _as_head("student", weight, bias))], tokens, cfg, False, vocab_parallel_group)
     impl = resolve_backend(backend, flat.device)
     return impl.token_logprobs(source, flat, valid, shard=shard).to(source.dtype).reshape(token_shape)

@@ -197,5 +197,7 @@ def _validate_common(cfg) -> None:
         raise TypeError(f"topk_renorm must be a bool, got {type(cfg.topk_renorm).__name__}")
     if isinstance(cfg.ignore_index, bool) or not isinstance(cfg.ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(cfg.ignore_index).__name__}")
+    if not -2**63 <= cfg.ignore_index < 2**63:  # tokens are compared with it as int64
+        raise ValueError(f"ignore_index must fit in int64, got {cfg.ignore_index}")
     _check_choice("reduction", cfg.reduction, REDUCTIONS)
     _check_int("valid_vocab", cfg.valid_vocab, 1, allow_none=True)

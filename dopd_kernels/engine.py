@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .parallel import VocabShard
 from .row_terms import RowTerm, sampled_term, topk_term
@@ -107,7 +108,7 @@ class LossEngine:
         k, n, dt = self.settings.top_k, self.rows.shape[0], self.student.dtype
         if n == 0:
             empty = self.tokens.new_zeros(0, dtype=dt)
-            return Stats([empty] * len(self.sources), [empty] * len(self.sources),
+            return Stats([self.tokens.new_zeros(0, dtype=torch.float64)] * len(self.sources), [empty] * len(self.sources),
                          {j: self.tokens.new_zeros(0, 0) for j in self.topk_streams})
         if self.shard is None:
             return self.passes.stats_pass(self.sources, self.rows, self.tokens, self.topk_streams, k)
@@ -206,12 +207,13 @@ class LossEngine:
 
 class LogitsGradSink:
     """Receives gradient tiles (with respect to the unscaled student logits); `grad` [N, V] is the
-    only [N, V] allocation of the logits mode."""
+    only [N, V] allocation of the logits mode. It is a fresh contiguous tensor whatever the input's
+    layout (a transposed or strided input gets a row-major gradient that kernels can write rows of)."""
 
     def __init__(self, logits: torch.Tensor):
-        self.grad = torch.zeros_like(logits)
+        self.grad = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
 
-    def add_tile(self, rows: torch.Tensor, start: int, g: torch.Tensor) -> None:
+    def add_tile(self, rows: torch.Tensor, start: int, g: torch.Tensor, logits: Optional[torch.Tensor] = None) -> None:
         self.grad[rows, start:start + g.shape[1]] = g.to(self.grad.dtype)
 
     def add_sparse(self, rows: torch.Tensor, cols: torch.Tensor, g: torch.Tensor) -> None:
@@ -225,7 +227,13 @@ class LogitsGradSink:
 
 
 class LinearGradSink:
-    """Contracts gradient tiles G [rows, block] into dH = G·W and dW += Gᵀ·H, db += Σ G at once."""
+    """Contracts gradient tiles G [rows, block] into dH = G·W and dW += Gᵀ·H, db += Σ G at once.
+
+    A gradient tile arrives with respect to the student's final (pre-temperature) logits. With a head
+    transform (`LinearSource.scale`/`softcap`) it is first multiplied by `head_jacobian` to become the
+    gradient with respect to the raw `h·Wᵀ + b` that the contractions need. Only the gradients that are
+    needed are allocated: `needs` = (dH, dW, db); a frozen head (weight not requiring grad) has
+    `dw = None`, and backends must skip its contraction (no `[V, H]` buffer, no `Gᵀ·H` work)."""
 
     def __init__(self, source: LinearSource, needs: Sequence[bool], sparse_rows: int):
         h, w = source.hidden, source.weight
@@ -236,9 +244,16 @@ class LinearGradSink:
         b = source.bias
         self.db = torch.zeros(b.shape, dtype=acc, device=b.device) if (b is not None and needs[2]) else None
 
-    def add_tile(self, rows: torch.Tensor, start: int, g: torch.Tensor) -> None:
+    def add_tile(self, rows: torch.Tensor, start: int, g: torch.Tensor, logits: Optional[torch.Tensor] = None) -> None:
+        """`g` [len(rows), block]: gradient w.r.t. the final logits at columns [start, start + block);
+        `logits`: the student's tile there as `LinearSource.tile` returns it (recomputed when None and a
+        head transform needs it)."""
         src, stop = self.source, start + g.shape[1]
         g = g.to(self.acc)
+        if src.has_transform:
+            if logits is None:
+                logits = src.tile(rows, start, stop)
+            g = g * src.head_jacobian(logits.to(self.acc))
         if self.dh is not None:
             self.dh.index_add_(0, rows, g @ src.weight[start:stop].to(self.acc))
         if self.dw is not None:
@@ -247,11 +262,14 @@ class LinearGradSink:
             self.db[start:stop] += g.sum(0)
 
     def add_sparse(self, rows: torch.Tensor, cols: torch.Tensor, g: torch.Tensor) -> None:
+        """`g` [n, k]: gradient w.r.t. the final logits at columns `cols` [n, k] of each row."""
         src = self.source
         g = g.to(self.acc)
         # Row chunks keep the gathered weight rows [r, K, H] within the tile budget.
         for i in range(0, rows.shape[0], self.sparse_rows):
             r, c, gi = rows[i:i + self.sparse_rows], cols[i:i + self.sparse_rows], g[i:i + self.sparse_rows]
+            if src.has_transform:  # the K logits again (K dot products per row) for the head's Jacobian
+                gi = gi * src.head_jacobian(src.gather(r, c).to(self.acc))
             if self.dh is not None:
                 self.dh.index_add_(0, r, torch.einsum("rk,rkh->rh", gi, src.weight[c].to(self.acc)))
             if self.dw is not None:
@@ -288,6 +306,7 @@ class FusedLoss(torch.autograd.Function):
         return engine.forward()
 
     @staticmethod
+    @once_differentiable  # hand-derived first derivatives only: a double backward raises, never runs wrong
     def backward(ctx, grad_per_token):
         needs = ctx.needs_input_grad[2:]
         sink = ctx.make_sink(needs)

@@ -3,6 +3,12 @@
 A causal LM's next-token logits are `softcap(scale · (h·Wᵀ + b))` over the first `vocab_size` rows
 of `W` (the rest are padding rows some checkpoints add for alignment). `dopd_kernels.hf.lm_head`
 reads one from a Hugging Face model; anything else can build one by hand.
+
+The fused-linear losses take an `LMHead` wherever they take a weight (`student_weight`,
+`teacher_weight`, `priv_student_weight`, `token_logprobs(weight=...)`); a raw `[V, H]` tensor means
+no transform and every row real. Usage, one line per stream:
+
+    fused_linear_dopd_loss(h_s, LMHead(W_s, softcap=30.0), h_t, LMHead(W_t, b_t, scale=0.25), h_p, tokens)
 """
 
 from __future__ import annotations

@@ -25,7 +25,8 @@ class DOPDLoss(nn.Module):
 
 class FusedLinearDOPDLoss(nn.Module):
     """`FusedLinearDOPDLoss(config)(student_hidden, student_weight, teacher_hidden, teacher_weight,
-    priv_student_hidden, tokens, **kwargs) -> DOPDOutput`; kwargs as in `fused_linear_dopd_loss`."""
+    priv_student_hidden, tokens, **kwargs) -> DOPDOutput`; kwargs as in `fused_linear_dopd_loss`.
+    Each weight may be an `LMHead` (bias, scale, soft-cap, vocab_size)."""
 
     def __init__(self, config: Optional[DOPDConfig] = None, backend="auto"):
         super().__init__()
@@ -38,6 +39,8 @@ class FusedLinearDOPDLoss(nn.Module):
 
 
 def _opd_options(config: Optional[OPDConfig], options: dict) -> dict:
+    if config is not None and not isinstance(config, OPDConfig):
+        raise TypeError(f"config must be an OPDConfig (or None), got {type(config).__name__}")
     cfg = config or OPDConfig(**options)
     if config is not None and options:
         raise ValueError("pass either an OPDConfig or keyword options, not both")
@@ -59,7 +62,7 @@ class OPDLoss(nn.Module):
 
 class FusedLinearOPDLoss(nn.Module):
     """`FusedLinearOPDLoss(...)(student_hidden, student_weight, teacher_hidden, teacher_weight, tokens,
-    student_bias=None, teacher_bias=None) -> OPDOutput`."""
+    student_bias=None, teacher_bias=None) -> OPDOutput`; each weight may be an `LMHead`."""
 
     def __init__(self, config: Optional[OPDConfig] = None, backend="auto", **options):
         super().__init__()

@@ -18,13 +18,15 @@ NEG_INF = float("-inf")
 
 
 def materialize(source) -> torch.Tensor:
-    """float64 logits [N, V] of a source, differentiable with respect to its tensors."""
+    """float64 logits [N, V] of a source (before the temperature), differentiable with respect to its
+    tensors; in fused-linear mode `softcap(scale·(h·Wᵀ + b))`, so autograd chains through the tanh."""
     if isinstance(source, LogitsSource):
         z = source.logits.to(torch.float64)
     elif isinstance(source, LinearSource):
         z = source.hidden.to(torch.float64) @ source.weight.to(torch.float64).T
         if source.bias is not None:
             z = z + source.bias.to(torch.float64)
+        z = source.transform(z)
     else:
         raise TypeError(f"unknown source {type(source).__name__}")
     return z

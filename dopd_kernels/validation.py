@@ -63,13 +63,40 @@ def check_valid_vocab(valid_vocab: Optional[int], vocab: int) -> int:
     return valid_vocab
 
 
-def check_finite_logits(name: str, logits: torch.Tensor) -> None:
-    """Raise if any logit is NaN or +inf (-inf is allowed: it marks an impossible token)."""
+def check_finite_logits(name: str, logits: torch.Tensor, valid_vocab: Optional[int] = None) -> None:
+    """Raise (naming the first bad row of the flattened `[N, V]` view) if a row holds a NaN or +inf
+    logit, or has no finite logit in its valid vocabulary `[0, valid_vocab)` (its softmax is undefined).
+    A -inf logit alone is allowed: it marks an impossible token (padding)."""
     flat = logits.reshape(-1, logits.shape[-1])
+    v = flat.shape[1] if valid_vocab is None else valid_vocab
     for start in range(0, flat.shape[0], _FINITE_CHECK_ROWS):
         chunk = flat[start : start + _FINITE_CHECK_ROWS]
-        if bool(torch.isnan(chunk).any()) or bool(torch.isposinf(chunk).any()):
-            raise ValueError(f"{name} contains NaN or +inf values (rows {start}..{start + chunk.shape[0] - 1})")
+        bad = torch.isnan(chunk).any(1) | torch.isposinf(chunk).any(1)
+        if bool(bad.any()):
+            raise ValueError(f"{name} contains NaN or +inf values (row {start + int(bad.nonzero()[0])} of the "
+                             f"flattened [N, V] logits)")
+        empty = torch.isneginf(chunk[:, :v]).all(1)
+        if bool(empty.any()):
+            raise ValueError(f"{name} has a row whose logits are all -inf over the valid vocabulary (row "
+                             f"{start + int(empty.nonzero()[0])} of the flattened [N, V] logits): no distribution")
+
+
+def check_finite_rows(name: str, t: torch.Tensor) -> None:
+    """Raise, naming the first bad row, if `t` (hidden states, a weight or a bias) holds NaN or ±inf."""
+    flat = t.reshape(-1, t.shape[-1]) if t.dim() > 1 else t.reshape(-1, 1)
+    for start in range(0, flat.shape[0], _FINITE_CHECK_ROWS):
+        bad = ~torch.isfinite(flat[start : start + _FINITE_CHECK_ROWS]).all(1)
+        if bool(bad.any()):
+            raise ValueError(f"{name} contains NaN or infinite values (row {start + int(bad.nonzero()[0])})")
+
+
+def check_config(config, cls):
+    """`config` if it is a `cls` (DOPDConfig/OPDConfig), `cls()` for None; TypeError otherwise."""
+    if config is None:
+        return cls()
+    if not isinstance(config, cls):
+        raise TypeError(f"config must be a {cls.__name__} (or None for the defaults), got {type(config).__name__}")
+    return config
 
 
 def check_seq_mean(reduction: str, tokens: torch.Tensor) -> None:
@@ -84,6 +111,9 @@ def check_normalizer(normalizer, reduction: str):
     if reduction not in ("mean", "sum"):
         raise ValueError(f'normalizer= is only accepted with reduction "mean" or "sum", got reduction={reduction!r}')
     if isinstance(normalizer, torch.Tensor):
+        if normalizer.requires_grad:
+            raise ValueError("normalizer must not require grad: it is a token count, not a differentiable quantity "
+                             "(pass normalizer.detach() or a number)")
         if normalizer.numel() != 1:
             raise ValueError(f"normalizer must be a scalar, got a tensor of shape {list(normalizer.shape)}")
         value = float(normalizer)
@@ -104,10 +134,12 @@ def coerce_thresholds(thresholds) -> Optional[Thresholds]:
         if thresholds.shape != (3,):
             raise ValueError(f"thresholds tensor must have shape [3] (adv_gap, q_teacher, q_priv_student), got {list(thresholds.shape)}")
         values = [float(v) for v in thresholds]
+    elif isinstance(thresholds, (str, bytes)) or not hasattr(thresholds, "__len__"):
+        raise TypeError(f"thresholds must be a Thresholds, a 3-tuple of numbers or a [3] tensor, got {type(thresholds).__name__}")
     else:
         try:
             values = [float(v) for v in thresholds]
-        except TypeError:
+        except (TypeError, ValueError):
             raise TypeError(f"thresholds must be a Thresholds, a 3-tuple or a [3] tensor, got {type(thresholds).__name__}") from None
         if len(values) != 3:
             raise ValueError(f"thresholds must have 3 entries (adv_gap, q_teacher, q_priv_student), got {len(values)}")
@@ -117,18 +149,69 @@ def coerce_thresholds(thresholds) -> Optional[Thresholds]:
 
 
 def check_linear(prefix: str, hidden, weight, bias, n_rows_shape: Optional[torch.Size]) -> None:
-    """hidden [N, H] or [B, T, H]; weight [V, H]; bias [V] or None."""
+    """hidden [N, H] or [B, T, H]; weight [V, H]; bias [V] or None; one dtype within the stream."""
     check_float_tensor(f"{prefix}_hidden", hidden, (2, 3), "[N, H] or [B, T, H]")
     check_float_tensor(f"{prefix}_weight", weight, (2,), "[V, H]")
     if weight.shape[1] != hidden.shape[-1]:
         raise ValueError(
             f"{prefix}_weight must have shape [V, {hidden.shape[-1]}] to match {prefix}_hidden's last dim, got {list(weight.shape)}"
         )
+    if hidden.shape[-1] == 0 or weight.shape[0] == 0:
+        raise ValueError(f"{prefix}_hidden and {prefix}_weight need a hidden size H >= 1 and a vocabulary V >= 1, "
+                         f"got H={hidden.shape[-1]}, V={weight.shape[0]}")
     if bias is not None:
         check_float_tensor(f"{prefix}_bias", bias, (1,), "[V]")
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"{prefix}_bias must have shape [{weight.shape[0]}], got {list(bias.shape)}")
+    # One stream is one matmul: its operands share a dtype (streams may differ from each other).
+    for name, t in ((f"{prefix}_weight", weight), (f"{prefix}_bias", bias)):
+        if t is not None and t.dtype != hidden.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {prefix}_hidden has {hidden.dtype}; the hidden states, "
+                            f"weight and bias of one stream must share a dtype (cast one of them)")
     if n_rows_shape is not None and hidden.shape[:-1] != n_rows_shape:
         raise ValueError(
             f"{prefix}_hidden must have leading shape {list(n_rows_shape)} like student_hidden, got {list(hidden.shape[:-1])}"
         )
+
+
+def check_head_transform(prefix: str, scale, softcap) -> None:
+    """An `LMHead`'s transform: `scale` a finite non-zero real, `softcap` None or a finite positive real."""
+    for name, value in (("scale", scale), ("softcap", softcap)):
+        if name == "softcap" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{prefix}_weight: LMHead.{name} must be a real number, got {type(value).__name__}")
+        if not math.isfinite(value):
+            raise ValueError(f"{prefix}_weight: LMHead.{name} must be finite, got {value}")
+    if scale == 0:
+        raise ValueError(f"{prefix}_weight: LMHead.scale must be non-zero (it multiplies the logits), got {scale}")
+    if softcap is not None and softcap <= 0:
+        raise ValueError(f"{prefix}_weight: LMHead.softcap must be > 0 (the cap c of c·tanh(z/c)), got {softcap}")
+
+
+def common_vocab(heads: Sequence[tuple]) -> int:
+    """The vocabulary the streams share, from `heads` = [(prefix, rows, vocab_size)], student first.
+
+    Rule: a stream's real vocabulary is its declared `vocab_size` (an `LMHead`'s), else its number of
+    rows; the common vocabulary is the student's real vocabulary. Rows of any stream at or past it are
+    padding: excluded from every softmax (the caller slices them off). A stream that declares a
+    different real vocabulary, or has fewer rows than the common one, uses another tokenizer and is
+    refused with both sizes named.
+    """
+    prefix0, rows0, declared0 = heads[0]
+    for prefix, rows, declared in heads:
+        if declared is None:
+            continue
+        if isinstance(declared, bool) or not isinstance(declared, int):
+            raise TypeError(f"{prefix}_weight: LMHead.vocab_size must be an int or None, got {type(declared).__name__}")
+        if not 1 <= declared <= rows:
+            raise ValueError(f"{prefix}_weight: LMHead.vocab_size must be in [1, {rows}] (the head's rows), got {declared}")
+    vocab = rows0 if declared0 is None else declared0
+    for prefix, rows, declared in heads[1:]:
+        if declared is not None and declared != vocab:
+            raise ValueError(f"{prefix}_weight has a vocabulary of {declared} tokens but {prefix0}_weight has {vocab}: "
+                             f"the streams must share one tokenizer")
+        if rows < vocab:
+            raise ValueError(f"{prefix}_weight has {rows} rows, fewer than the {vocab} tokens of {prefix0}_weight's "
+                             f"vocabulary: the streams must share one tokenizer")
+    return vocab

@@ -88,11 +88,12 @@ class PassBackend:
 
     def rest_logsumexp(self, source, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """log Σ exp(scaled logit) over the valid columns of each row of `rows` that are not in
-        `cols` [n, k] (entries < 0 are ignored): a tail bucket summed directly, [n] in the compute
-        dtype. A plain tiled pass over `source.tile`; backends may override it with a kernel."""
+        `cols` [n, k] (entries < 0 are ignored): a tail bucket summed directly, [n] float64 formed like
+        `Stats.lse` (running max and rescaled sum in the compute dtype, `max + log(sum)` added in
+        float64). A plain tiled pass over `source.tile`; backends may override it with a kernel."""
         row_chunk, vocab_chunk = getattr(self, "row_chunk", 1024), getattr(self, "vocab_chunk", 8192)
         vocab = source.valid_vocab or source.vocab
-        out = torch.empty(rows.shape[0], dtype=source.dtype, device=rows.device)
+        out = torch.empty(rows.shape[0], dtype=torch.float64, device=rows.device)
         for i in range(0, rows.shape[0], row_chunk):
             r, c = rows[i:i + row_chunk], cols[i:i + row_chunk]
             m = torch.full((r.shape[0],), float("-inf"), dtype=source.dtype, device=r.device)
@@ -107,7 +108,8 @@ class PassBackend:
                 shift = torch.where(m_new == float("-inf"), torch.zeros_like(m_new), m_new)
                 s = s * torch.exp(m - shift) + torch.exp(tile - shift[:, None]).sum(dim=1)
                 m = m_new
-            out[i:i + row_chunk] = torch.where(m == float("-inf"), m, m + torch.log(s))
+            m64 = m.to(torch.float64)
+            out[i:i + row_chunk] = torch.where(m == float("-inf"), m64, m64 + torch.log(s).to(torch.float64))
         return out
 
     def token_logprobs(self, source, tokens: torch.Tensor, valid: torch.Tensor,
@@ -117,5 +119,5 @@ class PassBackend:
         out = torch.zeros(valid.shape[0], dtype=source.dtype, device=valid.device)
         with torch.no_grad():
             stats = engine.run_stats_pass()
-        out[engine.rows] = stats.logit_y[STUDENT] - stats.lse[STUDENT]
+        out[engine.rows] = (stats.logit_y[STUDENT].to(torch.float64) - stats.lse[STUDENT].to(torch.float64)).to(out.dtype)
         return out

@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 
 from ..divergences import divergence, kl, log_mixture
-from ..engine import STUDENT, Group, Stats
+from ..engine import STUDENT, Group, Stats, split_lse
 from .base import PassBackend
 
 NEG_INF = float("-inf")
@@ -27,7 +27,17 @@ def _online_logsumexp(m: torch.Tensor, s: torch.Tensor, tile: torch.Tensor):
 
 
 def _finish_logsumexp(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    return torch.where(m == NEG_INF, m, m + torch.log(s))
+    """float64 log-sum-exp `max + log Σ exp(z − max)` (the `Stats.lse` contract): the sum of an fp32 max
+    of size ~1e4 and an O(1) log is kept exactly, not rounded to an ulp of the max (~1e-3)."""
+    m64 = m.to(torch.float64)
+    return torch.where(m == NEG_INF, m64, m64 + torch.log(s).to(torch.float64))
+
+
+def _log_softmax_tile(tile: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    """log p = (z − hi) − lo for a tile [r, c] and a row log-sum-exp given as `split_lse` parts [r]:
+    z − hi is exact near the row maximum, so log p keeps the compute dtype's relative precision
+    however large the logits are."""
+    return (tile - hi[:, None]) - lo[:, None]
 
 
 def _merge_topk(vals: torch.Tensor, idx: torch.Tensor, tile: torch.Tensor, start: int, k: int):
@@ -78,7 +88,7 @@ class TorchBackend(PassBackend):
 
     def stats_pass(self, sources: Sequence, rows: torch.Tensor, tokens: torch.Tensor, topk_streams, top_k: int) -> Stats:
         n, dt = rows.shape[0], sources[STUDENT].dtype
-        lse = [torch.empty(n, dtype=dt, device=rows.device) for _ in sources]
+        lse = [torch.empty(n, dtype=torch.float64, device=rows.device) for _ in sources]
         k = min(top_k, sources[STUDENT].effective_vocab)
         topk = {j: torch.empty(n, k, dtype=torch.long, device=rows.device) for j in topk_streams}
         for sl in self._row_chunks(n):
@@ -104,11 +114,12 @@ class TorchBackend(PassBackend):
         (reverse KL: the KL itself; JS: β·KL(p‖m); forward KL: 0). Tile partial sums add in float64."""
         value = torch.zeros(rows.shape[0], dtype=torch.float64, device=rows.device)
         c = torch.zeros_like(value)
+        (hs, ls), (ht, lt) = split_lse(lse_s, student.dtype), split_lse(lse_t, target.dtype)
         for sl in self._row_chunks(rows.shape[0]):
             r = rows[sl]
             for c0, c1 in self._vocab_blocks(student):
-                lp = student.tile(r, c0, c1) - lse_s[sl, None]
-                lq = target.tile(r, c0, c1) - lse_t[sl, None]
+                lp = _log_softmax_tile(student.tile(r, c0, c1), hs[sl], ls[sl])
+                lq = _log_softmax_tile(target.tile(r, c0, c1), ht[sl], lt[sl])
                 value[sl] += divergence(lp, lq, kind, beta).to(torch.float64)
                 if kind == "js":
                     c[sl] += beta * kl(lp, log_mixture(lp, lq, beta)).to(torch.float64)
@@ -119,7 +130,7 @@ class TorchBackend(PassBackend):
     def grad_pass(self, engine, g: Group, rows: torch.Tensor, scale: torch.Tensor, sink) -> None:
         """Gradient tiles of one group's rows, scaled per row by `scale` (upstream · weight / τ)."""
         student, target = engine.student, engine.sources[g.target]
-        lse_s, lse_t = engine.stats.lse[STUDENT][g.pos], engine.stats.lse[g.target][g.pos]
+        (hs, ls), (ht, lt) = (split_lse(engine.stats.lse[j][g.pos], src.dtype) for j, src in ((STUDENT, student), (g.target, target)))
         term, dt = g.term, student.dtype
         if term is not None and term.dense is None:  # renormalized top-K: only K logits move
             sink.add_sparse(rows, term.cols, (term.sparse * scale[:, None]).to(dt))
@@ -127,10 +138,11 @@ class TorchBackend(PassBackend):
         for sl in self._row_chunks(rows.shape[0]):
             r, sc = rows[sl], scale[sl, None].to(dt)
             for c0, c1 in self._vocab_blocks(student):
-                lp = student.tile(r, c0, c1) - lse_s[sl, None]
+                z = student.tile(r, c0, c1)
+                lp = _log_softmax_tile(z, hs[sl], ls[sl])
                 p = lp.exp()
                 if term is None:
-                    lq = target.tile(r, c0, c1) - lse_t[sl, None]
+                    lq = _log_softmax_tile(target.tile(r, c0, c1), ht[sl], lt[sl])
                     grad = self._full_tile_grad(lp, p, lq, g.full_c[sl, None].to(dt), g.divergence, engine.settings.js_beta)
                 else:
                     # p·dense with p = 0 where it underflowed: dense may be ±inf there (the rest
@@ -140,7 +152,7 @@ class TorchBackend(PassBackend):
                         self._write_explicit(grad, term.cols[sl], term.explicit[sl].to(dt), c0)
                     else:
                         self._fold_sparse(grad, term.cols[sl], term.sparse[sl].to(dt), c0)
-                sink.add_tile(r, c0, grad * sc)
+                sink.add_tile(r, c0, grad * sc, z)
 
     @staticmethod
     def _full_tile_grad(lp, p, lq, c, kind: str, beta: float) -> torch.Tensor:
