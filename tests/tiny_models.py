@@ -119,3 +119,38 @@ def tiny_causal_lm(family: str, vocab_size: Optional[int] = None, hidden: int = 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.train()
+
+
+# family -> (config class name, model class name, text family): vision-language models whose language
+# part is a tiny text family above; the image token is the last vocabulary id.
+_VLM_FAMILIES = {
+    "paligemma": ("PaliGemmaConfig", "PaliGemmaForConditionalGeneration", "gemma2"),  # soft-caps its logits
+    "gemma3_vlm": ("Gemma3Config", "Gemma3ForConditionalGeneration", "gemma3"),  # does not (its forward has none)
+}
+VLM_FAMILIES = tuple(_VLM_FAMILIES)
+IMAGE_SIZE = 16  # pixels; 8-pixel patches, so an image is 4 patch tokens
+
+
+def tiny_vision_lm(family: str = "paligemma", vocab_size: int = 96, hidden: int = 32, seed: int = 0, **text_overrides):
+    """A tiny vision-language model (`VLM_FAMILIES`) with a 1-layer SigLIP encoder on 16×16 images.
+
+    The text config holds the head's transform attributes. Its image token id is `vocab_size - 1`
+    (`model.config.image_token_id`); a prompt carries `tokens_per_image(model)` of them per image.
+    """
+    import transformers
+
+    config_name, model_name, text_family = _VLM_FAMILIES[family]
+    text = tiny_config(text_family, vocab_size, hidden, **text_overrides).to_dict()
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=IMAGE_SIZE, patch_size=8)
+    extra = ({"projection_dim": hidden} if family == "paligemma"
+             else {"mm_tokens_per_image": 4, "boi_token_index": vocab_size - 3, "eoi_token_index": vocab_size - 2})
+    config = getattr(transformers, config_name)(text_config=text, vision_config=vision, image_token_index=vocab_size - 1,
+                                                **extra)
+    torch.manual_seed(seed)
+    return getattr(transformers, model_name)(config).train()
+
+
+def tokens_per_image(model) -> int:
+    """How many image-token ids a prompt must carry per image for `model` (from `tiny_vision_lm`)."""
+    return getattr(model.config, "mm_tokens_per_image", None) or (IMAGE_SIZE // 8) ** 2
