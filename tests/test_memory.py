@@ -137,3 +137,69 @@ def test_recorder_detects_a_materialized_logits_tensor():
         fused_linear_opd_loss(h, w, t["teacher_hidden"], t["teacher_weight"], y, backend="reference").loss.backward()
     with pytest.raises(AssertionError, match="an \\[N, V\\]-sized tensor"):
         check_fused(rec.allocs, (H,))
+
+
+class OpRecorder(TorchDispatchMode):
+    """Every aten op with the shape of its first tensor argument and of its first output."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []  # (op name, first input shape, output shape)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        first_in = next((tuple(t.shape) for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor)), None)
+        first_out = next((tuple(t.shape) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)), None)
+        self.ops.append((str(func), first_in, first_out))
+        return out
+
+
+def _dw_work(ops, v: int, h: int, row_chunk: int):
+    """Ops that build or accumulate a [V, H] weight gradient: a [V, H] output, an index_add_ into a
+    [V, H] target (sparse top-K gradients), or a Gᵀ·H tile product [block > row_chunk, H]."""
+    return [op for op in ops if op[2] == (v, h) or ("index_add" in op[0] and op[1] == (v, h))
+            or ("aten.mm" in op[0] and op[2] is not None and len(op[2]) == 2 and op[2][1] == h and op[2][0] > row_chunk)]
+
+
+@pytest.mark.parametrize("bias_trainable", [False, True])
+@pytest.mark.parametrize("renorm", [True, False])
+def test_frozen_student_head_computes_no_dw(renorm, bias_trainable):
+    # Issue 11 point 4 (LoRA / requires_grad=False lm_head): no dW buffer, no dW contraction, in backward.
+    # V % C = 12 > R, so a [block, H] matmul output is a Gᵀ·H tile, never a dH row chunk.
+    v = 140
+    t = linear_streams(N, H, v, teacher_hidden=HT)
+    y = random_tokens(N, v)
+    cfg = DOPDConfig(top_k=K, topk_renorm=renorm, trim=0.0)
+    backend = TorchBackend(row_chunk=R, vocab_chunk=C)
+    work = {}
+    for frozen in (True, False):
+        h = leaf(t["student_hidden"])
+        w = t["student_weight"].clone() if frozen else leaf(t["student_weight"])
+        b = leaf(t["student_bias"]) if bias_trainable else t["student_bias"].clone()
+        out = fused_linear_dopd_loss(h, w, t["teacher_hidden"], t["teacher_weight"], t["priv_student_hidden"], y,
+                                     student_bias=b, teacher_bias=t["teacher_bias"], config=cfg, backend=backend)
+        assert (out.regime == 2).any() and (out.regime != 2).any(), "need dense (HT) and sparse (top-K) rows"
+        rec = OpRecorder()
+        with rec:
+            out.loss.backward()
+        assert h.grad is not None and (b.grad is not None) == bias_trainable
+        work[frozen] = _dw_work(rec.ops, v, H, R)
+    assert work[False], "the recorder did not see the dW work of a trainable head"
+    assert not work[True], f"a frozen head still computed dW: {work[True][:4]}"
+
+
+def test_frozen_head_sink_has_no_dw_for_any_pass_backend():
+    # The engine builds the gradient sink: every pass backend (torch, cpp, triton) gets dw=None to skip.
+    sinks = []
+
+    class Spy(TorchBackend):
+        def grad_pass(self, engine, g, rows, scale, sink):
+            sinks.append(sink)
+            return super().grad_pass(engine, g, rows, scale, sink)
+
+    t = linear_streams(N, H, V)
+    h = leaf(t["student_hidden"])
+    out = fused_linear_opd_loss(h, t["student_weight"], t["teacher_hidden"], t["teacher_weight"], random_tokens(N, V),
+                                student_bias=t["student_bias"], backend=Spy())
+    out.loss.backward()
+    assert sinks and all(s.dw is None and s.db is None and s.dh is not None for s in sinks)
