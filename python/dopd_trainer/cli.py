@@ -18,10 +18,13 @@ from pathlib import Path
 import torch
 import transformers
 
+from dopd_kernels.backends import resolve_backend
+
 from . import task
 from .distributed import Workers
 from .errors import UsageError
-from .models import check_same_vocabulary, load_checkpoint, tiny_llama
+from .checkpoint import atomic_write_bytes
+from .models import HEADS, check_same_vocabulary, load_checkpoint, tiny_llama
 from .report import plot_run
 from .rollout import accuracy
 from .tokenizer import build_char_tokenizer
@@ -36,6 +39,42 @@ BUILTIN_DEFAULTS = dict(prompts_per_step=16, lr=2e-4, temperature=0.7,
                         max_new_tokens=None, threads=1)
 CHECKPOINT_DEFAULTS = dict(prompts_per_step=128, lr=5e-6, temperature=1.0,
                            max_new_tokens=512, threads=None)
+
+
+def bounded(kind: type, low: float | None = None, high: float | None = None, *, low_open: bool = False,
+            high_open: bool = False):
+    """An argparse `type` accepting a `kind` (int or float) in [low, high] (ends excluded when open);
+    the parser reports anything else as a one-line usage error naming the option."""
+    interval = (("(" if low_open else "[") + ("-inf" if low is None else str(low)) + ", "
+                + ("inf" if high is None else str(high)) + (")" if high_open else "]"))
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high or value != value:  # value != value: NaN
+            raise argparse.ArgumentTypeError(f"{text} is outside {interval}")
+        return value
+
+    parse.__name__ = f"{kind.__name__} in {interval}"  # argparse names the type in its messages
+    return parse
+
+
+def hidden_size(text: str) -> int:
+    """Hidden size of a built-in model: HEADS heads of an even width (rotary embeddings pair features)."""
+    value = bounded(int, 2 * HEADS)(text)
+    if value % (2 * HEADS):
+        raise argparse.ArgumentTypeError(f"{value} is not a multiple of {2 * HEADS} ({HEADS} attention heads of "
+                                         "even width)")
+    return value
+
+
+POSITIVE_INT, NONNEG_INT = bounded(int, 1), bounded(int, 0)
+POSITIVE_FLOAT = bounded(float, 0, low_open=True)
+BACKENDS = ("auto", "reference", "torch", "cpp", "triton", "cuda")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -57,13 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--reward", metavar="MODULE:FUNCTION",
                      help="accuracy function f(completion: str, example) -> float (default: exact match with answer)")
     builtin = p.add_argument_group("built-in task")
-    builtin.add_argument("--digits", type=int, default=2, help="operand digits of the addition task")
-    builtin.add_argument("--train-size", type=int, default=9000, help="training problems")
-    builtin.add_argument("--eval-size", type=int, default=500, help="held-out problems")
-    builtin.add_argument("--hidden", type=int, default=128, help="hidden size of the tiny models")
-    builtin.add_argument("--layers", type=int, default=2, help="layers of the tiny models")
-    builtin.add_argument("--teacher-warmup-steps", type=int, default=400, help="SFT steps of the teacher, with hints")
-    builtin.add_argument("--student-warmup-steps", type=int, default=300,
+    builtin.add_argument("--digits", type=POSITIVE_INT, default=2, help="operand digits of the addition task")
+    builtin.add_argument("--train-size", type=POSITIVE_INT, default=9000, help="training problems")
+    builtin.add_argument("--eval-size", type=NONNEG_INT, default=500, help="held-out problems")
+    builtin.add_argument("--hidden", type=hidden_size, default=128, help="hidden size of the tiny models")
+    builtin.add_argument("--layers", type=POSITIVE_INT, default=2, help="layers of the tiny models")
+    builtin.add_argument("--teacher-warmup-steps", type=NONNEG_INT, default=400, help="SFT steps of the teacher, with hints")
+    builtin.add_argument("--student-warmup-steps", type=NONNEG_INT, default=300,
                          help="SFT steps of the student (half of its examples with hints)")
     builtin.add_argument("--cache-dir", default="~/.cache/dopd_trainer", help="where warmed-up models are cached")
     method = p.add_argument_group("method")
@@ -74,23 +113,23 @@ def build_parser() -> argparse.ArgumentParser:
     method.add_argument("--no-compare", dest="compare", action="store_false",
                         help="train only --method (by default the other method is trained too, from the same start)")
     loop = p.add_argument_group("loop (defaults marked * depend on built-in vs checkpoints)")
-    loop.add_argument("--steps", type=int, default=200, help="optimizer steps per method")
-    loop.add_argument("--prompts-per-step", type=int, help="* prompts per step (16 / 128)")
-    loop.add_argument("--samples-per-prompt", type=int, default=4, help="rollouts G per prompt")
-    loop.add_argument("--lr", type=float, help="* peak AdamW learning rate (2e-4 / 5e-6)")
-    loop.add_argument("--max-new-tokens", type=int, help="* response length cap (answer + EOS + 1 / 512)")
-    loop.add_argument("--temperature", type=float, help="* sampling temperature (0.7 / 1.0)")
-    loop.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
-    loop.add_argument("--warmup-steps", type=int, default=10, help="linear LR warm-up before the cosine decay")
-    loop.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    loop.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm")
-    loop.add_argument("--top-k", type=int, default=128, help="K of the top-K terms")
-    loop.add_argument("--backend", default="auto", help="dopd_kernels backend (auto, torch, cpp, triton, ...)")
-    loop.add_argument("--seed", type=int, default=0, help="seeds data split, data order, sampling")
-    loop.add_argument("--eval-every", type=int, default=25, help="steps between held-out evaluations")
-    loop.add_argument("--save-every", type=int, default=25, help="steps between checkpoints")
+    loop.add_argument("--steps", type=POSITIVE_INT, default=200, help="optimizer steps per method")
+    loop.add_argument("--prompts-per-step", type=POSITIVE_INT, help="* prompts per step (16 / 128)")
+    loop.add_argument("--samples-per-prompt", type=POSITIVE_INT, default=4, help="rollouts G per prompt")
+    loop.add_argument("--lr", type=bounded(float, 0, 1, low_open=True), help="* peak AdamW learning rate (2e-4 / 5e-6)")
+    loop.add_argument("--max-new-tokens", type=POSITIVE_INT, help="* response length cap (answer + EOS + 1 / 512)")
+    loop.add_argument("--temperature", type=bounded(float, 0, 100, low_open=True), help="* sampling temperature (0.7 / 1.0)")
+    loop.add_argument("--top-p", type=bounded(float, 0, 1, low_open=True), default=1.0, help="nucleus sampling mass")
+    loop.add_argument("--warmup-steps", type=NONNEG_INT, default=10, help="linear LR warm-up before the cosine decay")
+    loop.add_argument("--weight-decay", type=bounded(float, 0, 1), default=0.0, help="AdamW weight decay")
+    loop.add_argument("--max-grad-norm", type=POSITIVE_FLOAT, default=1.0, help="gradient clipping norm")
+    loop.add_argument("--top-k", type=POSITIVE_INT, default=128, help="K of the top-K terms")
+    loop.add_argument("--backend", choices=BACKENDS, default="auto", help="dopd_kernels backend (auto, torch, cpp, triton, ...)")
+    loop.add_argument("--seed", type=NONNEG_INT, default=0, help="seeds data split, data order, sampling")
+    loop.add_argument("--eval-every", type=POSITIVE_INT, default=25, help="steps between held-out evaluations")
+    loop.add_argument("--save-every", type=POSITIVE_INT, default=25, help="steps between checkpoints")
     loop.add_argument("--device", default="cpu", help="torch device of both models, e.g. cuda")
-    loop.add_argument("--threads", type=int,
+    loop.add_argument("--threads", type=bounded(int, 1, 1024),
                       help="* torch CPU threads (1: tiny models gain nothing from more / torch's choice)")
     out = p.add_argument_group("output")
     out.add_argument("--run-dir", help="run folder (default runs/<time>)")
@@ -119,7 +158,7 @@ def setup_builtin(args, workers: Workers):
 
     def warmed(name: str, hint_fraction: float, steps: int, seed: int):
         def build():
-            model = tiny_llama(tokenizer, args.hidden, args.layers, heads=4, seed=seed)
+            model = tiny_llama(tokenizer, args.hidden, args.layers, seed=seed)
             sft(model, tokenizer, train_set, hint_fraction=hint_fraction, steps=steps, batch_size=64, lr=1e-3,
                 seed=seed, desc=f"{name} warm-up (cached after this run)", show_progress=args.progress)
             return model, tokenizer
@@ -147,8 +186,19 @@ def setup_checkpoints(args):
     student, tokenizer = load_checkpoint(args.student, "--student")
     teacher, teacher_tokenizer = load_checkpoint(args.teacher, "--teacher")
     check_same_vocabulary(tokenizer, teacher_tokenizer, student, teacher)
-    eval_set = task.load_jsonl(args.eval_data, "--eval-data") if args.eval_data else []
-    return student, teacher, tokenizer, task.load_jsonl(args.data), eval_set
+    positions = [getattr(m.config.get_text_config(), "max_position_embeddings", None) for m in (student, teacher)]
+    positions = min((p for p in positions if p is not None), default=None)
+    check = task.example_checker(tokenizer, positions, args.max_new_tokens)
+    eval_set = task.load_jsonl(args.eval_data, "--eval-data", check) if args.eval_data else []
+    return student, teacher, tokenizer, task.load_jsonl(args.data, "--data", check), eval_set
+
+
+def check_backend(name: str, device: str) -> None:
+    """Refuse a `--backend` that cannot run here before any model is built."""
+    try:
+        resolve_backend(name, torch.device(device))
+    except (RuntimeError, ValueError) as exc:
+        raise UsageError(f"--backend {name}: {exc}") from exc
 
 
 def resolve(args) -> argparse.Namespace:
@@ -177,12 +227,13 @@ def run(args, workers: Workers = Workers(), device: str | None = None) -> dict:
     started = time.time()
     run_dir = Path(args.run_dir)
     configs = train_configs(args)  # validates names before any model is built
+    device = device or args.device
+    check_backend(args.backend, device)
     reward_fn = load_reward(args.reward)
     if args.student is None and args.teacher is None:
         student, teacher, tokenizer, train_set, eval_set = setup_builtin(args, workers)
     else:
         student, teacher, tokenizer, train_set, eval_set = setup_checkpoints(args)
-    device = device or args.device
     student, teacher = student.to(device), teacher.to(device)
 
     summary: dict = {"run_dir": str(run_dir), "eval_examples": len(eval_set)}
@@ -203,9 +254,45 @@ def run(args, workers: Workers = Workers(), device: str | None = None) -> dict:
             summary["student_accuracy_before"] = evals[0]["eval_accuracy"]
             summary[f"student_accuracy_after_{name}"] = evals[-1]["eval_accuracy"]
     summary["wall_time_s"] = round(time.time() - started, 1)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_bytes(run_dir / "summary.json", json.dumps(summary, indent=2).encode())
     plot_run(run_dir / "report.png", arms, summary.get("teacher_accuracy_with_hint"))
     return summary
+
+
+def load_saved_config(parser: argparse.ArgumentParser, path: Path) -> dict:
+    """A run folder's config.json, checked against the parser: every option present (a missing one is
+    an error, never a silent default: it could change the run being resumed), no unknown ones, and
+    each value valid for its option exactly as the command line would have had to be."""
+    where = f"--resume: {path}"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"{where}: not found (is this a dopd-train run folder?)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{where}: unreadable or not JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise UsageError(f"{where}: expected a JSON object, got a {type(config).__name__}")
+    actions = {a.dest: a for a in parser._actions if a.dest != "help"}
+    missing, unknown = sorted(set(actions) - set(config)), sorted(set(config) - set(actions))
+    if missing or unknown:
+        raise UsageError(f"{where}: " + "; ".join(part for part in (
+            missing and f"missing {', '.join(missing)}", unknown and f"unknown {', '.join(unknown)}") if part))
+    for dest, action in actions.items():
+        value, option = config[dest], action.option_strings[0]
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            ok = isinstance(value, bool)
+        elif value is None:
+            ok = action.default is None  # only options that may be unset
+        elif action.type is None:
+            ok = isinstance(value, str) and (action.choices is None or value in action.choices)
+        else:  # the option's own parser must give back the saved value (an int stays an int, in range)
+            try:
+                ok = action.type(str(value)) == value
+            except (argparse.ArgumentTypeError, ValueError):
+                ok = False
+        if not ok:
+            raise UsageError(f"{where}: {dest} = {value!r} is not a valid {option}")
+    return config
 
 
 def format_summary(summary: dict) -> str:
@@ -228,12 +315,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     fresh = not args.resume
     if args.resume:
-        saved = Path(args.resume) / "config.json"
-        if not saved.exists():
-            parser.error(f"--resume {args.resume}: no config.json there")
+        try:
+            config = load_saved_config(parser, Path(args.resume) / "config.json")
+        except UsageError as exc:
+            parser.error(str(exc))
         # The saved configuration wins, except for progress bars and where the folder is now. The saved
         # thread count is kept unless overridden: a different one may change float rounding.
-        config = json.loads(saved.read_text())
         args = argparse.Namespace(**{**config, "progress": args.progress, "run_dir": args.resume, "resume": None,
                                      "threads": config["threads"] if args.threads is None else args.threads})
     else:
@@ -247,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.run_dir = workers.broadcast(str(Path("runs") / time.strftime("%Y%m%d-%H%M%S")))
             if workers.is_main:
                 Path(args.run_dir).mkdir(parents=True, exist_ok=True)
-                (Path(args.run_dir) / "config.json").write_text(json.dumps(vars(args), indent=2))
+                atomic_write_bytes(Path(args.run_dir) / "config.json", json.dumps(vars(args), indent=2).encode())
         transformers.utils.logging.disable_progress_bar()  # keep the terminal to our own progress bars
         if args.threads:
             torch.set_num_threads(args.threads)

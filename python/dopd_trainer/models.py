@@ -11,8 +11,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from .errors import UsageError
 
+HEADS = 4  # attention heads of the built-in models
 
-def tiny_llama(tokenizer: PreTrainedTokenizerBase, hidden: int, layers: int, heads: int, seed: int,
+
+def tiny_llama(tokenizer: PreTrainedTokenizerBase, hidden: int, layers: int, heads: int = HEADS, seed: int = 0,
                max_positions: int = 128) -> LlamaForCausalLM:
     """A randomly initialised Llama sized for CPU experiments (seeded, no dropout)."""
     config = LlamaConfig(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 from .errors import UsageError
 
@@ -56,26 +56,75 @@ def addition_splits(digits: int, n_train: int, n_eval: int, seed: int) -> tuple[
     return examples[:n_train], examples[n_train:]
 
 
-def load_jsonl(path: str, arg: str = "--data") -> list[Example]:
-    """Read `{"prompt", "hint", "answer"?}` records; a bad line is a UsageError naming `arg`, the file
-    and the line."""
+def load_jsonl(path: str, arg: str = "--data",
+               check: Optional[Callable[[Example], Optional[str]]] = None) -> list[Example]:
+    """Read `{"prompt", "hint", "answer"?}` records, one JSON object per UTF-8 line. `check(example)`
+    returns a complaint about a well-formed example (e.g. characters the tokenizer lacks, or a length
+    past the model's positions) or None. Any bad line is a UsageError naming `arg`, the file and the
+    line number; the file is read line by line, so a huge line is refused before it is tokenized."""
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    try:
+        f = open(path, "rb")
+    except OSError as exc:
+        raise UsageError(f"{arg} {path}: cannot open it ({exc.strerror})") from exc
+    with f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{arg} {path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise UsageError(f"{where}: not UTF-8 text (byte {exc.start}: {raw[exc.start:exc.start + 1]!r})") from exc
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise UsageError(f"{arg} {path}:{lineno}: not JSON ({exc})") from exc
+                raise UsageError(f"{where}: not JSON ({exc})") from exc
+            if not isinstance(record, dict):
+                raise UsageError(f"{where}: expected a JSON object with 'prompt' and 'hint', got a "
+                                 f"{type(record).__name__}")
             for field in ("prompt", "hint"):
                 if not isinstance(record.get(field), str):
-                    raise UsageError(f"{arg} {path}:{lineno}: field {field!r} is missing or not a string")
+                    raise UsageError(f"{where}: field {field!r} is missing or not a string")
+            if not record["prompt"]:
+                raise UsageError(f"{where}: field 'prompt' is empty")
             answer = record.get("answer")
-            examples.append(Example(record["prompt"], record["hint"], None if answer is None else str(answer)))
+            if answer is not None and (isinstance(answer, bool) or not isinstance(answer, (str, int, float))):
+                raise UsageError(f"{where}: field 'answer' must be a string or a number, got {type(answer).__name__}")
+            example = Example(record["prompt"], record["hint"], None if answer is None else str(answer))
+            problem = check(example) if check is not None else None
+            if problem:
+                raise UsageError(f"{where}: {problem}")
+            examples.append(example)
     if not examples:
         raise UsageError(f"{arg} {path}: no records")
     return examples
+
+
+def example_checker(tokenizer, max_positions: Optional[int], max_new_tokens: int) -> Callable[[Example], Optional[str]]:
+    """A `check` for `load_jsonl`: every character must be in the tokenizer's vocabulary (no silent
+    `<unk>`), and prompt + hint + the longest response must fit the models' positions. Lines longer
+    than the positions allow are refused on their character count before being tokenized (a token
+    covers at most a few dozen characters in any tokenizer this trainer meets)."""
+    unk = tokenizer.unk_token_id
+    max_chars_per_token = 64
+
+    def check(example: Example) -> Optional[str]:
+        if max_positions is not None and len(example.prompt) + len(example.hint) > max_chars_per_token * max_positions:
+            return (f"prompt + hint is {len(example.prompt) + len(example.hint)} characters, far beyond the "
+                    f"models' {max_positions} positions")
+        ids = tokenizer(example.prompt).input_ids + tokenizer(example.hint, add_special_tokens=False).input_ids
+        if unk is not None and unk in ids:
+            unknown = sorted({c for c in example.prompt + example.hint
+                              if unk in tokenizer(c, add_special_tokens=False).input_ids})
+            return (f"characters outside the tokenizer's vocabulary: {''.join(unknown)!r} "
+                    f"(they would become {tokenizer.unk_token!r})")
+        if max_positions is not None and len(ids) + max_new_tokens > max_positions:
+            return (f"prompt + hint is {len(ids)} tokens; with --max-new-tokens {max_new_tokens} that exceeds "
+                    f"the models' {max_positions} positions")
+        return None
+
+    return check
 
 
 def exact_match(completion: str, example: Example) -> float:

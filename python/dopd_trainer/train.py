@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 from dopd_kernels import DOPDConfig, fused_linear_dopd_loss, fused_linear_opd_loss
 from dopd_kernels.config import DIVERGENCES, GRANULARITIES
 
-from .checkpoint import load_latest, rng_state, save_checkpoint, save_pretrained_atomic, truncate_metrics
+from .checkpoint import (append_line, atomic_write_bytes, load_latest, read_jsonl, rng_state, save_checkpoint,
+                         save_pretrained_atomic, truncate_metrics)
 from .contexts import IGNORE_INDEX, Contexts, build_contexts, gather_response
 from .distributed import Workers
 from .errors import UsageError
@@ -146,17 +147,17 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class MetricsLog:
-    """Append-only JSONL, flushed per record so a killed run keeps what it logged."""
+    """Append-only JSONL, fsynced per record so a killed run keeps what it logged; a last line cut
+    short by a kill is dropped (with a warning) when read."""
 
     def __init__(self, path: Path):
         self.path = path
 
     def write(self, record: dict) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(self.path, json.dumps(record))
 
     def read(self) -> list[dict]:
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line] if self.path.exists() else []
+        return read_jsonl(self.path)
 
 
 def optimizer_step(cfg: TrainConfig, student, forward, teacher, contexts: Contexts, optimizer, scheduler,
@@ -243,7 +244,7 @@ def train_arm(arm_dir: Path, cfg: TrainConfig, student, teacher, tokenizer, trai
     main = workers.is_main
     if main:
         arm_dir.mkdir(parents=True, exist_ok=True)
-        (arm_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        atomic_write_bytes(arm_dir / "train_config.json", json.dumps(asdict(cfg), indent=2).encode())
     log = MetricsLog(arm_dir / "metrics.jsonl")
     teacher.requires_grad_(False).eval()
     student.train()

@@ -18,6 +18,7 @@ from .contexts import build_context, gather_response
 from .models import final_hidden, lm_head, load_checkpoint
 from .rollout import encode_prompts
 from .task import Example
+from .train import cosine_schedule
 
 
 def sft(model, tokenizer, examples: list[Example], *, hint_fraction: float, steps: int, batch_size: int, lr: float,
@@ -26,7 +27,7 @@ def sft(model, tokenizer, examples: list[Example], *, hint_fraction: float, step
     `hint_fraction`, else `x`."""
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    schedule = cosine_schedule(optimizer, warmup_steps=max(1, steps // 10), total_steps=steps)
     weight, bias = lm_head(model)
     model.train()
     for _ in tqdm(range(steps), desc=desc, disable=not show_progress, dynamic_ncols=True):
