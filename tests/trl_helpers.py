@@ -2,8 +2,9 @@
 
 The tokenizer is character-level, built locally, with a chat template that wraps every turn in
 special tokens (`<|user|>...<|end|>`) and opens the assistant turn with `<|assistant|>`, so the
-tests see a template that adds tokens around turns. The models are random `transformers` causal
-LMs built from configs: a Llama student and a wider Qwen2 teacher over the same vocabulary.
+tests see a template that adds tokens around turns. The models are `tests/tiny_models.py`'s random
+causal LMs over that vocabulary: a Llama student and a wider Qwen2 teacher by default, other families
+(with their head transforms) on request.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 import torch
 from datasets import Dataset
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from tiny_models import tiny_causal_lm
+from transformers import PreTrainedTokenizerFast
 
 SPECIAL = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 TURN_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -39,22 +41,15 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
-def tiny_student(tok, seed: int = 0, hidden: int = 32) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      tie_word_embeddings=False)
-    return LlamaForCausalLM(cfg).float()
+def tiny_student(tok, family: str = "llama", seed: int = 0, hidden: int = 32):
+    """A random `family` causal LM over the tokenizer's vocabulary (`tests/tiny_models.py`; head transforms of the
+    family on, e.g. Cohere's logit scale)."""
+    return tiny_causal_lm(family, tokenizer=tok, hidden=hidden, seed=seed)
 
 
-def tiny_teacher(tok, seed: int = 1, hidden: int = 48) -> Qwen2ForCausalLM:
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      tie_word_embeddings=False)
-    return Qwen2ForCausalLM(cfg).float()
+def tiny_teacher(tok, family: str = "qwen2", seed: int = 1, hidden: int = 48):
+    """A wider random teacher over the same vocabulary (e.g. Gemma 2 with its soft-cap)."""
+    return tiny_causal_lm(family, tokenizer=tok, hidden=hidden, seed=seed)
 
 
 def dataset(n: int = 8, conversational: bool = False, seed: int = 0) -> Dataset:
@@ -76,7 +71,7 @@ def config(tmp_path, **overrides):
 
     base = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2,
                 bf16=False, gradient_checkpointing=False, report_to="none", logging_steps=1, save_strategy="no",
-                max_completion_length=6, use_cpu=True, seed=0, disable_dropout=True, loss_top_k=8,
+                max_completion_length=6, use_cpu=True, seed=0, disable_dropout=True, loss_top_k=8, loss_backend="torch",
                 shuffle_dataset=False)
     base.update(overrides)
     return DOPDTrainerConfig(**base)
@@ -85,18 +80,3 @@ def config(tmp_path, **overrides):
 def context_token_ids(tok) -> set[int]:
     return set(tok.convert_tokens_to_ids(list(CONTEXT_ALPHABET)))
 
-
-def use_lm_head_standin() -> None:
-    """Until `dopd_kernels.hf` lands: a minimal `lm_head` (weight, bias, no transform) for the trainer."""
-    import importlib.util
-
-    if importlib.util.find_spec("dopd_kernels.hf") is not None:
-        return
-    from dopd_kernels.heads import LMHead
-    from dopd_kernels.integrations import trl as trl_integration
-
-    def standin(model):
-        head = model.get_output_embeddings()
-        return LMHead(head.weight, head.bias)
-
-    trl_integration._lm_head = standin
