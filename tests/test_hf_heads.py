@@ -244,3 +244,12 @@ def test_lora_dropout_on_lm_head_is_refused_in_training():
         lm_head(model)
     model.eval()
     assert_logits_match(model, lm_head(model), random_ids())
+
+
+def test_importing_the_library_does_not_import_transformers():
+    import subprocess
+    import sys
+
+    code = "import sys, dopd_kernels, dopd_kernels.hf; print('transformers' in sys.modules, 'peft' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]

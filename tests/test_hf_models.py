@@ -319,3 +319,15 @@ def test_different_tokenizers_are_refused(ctx, seed):
         fused_linear_opd_loss(h_s, lm_head(student, TOK), h_t, lm_head(teacher, tok_b), tokens)
     with pytest.raises(ValueError, match=rf"len\(tokenizer\)={V + 4} but .* {V} rows"):
         lm_head(student, tok_b)
+
+
+def test_hf_example_runs(capsys):
+    """examples/hf_models.py (the README's snippet) runs as-is and its fused loss is logits mode's."""
+    import re
+    import runpy
+    from pathlib import Path
+
+    runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "hf_models.py"), run_name="__main__")
+    fused, from_logits = map(float, re.search(r"fused DOPD loss ([\d.]+), from the models' logits ([\d.]+)",
+                                              capsys.readouterr().out).groups())
+    assert fused == pytest.approx(from_logits, rel=1e-5) and fused > 0
