@@ -274,7 +274,8 @@ def _backbone(model):
         inner = getattr(model, getattr(model, "base_model_prefix", ""), None)
     if not isinstance(inner, torch.nn.Module) or inner is model:
         raise ValueError(f"model: cannot find the backbone of {type(model).__name__} (no `model` attribute nor "
-                         f"{getattr(model, 'base_model_prefix', None)!r}); call it yourself and pass its last hidden states")
+                         f"{getattr(model, 'base_model_prefix', None)!r}); call it yourself and pass its last "
+                         f"hidden states")
     return inner
 
 
@@ -327,24 +328,27 @@ def final_hidden_states(model, input_ids: Optional[torch.Tensor] = None, attenti
 
 
 def _verify(model, head: LMHead, label: str) -> None:
-    """Compare `softcap(scale·(h·Wᵀ + b))` with `model(probe).logits` on a 4-token probe (float64 math)."""
-    config = model.config.get_text_config(decoder=True)
+    """Compare `softcap(scale·(h·Wᵀ + b))` with `model(probe).logits` on a 4-token probe (float64 math),
+    in eval mode (dropout off; the mode is restored)."""
     rows = head.vocab_size or head.weight.shape[0]
-    ids = torch.arange(4, device=head.weight.device)[None] % rows
-    with torch.no_grad():
-        logits = model(input_ids=ids, use_cache=False).logits[0, :, :rows].double()
-        h = final_hidden_states(model, ids)[0].double()
-        z = h @ head.weight[:rows].double().T
-        if head.bias is not None:
-            z = z + head.bias[:rows].double()
-        z = z * head.scale
-        if head.softcap is not None:
-            z = head.softcap * torch.tanh(z / head.softcap)
-    err = (z - logits).abs().max().item()
-    # Rounding of the model's own dtype: fp32 agrees to ~1e-6 relative, bf16 to ~1e-2.
+    ids = torch.arange(4, device=model.get_input_embeddings().weight.device)[None] % rows
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=ids, use_cache=False).logits[0, :, :rows].double()
+            z = final_hidden_states(model, ids)[0].double() @ head.weight[:rows].double().T
+    finally:
+        model.train(training)
+    if head.bias is not None:
+        z = z + head.bias[:rows].detach().double()
+    z = z * head.scale
+    if head.softcap is not None:
+        z = head.softcap * torch.tanh(z / head.softcap)
+    err = (z - logits.to(z.device)).abs().max().item()
+    # The model computes in its own dtype: fp32 agrees to ~1e-6 relative, bf16/fp16 to ~1e-2.
     tol = (1e-4 if head.weight.dtype in (torch.float32, torch.float64) else 3e-2) * max(1.0, logits.abs().max().item())
     if not err <= tol:
-        raise ValueError(
-            f"model: {label}'s logits are not softcap(scale·(h·Wᵀ + b)) with scale={head.scale}, softcap={head.softcap} "
-            f"(max difference {err:.3g} on a probe); its forward transforms the logits in a way "
-            f"dopd_kernels.hf does not know (config: vocab_size={getattr(config, 'vocab_size', None)})")
+        raise ValueError(f"model: {label}'s logits are not softcap(scale·(h·Wᵀ + b)) with scale={head.scale}, "
+                         f"softcap={head.softcap} (max difference {err:.3g} on a probe): its forward transforms the "
+                         f"logits in a way dopd_kernels.hf does not reproduce")

@@ -37,8 +37,9 @@ _FAMILY_CONFIGS = {
     "cohere2": ("cohere2", {"logit_scale": 0.5}),
     "granite": ("granite", {"logits_scaling": 0.4}),
     "hyperclovax": ("hyperclovax", {"logits_scaling": 1.8}),
-    "minicpm3": ("minicpm3", {"dim_model_base": 80, "num_key_value_heads": 4, "q_lora_rank": 16, "kv_lora_rank": 16, "qk_nope_head_dim": 8,
-                              "qk_rope_head_dim": 4, "v_head_dim": 8}),
+    # logits_scaling = hidden / dim_model_base (0.4 at hidden 32); its attention needs as many KV heads as heads.
+    "minicpm3": ("minicpm3", {"dim_model_base": 80, "num_key_value_heads": 4, "q_lora_rank": 16, "kv_lora_rank": 16,
+                              "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8}),
     "falcon_h1": ("falcon_h1", {"lm_head_multiplier": 1.7, "mamba_d_ssm": 32, "mamba_n_heads": 4, "mamba_d_head": 8,
                                 "mamba_d_state": 8, "mamba_chunk_size": 8}),
 }
