@@ -253,3 +253,13 @@ def test_importing_the_library_does_not_import_transformers():
     code = "import sys, dopd_kernels, dopd_kernels.hf; print('transformers' in sys.modules, 'peft' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_prompt_learning_peft_is_refused():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_causal_lm("llama", tokenizer=TOK),
+                                peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    with pytest.raises(ValueError, match="PEFT prompt learning"):
+        final_hidden_states(model, random_ids())
+    with pytest.raises(ValueError, match="PEFT prompt learning"):
+        lm_head(model)
