@@ -288,6 +288,24 @@ def test_peft_lora_student(ctx, family, targets, backend, seed):
     assert_grads_close(got_grads, want_grads)
 
 
+# -- a model split over devices ------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+def test_head_on_another_device_than_the_backbone(ctx, seed):
+    """Backbone on the CPU, untied lm_head on the GPU (as a device_map may split a model): the hidden
+    states come back on the head's device and the gradient returns through the move to the backbone."""
+    student, teacher = models("granite", seed)
+    want, want_grads = run_dopd_logits(ctx, student, teacher)
+    student.lm_head.cuda()
+    teacher.lm_head.cuda()
+    ids, ids_p, tokens = ctx
+    got, got_grads = run_dopd((ids, ids_p, tokens.cuda()), student, teacher, "torch", thresholds=want.thresholds)
+    assert got.loss.device.type == "cuda"
+    torch.testing.assert_close(got.loss.double().cpu(), want.loss.double(), rtol=1e-5, atol=1e-7)
+    assert_grads_close({n: g.cpu() for n, g in got_grads.items()}, want_grads)
+
+
 # -- vocabulary, as a new user meets it ----------------------------------------------------------
 
 
