@@ -16,9 +16,15 @@ Contenders:
 - `lib_<name>`: this library through its public API with `backend=<name>`, for every name that
   `dopd_kernels.available_backends()` can offer (the float64 `reference` is ground truth, not a
   contender); names it does not offer are recorded as unavailable.
+- `lib_<name>_frozen_head`, `naive_frozen_head` (`dopd` only): the same loss with the student's
+  `lm_head` frozen (`requires_grad=False`, as under LoRA): no `dW` is computed or allocated, so these
+  show the time and memory a frozen head saves against its trainable twin.
 - peers, when installed: Liger-Kernel (`LigerFusedLinearJSD`, its JSD and KL-divergence ops on
-  materialized logits, `LigerFusedLinearKLDivLoss`) on the `js`/`kl` workloads, and Cut
-  Cross-Entropy (its log-sum-exp / log-prob kernel) on `logprob`. The DOPD routing exists only here.
+  materialized logits, `LigerFusedLinearKLDivLoss`) and TRL's own distillation loss
+  (`trl_chunked_divergence`: `DistillationTrainer`'s `_chunked_divergence_loss`, TRL >= 1.16, beta 0.5
+  for JS and 0 for forward KL, its Triton kernels on CUDA and its PyTorch tiles on CPU) on the
+  `js`/`kl` workloads, and Cut Cross-Entropy (its log-sum-exp / log-prob kernel) on `logprob`. The
+  DOPD routing exists only here.
 
 `availability(name, case)` returns None when a contender can run on a case, or the reason it
 cannot; `build(name, inputs, case)` returns a zero-argument callable computing the workload
@@ -113,11 +119,20 @@ def _args(workload: str, x: Inputs) -> tuple:
 
 # -- this library -----------------------------------------------------------------------------------
 
-def _library(workload: str, backend: str, x: Inputs) -> Callable:
+FROZEN = "_frozen_head"  # suffix of the frozen-student-head variants of the `dopd` contenders
+
+
+def _student_head(x: Inputs, frozen: bool) -> torch.Tensor:
+    """The student's `lm_head` as the contender sees it: trainable, or a view that does not require grad."""
+    return x.ws.detach() if frozen else x.ws
+
+
+def _library(workload: str, backend: str, x: Inputs, frozen: bool = False) -> Callable:
     import dopd_kernels as dk
 
     if workload == "dopd":
-        return lambda: dk.fused_linear_dopd_loss(x.hs, x.ws, x.ht, x.wt, x.hp, x.tokens, backend=backend).loss
+        ws = _student_head(x, frozen)
+        return lambda: dk.fused_linear_dopd_loss(x.hs, ws, x.ht, x.wt, x.hp, x.tokens, backend=backend).loss
     if workload in ("js", "kl"):
         div = "js" if workload == "js" else "forward_kl"
         return lambda: dk.fused_linear_opd_loss(x.hs, x.ws, x.ht, x.wt, x.tokens, divergence=div,
@@ -167,6 +182,17 @@ def _liger(workload: str, which: str, x: Inputs) -> Callable:
     return lambda: op(torch.log_softmax((x.hs @ x.ws.T).float(), -1), teacher_logprobs())
 
 
+def _trl(workload: str, x: Inputs) -> Callable:
+    from trl.trainer.distillation_trainer import _chunked_divergence_loss
+
+    # TRL's beta: 0 is forward KL(t || s), 0.5 the symmetric JSD (its mixture weights are the library's mirrored,
+    # which at 0.5 is the same JS). It takes [B, T, H] hidden states and a completion mask; no normalizer means
+    # the mean over the valid tokens, as the naive baseline computes.
+    beta = JS_BETA if workload == "js" else 0.0
+    mask = torch.ones(1, x.hs.shape[0], dtype=torch.long, device=x.hs.device)
+    return lambda: _chunked_divergence_loss(x.hs[None], x.ht[None], x.ws, x.wt, mask, beta)[0]
+
+
 def _cce(x: Inputs) -> Callable:
     from cut_cross_entropy import linear_cross_entropy
 
@@ -174,11 +200,13 @@ def _cce(x: Inputs) -> Callable:
 
 
 PEERS: Dict[str, Dict[str, str]] = {  # workload -> contender -> module that must import
-    "js": {"liger_fused_linear_jsd": "liger_kernel", "liger_jsd": "liger_kernel"},
+    "js": {"liger_fused_linear_jsd": "liger_kernel", "liger_jsd": "liger_kernel",
+           "trl_chunked_divergence": "trl.trainer.distillation_trainer"},
     "kl": {"liger_fused_linear_jsd": "liger_kernel", "liger_kl_div": "liger_kernel",
-           "liger_fused_linear_kl_div": "liger_kernel"},
+           "liger_fused_linear_kl_div": "liger_kernel", "trl_chunked_divergence": "trl.trainer.distillation_trainer"},
     "logprob": {"cce": "cut_cross_entropy"},
 }
+CPU_PEERS = ("trl_chunked_divergence",)  # peers with a PyTorch path off CUDA: timed on CPU like the library
 
 
 def _peer_availability(name: str, case: Case) -> Optional[str]:
@@ -187,6 +215,8 @@ def _peer_availability(name: str, case: Case) -> Optional[str]:
         importlib.import_module(module)
     except Exception as err:  # any import failure means the peer cannot run here
         return f"unavailable: import {module} failed ({type(err).__name__}: {err})"
+    if name in CPU_PEERS:
+        return None
     if case.device != "cuda" and not smoke_mode():
         return "skipped: Triton peers need CUDA (interpreter too slow)"
     if case.device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -201,7 +231,9 @@ def _peer_availability(name: str, case: Case) -> Optional[str]:
 def names(workload: str) -> List[str]:
     """Every contender of a workload, available here or not; torch.compile last (its compile time is
     the least predictable, so a time budget should cut it first)."""
-    return ["naive"] + [f"lib_{b}" for b in library_backends()] + list(PEERS.get(workload, {})) + ["naive_compiled"]
+    lib = [f"lib_{b}" for b in library_backends()]
+    frozen = ["naive" + FROZEN] + [name + FROZEN for name in lib] if workload == "dopd" else []
+    return ["naive"] + lib + frozen + list(PEERS.get(workload, {})) + ["naive_compiled"]
 
 
 def library_backends() -> List[str]:
@@ -219,6 +251,7 @@ def kind(name: str) -> str:
 
 
 def availability(name: str, case: Case) -> Optional[str]:
+    name = name.removesuffix(FROZEN)  # a frozen-head variant runs wherever its trainable twin does
     if name == "naive":
         return None
     if name == "naive_compiled":
@@ -235,8 +268,12 @@ _COMPILED: Dict[str, Callable] = {}
 
 def build(name: str, x: Inputs, case: Case) -> Callable:
     w = case.workload
+    frozen = name.endswith(FROZEN)
+    name = name.removesuffix(FROZEN)
     if name == "naive":
         fn, args = NAIVE[w], _args(w, x)
+        if frozen:  # the student head is the second argument of every naive workload
+            args = (args[0], _student_head(x, True), *args[2:])
         return lambda: fn(*args)
     if name == "naive_compiled":
         if w not in _COMPILED:  # one compiled function per workload; dynamic shapes avoid a recompile per size
@@ -245,7 +282,9 @@ def build(name: str, x: Inputs, case: Case) -> Callable:
         fn, args = _COMPILED[w], _args(w, x)
         return lambda: fn(*args)
     if name.startswith("lib_"):
-        return _library(w, name[4:], x)
+        return _library(w, name[4:], x, frozen)
     if name.startswith("liger"):
         return _liger(w, name, x)
+    if name == "trl_chunked_divergence":
+        return _trl(w, x)
     return _cce(x)
