@@ -2,7 +2,7 @@
 
 Every check compares against the model's own `model(...).logits`: `softcap(scale·(h·Wᵀ + b))` computed
 here by hand from `lm_head(...)` and `final_hidden_states(...)` must reproduce them, for every family
-of `tiny_models` (16 text families, 2 vision-language models), tied heads, PEFT-wrapped models and
+of `tiny_models` (18 text families, 2 vision-language models), tied heads, PEFT-wrapped models and
 `logits_to_keep`. Classes the library cannot reproduce are refused with their name in the error.
 """
 
@@ -49,7 +49,7 @@ def expected_transform(model) -> tuple:
     c = model.config
     softcap = lambda: (1.0, c.final_logit_softcapping)  # noqa: E731
     rule = {
-        "gemma2": softcap, "gemma3_text": softcap, "vaultgemma": softcap, "nanochat": softcap,
+        "gemma2": softcap, "gemma3_text": softcap, "gemma3n_text": softcap, "gemma4_text": softcap, "vaultgemma": softcap, "nanochat": softcap,
         "cohere": lambda: (c.logit_scale, None), "cohere2": lambda: (c.logit_scale, None),
         "granite": lambda: (1 / c.logits_scaling, None), "minicpm3": lambda: (c.dim_model_base / c.hidden_size, None),
         "hyperclovax": lambda: (c.logits_scaling, None), "falcon_h1": lambda: (c.lm_head_multiplier, None),

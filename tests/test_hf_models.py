@@ -2,7 +2,7 @@
 `fused_linear_dopd_loss` / `fused_linear_opd_loss` against logits mode on the models' own logits.
 
 For every family of `tiny_models` (Llama, Qwen2, Qwen3, Mistral, Phi-3, GPT-2 (tied), Gemma 2, Gemma 3,
-VaultGemma, NanoChat (soft-cap), Cohere, Cohere2, Granite, HyperCLOVA X, MiniCPM3, Falcon-H1 (scale))
+Gemma 3n, Gemma 4, VaultGemma, NanoChat (soft-cap), Cohere, Cohere2, Granite, HyperCLOVA X, MiniCPM3, Falcon-H1 (scale))
 and every CPU backend that is available (`reference`, `torch`, `cpp`; `triton` under the interpreter
 for two families), the loss, the per-token outputs and the gradients of every student parameter
 (the backbone, and the head) equal those of `dopd_loss` / `opd_loss` run by the float64 `reference`

@@ -31,6 +31,10 @@ _FAMILY_CONFIGS = {
     "gpt2": ("gpt2", {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}),
     "gemma2": ("gemma2", {"final_logit_softcapping": 2.0}),
     "gemma3": ("gemma3_text", {"final_logit_softcapping": 2.0}),
+    # Gemma 3n / 4 add per-layer token embeddings (sized to the vocabulary in tiny_config).
+    "gemma3n": ("gemma3n_text", {"final_logit_softcapping": 2.0, "hidden_size_per_layer_input": 8,
+                                 "num_kv_shared_layers": 0, "laurel_rank": 4, "altup_num_inputs": 2}),
+    "gemma4": ("gemma4_text", {"final_logit_softcapping": 2.0, "hidden_size_per_layer_input": 8}),
     "vaultgemma": ("vaultgemma", {"final_logit_softcapping": 2.0}),
     "nanochat": ("nanochat", {"final_logit_softcapping": 2.5}),
     "cohere": ("cohere", {"logit_scale": 2.5}),
@@ -45,7 +49,7 @@ _FAMILY_CONFIGS = {
 }
 
 FAMILIES = tuple(_FAMILY_CONFIGS)
-TRANSFORMING = ("gemma2", "gemma3", "vaultgemma", "nanochat", "cohere", "cohere2", "granite", "hyperclovax",
+TRANSFORMING = ("gemma2", "gemma3", "gemma3n", "gemma4", "vaultgemma", "nanochat", "cohere", "cohere2", "granite", "hyperclovax",
                 "minicpm3", "falcon_h1")
 
 DEFAULT_ALPHABET = "0123456789+-*=?:., abcdefghijklmnopqrstuvwxyz"
@@ -100,6 +104,8 @@ def tiny_config(family: str, vocab_size: int = 96, hidden: int = 32, layers: int
                   num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, max_position_embeddings=128,
                   initializer_range=0.2, attention_dropout=0.0, **special)
     kwargs.update(family_overrides)
+    if "hidden_size_per_layer_input" in family_overrides:
+        kwargs["vocab_size_per_layer_input"] = vocab_size
     kwargs.update(overrides)
     return CONFIG_MAPPING[model_type](**kwargs)
 
