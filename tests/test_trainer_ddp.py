@@ -57,7 +57,7 @@ def step_setup(workers: Workers):
 
 
 def step_config() -> TrainConfig:
-    return TrainConfig(method="dopd", lr=1e-2, warmup_steps=1, steps=4, top_k=8, backend="torch")
+    return TrainConfig(arm="dopd", lr=1e-2, warmup_steps=1, steps=4, top_k=8, backend="torch")
 
 
 def one_step(workers: Workers):
@@ -95,10 +95,11 @@ def worker(rank: int, step_port: int, run_port: int, resume_port: int, root: str
 
     train.distillation_loss, cli.train_arm = recording_loss, recording_arm
     run_dir = os.path.join(root, "run")
-    assert cli.main(TINY + ["--run-dir", run_dir, "--cache-dir", os.path.join(root, "cache")]) == 0
+    assert cli.main(TINY + ["--arms", "vanilla-opd,dopd", "--run-dir", run_dir,
+                            "--cache-dir", os.path.join(root, "cache")]) == 0
     torch.save((thresholds, finals), os.path.join(root, f"run-{rank}.pt"))
 
-    arm = os.path.join(run_dir, "dopd")
+    arm = os.path.join(run_dir, "seed-1", "dopd")
     if rank == 0:  # before joining the process group, so before any rank can look for checkpoints
         shutil.copy(os.path.join(arm, "metrics.jsonl"), os.path.join(root, "metrics-uncut.jsonl"))
         os.rename(os.path.join(arm, "final"), os.path.join(root, "final-uncut"))
@@ -140,16 +141,16 @@ def test_a_data_parallel_step_equals_a_single_process_step_on_the_global_batch(d
 
 def test_dopd_train_under_ddp_writes_rank_0_outputs_with_global_routing_and_equal_weights(ddp_run):
     run_dir = ddp_run / "run"
-    for path in ("config.json", "summary.json", "report.png", "dopd/final/model.safetensors",
-                 "opd-reverse_kl-topk/final/model.safetensors", "dopd/ckpt-000003.pt"):
+    for path in ("config.json", "summary.json", "table.md", "report.png", "seed-1/dopd/final/model.safetensors",
+                 "seed-1/vanilla-opd/final/model.safetensors", "seed-1/dopd/ckpt-000003.pt"):
         assert (run_dir / path).exists(), path
-    records = [json.loads(line) for line in (run_dir / "dopd" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run_dir / "seed-1" / "dopd" / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if r["event"] == "train"]
     assert [r["step"] for r in train_records] == [1, 2, 3]
     assert all(abs(sum(r["regime"].values()) - 1) < 1e-9 for r in train_records)
     (thresholds0, finals0), (thresholds1, finals1) = (torch.load(ddp_run / f"run-{r}.pt") for r in range(WORLD))
     assert len(thresholds0) == 3 and thresholds0 == thresholds1 == [r["thresholds"] for r in train_records]
-    for arm in ("dopd", "opd-reverse_kl-topk"):
+    for arm in ("dopd", "vanilla-opd"):
         for name, value in finals0[arm].items():
             assert torch.equal(finals1[arm][name], value), (arm, name)
 
@@ -157,6 +158,7 @@ def test_dopd_train_under_ddp_writes_rank_0_outputs_with_global_routing_and_equa
 def test_resume_under_ddp_redoes_the_lost_step_exactly(ddp_run):
     """Every rank restores its own sampling RNG from the checkpoint, so step 3 is sampled and applied again
     as it was."""
-    assert strip_timing(ddp_run / "run" / "dopd" / "metrics.jsonl") == strip_timing(ddp_run / "metrics-uncut.jsonl")
+    arm = ddp_run / "run" / "seed-1" / "dopd"
+    assert strip_timing(arm / "metrics.jsonl") == strip_timing(ddp_run / "metrics-uncut.jsonl")
     weights = "model.safetensors"
-    assert (ddp_run / "run" / "dopd" / "final" / weights).read_bytes() == (ddp_run / "final-uncut" / weights).read_bytes()
+    assert (arm / "final" / weights).read_bytes() == (ddp_run / "final-uncut" / weights).read_bytes()

@@ -32,9 +32,11 @@ def params(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("changes", [dict(method="dopd"), dict(method="dopd", anchor="teacher-no-hint"),
-                                     dict(method="opd", divergence="js", granularity="full"),
-                                     dict(method="opd", divergence="reverse_kl", granularity="sampled")])
+@pytest.mark.parametrize("changes", [dict(arm="dopd"), dict(arm="dopd", anchor="teacher-no-hint"),
+                                     dict(arm="dopd", priv_student="ema"),
+                                     dict(arm="vanilla-opd", divergence="js", granularity="full"),
+                                     dict(arm="tpriv-opd", divergence="reverse_kl", granularity="sampled"),
+                                     dict(arm="self-distill", priv_student="frozen")])
 def test_one_step_changes_the_student_and_not_the_teacher(setup, tmp_path, changes):
     tokenizer, train_set, eval_set, student0, teacher = setup
     student = copy.deepcopy(student0)
@@ -47,8 +49,11 @@ def test_one_step_changes_the_student_and_not_the_teacher(setup, tmp_path, chang
     step = [r for r in records if r["event"] == "train"][0]
     for key in ("loss", "entropy", "tokens_per_s", "peak_mem_mb", "sample_reward"):
         assert key in step
-    if changes["method"] == "dopd":
+    if changes["arm"] == "dopd":
         assert abs(sum(step["regime"].values()) - 1) < 1e-9 and step["adv_gap"] >= 0
+        assert set(step["regime_loss"]) <= set(step["regime"]) and all(v >= 0 for v in step["regime_loss"].values())
+    evals = [r for r in records if r["event"] == "eval"]
+    assert all(0 <= r["priv_accuracy_with_hint"] <= 1 for r in evals)
 
 
 def deterministic(records):
@@ -57,7 +62,7 @@ def deterministic(records):
 
 def test_resume_after_a_kill_equals_an_uninterrupted_run(setup, tmp_path, monkeypatch):
     tokenizer, train_set, eval_set, student0, teacher = setup
-    cfg = tiny_config(steps=6)
+    cfg = tiny_config(steps=6, priv_student="ema")  # the EMA copy must be restored too
     full = copy.deepcopy(student0)
     expected = train_arm(tmp_path / "full", cfg, full, teacher, tokenizer, train_set, eval_set, exact_match, False)
 
@@ -93,8 +98,9 @@ def test_data_order_is_a_permutation_per_epoch_and_a_function_of_the_step():
     assert batch_indices(4, batch, n, seed=7) == seen[12:15]
 
 
-@pytest.mark.parametrize("field, value", [("method", "grpo"), ("divergence", "kl"), ("granularity", "all"),
+@pytest.mark.parametrize("field, value", [("arms", "grpo"), ("priv-student", "old"), ("divergence", "kl"), ("granularity", "all"),
                                           ("anchor", "self")])
 def test_bad_names_are_value_errors_naming_the_option(field, value):
+    name = {"arms": "arm", "priv-student": "priv_student"}.get(field, field)
     with pytest.raises(ValueError, match=f"--{field}"):
-        TrainConfig(**{field: value})
+        TrainConfig(**{name: value})

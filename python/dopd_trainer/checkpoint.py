@@ -90,9 +90,10 @@ def rng_state() -> dict:
 
 
 def save_checkpoint(arm_dir: Path, step: int, student, optimizer, scheduler, rng_states: list[dict],
-                    keep: int = 2) -> Path:
+                    keep: int = 2, priv=None) -> Path:
     """Write `ckpt-<step>.pt` (to a temporary name, then rename) and keep the newest `keep`.
-    `rng_states`: every rank's `rng_state()`, in rank order."""
+    `rng_states`: every rank's `rng_state()`, in rank order; `priv`: a privileged student that is a
+    model of its own (frozen or EMA), saved with the rest."""
     state = {
         "step": step,
         "student": student.state_dict(),
@@ -100,6 +101,8 @@ def save_checkpoint(arm_dir: Path, step: int, student, optimizer, scheduler, rng
         "scheduler": scheduler.state_dict(),
         "rng": rng_states,
     }
+    if priv is not None:
+        state["priv_student"] = priv.state_dict()
     path = arm_dir / f"ckpt-{step:06d}.pt"
     atomic_write(path, lambda f: torch.save(state, f))
     for old in sorted(checkpoints(arm_dir))[:-keep]:
@@ -123,7 +126,8 @@ def read_checkpoint(path: Path) -> dict:
     return state
 
 
-def load_latest(arm_dir: Path, student, optimizer, scheduler, rank: int = 0, world: int = 1) -> Optional[int]:
+def load_latest(arm_dir: Path, student, optimizer, scheduler, rank: int = 0, world: int = 1,
+                priv=None) -> Optional[int]:
     """Restore the newest intact checkpoint into the given objects and rank `rank`'s RNG; return its
     step (None if there is no checkpoint). An unreadable newer checkpoint (a file damaged after it was
     written: the writes themselves are atomic) is skipped with a message naming the one used."""
@@ -145,7 +149,11 @@ def load_latest(arm_dir: Path, student, optimizer, scheduler, rank: int = 0, wor
     if len(state["rng"]) != world:
         raise UsageError(f"--resume: {path} was written by {len(state['rng'])} process(es); "
                          f"resume it with as many (this run has {world})")
+    if (priv is not None) != ("priv_student" in state):
+        raise UsageError(f"--resume: {path} was written with a different --priv-student")
     student.load_state_dict(state["student"])
+    if priv is not None:
+        priv.load_state_dict(state["priv_student"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"][rank]["torch"])

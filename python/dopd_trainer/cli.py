@@ -1,7 +1,9 @@
-"""`dopd-train`: on-policy DOPD (or vanilla OPD) on transformers causal LMs.
+"""`dopd-train`: the DOPD paper's comparison (vanilla OPD, T-Priv OPD, self-distillation, DOPD) by
+on-policy distillation of transformers causal LMs.
 
-With no arguments it runs the built-in task (2-digit addition with step-wise hints, tiny Llama models,
-a teacher and a student warmed up by cached supervised runs) and compares DOPD with vanilla OPD.
+With no arguments it runs the built-in task (addition whose answer order is revealed only by the
+hint, tiny Llama models: a larger teacher and a weak student, warmed up by cached supervised runs),
+trains every arm from the same student and prints a table shaped like the paper's Table 1.
 """
 
 from __future__ import annotations
@@ -25,16 +27,17 @@ from .distributed import Workers
 from .errors import UsageError
 from .checkpoint import atomic_write_bytes
 from .models import HEADS, check_same_vocabulary, load_checkpoint, tiny_llama
-from .report import plot_run
+from .report import format_table, plot_run, summarize
 from .rollout import accuracy
 from .tokenizer import build_char_tokenizer
-from .train import ANCHORS, DIVERGENCES, GRANULARITIES, METHODS, TrainConfig, train_arm
+from .train import ANCHORS, ARMS, DIVERGENCES, GRANULARITIES, PRIV_STUDENTS, TrainConfig, train_arm
 from .warmup import cached_warmup, sft
 
 # Loop settings whose default depends on the models: for real checkpoints the paper's (DESIGN.md
 # section 7); the tiny built-in models take small batches at a higher rate, but not so high that the
 # privileged student (the student's own weights) drifts away under DOPD's self-referenced regimes,
 # and sample at a lower temperature so fewer rollouts go off the rails.
+PRESETS = {"quick": dict(seeds="1", eval_size=500), "full": dict(seeds="1,2,3", eval_size=1000)}
 BUILTIN_DEFAULTS = dict(prompts_per_step=16, lr=2e-4, temperature=0.7,
                         max_new_tokens=None, threads=1)
 CHECKPOINT_DEFAULTS = dict(prompts_per_step=128, lr=5e-6, temperature=1.0,
@@ -72,6 +75,29 @@ def hidden_size(text: str) -> int:
     return value
 
 
+def name_list(allowed: tuple[str, ...]):
+    """An argparse `type` for a comma-separated list of names from `allowed` (kept as the string)."""
+    def parse(text: str) -> str:
+        names = [n.strip() for n in text.split(",")]
+        bad = [n for n in names if n not in allowed]
+        if bad or len(set(names)) != len(names):
+            raise argparse.ArgumentTypeError(f"{text!r}: give distinct names from {', '.join(allowed)}")
+        return ",".join(names)
+    parse.__name__ = "list"
+    return parse
+
+
+def seed_list(text: str) -> str:
+    """An argparse `type` for a comma-separated list of distinct non-negative seeds (kept as the string)."""
+    try:
+        seeds = [int(n) for n in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"{text!r}: give distinct non-negative seeds")
+    return ",".join(map(str, seeds))
+
+
 POSITIVE_INT, NONNEG_INT = bounded(int, 1), bounded(int, 0)
 POSITIVE_FLOAT = bounded(float, 0, low_open=True)
 BACKENDS = ("auto", "reference", "torch", "cpp", "triton", "cuda")
@@ -95,25 +121,41 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--eval-data", metavar="JSONL", help="held-out prompts for accuracy (need answers or --reward)")
     src.add_argument("--reward", metavar="MODULE:FUNCTION",
                      help="accuracy function f(completion: str, example) -> float (default: exact match with answer)")
+    p.add_argument("--preset", choices=tuple(PRESETS), default="quick",
+                   help="quick: one training seed (under 10 minutes on 2 CPU cores); full: the multi-seed "
+                        "comparison (seeds 1,2,3, 1000 held-out prompts). Options given explicitly win.")
     builtin = p.add_argument_group("built-in task")
     builtin.add_argument("--digits", type=POSITIVE_INT, default=2, help="operand digits of the addition task")
-    builtin.add_argument("--train-size", type=POSITIVE_INT, default=9000, help="training problems")
-    builtin.add_argument("--eval-size", type=NONNEG_INT, default=500, help="held-out problems")
-    builtin.add_argument("--hidden", type=hidden_size, default=128, help="hidden size of the tiny models")
-    builtin.add_argument("--layers", type=POSITIVE_INT, default=2, help="layers of the tiny models")
-    builtin.add_argument("--teacher-warmup-steps", type=NONNEG_INT, default=400, help="SFT steps of the teacher, with hints")
-    builtin.add_argument("--student-warmup-steps", type=NONNEG_INT, default=300,
+    builtin.add_argument("--hint-form", choices=task.HINT_FORMS, default="cues",
+                         help="what the hint reveals besides the answer order: carry cues (the paper's moderate "
+                              "hint), the column-by-column working, or the answer")
+    builtin.add_argument("--train-size", type=POSITIVE_INT, default=8000, help="training problems")
+    builtin.add_argument("--eval-size", type=NONNEG_INT, help="held-out problems (preset: 500 / 1000)")
+    builtin.add_argument("--hidden", type=hidden_size, default=64, help="hidden size of the student")
+    builtin.add_argument("--layers", type=POSITIVE_INT, default=2, help="layers of the student")
+    builtin.add_argument("--teacher-hidden", type=hidden_size, default=128, help="hidden size of the teacher")
+    builtin.add_argument("--teacher-layers", type=POSITIVE_INT, default=3, help="layers of the teacher")
+    builtin.add_argument("--teacher-warmup-steps", type=NONNEG_INT, default=800,
+                         help="SFT steps of the teacher (half of its examples with hints)")
+    builtin.add_argument("--student-warmup-steps", type=NONNEG_INT, default=400,
                          help="SFT steps of the student (half of its examples with hints)")
+    builtin.add_argument("--task-seed", type=NONNEG_INT, default=0,
+                         help="seeds the problem split, the answer orders and the warm-ups")
     builtin.add_argument("--cache-dir", default="~/.cache/dopd_trainer", help="where warmed-up models are cached")
-    method = p.add_argument_group("method")
-    method.add_argument("--method", choices=METHODS, default="dopd")
-    method.add_argument("--divergence", choices=DIVERGENCES, default="reverse_kl", help="vanilla OPD divergence")
-    method.add_argument("--granularity", choices=GRANULARITIES, default="topk", help="vanilla OPD support")
+    method = p.add_argument_group("arms")
+    method.add_argument("--arms", type=name_list(ARMS), default=",".join(ARMS),
+                        help="arms to train, each from the same student: vanilla-opd (teacher reads x), tpriv-opd "
+                             "(teacher reads x,p), self-distill (the privileged student reads x,p), dopd")
+    method.add_argument("--divergence", choices=DIVERGENCES, default="reverse_kl",
+                        help="divergence of the single-target arms")
+    method.add_argument("--granularity", choices=GRANULARITIES, default="topk", help="support of the single-target arms")
     method.add_argument("--anchor", choices=ANCHORS, default="priv-student", help="DOPD's third stream")
-    method.add_argument("--no-compare", dest="compare", action="store_false",
-                        help="train only --method (by default the other method is trained too, from the same start)")
+    method.add_argument("--priv-student", choices=PRIV_STUDENTS, default="live",
+                        help="the privileged student: the live student (paper), frozen at the start, or an EMA")
+    method.add_argument("--ema-decay", type=bounded(float, 0, 1, high_open=True), default=0.99,
+                        help="per-step decay of the EMA privileged student")
     loop = p.add_argument_group("loop (defaults marked * depend on built-in vs checkpoints)")
-    loop.add_argument("--steps", type=POSITIVE_INT, default=200, help="optimizer steps per method")
+    loop.add_argument("--steps", type=POSITIVE_INT, default=120, help="optimizer steps per arm")
     loop.add_argument("--prompts-per-step", type=POSITIVE_INT, help="* prompts per step (16 / 128)")
     loop.add_argument("--samples-per-prompt", type=POSITIVE_INT, default=4, help="rollouts G per prompt")
     loop.add_argument("--lr", type=bounded(float, 0, 1, low_open=True), help="* peak AdamW learning rate (2e-4 / 5e-6)")
@@ -125,9 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     loop.add_argument("--max-grad-norm", type=POSITIVE_FLOAT, default=1.0, help="gradient clipping norm")
     loop.add_argument("--top-k", type=POSITIVE_INT, default=128, help="K of the top-K terms")
     loop.add_argument("--backend", choices=BACKENDS, default="auto", help="dopd_kernels backend (auto, torch, cpp, triton, ...)")
-    loop.add_argument("--seed", type=NONNEG_INT, default=0, help="seeds data split, data order, sampling")
-    loop.add_argument("--eval-every", type=POSITIVE_INT, default=25, help="steps between held-out evaluations")
-    loop.add_argument("--save-every", type=POSITIVE_INT, default=25, help="steps between checkpoints")
+    loop.add_argument("--seeds", type=seed_list,
+                      help="training seeds (data order, sampling), comma-separated (preset: 1 / 1,2,3; seed 0 "
+                           "was used to tune the defaults)")
+    loop.add_argument("--eval-every", type=POSITIVE_INT, default=20, help="steps between held-out evaluations")
+    loop.add_argument("--save-every", type=POSITIVE_INT, default=20, help="steps between checkpoints")
     loop.add_argument("--device", default="cpu", help="torch device of both models, e.g. cuda")
     loop.add_argument("--threads", type=bounded(int, 1, 1024),
                       help="* torch CPU threads (1: tiny models gain nothing from more / torch's choice)")
@@ -150,28 +194,32 @@ def load_reward(spec: str | None):
 
 
 def setup_builtin(args, workers: Workers):
-    """Tokenizer, data and the two warmed-up models of the built-in task."""
+    """Tokenizer, data and the two warmed-up models of the built-in task: a teacher larger than the
+    student and trained longer, both on examples of which half read the hint, so the teacher is
+    competent without the hint and better with it, and the student's privileged self can use a hint
+    (what DOPD's third stream assumes) while its unhinted skill stays weak."""
     tokenizer = build_char_tokenizer(task.ALPHABET)
-    train_set, eval_set = task.addition_splits(args.digits, args.train_size, args.eval_size, args.seed)
-    common = dict(digits=args.digits, train_size=args.train_size, eval_size=args.eval_size, seed=args.seed,
-                  hidden=args.hidden, layers=args.layers, alphabet=task.ALPHABET, version=1)
+    train_set, eval_set = task.addition_splits(args.digits, args.train_size, args.eval_size, args.task_seed,
+                                               args.hint_form)
+    # The training problems are the first `train_size` drawn, whatever `eval_size` is.
+    common = dict(digits=args.digits, train_size=args.train_size, task_seed=args.task_seed, hint_form=args.hint_form,
+                  alphabet=task.ALPHABET, lr=3e-3, version=2)
 
-    def warmed(name: str, hint_fraction: float, steps: int, seed: int):
+    def warmed(name: str, hidden: int, layers: int, steps: int, seed: int):
         def build():
-            model = tiny_llama(tokenizer, args.hidden, args.layers, seed=seed)
-            sft(model, tokenizer, train_set, hint_fraction=hint_fraction, steps=steps, batch_size=64, lr=1e-3,
+            model = tiny_llama(tokenizer, hidden, layers, seed=seed)
+            sft(model, tokenizer, train_set, hint_fraction=0.5, steps=steps, batch_size=64, lr=3e-3,
                 seed=seed, desc=f"{name} warm-up (cached after this run)", show_progress=args.progress)
             return model, tokenizer
-        key = {**common, "hint_fraction": hint_fraction, "steps": steps, "model_seed": seed}
+        key = {**common, "hidden": hidden, "layers": layers, "steps": steps, "model_seed": seed}
         return cached_warmup(args.cache_dir, name, key, build)
 
     # Rank 0 trains and caches the warm-ups while the other ranks wait; they then load its cache.
     if not workers.is_main:
         workers.barrier()
-    teacher, _ = warmed("teacher", 1.0, args.teacher_warmup_steps, args.seed + 1)
-    # Half of the student's warm-up reads hints: like a pretrained LM, its privileged self can use a
-    # hint, which is what DOPD's third stream assumes; its unhinted skill stays weak.
-    student, tokenizer = warmed("student", 0.5, args.student_warmup_steps, args.seed + 2)
+    teacher, _ = warmed("teacher", args.teacher_hidden, args.teacher_layers, args.teacher_warmup_steps,
+                        args.task_seed + 1)
+    student, tokenizer = warmed("student", args.hidden, args.layers, args.student_warmup_steps, args.task_seed + 2)
     if workers.is_main:
         workers.barrier()
     return student, teacher, tokenizer, train_set, eval_set
@@ -202,7 +250,10 @@ def check_backend(name: str, device: str) -> None:
 
 
 def resolve(args) -> argparse.Namespace:
-    """Fill the model-dependent defaults in place and return the namespace."""
+    """Fill the preset's and the model-dependent defaults in place and return the namespace."""
+    for name, value in PRESETS[args.preset].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     builtin = args.student is None and args.teacher is None
     for name, value in (BUILTIN_DEFAULTS if builtin else CHECKPOINT_DEFAULTS).items():
         if getattr(args, name) is None:
@@ -213,17 +264,29 @@ def resolve(args) -> argparse.Namespace:
 
 
 def train_configs(args) -> list[TrainConfig]:
-    """The `--method` arm, and unless `--no-compare` the other method's arm from the same start."""
+    """One configuration per (training seed, arm), seed-major."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    main = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    if not args.compare:
-        return [main]
-    return [main, dataclasses.replace(main, method="opd" if main.method == "dopd" else "dopd")]
+    base = {k: v for k, v in vars(args).items() if k in fields}
+    return [TrainConfig(**base, arm=arm, seed=int(seed)) for seed in args.seeds.split(",")
+            for arm in args.arms.split(",")]
+
+
+def references(args, student, teacher, tokenizer, eval_set, reward_fn, workers: Workers) -> dict:
+    """The reference rows: held-out accuracy of the starting student and of the teacher, each without
+    and with the hint."""
+    rows = {}
+    for name, model in (("student", student), ("teacher", teacher)):
+        for hint in (False, True):
+            rows[f"{name}_{'with' if hint else 'without'}_hint"] = accuracy(
+                model, tokenizer, eval_set, reward_fn, with_hint=hint, max_new_tokens=args.max_new_tokens,
+                workers=workers)
+    return rows
 
 
 def run(args, workers: Workers = Workers(), device: str | None = None) -> dict:
-    """Set up, measure the teacher, train every arm, write summary.json and report.png (rank 0; the
-    other ranks return an empty summary). `device`: this rank's device (default `args.device`)."""
+    """Set up, measure the reference rows, train every (seed, arm) into `run_dir/seed-<s>/<arm>`, and
+    write summary.json, table.md and report.png from the runs' metrics files (rank 0; the other ranks
+    return an empty summary). `device`: this rank's device (default `args.device`)."""
     started = time.time()
     run_dir = Path(args.run_dir)
     configs = train_configs(args)  # validates names before any model is built
@@ -235,27 +298,21 @@ def run(args, workers: Workers = Workers(), device: str | None = None) -> dict:
     else:
         student, teacher, tokenizer, train_set, eval_set = setup_checkpoints(args)
     student, teacher = student.to(device), teacher.to(device)
-
-    summary: dict = {"run_dir": str(run_dir), "eval_examples": len(eval_set)}
-    if eval_set:
-        summary["teacher_accuracy_with_hint"] = accuracy(teacher, tokenizer, eval_set, reward_fn, with_hint=True,
-                                                         max_new_tokens=args.max_new_tokens, workers=workers)
-        summary["teacher_accuracy_without_hint"] = accuracy(teacher, tokenizer, eval_set, reward_fn, with_hint=False,
-                                                            max_new_tokens=args.max_new_tokens, workers=workers)
-    arms = {}
+    refs_path = run_dir / "references.json"
+    if eval_set and not refs_path.exists():  # measured once per run folder (a resume reuses them)
+        refs = references(args, student, teacher, tokenizer, eval_set, reward_fn, workers)
+        if workers.is_main:
+            atomic_write_bytes(refs_path, json.dumps({"eval_examples": len(eval_set), **refs}, indent=2).encode())
     for cfg in configs:
-        arms[cfg.arm_name] = train_arm(run_dir / cfg.arm_name, cfg, copy.deepcopy(student), teacher, tokenizer,
-                                       train_set, eval_set, reward_fn if eval_set else None, args.progress, workers)
+        train_arm(run_dir / f"seed-{cfg.seed}" / cfg.arm_name, cfg, copy.deepcopy(student), teacher, tokenizer,
+                  train_set, eval_set, reward_fn if eval_set else None, args.progress, workers)
     if not workers.is_main:
         return {}
-    for name, records in arms.items():
-        evals = [r for r in records if r["event"] == "eval"]
-        if evals:
-            summary["student_accuracy_before"] = evals[0]["eval_accuracy"]
-            summary[f"student_accuracy_after_{name}"] = evals[-1]["eval_accuracy"]
+    summary = summarize(run_dir, args.arms.split(","), [int(x) for x in args.seeds.split(",")])
     summary["wall_time_s"] = round(time.time() - started, 1)
     atomic_write_bytes(run_dir / "summary.json", json.dumps(summary, indent=2).encode())
-    plot_run(run_dir / "report.png", arms, summary.get("teacher_accuracy_with_hint"))
+    atomic_write_bytes(run_dir / "table.md", format_table(summary).encode())
+    plot_run(run_dir / "report.png", run_dir, summary)
     return summary
 
 
@@ -296,18 +353,9 @@ def load_saved_config(parser: argparse.ArgumentParser, path: Path) -> dict:
 
 
 def format_summary(summary: dict) -> str:
-    """The end-of-run report for the terminal."""
-    lines = []
-    if "student_accuracy_before" in summary:
-        lines.append(f"held-out accuracy without hints ({summary['eval_examples']} prompts, greedy):")
-        rows = [("student " + k.removeprefix("student_accuracy_").replace("_", " ", 1), v)
-                for k, v in summary.items() if k.startswith("student_accuracy_")]
-        rows += [("teacher, " + k.removeprefix("teacher_accuracy_").replace("_", " "), v)
-                 for k, v in summary.items() if k.startswith("teacher_accuracy_")]
-        lines += [f"  {name:<40} {v:7.1%}" for name, v in rows]
-    lines.append(f"run folder {summary['run_dir']} (report.png, summary.json, metrics per arm); "
-                 f"wall time {summary['wall_time_s']:.0f} s")
-    return "\n".join(lines)
+    """The end-of-run report for the terminal: the table, and where the files are."""
+    return (format_table(summary) + f"\nrun folder {summary['run_dir']} (table.md, report.png, summary.json, "
+            f"seed-*/<arm>/metrics.jsonl); wall time of this invocation {summary['wall_time_s']:.0f} s")
 
 
 def main(argv: list[str] | None = None) -> int:

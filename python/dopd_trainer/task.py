@@ -1,9 +1,20 @@
-"""Examples with privileged hints: the built-in arithmetic task and JSONL loading.
+"""Examples with privileged hints: the built-in task and JSONL loading.
 
-Built-in task: add two `digits`-digit numbers. The answer is the sum written least-significant digit
-first and zero-padded to `digits + 1` digits (the order in which a carry propagates, which a tiny
-causal model can learn); the privileged hint is the column-by-column working without the final answer,
-e.g. prompt `158+275=`, hint `8+5+0=13,5+7+1=13,1+2+1=04;`, answer `3340` (433 reversed).
+Built-in task, designed from the DOPD paper's premise (privileged information mixes capability the
+student can learn with information it can never infer from the prompt): add two `digits`-digit
+numbers and write the sum zero-padded to `digits + 1` digits, in an ORDER drawn at random for each
+problem: `f` (most significant digit first) or `r` (least significant first). Either order counts as
+correct, so without the hint nothing is lost by picking one; but the order is known only to whoever
+reads the hint. The hint therefore carries
+
+- an unlearnable part: the order (a fair coin, independent of the prompt), and
+- a learnable part, in one of three forms (`HINT_FORMS`):
+  `cues` (default, the paper's moderate hint: the carry out of each column, units first; no digit of
+  the answer), `working` (the column-by-column execution trace, which contains every digit), or
+  `answer` (the answer itself).
+
+Example (`58+75=`, order `f`): cues hint `f|11;`, working hint `f|8+5+0=13,5+7+1=13;`, answer hint
+`f|133;`; the answer is `133` (order `r`: `331`).
 """
 
 from __future__ import annotations
@@ -15,44 +26,56 @@ from typing import Callable, Optional
 
 from .errors import UsageError
 
-ALPHABET = "0123456789+=,;"
+ALPHABET = "0123456789+=,;|fr"
+HINT_FORMS = ("cues", "working", "answer")
+ORDERS = ("f", "r")
 
 
 @dataclass(frozen=True)
 class Example:
+    """`answer` is the reference completion; `alternatives` are other completions that count as correct."""
+
     prompt: str
     hint: str
     answer: Optional[str] = None
+    alternatives: tuple[str, ...] = ()
 
 
-def make_addition_example(a: int, b: int, digits: int) -> Example:
-    """One addition problem with its step-wise hint."""
+def make_addition_example(a: int, b: int, digits: int, order: str, hint_form: str = "cues") -> Example:
+    """One problem: prompt `a+b=`, the hint in `hint_form` (led by the order), the sum in `order`."""
+    if order not in ORDERS or hint_form not in HINT_FORMS:
+        raise ValueError(f"order must be one of {ORDERS} and hint_form one of {HINT_FORMS}")
     xs, ys = str(a).zfill(digits)[::-1], str(b).zfill(digits)[::-1]
-    steps, carry = [], 0
+    steps, carries, carry = [], [], 0
     for da, db in zip(xs, ys):
         total = int(da) + int(db) + carry
         steps.append(f"{da}+{db}+{carry}={total:02d}")
         carry = total // 10
-    answer = str(a + b).zfill(digits + 1)[::-1]
-    return Example(prompt=f"{str(a).zfill(digits)}+{str(b).zfill(digits)}=", hint=",".join(steps) + ";", answer=answer)
+        carries.append(str(carry))
+    forward = str(a + b).zfill(digits + 1)
+    answer, other = (forward, forward[::-1]) if order == "f" else (forward[::-1], forward)
+    body = {"cues": "".join(carries), "working": ",".join(steps), "answer": answer}[hint_form]
+    return Example(prompt=f"{str(a).zfill(digits)}+{str(b).zfill(digits)}=", hint=f"{order}|{body};", answer=answer,
+                   alternatives=(other,) if other != answer else ())
 
 
-def addition_splits(digits: int, n_train: int, n_eval: int, seed: int) -> tuple[list[Example], list[Example]]:
-    """Disjoint train and held-out problem sets, the same for the same arguments."""
+def addition_splits(digits: int, n_train: int, n_eval: int, seed: int,
+                    hint_form: str = "cues") -> tuple[list[Example], list[Example]]:
+    """Disjoint train and held-out problem sets (each with its random order), the same for the same
+    arguments."""
     rng = random.Random(seed)
     limit = 10**digits
     if n_train + n_eval > limit * limit:
         raise UsageError(f"--digits {digits}: only {limit * limit} problems exist, fewer than "
                          f"--train-size + --eval-size = {n_train + n_eval}")
-        #{digits} has only {limit * limit} problems; asked for {n_train + n_eval}")
     pairs: set[tuple[int, int]] = set()
     ordered = []
     while len(ordered) < n_train + n_eval:
         pair = (rng.randrange(limit), rng.randrange(limit))
         if pair not in pairs:
             pairs.add(pair)
-            ordered.append(pair)
-    examples = [make_addition_example(a, b, digits) for a, b in ordered]
+            ordered.append((*pair, rng.choice(ORDERS)))
+    examples = [make_addition_example(a, b, digits, order, hint_form) for a, b, order in ordered]
     return examples[:n_train], examples[n_train:]
 
 
@@ -128,8 +151,9 @@ def example_checker(tokenizer, max_positions: Optional[int], max_new_tokens: int
 
 
 def exact_match(completion: str, example: Example) -> float:
-    """Default accuracy: 1.0 when the completion equals the reference answer (whitespace-stripped)."""
+    """Default accuracy: 1.0 when the completion equals the reference answer or one of its accepted
+    alternatives (whitespace-stripped)."""
     if example.answer is None:
         raise UsageError("--eval-data: the default accuracy (exact match) needs an 'answer' in every record; "
                          "add answers or pass --reward")
-    return float(completion.strip() == example.answer.strip())
+    return float(completion.strip() in {a.strip() for a in (example.answer, *example.alternatives)})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -15,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dopd_kernels import DOPDConfig, fused_linear_dopd_loss, fused_linear_opd_loss
-from dopd_kernels.config import DIVERGENCES, GRANULARITIES
+from dopd_kernels.config import DIVERGENCES, GRANULARITIES, Regime
 
 from .checkpoint import (append_line, atomic_write_bytes, load_latest, read_jsonl, rng_state, save_checkpoint,
                          save_pretrained_atomic, truncate_metrics)
@@ -26,8 +27,15 @@ from .models import HiddenAndHead, final_hidden, lm_head
 from .rollout import accuracy, encode_prompts, generate
 from .task import Example
 
-METHODS = ("dopd", "opd")
-ANCHORS = ("priv-student", "teacher-no-hint")
+# The arms, as the paper names them (DESIGN.md section 7): which model is the target of the loss and
+# which context it reads. The student always reads x,y.
+ARMS = ("vanilla-opd", "tpriv-opd", "self-distill", "dopd")
+ANCHORS = ("priv-student", "teacher-no-hint")  # DOPD's third stream
+# The privileged student (the student's weights reading x,p,y; DOPD's third stream and the
+# self-distillation target): the live student (paper), a copy frozen at the arm's start, or an
+# exponential moving average of the student.
+PRIV_STUDENTS = ("live", "frozen", "ema")
+REGIMES = tuple(r.name for r in Regime if r >= 0)  # LH, LL, HT, HS in code order
 # Metrics that depend on the machine's speed rather than on the computation; excluded when
 # comparing a resumed run with an uninterrupted one.
 TIMING_FIELDS = ("tokens_per_s", "peak_mem_mb", "step_time_s")
@@ -37,10 +45,12 @@ TIMING_FIELDS = ("tokens_per_s", "peak_mem_mb", "step_time_s")
 class TrainConfig:
     """Settings of one training arm (one method from one starting student)."""
 
-    method: str = "dopd"
-    divergence: str = "reverse_kl"  # vanilla OPD only
-    granularity: str = "topk"  # vanilla OPD only
+    arm: str = "dopd"
+    divergence: str = "reverse_kl"  # the single-target arms (vanilla-opd, tpriv-opd, self-distill)
+    granularity: str = "topk"  # the single-target arms
     anchor: str = "priv-student"  # DOPD's third stream
+    priv_student: str = "live"
+    ema_decay: float = 0.99  # priv_student="ema": weight of the average's old value per step
     steps: int = 200
     prompts_per_step: int = 16
     samples_per_prompt: int = 4
@@ -58,15 +68,18 @@ class TrainConfig:
     save_every: int = 25
 
     def __post_init__(self) -> None:
-        for name, value, allowed in (("method", self.method, METHODS), ("divergence", self.divergence, DIVERGENCES),
+        for name, value, allowed in (("arms", self.arm, ARMS), ("divergence", self.divergence, DIVERGENCES),
                                      ("granularity", self.granularity, GRANULARITIES),
-                                     ("anchor", self.anchor, ANCHORS)):
+                                     ("anchor", self.anchor, ANCHORS), ("priv-student", self.priv_student,
+                                                                        PRIV_STUDENTS)):
             if value not in allowed:
                 raise UsageError(f"--{name}: {value!r} is not one of {', '.join(allowed)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise UsageError(f"--ema-decay: {self.ema_decay} is outside [0, 1)")
 
     @property
     def arm_name(self) -> str:
-        return "dopd" if self.method == "dopd" else f"opd-{self.divergence}-{self.granularity}"
+        return self.arm
 
 
 def batch_indices(step: int, batch: int, n: int, seed: int) -> list[int]:
@@ -104,36 +117,71 @@ def mean_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     return total / max(1, rows.shape[0])
 
 
-def distillation_loss(cfg: TrainConfig, student, forward, teacher, contexts: Contexts,
-                      routing_group=None) -> tuple[torch.Tensor, dict]:
-    """The training loss on the response tokens of `contexts`, and what to log about it. `forward` is
-    `HiddenAndHead(student)`, in DDP when data-parallel; `routing_group` spans the ranks whose tokens
-    together set DOPD's routing thresholds."""
+@torch.no_grad()
+def frozen_hidden(model, ctx) -> torch.Tensor:
+    """`[B, T, H]` final hidden states of a model that takes no gradient, at `ctx`'s scored positions."""
+    return gather_response(final_hidden(model, ctx.input_ids, ctx.attention_mask), ctx)
+
+
+def detached_head(model) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    weight, bias = lm_head(model)
+    return weight.detach(), None if bias is None else bias.detach()
+
+
+def target_streams(cfg: TrainConfig, teacher, priv, contexts: Contexts) -> list[tuple]:
+    """The frozen streams of the loss as `(model, context)`: the target, then (DOPD) the third stream.
+    This table IS the arm (DESIGN.md section 7); `priv` is the privileged student's model."""
     s_ctx, p_ctx = contexts.student, contexts.privileged
-    w_t, b_t = lm_head(teacher)
+    if cfg.arm == "vanilla-opd":
+        return [(teacher, s_ctx)]  # the teacher never reads the hint
+    if cfg.arm == "tpriv-opd":
+        return [(teacher, p_ctx)]
+    if cfg.arm == "self-distill":
+        return [(priv, p_ctx)]
+    third = (priv, p_ctx) if cfg.anchor == "priv-student" else (teacher, s_ctx)
+    return [(teacher, p_ctx), third]
+
+
+def regime_losses(out) -> dict:
+    """Mean weighted loss of the valid tokens of each DOPD regime (absent regimes omitted)."""
+    logs = {}
+    for code, name in enumerate(REGIMES):
+        mask = out.regime == code  # REGIMES is in code order
+        if bool(mask.any()):
+            logs[name] = float(out.per_token_loss[mask].double().mean())
+    return logs
+
+
+def distillation_loss(cfg: TrainConfig, student, forward, teacher, contexts: Contexts, routing_group=None,
+                      priv=None) -> tuple[torch.Tensor, dict]:
+    """The training loss on the response tokens of `contexts`, and what to log about it. `forward` is
+    `HiddenAndHead(student)`, in DDP when data-parallel; `priv` the privileged student's model (the
+    student itself when None or live); `routing_group` spans the ranks whose tokens together set
+    DOPD's routing thresholds."""
+    priv = student if priv is None else priv
+    s_ctx = contexts.student
     s_hidden, w_s, b_s = forward(s_ctx.input_ids, s_ctx.attention_mask)
     s_hidden = gather_response(s_hidden, s_ctx)
-    with torch.no_grad():
-        t_hidden = gather_response(final_hidden(teacher, p_ctx.input_ids, p_ctx.attention_mask), p_ctx)
-        if cfg.method == "dopd" and cfg.anchor == "priv-student":
-            a_hidden = gather_response(final_hidden(student, p_ctx.input_ids, p_ctx.attention_mask), p_ctx)
-            a_weight, a_bias = w_s.detach(), None if b_s is None else b_s.detach()
-        elif cfg.method == "dopd":
-            a_hidden = gather_response(final_hidden(teacher, s_ctx.input_ids, s_ctx.attention_mask), s_ctx)
-            a_weight, a_bias = w_t, b_t
+    # Frozen streams: hidden states without gradient, heads detached (a live privileged student's head
+    # is the student's own weight, read as a constant).
+    streams = [(frozen_hidden(model, ctx), *detached_head(model)) for model, ctx in target_streams(
+        cfg, teacher, priv, contexts)]
     tokens = s_ctx.tokens.to(s_hidden.device)
     valid = tokens != IGNORE_INDEX
     logs = {"entropy": mean_entropy(s_hidden.detach(), w_s.detach(), b_s, valid)}
-    if cfg.method == "opd":
+    if cfg.arm != "dopd":
+        (t_hidden, w_t, b_t), = streams
         out = fused_linear_opd_loss(s_hidden, w_s, t_hidden, w_t, tokens, student_bias=b_s, teacher_bias=b_t,
                                     divergence=cfg.divergence, granularity=cfg.granularity, top_k=cfg.top_k,
                                     reduction="seq_mean", backend=cfg.backend)
         return out.loss, logs
-    out = fused_linear_dopd_loss(s_hidden, w_s, t_hidden, w_t, a_hidden, tokens, priv_student_weight=a_weight,
-                                 student_bias=b_s, teacher_bias=b_t, priv_student_bias=a_bias,
+    (t_hidden, w_t, b_t), (a_hidden, w_a, b_a) = streams
+    out = fused_linear_dopd_loss(s_hidden, w_s, t_hidden, w_t, a_hidden, tokens, priv_student_weight=w_a,
+                                 student_bias=b_s, teacher_bias=b_t, priv_student_bias=b_a,
                                  config=DOPDConfig(top_k=cfg.top_k, reduction="seq_mean"), backend=cfg.backend,
                                  routing_group=routing_group)
     logs["regime"] = out.regime_fractions()
+    logs["regime_loss"] = regime_losses(out)
     logs["adv_gap"] = float(out.adv_gap[valid].mean())
     logs["thresholds"] = [float(t) for t in out.thresholds]  # (Ā, q̄_T, q̄_P) of the global batch
     return out.loss, logs
@@ -161,10 +209,11 @@ class MetricsLog:
 
 
 def optimizer_step(cfg: TrainConfig, student, forward, teacher, contexts: Contexts, optimizer, scheduler,
-                   workers: Workers, batch_size: int) -> dict:
+                   workers: Workers, batch_size: int, priv=None) -> dict:
     """Loss on `contexts` (this rank's share of a global batch of `batch_size` sequences), backward,
-    clipping, AdamW and schedule step. Returns this rank's logs."""
-    loss, logs = distillation_loss(cfg, student, forward, teacher, contexts, workers.group)
+    clipping, AdamW and schedule step, then the EMA privileged student's update (only after the
+    step: within it every privileged stream is fixed). Returns this rank's logs."""
+    loss, logs = distillation_loss(cfg, student, forward, teacher, contexts, workers.group, priv)
     optimizer.zero_grad(set_to_none=True)
     # DDP averages the ranks' gradients; weighting each rank's sequence-mean loss by its share of the
     # batch makes that average the gradient of the global batch's sequence mean, also when the prompts
@@ -174,7 +223,23 @@ def optimizer_step(cfg: TrainConfig, student, forward, teacher, contexts: Contex
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()
+    if cfg.priv_student == "ema" and priv is not None:
+        update_ema(priv, student, cfg.ema_decay)
     return {"loss": float(loss.detach()), "lr": lr, "grad_norm": float(grad_norm), **logs}
+
+
+@torch.no_grad()
+def update_ema(average, model, decay: float) -> None:
+    """`average ← decay · average + (1 − decay) · model`, parameter by parameter."""
+    for p_avg, p in zip(average.parameters(), model.parameters()):
+        p_avg.lerp_(p.detach(), 1.0 - decay)
+
+
+def privileged_student(cfg: TrainConfig, student):
+    """The model of the privileged stream: the student itself (live) or a gradient-free copy."""
+    if cfg.priv_student == "live":
+        return student
+    return copy.deepcopy(student).requires_grad_(False).eval()
 
 
 # How a rank's logged mean becomes the global one: weighted by the rank's sequences or tokens.
@@ -200,6 +265,14 @@ def merge_records(parts: list[tuple[dict, int, int]]) -> dict:
             record[key] = mean(key, 1 if key in PER_SEQUENCE else 2)
     if "regime" in record:
         record["regime"] = {name: mean("regime", 2, name) for name in record["regime"]}
+        # A regime's mean loss, weighted by the rank's number of tokens in that regime.
+        losses = {}
+        for name in REGIMES:
+            pairs = [(p[0]["regime_loss"][name], p[2] * p[0]["regime"][name]) for p in parts
+                     if name in p[0].get("regime_loss", {})]
+            if pairs and sum(w for _, w in pairs) > 0:
+                losses[name] = sum(v * w for v, w in pairs) / sum(w for _, w in pairs)
+        record["regime_loss"] = losses
     record["step_time_s"] = max(p[0]["step_time_s"] for p in parts)
     record["peak_mem_mb"] = max(p[0]["peak_mem_mb"] for p in parts)
     record["tokens_per_s"] = sum(p[2] for p in parts) / record["step_time_s"]
@@ -208,7 +281,7 @@ def merge_records(parts: list[tuple[dict, int, int]]) -> dict:
 
 def train_step(cfg: TrainConfig, step: int, student, forward, teacher, tokenizer, train_set: list[Example],
                optimizer, scheduler, reward_fn: Optional[Callable[[str, Example], float]],
-               workers: Workers = Workers()) -> dict:
+               workers: Workers = Workers(), priv=None) -> dict:
     """One on-policy update: sample G responses per prompt, score them in the three contexts, step
     AdamW and the schedule. Each rank takes every `world`-th prompt of the step's batch (the batch of
     the single-process run). Returns the step's global metric record."""
@@ -221,7 +294,8 @@ def train_step(cfg: TrainConfig, step: int, student, forward, teacher, tokenizer
                          temperature=cfg.temperature, top_p=cfg.top_p)
     contexts = build_contexts([x for x in prompts for _ in range(g)], [p for p in hints for _ in range(g)],
                               responses, tokenizer.pad_token_id)
-    logs = optimizer_step(cfg, student, forward, teacher, contexts, optimizer, scheduler, workers, len(batch) * g)
+    logs = optimizer_step(cfg, student, forward, teacher, contexts, optimizer, scheduler, workers, len(batch) * g,
+                          priv)
     elapsed = time.perf_counter() - t0
     n_tokens = sum(len(r) for r in responses)
     record = {"event": "train", "step": step + 1, **logs, "response_len": n_tokens / len(responses)}
@@ -236,7 +310,10 @@ def train_arm(arm_dir: Path, cfg: TrainConfig, student, teacher, tokenizer, trai
               eval_set: list[Example], reward_fn: Optional[Callable[[str, Example], float]],
               show_progress: bool = True, workers: Workers = Workers()) -> list[dict]:
     """Train `student` in place for `cfg.steps` steps, resuming from `arm_dir`'s newest checkpoint if
-    any. Returns the arm's metric records (train and eval). With several workers every rank runs
+    any. Returns the arm's metric records (train and eval). Each evaluation logs the held-out
+    accuracy of the student without the hint (`eval_accuracy`), of the student reading the hint
+    (`eval_accuracy_with_hint`) and of the privileged student reading it (`priv_accuracy_with_hint`,
+    the same model as the student when live): a drifting privileged student shows there. With several workers every rank runs
     this, and rank 0 alone writes `arm_dir` (and returns the records; the others return [])."""
     if cfg.prompts_per_step < workers.world:
         raise UsageError(f"--prompts-per-step {cfg.prompts_per_step}: fewer prompts than the {workers.world} "
@@ -248,6 +325,7 @@ def train_arm(arm_dir: Path, cfg: TrainConfig, student, teacher, tokenizer, trai
     log = MetricsLog(arm_dir / "metrics.jsonl")
     teacher.requires_grad_(False).eval()
     student.train()
+    priv = privileged_student(cfg, student)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = cosine_schedule(optimizer, cfg.warmup_steps, cfg.steps)
     status: dict = {}  # what the progress bar shows after the step count
@@ -260,12 +338,17 @@ def train_arm(arm_dir: Path, cfg: TrainConfig, student, teacher, tokenizer, trai
         with torch.random.fork_rng(devices=[]):  # evaluation must not move the sampling RNG
             acc, acc_hint = (accuracy(student, tokenizer, eval_set, reward_fn, with_hint=hint,
                                       max_new_tokens=cfg.max_new_tokens, workers=workers) for hint in (False, True))
+            priv_hint = acc_hint if priv is student else accuracy(
+                priv, tokenizer, eval_set, reward_fn, with_hint=True, max_new_tokens=cfg.max_new_tokens,
+                workers=workers)
         if main:
-            log.write({"event": "eval", "step": step, "eval_accuracy": acc, "eval_accuracy_with_hint": acc_hint})
+            log.write({"event": "eval", "step": step, "eval_accuracy": acc, "eval_accuracy_with_hint": acc_hint,
+                       "priv_accuracy_with_hint": priv_hint})
         status["acc"] = f"{acc:.3f}"
 
     # Every rank restores the same weights and optimizer state, and its own sampling RNG.
-    start = load_latest(arm_dir, student, optimizer, scheduler, workers.rank, workers.world)
+    start = load_latest(arm_dir, student, optimizer, scheduler, workers.rank, workers.world,
+                        None if priv is student else priv)
     forward = workers.wrap(HiddenAndHead(student))
     bar = tqdm(total=cfg.steps, desc=cfg.arm_name, disable=not (show_progress and main), dynamic_ncols=True)
     if start is None:
@@ -280,10 +363,11 @@ def train_arm(arm_dir: Path, cfg: TrainConfig, student, teacher, tokenizer, trai
         bar.update(start)
     for step in range(start, cfg.steps):
         record = train_step(cfg, step, student, forward, teacher, tokenizer, train_set, optimizer, scheduler,
-                            reward_fn, workers)
+                            reward_fn, workers, priv)
         if main:
             log.write(record)
-        status.update(loss=f"{record['loss']:.3f}", **{k: f"{v:.2f}" for k, v in record.get("regime", {}).items()})
+        status.update(loss=f"{record['loss']:.3f}", H=f"{record['entropy']:.2f}",
+                      **{k: f"{v:.2f}" for k, v in record.get("regime", {}).items()})
         bar.set_postfix(status, refresh=False)
         bar.update(1)
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
@@ -291,7 +375,8 @@ def train_arm(arm_dir: Path, cfg: TrainConfig, student, teacher, tokenizer, trai
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             rng_states = workers.gather(rng_state())
             if main:
-                save_checkpoint(arm_dir, step + 1, student, optimizer, scheduler, rng_states)
+                save_checkpoint(arm_dir, step + 1, student, optimizer, scheduler, rng_states,
+                                priv=None if priv is student else priv)
     bar.close()
     if not main:
         return []
