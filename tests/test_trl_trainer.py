@@ -360,8 +360,11 @@ def test_resume_from_checkpoint_continues_the_run(tok, tmp_path):
 
 
 def test_example_script_runs(tmp_path):
+    """examples/trl_dopd.py as a user runs it (flags through HfArgumentParser); the torch loss backend, so the test
+    does not wait for the C++ extension's first JIT build."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, str(REPO / "examples" / "trl_dopd.py"), "--output_dir", str(tmp_path)],
+    proc = subprocess.run([sys.executable, str(REPO / "examples" / "trl_dopd.py"), "--output_dir", str(tmp_path),
+                           "--loss_backend", "torch"],
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "dopd/regime_ht" in proc.stdout

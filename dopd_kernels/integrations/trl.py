@@ -41,16 +41,20 @@ prompt would need its own multimodal fields).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from trl import DistillationConfig, DistillationTrainer
 from trl.trainer.utils import pad
 
 from ..api import fused_linear_dopd_loss, fused_linear_opd_loss
 from ..config import DIVERGENCES, GRANULARITIES, TOPK_SOURCES, DOPDConfig, OPDConfig, Regime
+from ..heads import LMHead
+from ..hf import lm_head
 
 METHODS = ("dopd", "vanilla-opd", "tpriv-opd", "self-distill")
 IGNORE_INDEX = -100
@@ -188,15 +192,18 @@ def _context_text(privileged_context: Any) -> str:
                     f"{type(privileged_context).__name__}")
 
 
-def _lm_head(model):
-    """The model's output head with its transforms (`dopd_kernels.hf.lm_head`; every row is a softmax column,
-    as in TRL)."""
-    from ..hf import lm_head
+def _lm_head(model) -> LMHead:
+    """The model's output head with its transforms (`dopd_kernels.hf.lm_head`; every row of the head takes part in
+    the softmax, as in TRL). Under FSDP2 the weight is a sharded `DTensor`: it is gathered once here, as TRL does,
+    differentiably (the gradient is reduce-scattered back to the shards)."""
+    head = lm_head(model)
+    if isinstance(head.weight, DTensor):
+        bias = head.bias.full_tensor() if isinstance(head.bias, DTensor) else head.bias
+        head = dataclasses.replace(head, weight=head.weight.full_tensor(), bias=bias)
+    return head
 
-    return lm_head(model)
 
-
-def _entropy_sum(hidden: torch.Tensor, head, valid: torch.Tensor, temperature: float) -> torch.Tensor:
+def _entropy_sum(hidden: torch.Tensor, head: LMHead, valid: torch.Tensor, temperature: float) -> torch.Tensor:
     """Σ over valid rows of the entropy (nats) of softmax(softcap(scale·(h·Wᵀ + b)) / τ); no gradient.
 
     `hidden` `[B, T, H]`, `valid` `[B, T]` bool. Row chunks of `ENTROPY_ROW_CHUNK` keep the logits to
@@ -204,12 +211,14 @@ def _entropy_sum(hidden: torch.Tensor, head, valid: torch.Tensor, temperature: f
     """
     with torch.no_grad():
         rows = hidden.reshape(-1, hidden.shape[-1])[valid.reshape(-1)]
-        weight = head.weight.detach()
+        vocab = head.vocab_size or head.weight.shape[0]  # rows past vocab_size are padding, as in the loss
+        weight = head.weight.detach()[:vocab]
+        bias = head.bias.detach()[:vocab] if head.bias is not None else None
         total = torch.zeros((), dtype=torch.float64, device=hidden.device)
         for chunk in rows.split(ENTROPY_ROW_CHUNK):
             z = (chunk.to(weight.dtype) @ weight.T).float()
-            if head.bias is not None:
-                z += head.bias.detach().float()
+            if bias is not None:
+                z += bias.float()
             z *= head.scale
             if head.softcap is not None:
                 z = head.softcap * torch.tanh(z / head.softcap)
