@@ -15,8 +15,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   py::class_<dopd::Stream>(m, "Stream")
       .def(py::init([](at::Tensor x, std::optional<at::Tensor> w, std::optional<at::Tensor> b, double inv_tau,
-                       int64_t valid_vocab) { return dopd::Stream{x, w, b, inv_tau, valid_vocab}; }),
-           py::arg("x"), py::arg("w"), py::arg("b"), py::arg("inv_tau"), py::arg("valid_vocab"));
+                       int64_t valid_vocab, double scale, double softcap) {
+             return dopd::Stream{x, w, b, inv_tau, valid_vocab, scale, softcap};
+           }),
+           py::arg("x"), py::arg("w"), py::arg("b"), py::arg("inv_tau"), py::arg("valid_vocab"), py::arg("scale") = 1.0,
+           py::arg("softcap") = 0.0);
   py::class_<dopd::Tiling>(m, "Tiling")
       .def(py::init([](int64_t row_chunk, int64_t vocab_chunk) { return dopd::Tiling{row_chunk, vocab_chunk}; }),
            py::arg("row_chunk"), py::arg("vocab_chunk"));

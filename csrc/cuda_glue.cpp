@@ -1,7 +1,9 @@
 // Torch-facing side of the CUDA backend: tensors in, raw pointers and the current stream out to the
-// launchers of kernels_cuda.cu. Fused-linear tiles come from cuBLAS (ATen matmul) into a fixed-size
-// fp32 buffer; the kernels are their epilogue; the gradient tile is contracted into dH and dW with
-// cuBLAS too. Built only against a CUDA torch (see dopd_kernels/_build.py).
+// launchers of kernels_cuda.cu. Fused-linear tiles of raw logits come from cuBLAS (ATen matmul) into
+// a fixed-size fp32 buffer; the kernels are their epilogue (head transform, statistics, gradient times
+// the head's jacobian into a second buffer); the gradient tile is contracted into dH and dW with cuBLAS
+// too. Log-sum-exps arrive as (hi, lo) [2, n] (split_lse); the stats pass returns (max, log-sum).
+// Built only against a CUDA torch (see dopd_kernels/_build.py).
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -38,19 +40,32 @@ void check_stream(const Stream& s) {
   TORCH_CHECK(s.acc() == at::kFloat, "dopd cuda: float64 inputs are not supported (use the torch backend)");
 }
 
-// Whole rows [0, valid_vocab) of a logits-mode stream.
+const Head<float> NO_HEAD = make_head<float>(1.0, 0.0);
+
+// Whole rows [0, valid_vocab) of a logits-mode stream (any strides).
 cu::Tile logits_tile(const Stream& s, const Tensor& rows) {
-  TORCH_CHECK(s.x.dim() == 2 && s.x.stride(1) == 1, "dopd cuda: logits must be [N, V] with contiguous rows");
+  TORCH_CHECK(s.x.dim() == 2, "dopd cuda: logits must be [N, V]");
   return cu::Tile{s.x.data_ptr(), dtype_code(s.x.scalar_type()), rows.data_ptr<int64_t>(), s.x.stride(0), 0, 0,
-                  s.valid_vocab};
+                  s.valid_vocab, s.x.stride(1), NO_HEAD};
 }
 
-// A dense fp32 tile [r, len] holding vocabulary columns [c0, c0 + len).
-cu::Tile buffer_tile(const Tensor& t, int64_t c0) {
-  return cu::Tile{t.data_ptr(), cu::F32, nullptr, t.size(1), 0, c0, t.size(1)};
+// A dense fp32 tile [r, len] of raw logits of stream s at vocabulary columns [c0, c0 + len).
+cu::Tile buffer_tile(const Stream& s, const Tensor& t, int64_t c0) {
+  return cu::Tile{t.data_ptr(), cu::F32, nullptr, t.size(1), 0, c0, t.size(1), 1, make_head<float>(s.scale, s.softcap)};
 }
 
-const cu::Tile NO_TILE{nullptr, cu::F32, nullptr, 0, 0, 0, 0};
+const cu::Tile NO_TILE{nullptr, cu::F32, nullptr, 0, 0, 0, 0, 1, NO_HEAD};
+
+// Rows [r0, r0 + r) of a log-sum-exp given as (hi, lo) [2, n] in fp32 (contiguous).
+cu::RowLse row_lse(const Tensor& lse, int64_t r0) {
+  const float* hi = lse.data_ptr<float>();
+  return cu::RowLse{hi + r0, hi + lse.size(1) + r0};
+}
+
+Tensor split_lse_f32(const Tensor& lse, int64_t n) {
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == 2 && lse.size(1) == n, "dopd cuda: a log-sum-exp must be (hi, lo) [2, n]");
+  return lse.to(at::kFloat).contiguous();
+}
 
 Tensor as_float(const std::optional<Tensor>& t) {
   return t.has_value() && t->defined() ? t->to(at::kFloat).contiguous() : Tensor();
@@ -61,12 +76,12 @@ T* ptr_or_null(const Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
 }
 
-std::tuple<Tensor, Tensor> stats_pass(const Stream& s, const Tensor& rows, int64_t k, Tiling tl) {
+std::tuple<Tensor, Tensor, Tensor> stats_pass(const Stream& s, const Tensor& rows, int64_t k, Tiling tl) {
   check_stream(s);
   c10::cuda::CUDAGuard guard(rows.device());
   const int64_t n = rows.size(0), vv = s.valid_vocab;
   const auto f32 = rows.options().dtype(at::kFloat);
-  Tensor m = at::empty({n}, f32), sum = at::empty({n}, f32), lse = at::empty({n}, f32);
+  Tensor m = at::empty({n}, f32), sum = at::empty({n}, f32), log_sum = at::empty({n}, f32);
   Tensor tv = at::empty({n, k}, f32), ti = at::empty({n, k}, rows.options().dtype(at::kLong));
   Tensor count = at::empty({n}, rows.options().dtype(at::kInt));
   const cudaStream_t st = current_stream();
@@ -86,14 +101,14 @@ std::tuple<Tensor, Tensor> stats_pass(const Stream& s, const Tensor& rows, int64
       for (int64_t c0 = 0; c0 < vv; c0 += plan.block) {
         const int64_t len = std::min(plan.block, vv - c0);
         const Tensor tile = linear_tile(s, h, c0, len, buf);
-        check(cu::merge_stats(buffer_tile(tile, c0), r, inv_tau, m.data_ptr<float>() + r0, sum.data_ptr<float>() + r0, kk,
+        check(cu::merge_stats(buffer_tile(s, tile, c0), r, inv_tau, m.data_ptr<float>() + r0, sum.data_ptr<float>() + r0, kk,
                               tv.data_ptr<float>() + r0 * k, ti.data_ptr<int64_t>() + r0 * k, count.data_ptr<int>() + r0, st),
               "merge_stats");
       }
     }
   }
-  check(cu::finish_stats(n, m.data_ptr<float>(), sum.data_ptr<float>(), lse.data_ptr<float>(), st), "finish_stats");
-  return {lse, ti};
+  check(cu::finish_stats(n, m.data_ptr<float>(), sum.data_ptr<float>(), log_sum.data_ptr<float>(), st), "finish_stats");
+  return {m, log_sum, ti};
 }
 
 std::tuple<Tensor, Tensor> full_value_pass(const Stream& s, const Stream& t, const Tensor& rows, const Tensor& lse_s,
@@ -102,12 +117,12 @@ std::tuple<Tensor, Tensor> full_value_pass(const Stream& s, const Stream& t, con
   check_stream(t);
   c10::cuda::CUDAGuard guard(rows.device());
   const int64_t n = rows.size(0), vv = s.valid_vocab;
-  const Tensor ls = lse_s.to(at::kFloat).contiguous(), lt = lse_t.to(at::kFloat).contiguous();
+  const Tensor ls = split_lse_f32(lse_s, n), lt = split_lse_f32(lse_t, n);
   Tensor value = at::zeros({n}, rows.options().dtype(at::kDouble)), c = at::zeros_like(value);
   const cudaStream_t st = current_stream();
   const float inv_tau = static_cast<float>(s.inv_tau);
   if (!s.linear()) {
-    check(cu::add_value(logits_tile(s, rows), logits_tile(t, rows), n, inv_tau, ls.data_ptr<float>(), lt.data_ptr<float>(),
+    check(cu::add_value(logits_tile(s, rows), logits_tile(t, rows), n, inv_tau, row_lse(ls, 0), row_lse(lt, 0),
                         static_cast<int>(kind), static_cast<float>(beta), value.data_ptr<double>(), c.data_ptr<double>(), st),
           "add_value");
   } else {
@@ -120,8 +135,8 @@ std::tuple<Tensor, Tensor> full_value_pass(const Stream& s, const Stream& t, con
       for (int64_t c0 = 0; c0 < vv; c0 += plan.block) {
         const int64_t len = std::min(plan.block, vv - c0);
         const Tensor ts = linear_tile(s, hs, c0, len, buf_s), tt = linear_tile(t, ht, c0, len, buf_t);
-        check(cu::add_value(buffer_tile(ts, c0), buffer_tile(tt, c0), r, inv_tau, ls.data_ptr<float>() + r0,
-                            lt.data_ptr<float>() + r0, static_cast<int>(kind), static_cast<float>(beta),
+        check(cu::add_value(buffer_tile(s, ts, c0), buffer_tile(t, tt, c0), r, inv_tau, row_lse(ls, r0),
+                            row_lse(lt, r0), static_cast<int>(kind), static_cast<float>(beta),
                             value.data_ptr<double>() + r0, c.data_ptr<double>() + r0, st),
               "add_value");
       }
@@ -141,8 +156,9 @@ void grad_pass(const Stream& s, const std::optional<Stream>& t, const Tensor& ro
   const bool full = t.has_value();
   if (full) check_stream(*t);
   const int64_t n = rows.size(0), vv = s.valid_vocab;
-  const Tensor ls = lse_s.to(at::kFloat).contiguous(), sc = scale.to(at::kFloat).contiguous();
-  const Tensor lt = as_float(lse_t), cc = as_float(c), dn = as_float(dense), sp = as_float(sparse);
+  const Tensor ls = split_lse_f32(lse_s, n), sc = scale.to(at::kFloat).contiguous();
+  const Tensor lt = full ? split_lse_f32(*lse_t, n) : Tensor();
+  const Tensor cc = as_float(c), dn = as_float(dense), sp = as_float(sparse);
   const Tensor cl = cols.has_value() && cols->defined() ? cols->contiguous() : Tensor();
   const int k = cl.defined() ? static_cast<int>(cl.size(1)) : 0;
   const cudaStream_t st = current_stream();
@@ -150,7 +166,7 @@ void grad_pass(const Stream& s, const std::optional<Stream>& t, const Tensor& ro
   const int kd = static_cast<int>(kind);
   // Per-row arrays of rows [r0, r0 + r): offsets into the group's arrays.
   auto launch = [&](const cu::Tile& zs, const cu::Tile& zt, int64_t r0, int64_t r, cu::Out out) {
-    check(cu::grad_tile(zs, zt, r, inv_tau, ls.data_ptr<float>() + r0, full ? lt.data_ptr<float>() + r0 : nullptr,
+    check(cu::grad_tile(zs, zt, r, inv_tau, row_lse(ls, r0), full ? row_lse(lt, r0) : cu::RowLse{nullptr, nullptr},
                         cc.defined() ? cc.data_ptr<float>() + r0 : nullptr, dn.defined() ? dn.data_ptr<float>() + r0 : nullptr,
                         cl.defined() ? cl.data_ptr<int64_t>() + r0 * k : nullptr, sp.defined() ? sp.data_ptr<float>() + r0 * k : nullptr,
                         k, overwrite, sc.data_ptr<float>() + r0, kd, b, out, st),
@@ -160,16 +176,15 @@ void grad_pass(const Stream& s, const std::optional<Stream>& t, const Tensor& ro
   if (!s.linear()) {
     TORCH_CHECK(grad_logits.has_value() && grad_logits->defined(), "dopd cuda: logits mode needs grad_logits");
     const Tensor& g = *grad_logits;
-    TORCH_CHECK(g.scalar_type() == s.x.scalar_type() && g.stride(1) == 1,
-                "dopd cuda: grad_logits must have the logits' dtype and contiguous rows");
+    TORCH_CHECK(g.dim() == 2 && g.scalar_type() == s.x.scalar_type(), "dopd cuda: grad_logits must be [N, V] of the logits' dtype");
     launch(logits_tile(s, rows), full ? logits_tile(*t, rows) : NO_TILE, 0, n,
-           cu::Out{g.data_ptr(), rows.data_ptr<int64_t>(), g.stride(0), 0});
+           cu::Out{g.data_ptr(), rows.data_ptr<int64_t>(), g.stride(0), 0, g.stride(1)});
     return;
   }
   const bool want_dh = dh.has_value() && dh->defined(), want_dw = dw.has_value() && dw->defined(),
              want_db = db.has_value() && db->defined();
   const LinearPlan plan(n, vv, tl);
-  Tensor buf_s = at::empty({plan.buffer()}, rows.options().dtype(at::kFloat));
+  Tensor buf_s = at::empty({plan.buffer()}, rows.options().dtype(at::kFloat)), buf_g = at::empty_like(buf_s);
   Tensor buf_t = full ? at::empty_like(buf_s) : Tensor();
   for (int64_t r0 = 0; r0 < n; r0 += plan.rows_per_chunk) {
     const int64_t r = std::min(plan.rows_per_chunk, n - r0);
@@ -179,13 +194,15 @@ void grad_pass(const Stream& s, const std::optional<Stream>& t, const Tensor& ro
     Tensor dh_rows = want_dh ? at::zeros({r, s.x.size(1)}, rows.options().dtype(at::kFloat)) : Tensor();
     for (int64_t c0 = 0; c0 < vv; c0 += plan.block) {
       const int64_t len = std::min(plan.block, vv - c0);
-      Tensor tile = linear_tile(s, hs, c0, len, buf_s);
-      const cu::Tile zt = full ? buffer_tile(linear_tile(*t, ht, c0, len, buf_t), c0) : NO_TILE;
-      launch(buffer_tile(tile, c0), zt, r0, r, cu::Out{tile.data_ptr(), nullptr, len, 0});
-      // The gradient tile G [r, len] (now in `tile`) is contracted at once: dH += G·W, dW += Gᵀ·H, db += Σ G.
-      if (want_dh) dh_rows.addmm_(tile, weight_block(s, c0, len));
-      if (want_dw) dw->narrow(0, c0, len).addmm_(tile.t(), hs);
-      if (want_db) db->narrow(0, c0, len).add_(tile.sum(0));
+      const Tensor tile = linear_tile(s, hs, c0, len, buf_s);
+      const cu::Tile zt = full ? buffer_tile(*t, linear_tile(*t, ht, c0, len, buf_t), c0) : NO_TILE;
+      // The gradient tile G [r, len] (with respect to the raw logits) is contracted at once: dH += G·W,
+      // dW += Gᵀ·H, db += Σ G. It has its own buffer: the sparse columns read the logits after the dense write.
+      Tensor grad = buf_g.narrow(0, 0, r * len).view({r, len});
+      launch(buffer_tile(s, tile, c0), zt, r0, r, cu::Out{grad.data_ptr(), nullptr, len, 0, 1});
+      if (want_dh) dh_rows.addmm_(grad, weight_block(s, c0, len));
+      if (want_dw) dw->narrow(0, c0, len).addmm_(grad.t(), hs);
+      if (want_db) db->narrow(0, c0, len).add_(grad.sum(0));
     }
     if (want_dh) dh->index_add_(0, rr, dh_rows);
   }
@@ -213,7 +230,10 @@ Tensor gather(const Stream& s, const Tensor& rows, const Tensor& cols) {
       if (s.b.has_value() && s.b->defined()) z = z + s.b->index_select(0, c.reshape(-1)).view({r, k}).to(at::kFloat);
       parts.push_back(z);
     }
-    out = (parts.empty() ? at::empty({0, k}, rows.options().dtype(at::kFloat)) : at::cat(parts)) * s.inv_tau;
+    out = parts.empty() ? at::empty({0, k}, rows.options().dtype(at::kFloat)) : at::cat(parts);
+    out = out * s.scale;  // the output-head transform (LinearSource.transform), then 1/τ
+    if (s.softcap > 0) out = at::tanh(out / s.softcap) * s.softcap;
+    out = out * s.inv_tau;
   }
   return out.masked_fill(cols >= s.valid_vocab, -std::numeric_limits<float>::infinity());
 }

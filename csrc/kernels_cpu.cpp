@@ -4,9 +4,15 @@
 // Logits mode: each thread owns whole rows and streams them block by block (each logit is read once
 // per pass from memory; a block is re-read from cache by the two-step max / sum-exp). Fused-linear
 // mode: for each chunk of rows and vocabulary block, ATen matmul writes the logit tile
-// H[rows] · W[block]ᵀ (+ b) into a fixed-size buffer, then the rows of the tile are processed in
-// parallel; in the gradient pass the gradient tile overwrites the logit tile and is contracted at
-// once into dH and dW. No buffer has a full vocabulary axis.
+// H[rows] · W[block]ᵀ (+ b) into a fixed-size buffer, the rows of the tile are processed in parallel
+// (the output-head transform, scale and soft-cap, is their first step: the tile epilogue); in the
+// gradient pass the gradient tile, times the head's jacobian, overwrites the logit tile and is
+// contracted at once into dH and dW. No buffer has a full vocabulary axis.
+//
+// Inputs of any strides: logits, gradients, hidden states and weights are read (and written) through
+// their strides; a non-unit column stride costs a copy of one block into per-thread scratch.
+// Log-sum-exps come in as the pair (hi, lo) of dopd_kernels.engine.split_lse, and the stats pass
+// returns (max, log Σ exp(z − max)) for the engine to add in float64.
 #include "passes_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -31,29 +37,28 @@ int num_threads() { return std::max(1, at::get_num_threads()); }
 
 // -- element access ------------------------------------------------------------------------------
 
-// Pointer to `len` logits in A starting at element `off` of a tensor's storage: the data itself when
-// its dtype is A, otherwise a converted copy in `scratch`.
+// Pointer to `len` elements in A, element j at `off + j · step` of a tensor's storage: the data itself
+// when its dtype is A and step is 1, otherwise a converted (or gathered) copy in `scratch`.
 template <typename A, typename T>
-const A* load_as(const void* base, int64_t off, int64_t len, A* scratch) {
+const A* load_as(const void* base, int64_t off, int64_t len, int64_t step, A* scratch) {
   const T* p = static_cast<const T*>(base) + off;
   if constexpr (std::is_same_v<T, A>) {
-    return p;
-  } else {
-    for (int64_t j = 0; j < len; ++j) scratch[j] = static_cast<A>(p[j]);
-    return scratch;
+    if (step == 1) return p;
   }
+  for (int64_t j = 0; j < len; ++j) scratch[j] = static_cast<A>(p[j * step]);
+  return scratch;
 }
 
 template <typename A, typename T>
-void store_as(void* base, int64_t off, const A* src, int64_t len) {
+void store_as(void* base, int64_t off, int64_t step, const A* src, int64_t len) {
   T* p = static_cast<T*>(base) + off;
-  for (int64_t j = 0; j < len; ++j) p[j] = static_cast<T>(src[j]);
+  for (int64_t j = 0; j < len; ++j) p[j * step] = static_cast<T>(src[j]);
 }
 
 template <typename A>
-using LoadFn = const A* (*)(const void*, int64_t, int64_t, A*);
+using LoadFn = const A* (*)(const void*, int64_t, int64_t, int64_t, A*);
 template <typename A>
-using StoreFn = void (*)(void*, int64_t, const A*, int64_t);
+using StoreFn = void (*)(void*, int64_t, int64_t, const A*, int64_t);
 
 template <typename A>
 LoadFn<A> loader(at::ScalarType st) {
@@ -77,18 +82,49 @@ StoreFn<A> storer(at::ScalarType st) {
   }
 }
 
-// Rows of a logits-mode stream: row r starts at base + r · stride (columns contiguous).
+// Rows of a 2-D tensor of any strides and float dtype, read in A (logits [N, V], weight rows [V, H]).
 template <typename A>
-struct LogitRows {
+struct Rows {
   const void* base;
-  int64_t stride;
+  int64_t stride, step;  // element strides of rows and columns
   LoadFn<A> load;
 
-  explicit LogitRows(const Tensor& x) : base(x.data_ptr()), stride(x.stride(0)), load(loader<A>(x.scalar_type())) {
-    TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "dopd cpu: logits must be [N, V] with contiguous rows");
+  explicit Rows(const Tensor& x)
+      : base(x.data_ptr()), stride(x.stride(0)), step(x.stride(1)), load(loader<A>(x.scalar_type())) {
+    TORCH_CHECK(x.dim() == 2, "dopd cpu: expected a 2-D tensor");
   }
   const A* segment(int64_t row, int64_t c0, int64_t len, A* scratch) const {
-    return load(base, row * stride + c0, len, scratch);
+    return load(base, row * stride + c0 * step, len, step, scratch);
+  }
+};
+
+// Per-row output-head transform of a fused-linear tile, in place (logits-mode streams have none).
+template <typename A>
+void head_transform(A* z, int64_t len, const Head<A> h) {
+  if (h.identity()) return;
+  if (h.cap > A(0)) {
+    for (int64_t j = 0; j < len; ++j) z[j] = h.logit(z[j]);  // tanh: a library call, not vectorised
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) z[j] *= h.scale;
+  }
+}
+
+template <typename A>
+Head<A> head_of(const Stream& s) {
+  return make_head<A>(s.scale, s.softcap);
+}
+
+// A log-sum-exp as the rows (hi, lo) [2, n] of split_lse, in the compute dtype.
+template <typename A>
+struct SplitLse {
+  Tensor t;
+  const A *hi, *lo;
+
+  SplitLse(const Tensor& lse, at::ScalarType acc, int64_t n) : t(lse.to(acc).contiguous()) {
+    TORCH_CHECK(t.dim() == 2 && t.size(0) == 2 && t.size(1) == n, "dopd cpu: a log-sum-exp must be (hi, lo) [2, n]");
+    hi = t.data_ptr<A>();
+    lo = hi + n;
   }
 };
 
@@ -97,6 +133,35 @@ template <typename A>
 struct Scratch {
   std::vector<A> s, t, g;
   explicit Scratch(int64_t n) : s(n), t(n), g(n) {}
+};
+
+// Raw logits h_i · W[col] + b[col] of single columns of a fused-linear stream (K dot products per
+// row, no [n, K, H] gather): the rows' hidden states copied to a contiguous [n, H] block in the compute
+// dtype; weight rows and bias read through their strides.
+template <typename A>
+struct ColumnDots {
+  Tensor h;
+  const A* hp;
+  int64_t hd;
+  Rows<A> w;
+  std::optional<Rows<A>> b;
+
+  ColumnDots(const Stream& s, const Tensor& rows)
+      : h(hidden_rows(s, rows).contiguous()), hp(h.data_ptr<A>()), hd(h.size(1)), w(*s.w),
+        b(s.b.has_value() && s.b->defined() ? std::optional<Rows<A>>(Rows<A>(s.b->unsqueeze(1))) : std::nullopt) {}
+
+  A raw(int64_t i, int64_t col, A* scratch) const {
+    const A* wr = w.segment(col, 0, hd, scratch);
+    const A* hr = hp + i * hd;
+    A acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t e = 0; e < hd; ++e) acc += hr[e] * wr[e];
+    if (b) {
+      A bv;
+      acc += *b->segment(col, 0, 1, &bv);
+    }
+    return acc;
+  }
 };
 
 // -- stats ---------------------------------------------------------------------------------------
@@ -141,10 +206,10 @@ const A* mask_excluded(const A* z, int64_t c0, int64_t len, const int64_t* ex, i
   return out;
 }
 
-// Log-sum-exp (and top-k when k > 0) of each row; with `excluded` [n, k_ex], the log-sum-exp of the
-// valid columns outside the row's excluded ones (a tail bucket, summed directly).
+// Log-sum-exp as (max, log-sum) (and top-k when k > 0) of each row; with `excluded` [n, k_ex], the
+// log-sum-exp of the valid columns outside the row's excluded ones (a tail bucket, summed directly).
 template <typename A>
-std::tuple<Tensor, Tensor> stats_impl(const Stream& s, const Tensor& rows, int64_t k64, Tiling tl,
+std::tuple<Tensor, Tensor, Tensor> stats_impl(const Stream& s, const Tensor& rows, int64_t k64, Tiling tl,
                                       const Tensor* excluded = nullptr) {
   const int64_t n = rows.size(0), vv = s.valid_vocab;
   const int k = static_cast<int>(k64);
@@ -159,7 +224,7 @@ std::tuple<Tensor, Tensor> stats_impl(const Stream& s, const Tensor& rows, int64
   for (int64_t i = 0; i < n; ++i) st[i] = {lse_empty<A>(), heap_v.data() + i * k, heap_i + i * k, 0};
 
   if (!s.linear()) {
-    const LogitRows<A> x(s.x);
+    const Rows<A> x(s.x);
     const int64_t block = std::max<int64_t>(1, std::min(tl.vocab_chunk, vv));
 #pragma omp parallel num_threads(num_threads())
     {
@@ -174,6 +239,7 @@ std::tuple<Tensor, Tensor> stats_impl(const Stream& s, const Tensor& rows, int64
         }
     }
   } else {
+    const Head<A> head = head_of<A>(s);
     const LinearPlan plan(n, vv, tl);
     Tensor buf = at::empty({plan.buffer()}, rows.options().dtype(s.acc()));
     for (int64_t r0 = 0; r0 < n; r0 += plan.rows_per_chunk) {
@@ -184,7 +250,8 @@ std::tuple<Tensor, Tensor> stats_impl(const Stream& s, const Tensor& rows, int64
         A* tile = linear_tile(s, h, c0, len, buf).data_ptr<A>();
 #pragma omp parallel for num_threads(num_threads()) schedule(static)
         for (int64_t i = 0; i < r; ++i) {
-          A* z = tile + i * len;  // this row's part of the tile buffer: masked in place
+          A* z = tile + i * len;  // this row's part of the tile buffer: transformed and masked in place
+          head_transform(z, len, head);
           if (ex) mask_excluded(z, c0, len, ex + (r0 + i) * k_ex, k_ex, z);
           stats_segment(z, c0, len, inv_tau, k, st[r0 + i]);
         }
@@ -192,31 +259,36 @@ std::tuple<Tensor, Tensor> stats_impl(const Stream& s, const Tensor& rows, int64
     }
   }
 
-  Tensor lse = at::empty({n}, rows.options().dtype(s.acc()));
-  A* lp = lse.data_ptr<A>();
+  Tensor mx = at::empty({n}, rows.options().dtype(s.acc())), log_sum = at::empty_like(mx);
+  A *mp = mx.data_ptr<A>(), *lp = log_sum.data_ptr<A>();
 #pragma omp parallel for num_threads(num_threads()) schedule(static)
   for (int64_t i = 0; i < n; ++i) {
-    lp[i] = lse_finish(st[i].lse);
+    mp[i] = st[i].lse.m;
+    lp[i] = lse_log_sum(st[i].lse);
     topk_sort(st[i].heap_v, st[i].heap_i, st[i].count);
   }
-  return {lse, topk};
+  return {mx, log_sum, topk};
 }
 
 // -- full-vocabulary value -------------------------------------------------------------------------
 
 // Row constants and parameters are taken by value throughout: read through a reference, the compiler
 // cannot prove them loop-invariant and gives up vectorising the column loops.
+// The sums run in float64: terms p·(log p − log q) of logits ~N(0, 40²) reach hundreds while the
+// divergence, and the reverse-KL gradient constant c it becomes, need fp32 precision of the total.
 template <int KIND, typename A>
-void value_segment(const A* zs, const A* zt, int64_t len, A inv_tau, A ls, A lt, const DivParams<A> P, double& value,
-                   double& c) {
-  A v = 0, cs = 0;
+void value_segment(const A* zs, const A* zt, int64_t len, A inv_tau, A ls, A ls2, A lt, A lt2, const DivParams<A> P,
+                   double& value, double& c) {
+  double v = 0, cs = 0;
 #pragma omp simd reduction(+ : v)
-  for (int64_t j = 0; j < len; ++j) v += value_term<KIND>(zs[j] * inv_tau - ls, zt[j] * inv_tau - lt, P);
+  for (int64_t j = 0; j < len; ++j)
+    v += double(value_term<KIND>(log_prob(zs[j] * inv_tau, ls, ls2), log_prob(zt[j] * inv_tau, lt, lt2), P));
   if constexpr (KIND == JS) {
 #pragma omp simd reduction(+ : cs)
-    for (int64_t j = 0; j < len; ++j) cs += js_c_term(zs[j] * inv_tau - ls, zt[j] * inv_tau - lt, P);
+    for (int64_t j = 0; j < len; ++j)
+      cs += double(js_c_term(log_prob(zs[j] * inv_tau, ls, ls2), log_prob(zt[j] * inv_tau, lt, lt2), P));
   }
-  value += v;  // block partial sums add in float64
+  value += v;
   c += cs;
 }
 
@@ -227,16 +299,14 @@ std::tuple<Tensor, Tensor> value_impl(const Stream& s, const Stream& t, const Te
   const A inv_tau = static_cast<A>(s.inv_tau);
   const DivParams<A> P = div_params<A>(KIND, beta);
   const int64_t* rp = rows.data_ptr<int64_t>();
-  const Tensor ls_c = lse_s.to(s.acc()).contiguous(), lt_c = lse_t.to(s.acc()).contiguous();
-  const A* ls = ls_c.data_ptr<A>();
-  const A* lt = lt_c.data_ptr<A>();
+  const SplitLse<A> ls(lse_s, s.acc(), n), lt(lse_t, s.acc(), n);
   Tensor value = at::zeros({n}, rows.options().dtype(at::kDouble));
   Tensor c = at::zeros({n}, rows.options().dtype(at::kDouble));
   double* vp = value.data_ptr<double>();
   double* cp = c.data_ptr<double>();
 
   if (!s.linear()) {
-    const LogitRows<A> xs(s.x), xt(t.x);
+    const Rows<A> xs(s.x), xt(t.x);
     const int64_t block = std::max<int64_t>(1, std::min(tl.vocab_chunk, vv));
 #pragma omp parallel num_threads(num_threads())
     {
@@ -246,10 +316,11 @@ std::tuple<Tensor, Tensor> value_impl(const Stream& s, const Stream& t, const Te
         for (int64_t c0 = 0; c0 < vv; c0 += block) {
           const int64_t len = std::min(block, vv - c0);
           value_segment<KIND>(xs.segment(rp[i], c0, len, scr.s.data()), xt.segment(rp[i], c0, len, scr.t.data()), len,
-                              inv_tau, ls[i], lt[i], P, vp[i], cp[i]);
+                              inv_tau, ls.hi[i], ls.lo[i], lt.hi[i], lt.lo[i], P, vp[i], cp[i]);
         }
     }
   } else {
+    const Head<A> head_s = head_of<A>(s), head_t = head_of<A>(t);
     const LinearPlan plan(n, vv, tl);
     Tensor buf_s = at::empty({plan.buffer()}, rows.options().dtype(s.acc()));
     Tensor buf_t = at::empty({plan.buffer()}, rows.options().dtype(s.acc()));
@@ -259,11 +330,16 @@ std::tuple<Tensor, Tensor> value_impl(const Stream& s, const Stream& t, const Te
       const Tensor hs = hidden_rows(s, rr), ht = hidden_rows(t, rr);
       for (int64_t c0 = 0; c0 < vv; c0 += plan.block) {
         const int64_t len = std::min(plan.block, vv - c0);
-        const A* ts = linear_tile(s, hs, c0, len, buf_s).data_ptr<A>();
-        const A* tt = linear_tile(t, ht, c0, len, buf_t).data_ptr<A>();
+        A* ts = linear_tile(s, hs, c0, len, buf_s).data_ptr<A>();
+        A* tt = linear_tile(t, ht, c0, len, buf_t).data_ptr<A>();
 #pragma omp parallel for num_threads(num_threads()) schedule(static)
-        for (int64_t i = 0; i < r; ++i)
-          value_segment<KIND>(ts + i * len, tt + i * len, len, inv_tau, ls[r0 + i], lt[r0 + i], P, vp[r0 + i], cp[r0 + i]);
+        for (int64_t i = 0; i < r; ++i) {
+          const int64_t q = r0 + i;
+          head_transform(ts + i * len, len, head_s);
+          head_transform(tt + i * len, len, head_t);
+          value_segment<KIND>(ts + i * len, tt + i * len, len, inv_tau, ls.hi[q], ls.lo[q], lt.hi[q], lt.lo[q], P, vp[q],
+                              cp[q]);
+        }
       }
     }
   }
@@ -276,28 +352,37 @@ std::tuple<Tensor, Tensor> value_impl(const Stream& s, const Stream& t, const Te
 // What the gradient of one row needs besides its logits.
 template <typename A>
 struct GradRow {
-  A ls, lt, c, dense, scale;
+  A ls, ls2, lt, lt2, c, dense, scale;  // log-sum-exps as (hi, lo) pairs
   const int64_t* cols;  // few-column term: explicit columns [K] and their coefficients
   const A* sparse;
   bool overwrite;       // coefficients are the columns' whole gradient (else added to p·dense)
 };
 
-// Gradient of one block (τ · ∂D/∂z times `scale`) into g; g may alias zs (element-wise in place).
+// Gradient of one block (τ · ∂D/∂z times `scale`, times the head's jacobian: with respect to the raw
+// logits) into g; zs holds the transformed logits and g may alias it (element-wise in place).
+// `jac` is scratch for the jacobians of the k explicit columns, read before g overwrites zs.
 template <int KIND, bool FULL, typename A>
 void grad_segment(const A* zs, const A* zt, A* g, int64_t c0, int64_t len, int64_t k, A inv_tau, const GradRow<A> r,
-                  const DivParams<A> P) {
+                  const DivParams<A> P, const Head<A> head, A* jac) {
   if constexpr (FULL) {
 #pragma omp simd
-    for (int64_t j = 0; j < len; ++j)
-      g[j] = full_grad_term<KIND>(zs[j] * inv_tau - r.ls, zt[j] * inv_tau - r.lt, r.c, P) * r.scale;
+    for (int64_t j = 0; j < len; ++j) {
+      const A lp = log_prob(zs[j] * inv_tau, r.ls, r.ls2), lq = log_prob(zt[j] * inv_tau, r.lt, r.lt2);
+      g[j] = full_grad_term<KIND>(lp, lq, r.c, P) * r.scale * head.jacobian(zs[j]);
+    }
   } else {
+    for (int64_t q = 0; q < k; ++q) {
+      const int64_t col = r.cols[q] - c0;
+      if (col >= 0 && col < len) jac[q] = head.jacobian(zs[col]);
+    }
 #pragma omp simd
-    for (int64_t j = 0; j < len; ++j) g[j] = dense_grad_term(zs[j] * inv_tau - r.ls, r.dense) * r.scale;
+    for (int64_t j = 0; j < len; ++j)
+      g[j] = dense_grad_term(log_prob(zs[j] * inv_tau, r.ls, r.ls2), r.dense) * r.scale * head.jacobian(zs[j]);
     // The explicit columns inside this block: their whole gradient, or a sparse part added.
     for (int64_t q = 0; q < k; ++q) {
       const int64_t col = r.cols[q] - c0;
       if (col < 0 || col >= len) continue;
-      g[col] = (r.overwrite ? A(0) : g[col]) + r.sparse[q] * r.scale;
+      g[col] = (r.overwrite ? A(0) : g[col]) + r.sparse[q] * r.scale * jac[q];
     }
   }
 }
@@ -321,43 +406,47 @@ void grad_impl(const Stream& s, const Stream* t, const Tensor& rows, const Tenso
     if (!x.has_value() || !x->defined()) return std::nullopt;
     return x->to(s.acc()).contiguous();
   };
-  const Tensor ls_c = lse_s.to(s.acc()).contiguous(), sc_c = scale.to(s.acc()).contiguous();
-  const std::optional<Tensor> lt_c = as_acc(lse_t), c_c = as_acc(c), dense_c = as_acc(dense), sparse_c = as_acc(sparse);
+  const Tensor sc_c = scale.to(s.acc()).contiguous();
+  const SplitLse<A> ls(lse_s, s.acc(), n);
+  const std::optional<SplitLse<A>> lt = FULL ? std::optional<SplitLse<A>>(SplitLse<A>(*lse_t, s.acc(), n)) : std::nullopt;
+  const std::optional<Tensor> c_c = as_acc(c), dense_c = as_acc(dense), sparse_c = as_acc(sparse);
   const std::optional<Tensor> cols_c = cols.has_value() && cols->defined() ? std::optional<Tensor>(cols->contiguous()) : std::nullopt;
-  const A *ls = ls_c.data_ptr<A>(), *sc = sc_c.data_ptr<A>(), *lt = data_or_null<A>(lt_c), *cc = data_or_null<A>(c_c),
-          *dn = data_or_null<A>(dense_c), *sp = data_or_null<A>(sparse_c);
+  const A *sc = sc_c.data_ptr<A>(), *cc = data_or_null<A>(c_c), *dn = data_or_null<A>(dense_c), *sp = data_or_null<A>(sparse_c);
   const int64_t* cl = cols_c ? cols_c->data_ptr<int64_t>() : nullptr;
   const int64_t k = cols_c ? cols_c->size(1) : 0;
   auto row_of = [&](int64_t i) {
-    return GradRow<A>{ls[i], FULL ? lt[i] : A(0), (FULL && cc) ? cc[i] : A(0), FULL ? A(0) : dn[i], sc[i],
-                      FULL ? nullptr : cl + i * k, FULL ? nullptr : sp + i * k, overwrite};
+    return GradRow<A>{ls.hi[i], ls.lo[i], FULL ? lt->hi[i] : A(0), FULL ? lt->lo[i] : A(0), (FULL && cc) ? cc[i] : A(0),
+                      FULL ? A(0) : dn[i], sc[i], FULL ? nullptr : cl + i * k, FULL ? nullptr : sp + i * k, overwrite};
   };
 
   if (!s.linear()) {
-    TORCH_CHECK(grad_logits.has_value() && grad_logits->defined(), "dopd cpu: logits mode needs grad_logits");
+    TORCH_CHECK(grad_logits.has_value() && grad_logits->defined() && grad_logits->dim() == 2,
+                "dopd cpu: logits mode needs grad_logits [N, V]");
     const Tensor& gl = *grad_logits;
-    TORCH_CHECK(gl.stride(1) == 1, "dopd cpu: grad_logits must have contiguous rows");
-    const LogitRows<A> xs(s.x);
-    const std::optional<LogitRows<A>> xt = FULL ? std::optional<LogitRows<A>>(LogitRows<A>(t->x)) : std::nullopt;
+    const Rows<A> xs(s.x);
+    const std::optional<Rows<A>> xt = FULL ? std::optional<Rows<A>>(Rows<A>(t->x)) : std::nullopt;
     const StoreFn<A> store = storer<A>(gl.scalar_type());
     void* gbase = gl.data_ptr();
-    const int64_t gstride = gl.stride(0);
-    const bool direct = gl.scalar_type() == s.acc();  // write the gradient in place, no conversion
+    const int64_t gstride = gl.stride(0), gstep = gl.stride(1);
+    // Write the gradient in place when its dtype is the compute dtype and its columns contiguous.
+    const bool direct = gl.scalar_type() == s.acc() && gstep == 1;
     const int64_t block = std::max<int64_t>(1, std::min(tl.vocab_chunk, vv));
+    const Head<A> none = make_head<A>(1.0, 0.0);
 #pragma omp parallel num_threads(num_threads())
     {
       Scratch<A> scr(block);
+      std::vector<A> jac(k);
 #pragma omp for schedule(dynamic, 1)
       for (int64_t i = 0; i < n; ++i) {
         const GradRow<A> r = row_of(i);
         for (int64_t c0 = 0; c0 < vv; c0 += block) {
           const int64_t len = std::min(block, vv - c0);
-          const int64_t off = rp[i] * gstride + c0;
+          const int64_t off = rp[i] * gstride + c0 * gstep;
           A* g = direct ? static_cast<A*>(gbase) + off : scr.g.data();
           const A* zs = xs.segment(rp[i], c0, len, scr.s.data());
           const A* zt = FULL ? xt->segment(rp[i], c0, len, scr.t.data()) : nullptr;
-          grad_segment<KIND, FULL>(zs, zt, g, c0, len, k, inv_tau, r, P);
-          if (!direct) store(gbase, off, g, len);
+          grad_segment<KIND, FULL>(zs, zt, g, c0, len, k, inv_tau, r, P, none, jac.data());
+          if (!direct) store(gbase, off, gstep, g, len);
         }
       }
     }
@@ -366,6 +455,7 @@ void grad_impl(const Stream& s, const Stream* t, const Tensor& rows, const Tenso
 
   const bool want_dh = dh.has_value() && dh->defined(), want_dw = dw.has_value() && dw->defined(),
              want_db = db.has_value() && db->defined();
+  const Head<A> head_s = head_of<A>(s), head_t = FULL ? head_of<A>(*t) : head_s;
   const LinearPlan plan(n, vv, tl);
   Tensor buf_s = at::empty({plan.buffer()}, rows.options().dtype(s.acc()));
   Tensor buf_t = FULL ? at::empty({plan.buffer()}, rows.options().dtype(s.acc())) : Tensor();
@@ -379,11 +469,18 @@ void grad_impl(const Stream& s, const Stream* t, const Tensor& rows, const Tenso
       const int64_t len = std::min(plan.block, vv - c0);
       Tensor tile = linear_tile(s, hs, c0, len, buf_s);
       A* ts = tile.data_ptr<A>();
-      const A* tt = FULL ? linear_tile(*t, ht, c0, len, buf_t).data_ptr<A>() : nullptr;
-#pragma omp parallel for num_threads(num_threads()) schedule(static)
-      for (int64_t i = 0; i < r; ++i)
-        grad_segment<KIND, FULL>(ts + i * len, FULL ? tt + i * len : nullptr, ts + i * len, c0, len, k, inv_tau,
-                                 row_of(r0 + i), P);
+      A* tt = FULL ? linear_tile(*t, ht, c0, len, buf_t).data_ptr<A>() : nullptr;
+#pragma omp parallel num_threads(num_threads())
+      {
+        std::vector<A> jac(k);
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < r; ++i) {
+          head_transform(ts + i * len, len, head_s);
+          if (FULL) head_transform(tt + i * len, len, head_t);
+          grad_segment<KIND, FULL>(ts + i * len, FULL ? tt + i * len : nullptr, ts + i * len, c0, len, k, inv_tau,
+                                   row_of(r0 + i), P, head_s, jac.data());
+        }
+      }
       // The gradient tile G [r, len] (now in `tile`) is contracted at once: dH += G·W, dW += Gᵀ·H, db += Σ G.
       if (want_dh) dh_rows.addmm_(tile, weight_block(s, c0, len));
       if (want_dw) dw->narrow(0, c0, len).addmm_(tile.t(), hs);
@@ -419,20 +516,23 @@ void check_rows(const Tensor& rows) {
 
 }  // namespace
 
-std::tuple<Tensor, Tensor> stats_pass(const Stream& s, const Tensor& rows, int64_t k, Tiling tiling) {
+std::tuple<Tensor, Tensor, Tensor> stats_pass(const Stream& s, const Tensor& rows, int64_t k, Tiling tiling) {
   check_rows(rows);
-  std::tuple<Tensor, Tensor> out;
+  std::tuple<Tensor, Tensor, Tensor> out;
   with_acc(s.acc(), [&](auto a) { out = stats_impl<decltype(a)>(s, rows, k, tiling); });
   return out;
 }
 
-Tensor rest_lse_pass(const Stream& s, const Tensor& rows, const Tensor& cols, Tiling tiling) {
+std::tuple<Tensor, Tensor> rest_lse_pass(const Stream& s, const Tensor& rows, const Tensor& cols, Tiling tiling) {
   check_rows(rows);
   TORCH_CHECK(cols.dim() == 2 && cols.size(0) == rows.size(0) && cols.scalar_type() == at::kLong,
               "dopd cpu: cols must be int64 [n, k] for n rows");
   const Tensor ex = cols.contiguous();
-  Tensor out;
-  with_acc(s.acc(), [&](auto a) { out = std::get<0>(stats_impl<decltype(a)>(s, rows, 0, tiling, &ex)); });
+  std::tuple<Tensor, Tensor> out;
+  with_acc(s.acc(), [&](auto a) {
+    auto st = stats_impl<decltype(a)>(s, rows, 0, tiling, &ex);
+    out = {std::get<0>(st), std::get<1>(st)};
+  });
   return out;
 }
 
@@ -480,7 +580,7 @@ Tensor gather(const Stream& s, const Tensor& rows, const Tensor& cols_in) {
     const int64_t* cp = cols.data_ptr<int64_t>();
     A* op = out.data_ptr<A>();
     if (!s.linear()) {
-      const LogitRows<A> x(s.x);
+      const Rows<A> x(s.x);
 #pragma omp parallel for num_threads(num_threads()) schedule(static)
       for (int64_t i = 0; i < n; ++i)
         for (int64_t q = 0; q < k; ++q) {
@@ -490,23 +590,19 @@ Tensor gather(const Stream& s, const Tensor& rows, const Tensor& cols_in) {
         }
       return;
     }
-    // K dot products per row against weight rows read in place.
-    const Tensor h = hidden_rows(s, rows).contiguous();
-    const Tensor w = s.w->to(s.acc()).contiguous();  // a view unless the weight's dtype differs
-    const std::optional<Tensor> b = s.b.has_value() && s.b->defined() ? std::optional<Tensor>(s.b->to(s.acc()).contiguous()) : std::nullopt;
-    const int64_t hd = h.size(1);
-    const A *hp = h.data_ptr<A>(), *wp = w.data_ptr<A>(), *bp = b ? b->data_ptr<A>() : nullptr;
-#pragma omp parallel for num_threads(num_threads()) schedule(static)
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t q = 0; q < k; ++q) {
-        const int64_t col = cp[i * k + q];
-        const A* wr = wp + col * hd;
-        A acc = 0;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t e = 0; e < hd; ++e) acc += hp[i * hd + e] * wr[e];
-        if (bp) acc += bp[col];
-        op[i * k + q] = col < vv ? acc * inv_tau : neg_inf<A>();
-      }
+    // K dot products per row against weight rows read in place, then the head transform.
+    const ColumnDots<A> dots(s, rows);
+    const Head<A> head = head_of<A>(s);
+#pragma omp parallel num_threads(num_threads())
+    {
+      std::vector<A> scratch(dots.hd);
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t q = 0; q < k; ++q) {
+          const int64_t col = cp[i * k + q];
+          op[i * k + q] = col < vv ? head.logit(dots.raw(i, col, scratch.data())) * inv_tau : neg_inf<A>();
+        }
+    }
   });
   return out;
 }
@@ -519,16 +615,29 @@ void sparse_grad(const Stream& s, const Tensor& rows, const Tensor& cols_in, con
   const int64_t n = cols.size(0), k = cols.size(1), hd = s.x.size(1);
   with_acc(s.acc(), [&](auto a) {
     using A = decltype(a);
-    const Tensor coef = coef_in.to(s.acc()).contiguous();
-    const A* cf = coef.data_ptr<A>();
     const int64_t* cp = cols.data_ptr<int64_t>();
     const int64_t* rp = rows.data_ptr<int64_t>();
+    const ColumnDots<A> dots(s, rows);  // the rows' hidden states, and the raw logits the jacobian needs
+    const Rows<A> w(*s.w);
+    // coef is the gradient with respect to the transformed logits: times the head's jacobian at
+    // (row, column), from the logit recomputed by one dot product, it is with respect to the raw ones.
+    const Head<A> head = head_of<A>(s);
+    Tensor coef = at::empty({n, k}, cols.options().dtype(s.acc()));
+    coef.copy_(coef_in);
+    A* cf = coef.data_ptr<A>();
+    if (!head.identity()) {
+#pragma omp parallel num_threads(num_threads())
+      {
+        std::vector<A> scratch(hd);
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t q = 0; q < k; ++q)
+            if (cf[i * k + q] != A(0)) cf[i * k + q] *= head.jacobian(head.logit(dots.raw(i, cp[i * k + q], scratch.data())));
+      }
+    }
     if (dh.has_value() && dh->defined()) {
       // dH[row] += Σ_q coef · W[col]: one writer per row; weight rows read in place (or converted).
       TORCH_CHECK(dh->is_contiguous() && dh->scalar_type() == s.acc(), "dopd cpu: dh must be contiguous in the compute dtype");
-      const Tensor& w = *s.w;
-      TORCH_CHECK(w.stride(1) == 1, "dopd cpu: weight rows must be contiguous");
-      const LoadFn<A> load = loader<A>(w.scalar_type());
       A* out = dh->data_ptr<A>();
 #pragma omp parallel num_threads(num_threads())
       {
@@ -539,7 +648,7 @@ void sparse_grad(const Stream& s, const Tensor& rows, const Tensor& cols_in, con
           for (int64_t q = 0; q < k; ++q) {
             const A c = cf[i * k + q];
             if (c == A(0)) continue;
-            const A* wr = load(w.data_ptr(), cp[i * k + q] * w.stride(0), hd, scratch.data());
+            const A* wr = w.segment(cp[i * k + q], 0, hd, scratch.data());
 #pragma omp simd
             for (int64_t e = 0; e < hd; ++e) o[e] += c * wr[e];
           }
@@ -547,7 +656,7 @@ void sparse_grad(const Stream& s, const Tensor& rows, const Tensor& cols_in, con
       }
     }
     const bool want_dw = dw.has_value() && dw->defined(), want_db = db.has_value() && db->defined();
-    if (!want_dw && !want_db) return;
+    if (!want_dw && !want_db) return;  // a frozen head: no dW work
     // dW[col] += Σ coef · H[row] and db[col] += Σ coef over the entries sorted by column: each
     // column's run has one writer, so threads never share an output row.
     const Tensor order = std::get<1>(at::sort(cols.reshape(-1), /*stable=*/true, /*dim=*/0, /*descending=*/false));
@@ -557,9 +666,9 @@ void sparse_grad(const Stream& s, const Tensor& rows, const Tensor& cols_in, con
     for (int64_t j = 0; j < m; ++j)
       if (j == 0 || cp[op[j]] != cp[op[j - 1]]) starts.push_back(j);
     starts.push_back(m);
-    const Tensor h = hidden_rows(s, rows).contiguous();
-    const A* hp = h.data_ptr<A>();
+    const A* hp = dots.hp;
     if (want_dw) TORCH_CHECK(dw->is_contiguous() && dw->scalar_type() == s.acc(), "dopd cpu: dw must be contiguous in the compute dtype");
+    if (want_db) TORCH_CHECK(db->is_contiguous() && db->scalar_type() == s.acc(), "dopd cpu: db must be contiguous in the compute dtype");
     A* dwp = want_dw ? dw->data_ptr<A>() : nullptr;
     A* dbp = want_db ? db->data_ptr<A>() : nullptr;
     const int64_t runs = static_cast<int64_t>(starts.size()) - 1;

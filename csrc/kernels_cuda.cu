@@ -1,8 +1,10 @@
 // CUDA kernels of the fused DOPD / OPD passes; per-row math from row_math.h (the same code the CPU
 // kernels and the C++ unit tests run). One thread block per row and tile: in logits mode the tile is
-// the whole row of the bf16/fp16/fp32 logits, read once per pass (the gradient is written once); in
-// fused-linear mode cuda_glue.cpp computes bounded fp32 logit tiles with cuBLAS and these kernels are
-// the epilogue (the gradient overwrites the tile, which the glue then contracts into dH and dW).
+// the whole row of the bf16/fp16/fp32 logits (any strides; student and target dtypes may differ),
+// read once per pass (the gradient is written once); in fused-linear mode cuda_glue.cpp computes
+// bounded fp32 tiles of raw logits with cuBLAS and these kernels are the epilogue: the output-head
+// transform (scale, soft-cap) on every value read, the head's jacobian on every gradient written into
+// a gradient tile, which the glue then contracts into dH and dW.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -37,15 +39,22 @@ __device__ __forceinline__ const T* row_of(const Tile& t, int64_t i) {
   return static_cast<const T*>(t.ptr) + (t.rows ? t.rows[i] : i) * t.stride + t.offset;
 }
 
+// Transformed logit (before 1/τ) of column j of a row of tile t.
+template <typename T>
+__device__ __forceinline__ float logit_at(const Tile& t, const T* row, int64_t j) {
+  return t.head.logit(to_f(row[j * t.step]));
+}
+
 // -- block reductions (result valid in thread 0) -----------------------------------------------------
 
-__device__ float block_sum(float v, float* red) {
+template <typename S>
+__device__ S block_sum(S v, S* red) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   __syncthreads();  // `red` may still be read from a previous reduction
   if (lane == 0) red[warp] = v;
   __syncthreads();
-  v = threadIdx.x < WARPS ? red[threadIdx.x] : 0.0f;
+  v = threadIdx.x < WARPS ? red[threadIdx.x] : S(0);
   if (warp == 0)
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
   return v;
@@ -129,7 +138,7 @@ __global__ void __launch_bounds__(THREADS) merge_stats_kernel(Tile z, float inv_
     if (threadIdx.x == 0) n_cand = 0;
     __syncthreads();
     for (int64_t j = base + threadIdx.x; j < end; j += blockDim.x) {
-      const float v = to_f(row[j]) * inv_tau;
+      const float v = logit_at(z, row, j) * inv_tau;
       lse_push(st, v);
       if (topk_admits_sorted(v, sv, kept, k)) {  // `kept` is fixed during a round: at most `round` enter
         const int slot = atomicAdd(&n_cand, 1);
@@ -164,75 +173,82 @@ __global__ void __launch_bounds__(THREADS) merge_stats_kernel(Tile z, float inv_
   }
 }
 
-__global__ void finish_stats_kernel(int64_t n, const float* m, const float* s, float* lse) {
+__global__ void finish_stats_kernel(int64_t n, const float* m, const float* s, float* log_sum) {
   const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (i < n) lse[i] = lse_finish(LseState<float>{m[i], s[i]});
+  if (i < n) log_sum[i] = lse_log_sum(LseState<float>{m[i], s[i]});
 }
 
 // -- value -----------------------------------------------------------------------------------------
 
-template <int KIND, typename T>
-__global__ void __launch_bounds__(THREADS) add_value_kernel(Tile zs, Tile zt, float inv_tau, const float* lse_s,
-                                                            const float* lse_t, DivParams<float> P, double* value,
+// Sums in float64: terms p·(log p − log q) of large logits reach hundreds while the divergence (and
+// the reverse-KL gradient constant it becomes) needs fp32 precision of the total.
+template <int KIND, typename TS, typename TT>
+__global__ void __launch_bounds__(THREADS) add_value_kernel(Tile zs, Tile zt, float inv_tau, RowLse lse_s,
+                                                            RowLse lse_t, DivParams<float> P, double* value,
                                                             double* c) {
-  __shared__ float red[WARPS];
+  __shared__ double red[WARPS];
   const int64_t i = blockIdx.x;
-  const T *a = row_of<T>(zs, i), *b = row_of<T>(zt, i);
-  const float ls = lse_s[i], lt = lse_t[i];
-  float v = 0.0f, cs = 0.0f;
+  const TS* a = row_of<TS>(zs, i);
+  const TT* b = row_of<TT>(zt, i);
+  const float hs = lse_s.hi[i], ls = lse_s.lo[i], ht = lse_t.hi[i], lt = lse_t.lo[i];
+  double v = 0.0, cs = 0.0;
   for (int64_t j = threadIdx.x; j < zs.len; j += blockDim.x) {
-    const float lp = to_f(a[j]) * inv_tau - ls, lq = to_f(b[j]) * inv_tau - lt;
+    const float lp = log_prob(logit_at(zs, a, j) * inv_tau, hs, ls), lq = log_prob(logit_at(zt, b, j) * inv_tau, ht, lt);
     v += value_term<KIND>(lp, lq, P);
     if (KIND == JS) cs += js_c_term(lp, lq, P);
   }
   v = block_sum(v, red);
   if (KIND == JS) cs = block_sum(cs, red);
   if (threadIdx.x == 0) {
-    value[i] += v;  // tile partial sums add in float64
+    value[i] += v;
     if (KIND == JS) c[i] += cs;
   }
 }
 
 // -- gradient --------------------------------------------------------------------------------------
 
-template <int KIND, bool FULL, typename T>
-__global__ void __launch_bounds__(THREADS) grad_kernel(Tile zs, Tile zt, float inv_tau, const float* lse_s,
-                                                       const float* lse_t, const float* c, const float* dense,
-                                                       const int64_t* cols, const float* sparse, int k,
-                                                       bool overwrite, const float* scale, DivParams<float> P,
-                                                       Out out) {
+template <int KIND, bool FULL, typename TS, typename TT>
+__global__ void __launch_bounds__(THREADS) grad_kernel(Tile zs, Tile zt, float inv_tau, RowLse lse_s, RowLse lse_t,
+                                                       const float* c, const float* dense, const int64_t* cols,
+                                                       const float* sparse, int k, bool overwrite, const float* scale,
+                                                       DivParams<float> P, Out out) {
   const int64_t i = blockIdx.x;
-  const T* a = row_of<T>(zs, i);
-  T* g = static_cast<T*>(out.ptr) + (out.rows ? out.rows[i] : i) * out.stride + out.offset;
-  const float ls = lse_s[i], sc = scale[i];
+  const TS* a = row_of<TS>(zs, i);
+  TS* g = static_cast<TS*>(out.ptr) + (out.rows ? out.rows[i] : i) * out.stride + out.offset;
+  const float hs = lse_s.hi[i], ls = lse_s.lo[i], sc = scale[i];
   if (FULL) {
-    const T* b = row_of<T>(zt, i);
-    const float lt = lse_t[i], ci = c ? c[i] : 0.0f;
-    for (int64_t j = threadIdx.x; j < zs.len; j += blockDim.x)
-      g[j] = from_f<T>(full_grad_term<KIND>(to_f(a[j]) * inv_tau - ls, to_f(b[j]) * inv_tau - lt, ci, P) * sc);
+    const TT* b = row_of<TT>(zt, i);
+    const float ht = lse_t.hi[i], lt = lse_t.lo[i], ci = c ? c[i] : 0.0f;
+    for (int64_t j = threadIdx.x; j < zs.len; j += blockDim.x) {
+      const float x = logit_at(zs, a, j);
+      const float lq = log_prob(logit_at(zt, b, j) * inv_tau, ht, lt);
+      g[j * out.step] = from_f<TS>(full_grad_term<KIND>(log_prob(x * inv_tau, hs, ls), lq, ci, P) * sc * zs.head.jacobian(x));
+    }
     return;
   }
   const float d = dense[i];
-  // Columns carrying a sparse coefficient are written once, below, with both parts.
-  for (int64_t j = threadIdx.x; j < zs.len; j += blockDim.x) g[j] = from_f<T>(dense_grad_term(to_f(a[j]) * inv_tau - ls, d) * sc);
+  // Columns carrying a sparse coefficient are written again, below, with both parts.
+  for (int64_t j = threadIdx.x; j < zs.len; j += blockDim.x) {
+    const float x = logit_at(zs, a, j);
+    g[j * out.step] = from_f<TS>(dense_grad_term(log_prob(x * inv_tau, hs, ls), d) * sc * zs.head.jacobian(x));
+  }
   __syncthreads();
+  // Each explicit column in the tile is written once, by the thread of its first occurrence (repeated
+  // columns sum their coefficients), from the logit (out never aliases zs), rounded once.
   for (int q = threadIdx.x; q < k; q += blockDim.x) {
     const int64_t col = cols[i * k + q] - zs.col0;
     if (col < 0 || col >= zs.len) continue;
-    if (overwrite) {  // the column's whole gradient
-      g[col] = from_f<T>(sparse[i * k + q] * sc);
-    } else if constexpr (sizeof(T) == sizeof(float)) {  // fp32: add in place (the tile may alias the logits)
-      atomicAdd(reinterpret_cast<float*>(g) + col, sparse[i * k + q] * sc);
-    } else {  // 16-bit: recompute the column so that it is rounded once; repeated columns sum their parts
-      bool first = true;
-      float sp = 0.0f;
-      for (int r = 0; r < k; ++r)
-        if (cols[i * k + r] - zs.col0 == col) {
-          first = first && r >= q;
-          sp += sparse[i * k + r];
-        }
-      if (first) g[col] = from_f<T>((dense_grad_term(to_f(a[col]) * inv_tau - ls, d) + sp) * sc);
-    }
+    bool first = true;
+    float sp = 0.0f;
+    for (int r = 0; r < k; ++r)
+      if (cols[i * k + r] - zs.col0 == col) {
+        first = first && r >= q;
+        sp += sparse[i * k + r];
+      }
+    if (!first) continue;
+    const float x = logit_at(zs, a, col);
+    const float base = overwrite ? 0.0f : dense_grad_term(log_prob(x * inv_tau, hs, ls), d);
+    g[col * out.step] = from_f<TS>((base + sp) * sc * zs.head.jacobian(x));
   }
 }
 
@@ -289,46 +305,53 @@ cudaError_t merge_stats(Tile z, int64_t n, float inv_tau, float* m, float* s, in
   });
 }
 
-cudaError_t finish_stats(int64_t n, const float* m, const float* s, float* lse, cudaStream_t stream) {
+cudaError_t finish_stats(int64_t n, const float* m, const float* s, float* log_sum, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  finish_stats_kernel<<<blocks_for(n), THREADS, 0, stream>>>(n, m, s, lse);
+  finish_stats_kernel<<<blocks_for(n), THREADS, 0, stream>>>(n, m, s, log_sum);
   return cudaGetLastError();
 }
 
-cudaError_t add_value(Tile zs, Tile zt, int64_t n, float inv_tau, const float* lse_s, const float* lse_t, int kind,
-                      float beta, double* value, double* c, cudaStream_t stream) {
-  if (zs.dtype != zt.dtype) return cudaErrorInvalidValue;
+cudaError_t add_value(Tile zs, Tile zt, int64_t n, float inv_tau, RowLse lse_s, RowLse lse_t, int kind, float beta,
+                      double* value, double* c, cudaStream_t stream) {
   if (n == 0 || zs.len == 0) return cudaSuccess;
-  return with_dtype(zs.dtype, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    return with_kind(kind, [&](auto kt) {
-      constexpr int KIND = decltype(kt)::value;
-      add_value_kernel<KIND, T><<<static_cast<unsigned>(n), THREADS, 0, stream>>>(
-          zs, zt, inv_tau, lse_s, lse_t, div_params<float>(KIND, beta), value, c);
-      return cudaGetLastError();
+  return with_dtype(zs.dtype, [&](auto ts) {
+    return with_dtype(zt.dtype, [&](auto tt) {
+      using TS = typename decltype(ts)::type;
+      using TT = typename decltype(tt)::type;
+      return with_kind(kind, [&](auto kt) {
+        constexpr int KIND = decltype(kt)::value;
+        add_value_kernel<KIND, TS, TT><<<static_cast<unsigned>(n), THREADS, 0, stream>>>(
+            zs, zt, inv_tau, lse_s, lse_t, div_params<float>(KIND, beta), value, c);
+        return cudaGetLastError();
+      });
     });
   });
 }
 
-cudaError_t grad_tile(Tile zs, Tile zt, int64_t n, float inv_tau, const float* lse_s, const float* lse_t,
-                      const float* c, const float* dense, const int64_t* cols, const float* sparse, int k,
-                      bool overwrite, const float* scale, int kind, float beta, Out out, cudaStream_t stream) {
-  const bool full = zt.ptr != nullptr;
-  if (full && zs.dtype != zt.dtype) return cudaErrorInvalidValue;
+cudaError_t grad_tile(Tile zs, Tile zt, int64_t n, float inv_tau, RowLse lse_s, RowLse lse_t, const float* c,
+                      const float* dense, const int64_t* cols, const float* sparse, int k, bool overwrite,
+                      const float* scale, int kind, float beta, Out out, cudaStream_t stream) {
   if (n == 0 || zs.len == 0) return cudaSuccess;
-  return with_dtype(zs.dtype, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    return with_kind(kind, [&](auto kt) {
-      constexpr int KIND = decltype(kt)::value;
-      const DivParams<float> P = div_params<float>(KIND, beta);
-      if (full) {
-        grad_kernel<KIND, true, T><<<static_cast<unsigned>(n), THREADS, 0, stream>>>(
-            zs, zt, inv_tau, lse_s, lse_t, c, dense, cols, sparse, k, overwrite, scale, P, out);
-      } else {
-        grad_kernel<REVERSE_KL, false, T><<<static_cast<unsigned>(n), THREADS, 0, stream>>>(
-            zs, zt, inv_tau, lse_s, lse_t, c, dense, cols, sparse, k, overwrite, scale, P, out);
-      }
+  if (zt.ptr == nullptr) {  // few-column term: the student's tile only
+    return with_dtype(zs.dtype, [&](auto ts) {
+      using TS = typename decltype(ts)::type;
+      grad_kernel<REVERSE_KL, false, TS, TS><<<static_cast<unsigned>(n), THREADS, 0, stream>>>(
+          zs, zt, inv_tau, lse_s, lse_t, c, dense, cols, sparse, k, overwrite, scale, div_params<float>(REVERSE_KL, 0.5),
+          out);
       return cudaGetLastError();
+    });
+  }
+  return with_dtype(zs.dtype, [&](auto ts) {
+    return with_dtype(zt.dtype, [&](auto tt) {
+      using TS = typename decltype(ts)::type;
+      using TT = typename decltype(tt)::type;
+      return with_kind(kind, [&](auto kt) {
+        constexpr int KIND = decltype(kt)::value;
+        grad_kernel<KIND, true, TS, TT><<<static_cast<unsigned>(n), THREADS, 0, stream>>>(
+            zs, zt, inv_tau, lse_s, lse_t, c, dense, cols, sparse, k, overwrite, scale, div_params<float>(KIND, beta),
+            out);
+        return cudaGetLastError();
+      });
     });
   });
 }

@@ -9,12 +9,16 @@
 namespace dopd {
 
 // One stream: logits x [N, V] (any float dtype), or hidden x [N, H] with an lm_head weight w [V, H]
-// and optional bias b [V]. Logits are x / τ; columns at or past `valid_vocab` are padding.
+// and optional bias b [V] (any strides). Logits are x / τ; in fused-linear mode the output-head
+// transform comes first: z = h·Wᵀ + b, z ← scale·z, z ← softcap·tanh(z / softcap) when softcap > 0
+// (dopd_kernels.sources.LinearSource). Columns at or past `valid_vocab` are padding.
 struct Stream {
   at::Tensor x;
   std::optional<at::Tensor> w, b;
   double inv_tau;
   int64_t valid_vocab;
+  double scale = 1.0;
+  double softcap = 0.0;  // 0: none
 
   bool linear() const { return w.has_value() && w->defined(); }
   // float64 inputs compute in float64, every other dtype in float32.
@@ -28,13 +32,19 @@ struct Tiling {
   int64_t vocab_chunk;
 };
 
-// Log-sum-exp [n] of the scaled logits of `rows`, and (k > 0) their top-k column indices [n, k],
-// best first (ties to the smaller column).
-std::tuple<at::Tensor, at::Tensor> stats_pass(const Stream& s, const at::Tensor& rows, int64_t k, Tiling tiling);
+// Log-sum-exp of the scaled logits of `rows` as (max [n], log Σ exp(z − max) [n]) in the compute
+// dtype, for the caller to add in float64 (-inf, 0 for a row without finite logits), and (k > 0)
+// their top-k column indices [n, k], best first (ties to the smaller column).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> stats_pass(const Stream& s, const at::Tensor& rows, int64_t k,
+                                                          Tiling tiling);
 
-// Log-sum-exp [n] of the scaled logits of `rows` over the valid columns not in the row's `cols`
-// [n, k] (entries < 0 ignored): a tail bucket's log-mass, summed directly.
-at::Tensor rest_lse_pass(const Stream& s, const at::Tensor& rows, const at::Tensor& cols, Tiling tiling);
+// Log-sum-exp of the scaled logits of `rows` over the valid columns not in the row's `cols` [n, k]
+// (entries < 0 ignored), as (max, log-sum) like stats_pass: a tail bucket's log-mass, summed directly.
+std::tuple<at::Tensor, at::Tensor> rest_lse_pass(const Stream& s, const at::Tensor& rows, const at::Tensor& cols,
+                                                 Tiling tiling);
+
+// Log-sum-exps passed to the passes below (lse_s, lse_t) are [2, n]: the rows (hi, lo) of
+// dopd_kernels.engine.split_lse, so that log p = (z − hi) − lo keeps fp32 precision at large logits.
 
 // Σ_v of a full-vocabulary divergence per row [n] (float64) and the gradient constant c [n]:
 // reverse KL the KL itself, JS β·KL(p‖m), forward KL 0. kind: 0 reverse KL, 1 forward KL, 2 JS.
@@ -42,7 +52,8 @@ std::tuple<at::Tensor, at::Tensor> full_value_pass(const Stream& s, const Stream
                                                    const at::Tensor& lse_s, const at::Tensor& lse_t, int64_t kind,
                                                    double beta, Tiling tiling);
 
-// Gradient of Σ_rows scale_r · D_r with respect to the unscaled student logits (scale includes 1/τ).
+// Gradient of Σ_rows scale_r · D_r with respect to the unscaled student logits (scale includes 1/τ;
+// in fused-linear mode the raw logits h·Wᵀ + b, through the head's jacobian).
 // With a target `t`: full-vocabulary term (lse_t, c). Without: few-column term, p·dense on every
 // column plus `sparse` [n, K] at `cols` — added, or with `overwrite` written as the columns' whole
 // gradient (RowTerm.explicit). The gradient goes to `grad_logits` [N, V] (logits mode, written once,
@@ -55,14 +66,15 @@ void grad_pass(const Stream& s, const std::optional<Stream>& t, const at::Tensor
                const std::optional<at::Tensor>& dw, const std::optional<at::Tensor>& db);
 
 // Fused-linear gradient of a few columns per row: `coef` [n, K] is the gradient with respect to the
-// unscaled logits at (rows[i], cols[i, q]); contracted into dh += coef·W[cols], dw[cols] += coef·H,
-// db[cols] += coef without gathering [n, K, H] weight rows (column-sorted, so dW rows have one writer).
+// transformed logits (before 1/τ) at (rows[i], cols[i, q]); times the head's jacobian it is contracted
+// into dh += coef·W[cols], dw[cols] += coef·H, db[cols] += coef without gathering [n, K, H] weight
+// rows (column-sorted, so dW rows have one writer). dw and db may be absent (a frozen head).
 void sparse_grad(const Stream& s, const at::Tensor& rows, const at::Tensor& cols, const at::Tensor& coef,
                  const std::optional<at::Tensor>& dh, const std::optional<at::Tensor>& dw,
                  const std::optional<at::Tensor>& db);
 
 // Scaled logits [n, K] of `rows` at columns `cols` [n, K] (K dot products per row in fused-linear
-// mode, no [n, K, H] gather); -inf at padding columns.
+// mode, no [n, K, H] gather, then the head transform); -inf at padding columns.
 at::Tensor gather(const Stream& s, const at::Tensor& rows, const at::Tensor& cols);
 
 // DOPD regime codes (int8) of valid tokens from float64 statistics; -1 where not valid.

@@ -117,6 +117,37 @@ DOPD_HD A max_(A a, A b) { return a > b ? a : b; }
 template <typename A>
 DOPD_HD A min_(A a, A b) { return a < b ? a : b; }
 
+DOPD_HD float ftanh(float x) { return tanhf(x); }
+DOPD_HD double ftanh(double x) { return tanh(x); }
+
+// ---------------------------------------------------------------------------------------------
+// Output-head transform of fused-linear mode (dopd_kernels.sources.LinearSource.transform) on a raw
+// logit z = h·Wᵀ + b, before the temperature: logit = scale·z, then cap·tanh(logit / cap) when a
+// soft-cap is set (cap > 0). The gradient with respect to z is the gradient with respect to the logit
+// times `jacobian(logit)` = scale·(1 − (logit / cap)²) = scale·(1 − tanh²).
+
+template <typename A>
+struct Head {
+  A scale;
+  A cap;      // 0: no soft-cap
+  A inv_cap;  // 1 / cap (0 without a soft-cap)
+
+  DOPD_HD bool identity() const { return scale == A(1) && cap == A(0); }
+  DOPD_HD A logit(A z) const {
+    const A x = scale * z;
+    return cap > A(0) ? cap * ftanh(x * inv_cap) : x;
+  }
+  DOPD_HD A jacobian(A logit) const {
+    const A u = logit * inv_cap;
+    return cap > A(0) ? scale * (A(1) - u * u) : scale;
+  }
+};
+
+template <typename A>
+DOPD_HD Head<A> make_head(double scale, double cap) {
+  return {A(scale), A(cap > 0 ? cap : 0), A(cap > 0 ? 1.0 / cap : 0)};
+}
+
 // ---------------------------------------------------------------------------------------------
 // Online log-sum-exp. A state (m, s) stands for m + log s with s = Σ exp(z − m); merging another
 // (m2, s2) rescales both sums to the larger max. An all -inf state is (-inf, 0) and stays finite.
@@ -148,8 +179,16 @@ DOPD_HD void lse_push(LseState<A>& a, A z) {
   }
 }
 
+// The log-sum-exp as the pair (max, log Σ exp(z − max)), which the caller adds in float64: a
+// single fp32 sum would round a log-sum-exp of ~1e4 to ~1e-3 (see dopd_kernels.engine.split_lse).
+// An empty row is (-inf, 0).
 template <typename A>
-DOPD_HD A lse_finish(LseState<A> a) { return a.m == neg_inf<A>() ? a.m : a.m + flog(a.s); }
+DOPD_HD A lse_log_sum(LseState<A> a) { return a.m == neg_inf<A>() ? A(0) : flog(a.s); }
+
+// log p of a scaled logit x from a row's log-sum-exp given as hi + lo (split_lse): x − hi is exact
+// near the row's maximum, so log p keeps the precision of fp32 whatever the logits' magnitude.
+template <typename A>
+DOPD_HD A log_prob(A x, A hi, A lo) { return (x - hi) - lo; }
 
 // ---------------------------------------------------------------------------------------------
 // Top-K. Columns are ranked by value, ties by the smaller column index (so a row's top-K set is a

@@ -43,7 +43,9 @@ except ImportError:  # not POSIX (Windows): torch's own lock file only
 
 CPU_SOURCES = ("bindings.cpp", "kernels_cpu.cpp")
 CUDA_SOURCES = ("cuda_glue.cpp", "kernels_cuda.cu")
-HEADERS = ("row_math.h", "passes_cpu.h", "passes_cuda.h", "linear_tiles.h", "kernels_cuda.h")
+# Headers each build includes (part of the cache key: a changed header rebuilds only what uses it).
+CPU_HEADERS = ("row_math.h", "passes_cpu.h", "linear_tiles.h")
+CUDA_HEADERS = CPU_HEADERS + ("passes_cuda.h", "kernels_cuda.h")
 # -fno-trapping-math and -fno-math-errno (as torch itself is built) let the branch-free exp/log and
 # the masked selects of row_math.h vectorise; IEEE results are unchanged (no -ffast-math).
 CPU_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
@@ -99,7 +101,7 @@ def build_spec(kind: str) -> BuildSpec:
     for part in (torch.__version__, str(torch.version.cuda), platform.machine(), _cpu_signature(),
                  " ".join(cflags + cuda_flags)):
         h.update(part.encode())
-    for f in [src / s for s in sources] + [src / x for x in HEADERS if (src / x).is_file()]:
+    for f in [src / s for s in sources] + [src / x for x in (CUDA_HEADERS if cuda else CPU_HEADERS)]:
         h.update(f.read_bytes())
     root = Path(os.environ.get("DOPD_KERNELS_CACHE") or Path.home() / ".cache" / "dopd_kernels")
     directory = root / f"{name}-torch{torch.__version__.replace('+', '_')}-{h.hexdigest()[:12]}"

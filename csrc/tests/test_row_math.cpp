@@ -65,17 +65,47 @@ static void test_logsumexp() {
         for (int j = b0; j < std::min(n, b0 + block); ++j) lse_push(part, z[j]);
         st = lse_merge(st, part);
       }
-      CHECK(close(lse_finish(st), 1e-12), "block %d: %.17g vs %.17g", block,
-            lse_finish(st), truth);
+      CHECK(close(st.m + lse_log_sum(st), 1e-12), "block %d: %.17g vs %.17g", block,
+            st.m + lse_log_sum(st), truth);
     }
     LseState<float> sf = lse_empty<float>();
     for (double v : z) lse_push(sf, static_cast<float>(v));
-    CHECK(close(lse_finish(sf), 2e-6), "float: %.9g vs %.9g",
-          double(lse_finish(sf)), truth);
+    // The pair (max, log-sum) added in float64: accurate to fp32 precision of the log-sum alone.
+    const double got = double(sf.m) + double(lse_log_sum(sf));
+    CHECK(close(got, 2e-6), "float: %.9g vs %.9g", got, truth);
   }
   LseState<double> empty = lse_merge(lse_empty<double>(), lse_empty<double>());
   lse_push(empty, NINF);
-  CHECK(lse_finish(empty) == NINF, "all -inf row must give -inf");
+  CHECK(empty.m == NINF && lse_log_sum(empty) == 0.0, "all -inf row must give (-inf, 0)");
+  // At logits ~1e4 the pair keeps log p to fp32 precision where one fp32 log-sum-exp would not.
+  std::vector<double> big(1000);
+  for (size_t j = 0; j < big.size(); ++j) big[j] = 1e4 + 3.0 * std::sin(double(j));
+  LseState<float> sb = lse_empty<float>();
+  for (double v : big) lse_push(sb, static_cast<float>(v));
+  double mx = NINF, s = 0;
+  for (double v : big) mx = std::max(mx, double(float(v)));
+  for (double v : big) s += std::exp(double(float(v)) - mx);
+  const double lse64 = mx + std::log(s);
+  const float hi = static_cast<float>(double(sb.m) + double(lse_log_sum(sb)));
+  const float lo = static_cast<float>(double(sb.m) + double(lse_log_sum(sb)) - double(hi));
+  double worst = 0;
+  for (double v : big)
+    worst = std::max(worst, std::abs(double(log_prob(static_cast<float>(v), hi, lo)) - (double(float(v)) - lse64)));
+  CHECK(worst < 2e-6, "log p at logits ~1e4: error %.3g", worst);
+}
+
+static void test_head() {
+  // logit = cap·tanh(scale·z / cap) and its derivative scale·(1 − tanh²), against float64 finite differences.
+  const Head<double> h = make_head<double>(0.7, 30.0);
+  for (double z = -200; z <= 200; z += 0.37) {
+    const double want = 30.0 * std::tanh(0.7 * z / 30.0), eps = 1e-6;
+    CHECK(std::abs(h.logit(z) - want) < 1e-12, "soft-capped logit at %g", z);
+    const double fd = (h.logit(z + eps) - h.logit(z - eps)) / (2 * eps);
+    CHECK(std::abs(h.jacobian(h.logit(z)) - fd) < 1e-6, "jacobian at %g: %.9g vs %.9g", z, h.jacobian(h.logit(z)), fd);
+  }
+  const Head<float> plain = make_head<float>(2.5, 0.0);
+  CHECK(plain.logit(3.0f) == 7.5f && plain.jacobian(7.5f) == 2.5f, "scale-only head");
+  CHECK(make_head<float>(1.0, 0.0).identity() && !plain.identity(), "identity head");
 }
 
 static void test_topk() {
@@ -199,6 +229,7 @@ static void test_regimes() {
 int main() {
   test_exp_log();
   test_logsumexp();
+  test_head();
   test_topk();
   test_divergences();
   test_regimes();

@@ -7,6 +7,12 @@ the K-column gathers, and on CPU the fused-linear contraction of renormalized to
 the tail-bucket pass `rest_logsumexp` (sampled forward KL / JS, top-K with `topk_renorm=False`; the
 `cuda` backend inherits the tiled PyTorch pass of `PassBackend` for it). The O(N·K) work
 (`row_terms.py`, routing) stays in the shared Python code.
+
+Fused-linear streams carry their output-head transform (`LinearSource.scale`, `.softcap`) into the
+kernels, which apply it in the tile epilogue and multiply gradient tiles by its jacobian. The stats
+pass returns each row's max and `log Σ exp(z − max)` separately, added here in float64 (`Stats.lse`);
+the other passes receive a log-sum-exp as the (hi, lo) pair of `engine.split_lse`. Tensors of any
+strides are read in place (a transposed logits tensor, gradient buffer or weight is never copied).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from typing import Sequence
 import torch
 
 from .._build import load_extension
-from ..engine import STUDENT, Group, LinearGradSink, LogitsGradSink, Stats
+from ..engine import STUDENT, Group, LinearGradSink, LogitsGradSink, Stats, split_lse
 from ..sources import LogitsSource
 from .base import PassBackend
 
@@ -43,11 +49,14 @@ class CompiledBackend(PassBackend):
 
     def _stream(self, src):
         if isinstance(src, LogitsSource):
-            x = src.logits if src.logits.stride(-1) == 1 else src.logits.contiguous()
-            w = b = None
-        else:
-            x, w, b = src.hidden, src.weight, src.bias
-        return self._ext.Stream(x, w, b, 1.0 / src.temperature, src.effective_vocab)
+            return self._ext.Stream(src.logits, None, None, 1.0 / src.temperature, src.effective_vocab)
+        return self._ext.Stream(src.hidden, src.weight, src.bias, 1.0 / src.temperature, src.effective_vocab,
+                                scale=float(src.scale), softcap=float(src.softcap or 0.0))
+
+    @staticmethod
+    def _split(lse: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A float64 log-sum-exp [n] as the kernels take it: the rows (hi, lo) [2, n] of `split_lse`."""
+        return torch.stack(split_lse(lse, dtype))
 
     def sparse_rows(self, source, k: int) -> int:
         """Rows per chunk when the shared sink gathers K weight rows of width H per row."""
@@ -62,7 +71,8 @@ class CompiledBackend(PassBackend):
     def rest_logsumexp(self, source, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         if not hasattr(self._ops, "rest_lse_pass"):
             return super().rest_logsumexp(source, rows, cols)
-        return self._ops.rest_lse_pass(self._stream(source), rows.contiguous(), cols, self._tiling).to(source.dtype)
+        mx, log_sum = self._ops.rest_lse_pass(self._stream(source), rows.contiguous(), cols, self._tiling)
+        return mx.double() + log_sum.double()
 
     @torch.no_grad()
     def stats_pass(self, sources: Sequence, rows: torch.Tensor, tokens: torch.Tensor, topk_streams, top_k: int) -> Stats:
@@ -71,8 +81,8 @@ class CompiledBackend(PassBackend):
         lse, topk, logit_y = [], {}, []
         for j, src in enumerate(sources):
             stream = self._stream(src)
-            l, idx = self._ops.stats_pass(stream, rows, k if j in topk_streams else 0, self._tiling)
-            lse.append(l.to(dt))
+            mx, log_sum, idx = self._ops.stats_pass(stream, rows, k if j in topk_streams else 0, self._tiling)
+            lse.append(mx.double() + log_sum.double())  # float64: see Stats
             if j in topk_streams:
                 topk[j] = idx
             logit_y.append(self._ops.gather(stream, rows, tokens[:, None])[:, 0].to(dt))
@@ -81,8 +91,9 @@ class CompiledBackend(PassBackend):
     @torch.no_grad()
     def full_value_pass(self, student, target, rows, lse_s, lse_t, kind: str, beta: float):
         """Σ_v of the divergence per row and the gradient constant c (see the torch backend)."""
-        return self._ops.full_value_pass(self._stream(student), self._stream(target), rows.contiguous(), lse_s, lse_t,
-                                         KIND_CODES[kind], beta, self._tiling)
+        dt = student.dtype
+        return self._ops.full_value_pass(self._stream(student), self._stream(target), rows.contiguous(),
+                                         self._split(lse_s, dt), self._split(lse_t, dt), KIND_CODES[kind], beta, self._tiling)
 
     @torch.no_grad()
     def grad_pass(self, engine, g: Group, rows: torch.Tensor, scale: torch.Tensor, sink) -> None:
@@ -95,13 +106,14 @@ class CompiledBackend(PassBackend):
                 sink.add_sparse(rows, term.cols, coef)
             return
         grad_logits, dh, dw, db = _sink_tensors(sink)
-        lse_s = engine.stats.lse[STUDENT][g.pos]
+        lse_s = self._split(engine.stats.lse[STUDENT][g.pos], student.dtype)
         common = dict(kind=KIND_CODES[g.divergence], beta=engine.settings.js_beta, tiling=self._tiling,
                       grad_logits=grad_logits, dh=dh, dw=dw, db=db)
         rows = rows.contiguous()
         if term is None:  # full vocabulary
-            self._ops.grad_pass(self._stream(student), self._stream(engine.sources[g.target]), rows, lse_s,
-                                engine.stats.lse[g.target][g.pos], g.full_c, None, None, None, False, scale, **common)
+            lse_t = self._split(engine.stats.lse[g.target][g.pos], student.dtype)
+            self._ops.grad_pass(self._stream(student), self._stream(engine.sources[g.target]), rows, lse_s, lse_t,
+                                g.full_c, None, None, None, False, scale, **common)
         else:  # p·dense everywhere; on the explicit columns their whole gradient, or the sparse part added
             explicit = term.explicit is not None
             self._ops.grad_pass(self._stream(student), None, rows, lse_s, None, None, term.dense, term.cols,
