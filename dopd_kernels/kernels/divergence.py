@@ -9,7 +9,9 @@ are `lp = (z − hi) − lo` from the `(hi, lo)` split of each row's float64 log
 `lp = log p`, `lq = log q` it accumulates per row the divergence (KIND 0 reverse KL Σ p(lp − lq),
 1 forward KL Σ q(lq − lp), 2 JS_β with the mixture in log space, `log m = logaddexp(log β + lp,
 log(1−β) + lq)`) and the constant `c` of the gradient (reverse KL: the KL itself; JS: β·KL(p‖m);
-forward KL: 0).
+forward KL: 0). The per-tile sums are added across tiles with Neumaier's compensated sum
+(`compensated_add`): c enters every gradient element as p·(r − c), and a plain fp32 running sum
+over V/BLOCK_V ~ 1000 tiles would add its rounding to that of the tile sums.
 
 `grad_tile` — the gradient tile `G = scale_n · ∂D_n/∂z` (scale = upstream · weight / τ):
     reverse KL  p(lp − lq − c)      JS  p(β(lp − log m) − c)      forward KL  p − q
@@ -56,6 +58,14 @@ KINDS = {"reverse_kl": REVERSE_KL, "forward_kl": FORWARD_KL, "js": JS}
 
 
 @triton.jit
+def compensated_add(s, comp, x):
+    """Neumaier's step: s + x with the rounding error gathered in `comp` (the sum is s + comp)."""
+    t = s + x
+    comp += tl.where(tl.abs(s) >= tl.abs(x), (s - t) + x, (x - t) + s)
+    return t, comp
+
+
+@triton.jit
 def full_value_kernel(rows_ptr, n_rows, lse_s_hi, lse_s_lo, lse_t_hi, lse_t_lo, value_ptr, c_ptr,
                       xs, sxs0, sxs1, ws, sws0, sws1, bs, hs, as_, cs,
                       xt, sxt0, sxt1, wt, swt0, swt1, bt, ht, at, ct,
@@ -67,7 +77,9 @@ def full_value_kernel(rows_ptr, n_rows, lse_s_hi, lse_s_lo, lse_t_hi, lse_t_lo, 
     hi_s, lo_s = load_lse(lse_s_hi, lse_s_lo, offs, row_mask)
     hi_t, lo_t = load_lse(lse_t_hi, lse_t_lo, offs, row_mask)
     value = tl.zeros((BLOCK_N,), tl.float32)
+    value_err = tl.zeros((BLOCK_N,), tl.float32)
     c = tl.zeros((BLOCK_N,), tl.float32)
+    c_err = tl.zeros((BLOCK_N,), tl.float32)
     for v0 in range(0, valid_vocab, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         zs, _ = logit_tile(xs, sxs0, sxs1, ws, sws0, sws1, bs, hs, as_, cs, rows, row_mask, cols, vocab, valid_vocab,
@@ -82,16 +94,20 @@ def full_value_kernel(rows_ptr, n_rows, lse_s_hi, lse_s_lo, lse_t_hi, lse_t_lo, 
         q = tl.exp(lq)
         # 0 · log 0 = 0: a column without mass in the weighting distribution contributes nothing.
         if KIND == 0:
-            value += tl.sum(tl.where(p > 0, p * (lp - lq), 0.0), 1)
+            part = tl.sum(tl.where(p > 0, p * (lp - lq), 0.0), 1)
         elif KIND == 1:
-            value += tl.sum(tl.where(q > 0, q * (lq - lp), 0.0), 1)
+            part = tl.sum(tl.where(q > 0, q * (lq - lp), 0.0), 1)
         else:
             lm = logaddexp(lp + log_beta, lq + log_1m_beta)
-            kl_p = tl.sum(tl.where(p > 0, p * (lp - lm), 0.0), 1)
-            value += beta * kl_p + (1.0 - beta) * tl.sum(tl.where(q > 0, q * (lq - lm), 0.0), 1)
-            c += beta * kl_p
+            kl_p = beta * tl.sum(tl.where(p > 0, p * (lp - lm), 0.0), 1)
+            part = kl_p + (1.0 - beta) * tl.sum(tl.where(q > 0, q * (lq - lm), 0.0), 1)
+            c, c_err = compensated_add(c, c_err, kl_p)
+        value, value_err = compensated_add(value, value_err, part)
+    value += value_err
     if KIND == 0:
         c = value
+    else:
+        c += c_err
     tl.store(value_ptr + offs, value, mask=row_mask)
     tl.store(c_ptr + offs, c, mask=row_mask)
 
