@@ -17,13 +17,17 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
-from torch.autograd.function import once_differentiable
 
+from .divergences import clamp_js
 from .parallel import VocabShard
 from .row_terms import RowTerm, sampled_term, topk_term
 from .sources import LinearSource, LogitsSource
 
 STUDENT = 0
+DOUBLE_BACKWARD_ERROR = (
+    "dopd_kernels: the fused losses cannot differentiate twice (backward with create_graph=True, a double "
+    "backward or a Hessian-vector product); their backward is hand-derived and first-order. Use backend='reference' "
+    "(float64 autograd) for second derivatives.")
 
 
 def split_lse(lse: torch.Tensor, dtype: torch.dtype) -> tuple:
@@ -160,6 +164,17 @@ class LossEngine:
         return self.student.valid_vocab or self.student.vocab
 
     def _group_value(self, g: Group) -> torch.Tensor:
+        """Per-row value of a group. A row whose student or target log-sum-exp is not finite (a NaN or
+        +inf logit, or no finite logit in the valid vocabulary) has no distribution: its value is NaN
+        whatever the term (a top-K term would otherwise never look past its K columns)."""
+        value = self._term_value(g)
+        if g.divergence == "js":
+            value = clamp_js(value, self.settings.js_beta, self.student.dtype)
+        st = self.stats
+        ok = torch.isfinite(st.lse[STUDENT][g.pos]) & torch.isfinite(st.lse[g.target][g.pos])
+        return torch.where(ok.to(value.device), value, torch.full_like(value, float("nan")))
+
+    def _term_value(self, g: Group) -> torch.Tensor:
         s, st = self.settings, self.stats
         lse_s, lse_t = st.lse[STUDENT][g.pos], st.lse[g.target][g.pos]
         target = self.sources[g.target]
@@ -306,8 +321,12 @@ class FusedLoss(torch.autograd.Function):
         return engine.forward()
 
     @staticmethod
-    @once_differentiable  # hand-derived first derivatives only: a double backward raises, never runs wrong
     def backward(ctx, grad_per_token):
+        # The passes give hand-derived first derivatives only. Autograd runs a backward with grad mode
+        # on exactly when a graph of the gradient is requested (create_graph=True, double backward):
+        # refuse it rather than return a gradient whose own derivative would silently be wrong.
+        if torch.is_grad_enabled():
+            raise RuntimeError(DOUBLE_BACKWARD_ERROR)
         needs = ctx.needs_input_grad[2:]
         sink = ctx.make_sink(needs)
         ctx.engine.backward(grad_per_token, sink)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .config import DOPDConfig, OPDConfig
-from .divergences import divergence
+from .divergences import clamp_js, divergence
 from .routing import assign_regimes, batch_thresholds, routing_statistics
 from .sources import LinearSource, LogitsSource
 
@@ -48,7 +48,13 @@ def _complement_logsumexp(lp: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
 
 def term(lp_s: torch.Tensor, lp_t: torch.Tensor, tokens: torch.Tensor, kind: str, granularity: str,
          top_k: int, js_beta: float, topk_from: str, topk_renorm: bool) -> torch.Tensor:
-    """Per-row divergence [n] of student log-probs `lp_s` from target `lp_t` (both [n, V])."""
+    """Per-row divergence [n] of student log-probs `lp_s` from target `lp_t` (both [n, V]); JS values
+    held to their bound (`clamp_js`, as every backend does)."""
+    value = _term(lp_s, lp_t, tokens, kind, granularity, top_k, js_beta, topk_from, topk_renorm)
+    return clamp_js(value, js_beta) if kind == "js" else value
+
+
+def _term(lp_s, lp_t, tokens, kind, granularity, top_k, js_beta, topk_from, topk_renorm):
     if granularity == "full":
         return divergence(lp_s, lp_t, kind, js_beta)
     if granularity == "sampled":

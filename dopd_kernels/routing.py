@@ -2,6 +2,14 @@
 
 All routing arithmetic runs in float64 on `[N]` statistics, whatever the input dtype: it is O(N),
 and a regime should not flip because a statistic was rounded. Nothing here carries a gradient.
+
+Non-finite statistics (identical on every backend, since all of them route here):
+- ℓ_T = ℓ_P = -inf (both streams rule the sampled token out): A = 0, q_T = q_P = 0 — finite.
+- exactly one of ℓ_T, ℓ_P is -inf: A = +inf; the token routes by the table (high gap) but is left out
+  of the thresholds' trimmed means.
+- ℓ_T or ℓ_P is NaN (a NaN/+inf logit, or a row with no finite logit): the token is routed to HS,
+  left out of the trimmed means, and its loss is NaN (`nan_tokens`), so the damage shows in the loss.
+A non-finite statistic therefore never moves the thresholds, and never re-routes another token.
 """
 
 from __future__ import annotations
@@ -30,13 +38,25 @@ def routing_statistics(teacher_logprob: torch.Tensor, priv_student_logprob: torc
     """(A, q_T, q_P) in float64: A = |ℓ_T − ℓ_P|, q = exp ℓ."""
     lt = teacher_logprob.detach().to(torch.float64)
     lp = priv_student_logprob.detach().to(torch.float64)
-    return (lt - lp).abs(), lt.exp(), lp.exp()
+    gap = torch.where(lt == lp, torch.zeros_like(lt), (lt - lp).abs())  # both -inf: they agree, A = 0 (not NaN)
+    return gap, lt.exp(), lp.exp()
+
+
+def finite_statistics(adv_gap, q_teacher, q_priv_student) -> torch.Tensor:
+    """Tokens whose three statistics are finite (the others never enter the thresholds)."""
+    return torch.isfinite(adv_gap) & torch.isfinite(q_teacher) & torch.isfinite(q_priv_student)
+
+
+def nan_tokens(adv_gap, q_teacher, q_priv_student) -> torch.Tensor:
+    """Tokens with a NaN statistic: their DOPD loss is NaN on every backend."""
+    return torch.isnan(adv_gap) | torch.isnan(q_teacher) | torch.isnan(q_priv_student)
 
 
 def batch_thresholds(adv_gap, q_teacher, q_priv_student, valid: torch.Tensor, trim: float, group=None) -> Thresholds:
-    """Trimmed means of the three statistics over the valid tokens; with a `torch.distributed`
-    `group`, over the valid tokens of every rank of the group (a collective call)."""
-    stats = tuple(x[valid] for x in (adv_gap, q_teacher, q_priv_student))
+    """Trimmed means of the three statistics over the valid tokens whose statistics are all finite;
+    with a `torch.distributed` `group`, over those tokens of every rank of the group (a collective call)."""
+    keep = valid & finite_statistics(adv_gap, q_teacher, q_priv_student)
+    stats = tuple(x[keep] for x in (adv_gap, q_teacher, q_priv_student))
     if group is not None:
         from .parallel import gather_routing_statistics
 
@@ -49,6 +69,8 @@ def assign_regimes(adv_gap, q_teacher, q_priv_student, valid: torch.Tensor, thre
 
     LH: A < Ā and q_P + q_T ≥ q̄_P + q̄_T     LL: A < Ā and q_P + q_T < q̄_P + q̄_T
     HT: A ≥ Ā and q_T ≥ q_P                   HS: A ≥ Ā and q_T < q_P
+
+    A token with a NaN statistic goes to HS (the value NaN comparisons give, made explicit).
     """
     a_bar, qt_bar, qp_bar = (t.to(adv_gap.device, torch.float64) for t in thresholds)
     low = adv_gap < a_bar
@@ -59,6 +81,7 @@ def assign_regimes(adv_gap, q_teacher, q_priv_student, valid: torch.Tensor, thre
         torch.where(confident, int(Regime.LH), int(Regime.LL)),
         torch.where(teacher_wins, int(Regime.HT), int(Regime.HS)),
     ).to(torch.int8)
+    regime = regime.masked_fill(nan_tokens(adv_gap, q_teacher, q_priv_student), int(Regime.HS))
     return regime.masked_fill(~valid, int(Regime.IGNORED))
 
 
@@ -85,9 +108,9 @@ def route(
     Returns:
         `(regime, thresholds)`: `[*]` int8 `Regime` codes (-1 where not valid) and the thresholds used.
     """
-    from .validation import coerce_thresholds
+    from .validation import check_config, coerce_thresholds
 
-    config = config or DOPDConfig()
+    config = check_config(config, DOPDConfig)
     for name, t in (("teacher_logprob", teacher_logprob), ("priv_student_logprob", priv_student_logprob)):
         if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
             raise TypeError(f"{name} must be a floating-point torch.Tensor")
@@ -97,6 +120,14 @@ def route(
         )
     if not isinstance(valid_mask, torch.Tensor) or valid_mask.dtype != torch.bool or valid_mask.shape != teacher_logprob.shape:
         raise TypeError(f"valid_mask must be a bool tensor of shape {list(teacher_logprob.shape)}")
+    for name, t in (("priv_student_logprob", priv_student_logprob), ("valid_mask", valid_mask)):
+        if t.device != teacher_logprob.device:
+            raise ValueError(f"{name} is on {t.device} but teacher_logprob is on {teacher_logprob.device}")
+    for name, t in (("teacher_logprob", teacher_logprob), ("priv_student_logprob", priv_student_logprob)):
+        bad = valid_mask & (torch.isnan(t) | (t == float("inf")))
+        if bool(bad.any()):
+            where = tuple(int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"{name} holds NaN or +inf at valid position {where}: a log-probability is in [-inf, 0]")
     a, qt, qp = routing_statistics(teacher_logprob, priv_student_logprob)
     thresholds = coerce_thresholds(thresholds) or batch_thresholds(a, qt, qp, valid_mask, config.trim, routing_group)
     return assign_regimes(a, qt, qp, valid_mask, thresholds), thresholds

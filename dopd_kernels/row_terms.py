@@ -52,7 +52,7 @@ class RowTerm:
 
 def bucket_coefficients(log_p: torch.Tensor, log_q: torch.Tensor, kind: str, js_beta: float) -> torch.Tensor:
     """e_b of the formula above for each bucket [n, B]; 0 on buckets holding no student mass."""
-    has_mass = log_p > float("-inf")
+    has_mass = log_p != float("-inf")  # NaN propagates (see divergences.py)
     lp = torch.where(has_mass, log_p, torch.zeros_like(log_p))
     lq = torch.where(has_mass, log_q, torch.zeros_like(log_q))
     if kind == "forward_kl":
@@ -74,7 +74,7 @@ def bucket_term(log_p: torch.Tensor, log_q: torch.Tensor, cols: torch.Tensor, ki
     p = log_p.exp()
     if kind == "forward_kl":
         # P_b·e_b = P_b − Q_b: the product form is 0·(−inf) = NaN when P_b underflows (log P_b finite).
-        pe = torch.where(log_p > float("-inf"), p - log_q.exp(), torch.zeros_like(p))
+        pe = torch.where(log_p != float("-inf"), p - log_q.exp(), torch.zeros_like(p))
     else:
         pe = p * e
     if not has_rest:

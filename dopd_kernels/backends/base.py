@@ -15,7 +15,7 @@ import torch
 from ..config import DOPDConfig, OPDConfig, Regime, Thresholds
 from ..engine import STUDENT, Group, LossEngine, Stats, TermSettings, run
 from ..parallel import VocabShard
-from ..routing import assign_regimes, batch_thresholds, routing_statistics
+from ..routing import assign_regimes, batch_thresholds, nan_tokens, routing_statistics
 
 TEACHER, PRIV_STUDENT = 1, 2
 
@@ -37,6 +37,13 @@ def empty_routing(valid: torch.Tensor, thresholds: Optional[Thresholds]) -> Rout
     if thresholds is None:
         thresholds = Thresholds(*(torch.zeros((), dtype=torch.float64) for _ in range(3)))
     return Routing(regime, zeros, zeros.clone(), zeros.clone(), thresholds)
+
+
+def poison_nan_routed(per_token: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """The per-token loss with NaN at tokens whose routing statistics are NaN (see `routing.py`): a
+    NaN teacher row must show in the loss even where the token's term only reads the other streams."""
+    bad = nan_tokens(routing.adv_gap, routing.q_teacher, routing.q_priv_student)
+    return torch.where(bad, torch.full_like(per_token, float("nan")), per_token)
 
 
 def settings_of(cfg) -> TermSettings:
@@ -74,7 +81,7 @@ class PassBackend:
 
         topk_streams = (STUDENT,) if cfg.topk_from == "student" else (TEACHER, PRIV_STUDENT)
         engine = LossEngine(self, (student, teacher, priv), tokens, valid, settings_of(cfg), topk_streams, plan, shard)
-        return run(engine, self), routing
+        return poison_nan_routed(run(engine, self), routing), routing
 
     def opd(self, student, teacher, tokens: torch.Tensor, valid: torch.Tensor, cfg: OPDConfig,
             shard: Optional[VocabShard] = None) -> torch.Tensor:

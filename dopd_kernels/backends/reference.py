@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from .base import Routing
+from .base import Routing, poison_nan_routed
 
 
 class ReferenceBackend:
@@ -20,7 +20,8 @@ class ReferenceBackend:
         _no_shards(shard)
         loss, regime, adv, q_t, q_p, used = reference.dopd_per_token(student, teacher, priv, tokens, valid, cfg, thresholds,
                                                                      routing_group)
-        return loss, Routing(regime, adv, q_t, q_p, used)
+        routing = Routing(regime, adv, q_t, q_p, used)
+        return poison_nan_routed(loss, routing), routing
 
     def opd(self, student, teacher, tokens, valid, cfg, shard=None):
         _no_shards(shard)

@@ -48,6 +48,24 @@ def _merge_topk(vals: torch.Tensor, idx: torch.Tensor, tile: torch.Tensor, start
     return top.values, cand_i.gather(1, top.indices)
 
 
+def _times_dense(p: torch.Tensor, z: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, dense: torch.Tensor,
+                 dt: torch.dtype) -> torch.Tensor:
+    """p_v · dense on a tile (z: the tile's logits, hi/lo [r]: the rows' `split_lse`, dense [r, 1] float64);
+    0 where p underflowed (dense may be ±inf there: the rest bucket's own mass underflowed in float64,
+    and 0·inf would be NaN). A dense coefficient past 2^64 (forward KL's 1 − Q_rest/P_rest when the
+    student's tail mass is ~e^-100) multiplies a p_v that may have underflowed the compute dtype while
+    the product is O(1): those rare rows form it in float64 as sign · exp(log p_v + log|dense|)."""
+    grad = torch.where(p > 0, p * dense.to(dt).nan_to_num(posinf=0.0, neginf=0.0), torch.zeros_like(p))
+    huge = (dense.abs() > 2.0 ** 64)[:, 0]
+    if bool(huge.any()):
+        i = huge.nonzero()[:, 0]
+        lp = (z[i].to(torch.float64) - hi[i, None].to(torch.float64)) - lo[i, None].to(torch.float64)
+        d = dense[i]
+        g = torch.exp(lp + d.abs().log()) * d.sign()
+        grad[i] = torch.where(lp > float("-inf"), g, torch.zeros_like(g)).to(dt)
+    return grad
+
+
 class TorchBackend(PassBackend):
     """Vocabulary-chunked PyTorch. `row_chunk × vocab_chunk` bounds every temporary."""
 
@@ -145,9 +163,7 @@ class TorchBackend(PassBackend):
                     lq = _log_softmax_tile(target.tile(r, c0, c1), ht[sl], lt[sl])
                     grad = self._full_tile_grad(lp, p, lq, g.full_c[sl, None].to(dt), g.divergence, engine.settings.js_beta)
                 else:
-                    # p·dense with p = 0 where it underflowed: dense may be ±inf there (the rest
-                    # bucket's own mass underflowed in float64), and 0·inf would be NaN.
-                    grad = torch.where(p > 0, p * term.dense[sl, None].to(dt), torch.zeros_like(p))
+                    grad = _times_dense(p, z, hs[sl], ls[sl], term.dense[sl, None], dt)
                     if term.explicit is not None:
                         self._write_explicit(grad, term.cols[sl], term.explicit[sl].to(dt), c0)
                     else:

@@ -1,0 +1,179 @@
+"""Issue 15 checks every backend runs: fp32 precision at large logits, the non-finite policy, and
+double backward. Each function takes a backend (name or object) and a device; the cpp and triton test
+modules parametrize the same functions over their backends:
+
+    from hardening_checks import PRECISION_CASES, check_large_logits, check_nonfinite_routing, ...
+
+Precision (issue 15 points 5/7): log-probabilities are formed against a float64 log-sum-exp
+(`Stats.lse`, `engine.split_lse`), so fp32 results stay at fp32's relative precision however large the
+logits are. Tolerances are the peers' (Liger's JSD kernel: ~1.6e-6 of the gradient's scale at
+N(0, 40²); ~1e-7 relative on the loss at a 1e4 offset), with a small margin.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import IGNORE, assert_close, correlated_logits, leaf, linear_streams, random_tokens
+from dopd_kernels import DOPDConfig, dopd_loss, fused_linear_dopd_loss, opd_loss
+
+LOG2 = math.log(2.0)
+
+
+def _large_logits(case: str, n: int, v: int):
+    """(student, target) fp32 logits of a precision case; the target is correlated with the student."""
+    if case == "normal-40":  # ~N(0, 40²)
+        s = 40 * torch.randn(n, v, dtype=torch.float64)
+        t = 0.6 * s + 0.8 * 40 * torch.randn(n, v, dtype=torch.float64)
+    elif case == "offset-1e4":  # spread ±4 around 1e4: the lse is ~1e4, log p is O(1)
+        # Distinct values 2^-8 apart (fp32's grid at 1e4 is 2^-10): a top-K set never hinges on a tie.
+        s = torch.stack([torch.randperm(v, dtype=torch.float64) for _ in range(n)]) * 2.0 ** -8 + (1e4 - v * 2.0 ** -9)
+        t = s + 1.5 * torch.randn(n, v, dtype=torch.float64)
+    else:  # "spread-1e4": uniform over ±1e4, offset by 1e4 (near one-hot rows, JS near its bound)
+        s = torch.empty(n, v, dtype=torch.float64).uniform_(-1e4, 1e4) + 1e4
+        t = torch.empty(n, v, dtype=torch.float64).uniform_(-1e4, 1e4) + 1e4
+    return s.float(), t.float()
+
+
+PRECISION_CASES = ("normal-40", "offset-1e4", "spread-1e4")
+# Loss: relative error against float64 on the same fp32 values (plus an absolute floor for losses that
+# are ~0, e.g. two-bucket terms of a token with no mass). Gradient: max error over the gradient's scale.
+LOSS_RTOL, LOSS_ATOL, GRAD_TOL = 1e-6, 1e-9, 4e-6
+
+
+def check_large_logits(backend, case: str, kind: str, gran: str, device: str = "cpu", n: int = 32, v: int = 2048):
+    """opd_loss on fp32 logits of a precision case vs the float64 reference on the same values:
+    loss within LOSS_RTOL, gradient within GRAD_TOL of its scale (scale at least 1/N: a saturated JS
+    row has a ~0 gradient), JS per token never above log 2."""
+    zs, zt = _large_logits(case, n, v)
+    y = torch.randint(0, v, (n,))
+    kw = dict(divergence=kind, granularity=gran, top_k=8, topk_renorm=False)
+    s, s64 = leaf(zs.to(device)), leaf(zs, torch.float64)
+    out = opd_loss(s, zt.to(device), y.to(device), backend=backend, **kw)
+    ref = opd_loss(s64, zt.double(), y, backend="reference", **kw)
+    out.loss.backward()
+    ref.loss.backward()
+    # The loss is a mean of per-token values that may cancel (the sampled reverse-KL estimator is
+    # signed): its error is judged on the scale of the mean of |per-token loss|.
+    err = abs(float(out.loss.detach()) - float(ref.loss.detach()))
+    scale = float(ref.per_token_loss.abs().mean())
+    assert err <= LOSS_RTOL * scale + LOSS_ATOL, (
+        f"{case} {kind} {gran}: loss {float(out.loss.detach()):.9g} vs {float(ref.loss.detach()):.9g} (error "
+        f"{err / max(scale, 1e-30):.2e} of the mean |per-token loss|)")
+    gscale = max(float(s64.grad.abs().max()), 1.0 / n)
+    gerr = float((s.grad.cpu().double() - s64.grad).abs().max())
+    assert gerr <= GRAD_TOL * gscale, f"{case} {kind} {gran}: gradient error {gerr / gscale:.2e} of its scale"
+    if kind == "js":
+        assert float(out.per_token_loss.max()) <= LOG2, f"JS exceeds log 2: {float(out.per_token_loss.max())!r}"
+        assert float(out.loss.detach()) <= LOG2 * (1 + 2 ** -23)
+
+
+def check_dopd_large_logits(backend, device: str = "cpu", n: int = 48, v: int = 1024):
+    """DOPD on the spread-1e4 case: routing equals the reference's, loss within LOSS_RTOL, no JS above log 2."""
+    zs, zt = _large_logits("spread-1e4", n, v)
+    zp = (zs.double() + torch.empty(n, v, dtype=torch.float64).uniform_(-3e3, 3e3)).float()
+    y = random_tokens(n, v)
+    cfg = DOPDConfig(top_k=8, trim=0.1)
+    s = leaf(zs.to(device))
+    out = dopd_loss(s, zt.to(device), zp.to(device), y.to(device), config=cfg, backend=backend)
+    ref = dopd_loss(zs.double(), zt.double(), zp.double(), y, config=cfg, backend="reference")
+    assert torch.equal(out.regime.cpu(), ref.regime)
+    err = abs(float(out.loss.detach()) - float(ref.loss))
+    assert err <= LOSS_RTOL * abs(float(ref.loss)) + LOSS_ATOL, f"relative loss error {err / abs(float(ref.loss)):.2e}"
+    ht = out.regime.cpu() == 2
+    assert float(out.per_token_loss.cpu()[ht].amax()) <= LOG2 if bool(ht.any()) else True
+
+
+# -- non-finite values ---------------------------------------------------------------------------
+
+CORRUPTIONS = ("nan", "posinf", "all-neginf")
+
+
+def _corrupt(z: torch.Tensor, row: int, how: str, col: int) -> torch.Tensor:
+    z = z.clone()
+    if how == "nan":
+        z[row, col] = float("nan")
+    elif how == "posinf":
+        z[row, col] = float("inf")
+    else:
+        z[row] = float("-inf")
+    return z
+
+
+def check_nonfinite_routing(backend, stream: int, how: str, device: str = "cpu", n: int = 40, v: int = 37):
+    """check_finite=False: one corrupted row of `stream` (0 student, 1 teacher, 2 priv-student) leaves
+    the thresholds, regimes and losses of every other token exactly as if that token were masked (a
+    student row: as if it were clean, the student does not route), and shows as a NaN loss on that
+    token (teacher/priv: routed to HS) and in the total."""
+    zs, zt, zp = correlated_logits(n, v, noise=(0.8, 1.2))
+    y = random_tokens(n, v, mask_frac=0.1)
+    bad = int((y != IGNORE).nonzero()[0])
+    streams = [zs, zt, zp]
+    streams[stream] = _corrupt(streams[stream], bad, how, (int(y[bad]) + 3) % v)
+    cfg = DOPDConfig(top_k=5, trim=0.1, reduction="none")
+    dev = [z.to(device) for z in streams]
+    out = dopd_loss(*dev, y.to(device), config=cfg, backend=backend)
+    y_cmp = y if stream == 0 else y.masked_fill(torch.arange(n) == bad, IGNORE)
+    masked = dopd_loss(zs.to(device), zt.to(device), zp.to(device), y_cmp.to(device), config=cfg, backend=backend)
+    for a, b in zip(out.thresholds, masked.thresholds):
+        assert math.isfinite(float(a)) and float(a) == float(b), "a non-finite token moved the thresholds"
+    others = torch.arange(n) != bad
+    assert torch.equal(out.regime.cpu()[others], masked.regime.cpu()[others]), "other tokens were re-routed"
+    assert_close(out.per_token_loss.cpu()[others], masked.per_token_loss.cpu()[others], rtol=1e-6, what="other tokens")
+    assert math.isnan(float(out.per_token_loss[bad])), "the corrupted token's loss hides behind a finite value"
+    if stream:
+        assert int(out.regime[bad]) == 3, "a token with NaN routing statistics goes to HS"
+    total = dopd_loss(*dev, y.to(device), config=cfg.replace(reduction="mean"), backend=backend)
+    assert math.isnan(float(total.loss))
+
+
+def check_nonfinite_opd(backend, kind: str, gran: str, stream: int, how: str, device: str = "cpu", n: int = 12,
+                        v: int = 29):
+    """check_finite=False, OPD: a corrupted student/teacher row gives a NaN loss on that token (never a
+    finite value, whatever the granularity), the other tokens' losses unchanged."""
+    zs, zt = correlated_logits(n, v, n_streams=2)
+    y = torch.randint(0, v, (n,))
+    bad = n // 2
+    streams = [zs, zt]
+    streams[stream] = _corrupt(streams[stream], bad, how, (int(y[bad]) + 2) % v)
+    kw = dict(divergence=kind, granularity=gran, top_k=4, reduction="none", backend=backend)
+    out = opd_loss(streams[0].to(device), streams[1].to(device), y.to(device), **kw)
+    clean = opd_loss(zs.to(device), zt.to(device), y.to(device), **kw)
+    assert math.isnan(float(out.per_token_loss[bad])), f"{kind}/{gran}: a non-finite row gave a finite loss"
+    others = torch.arange(n) != bad
+    assert_close(out.per_token_loss.cpu()[others], clean.per_token_loss.cpu()[others], rtol=1e-6, what="other tokens")
+
+
+def check_nonfinite_fused_linear(backend, device: str = "cpu", n: int = 20, hdim: int = 6, v: int = 23):
+    """A NaN teacher hidden row (fused-linear mode): NaN loss on that token, other tokens routed as if
+    it were masked."""
+    t = linear_streams(n, hdim, v)
+    y = random_tokens(n, v, mask_frac=0.1)
+    bad = int((y != IGNORE).nonzero()[0])
+    th = t["teacher_hidden"].clone()
+    th[bad, 1] = float("nan")
+    cfg = DOPDConfig(top_k=4, trim=0.1, reduction="none")
+
+    def call(teacher_hidden, tokens):
+        return fused_linear_dopd_loss(t["student_hidden"].to(device), t["student_weight"].to(device), teacher_hidden.to(device),
+                                      t["teacher_weight"].to(device), t["priv_student_hidden"].to(device), tokens.to(device),
+                                      config=cfg, backend=backend)
+
+    out, masked = call(th, y), call(t["teacher_hidden"], y.masked_fill(torch.arange(n) == bad, IGNORE))
+    others = torch.arange(n) != bad
+    assert torch.equal(out.regime.cpu()[others], masked.regime.cpu()[others])
+    assert math.isnan(float(out.per_token_loss[bad])) and int(out.regime[bad]) == 3
+
+
+def check_double_backward_raises(backend, device: str = "cpu"):
+    """Second derivatives are not implemented by the fused passes: asking for them is a clear error."""
+    zs, zt, zp = correlated_logits(10, 17)
+    s = leaf(zs.to(device))
+    out = dopd_loss(s, zt.to(device), zp.to(device), random_tokens(10, 17).to(device), backend=backend)
+    with pytest.raises(RuntimeError, match="cannot differentiate twice"):
+        torch.autograd.grad(out.loss, s, create_graph=True)
+    (g,) = torch.autograd.grad(out.loss, s)  # first order is unaffected
+    assert torch.isfinite(g).all()
