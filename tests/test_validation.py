@@ -288,3 +288,106 @@ def test_empty_or_fully_masked_batch(empty, reduction, backend):
     assert (f.loss == 0).all()
     f.loss.sum().backward()
     assert (h.grad == 0).all() and (w.grad == 0).all()
+
+
+# -- issue 15 points 2 and 7 -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["weight", "bias"])
+def test_mixed_dtypes_within_a_stream_are_refused(which):
+    t = linear_streams(N, 4, V)
+    y = random_tokens(N, V)
+    a = dict(student_bias=t["student_bias"])
+    w = t["student_weight"]
+    if which == "weight":
+        w = w.double()
+    else:
+        a["student_bias"] = t["student_bias"].bfloat16()
+    with pytest.raises(TypeError, match=f"student_{which} has dtype torch.(float64|bfloat16) but student_hidden has "
+                                        "torch.float32; the hidden states, weight and bias of one stream must share"):
+        fused_linear_dopd_loss(t["student_hidden"], w, t["teacher_hidden"], t["teacher_weight"], t["priv_student_hidden"],
+                               y, backend=TRAP, **a)
+
+
+def test_mixed_dtypes_across_streams_are_accepted():
+    t = linear_streams(N, 4, V)
+    y = random_tokens(N, V)
+    out = fused_linear_dopd_loss(t["student_hidden"], t["student_weight"], t["teacher_hidden"].bfloat16(),
+                                 t["teacher_weight"].bfloat16(), t["priv_student_hidden"].double(), y,
+                                 priv_student_weight=t["student_weight"].double(), backend="torch")
+    assert torch.isfinite(out.loss)
+
+
+def test_logits_gradient_buffer_is_contiguous_whatever_the_input_layout():
+    grads = []
+
+    class Spy(TorchBackend):
+        def grad_pass(self, engine, g, rows, scale, sink):
+            grads.append(sink.grad)
+            return super().grad_pass(engine, g, rows, scale, sink)
+
+    zs, zt, zp = correlated_logits((5, 4), V)
+    s = zs.clone().requires_grad_(True)
+    y = random_tokens((5, 4), V)
+    out = dopd_loss(s.transpose(0, 1), zt.transpose(0, 1), zp.transpose(0, 1), y.T, backend=Spy())
+    out.loss.backward()
+    assert grads and all(g.is_contiguous() for g in grads)
+    s64 = zs.double().requires_grad_(True)
+    dopd_loss(s64, zt.double(), zp.double(), y, backend="reference").loss.backward()
+    torch.testing.assert_close(s.grad.double(), s64.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_weight_given_transposed_is_accepted():
+    t = linear_streams(N, 4, V)
+    y = random_tokens(N, V)
+    w_t = t["student_weight"].T.contiguous().T  # rows are strided, not contiguous
+    assert not w_t.is_contiguous()
+    a = fused_linear_opd_loss(t["student_hidden"], w_t, t["teacher_hidden"], t["teacher_weight"], y, backend="torch")
+    b = fused_linear_opd_loss(t["student_hidden"], t["student_weight"], t["teacher_hidden"], t["teacher_weight"], y,
+                              backend="torch")
+    torch.testing.assert_close(a.loss, b.loss)
+
+
+def test_empty_vocabulary_or_hidden_size():
+    zs, zt, zp = (torch.zeros(N, 0) for _ in range(3))
+    y = torch.full((N,), -100)
+    _expect(ValueError, "student_logits must have a vocabulary V >= 1", dopd_loss, zs, zt, zp, y, backend=TRAP)
+    _expect(ValueError, "student_logits must have a vocabulary V >= 1", opd_loss, zs, zt, y, backend=TRAP)
+    t = linear_streams(N, 4, V)
+    h0, w0 = torch.zeros(N, 0), torch.zeros(V, 0)
+    _expect(ValueError, "need a hidden size H >= 1 and a vocabulary V >= 1, got H=0", fused_linear_opd_loss, h0, w0,
+            t["teacher_hidden"], t["teacher_weight"], y, backend=TRAP)
+    _expect(ValueError, "got H=4, V=0", fused_linear_opd_loss, t["student_hidden"], torch.zeros(0, 4),
+            t["teacher_hidden"], t["teacher_weight"], y, backend=TRAP)
+
+
+def test_ignore_index_outside_int64(logits):
+    zs, zt, zp, y = logits
+    _expect(ValueError, "ignore_index must fit in int64", DOPDConfig, ignore_index=2 ** 70)
+    _expect(ValueError, "ignore_index must fit in int64", opd_loss, zs, zt, y, ignore_index=-(2 ** 63) - 1, backend=TRAP)
+
+
+@pytest.mark.parametrize("thresholds", ["123", b"123", 1.5])
+def test_thresholds_of_the_wrong_kind(logits, thresholds):
+    zs, zt, zp, y = logits
+    _expect(TypeError, "thresholds must be a Thresholds", dopd_loss, zs, zt, zp, y, thresholds=thresholds, backend=TRAP)
+
+
+def test_wrong_config_type(logits):
+    from dopd_kernels import FusedLinearOPDLoss, OPDLoss
+
+    zs, zt, zp, y = logits
+    _expect(TypeError, "config must be a DOPDConfig", dopd_loss, zs, zt, zp, y, config=OPDConfig(), backend=TRAP)
+    _expect(TypeError, "config must be a DOPDConfig", dopd_loss, zs, zt, zp, y, config={"top_k": 4}, backend=TRAP)
+    t = linear_streams(N, 4, V)
+    _expect(TypeError, "config must be a DOPDConfig", fused_linear_dopd_loss, t["student_hidden"], t["student_weight"],
+            t["teacher_hidden"], t["teacher_weight"], t["priv_student_hidden"], y, config=OPDConfig(), backend=TRAP)
+    _expect(TypeError, "config must be an OPDConfig", OPDLoss, DOPDConfig())
+    _expect(TypeError, "config must be an OPDConfig", FusedLinearOPDLoss, {"divergence": "js"})
+
+
+def test_normalizer_that_requires_grad(logits):
+    zs, zt, zp, y = logits
+    n = torch.tensor(5.0, requires_grad=True)
+    _expect(ValueError, "normalizer must not require grad", dopd_loss, zs, zt, zp, y, normalizer=n, backend=TRAP)
+    _expect(ValueError, "normalizer must not require grad", opd_loss, zs, zt, y, normalizer=n, backend=TRAP)
