@@ -44,13 +44,13 @@ def test_each_arm_sends_each_model_its_context(setup, monkeypatch, arm, priv_stu
     cfg = config(arm=arm, priv_student=priv_student)
     priv = privileged_student(cfg, student)
     seen = []  # (model, input_ids, grad enabled) of every forward of the loss
-    real = train.final_hidden
+    real = train.hidden_states
 
     def recording(model, input_ids, attention_mask):
         seen.append((model, input_ids, torch.is_grad_enabled()))
         return real(model, input_ids, attention_mask)
 
-    monkeypatch.setattr(train, "final_hidden", recording)
+    monkeypatch.setattr(train, "hidden_states", recording)
     forward = HiddenAndHead(student)
     monkeypatch.setattr(forward, "forward", lambda ids, mask: (seen.append((student, ids, True)),
                                                                HiddenAndHead.forward(forward, ids, mask))[1])

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from dopd_trainer.contexts import IGNORE_INDEX, Context, build_contexts, check_alignment, gather_response
-from dopd_trainer.models import final_hidden, lm_head, tiny_llama
+from dopd_kernels.hf import lm_head
+from dopd_trainer.models import head_logits, hidden_states, tiny_llama
 from dopd_trainer.task import ALPHABET
 from dopd_trainer.tokenizer import build_char_tokenizer
 
@@ -42,13 +43,11 @@ def test_contexts_scoring_different_tokens_are_rejected():
 
 
 def incremental_logprobs(model, prefix, response):
-    """log π(y_t | prefix, y_<t) by running the model on each prefix separately: ground truth."""
-    weight, _ = lm_head(model)
+    """log π(y_t | prefix, y_<t) from the model's own logits on each prefix separately: ground truth."""
     out = []
     for t, token in enumerate(response):
         ids = torch.tensor([prefix + response[:t]])
-        hidden = final_hidden(model, ids, torch.ones_like(ids))[0, -1]
-        out.append(torch.log_softmax(hidden @ weight.T, -1)[token])
+        out.append(torch.log_softmax(model(ids).logits[0, -1], -1)[token])
     return torch.stack(out)
 
 
@@ -57,13 +56,13 @@ def test_gathered_hidden_states_score_the_response_tokens_in_every_context():
     sampled tokens, for the student context and the privileged one; a shifted gather does not."""
     tokenizer = build_char_tokenizer(ALPHABET)
     model = tiny_llama(tokenizer, hidden=16, layers=1, heads=2, seed=0).eval()
-    weight, _ = lm_head(model)
+    head = lm_head(model, tokenizer)
     ctx = build_contexts(PROMPTS, HINTS, RESPONSES, pad_id=tokenizer.pad_token_id)
     with torch.no_grad():
         for c, prefixes in ((ctx.student, PROMPTS), (ctx.privileged, [x + p for x, p in zip(PROMPTS, HINTS)])):
-            hidden = final_hidden(model, c.input_ids, c.attention_mask)
-            logp = torch.log_softmax(gather_response(hidden, c) @ weight.T, -1)
-            off = torch.log_softmax(gather_response(hidden, shifted(c, -1)) @ weight.T, -1)
+            hidden = hidden_states(model, c.input_ids, c.attention_mask)
+            logp = torch.log_softmax(head_logits(gather_response(hidden, c), head), -1)
+            off = torch.log_softmax(head_logits(gather_response(hidden, shifted(c, -1)), head), -1)
             for b, (prefix, response) in enumerate(zip(prefixes, RESPONSES)):
                 expected = incremental_logprobs(model, prefix, response)
                 n = len(response)

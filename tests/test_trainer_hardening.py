@@ -124,8 +124,9 @@ def run_folder(tmp_path):
     (lambda c: c.update(steps="240"), "steps = '240' is not a valid --steps"),
     (lambda c: c.update(steps=2.5), "not a valid --steps"),
     (lambda c: c.update(top_p=3), "not a valid --top-p"),
-    (lambda c: c.update(method="grpo"), "not a valid --method"),
-    (lambda c: c.update(compare="yes"), "not a valid --no-compare"),
+    (lambda c: c.update(arms="grpo"), "not a valid --arms"),
+    (lambda c: c.update(hint_form="all"), "not a valid --hint-form"),
+    (lambda c: c.update(progress="yes"), "not a valid --no-progress"),
     (lambda c: c.update(colour=1), "unknown colour")])
 def test_damaged_config_is_refused(run_folder, damage, message, capsys):
     config = json.loads((run_folder / "config.json").read_text())
@@ -146,7 +147,7 @@ def test_truncated_config_is_refused(run_folder, capsys):
 
 def test_saved_config_round_trips(run_folder):
     config = cli.load_saved_config(cli.build_parser(), run_folder / "config.json")
-    assert config["steps"] == 200 and config["lr"] == 2e-4
+    assert config["steps"] == 120 and config["lr"] == 2e-4 and config["seeds"] == "1"
 
 
 @pytest.mark.parametrize("content, message", [

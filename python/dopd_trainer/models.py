@@ -1,13 +1,20 @@
 """Causal LMs for the trainer: tiny Llama models from configs, or local `transformers` checkpoints.
 
-The loss consumes final hidden states and `lm_head` weights rather than logits, so this module also
-exposes those two views of a model.
+The loss consumes final hidden states and output heads rather than logits; both come from
+`dopd_kernels.hf` (`final_hidden_states`, `lm_head`), which know every family's head transforms
+(scale, soft-cap), tied and padded heads and PEFT models.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Optional
+
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+
+from dopd_kernels.hf import final_hidden_states, lm_head
+from dopd_kernels.heads import LMHead
 
 from .errors import UsageError
 
@@ -40,36 +47,49 @@ def load_checkpoint(path: str, arg: str):
 
 
 def check_same_vocabulary(student_tok, teacher_tok, student, teacher) -> None:
-    """Student and teacher must score the same token ids: same tokenizer vocabulary, same lm_head rows."""
+    """Student and teacher must score the same token ids: one tokenizer vocabulary. Their heads may
+    have different numbers of padding rows past it (the losses exclude those rows)."""
     if student_tok.get_vocab() != teacher_tok.get_vocab():
         raise UsageError("--teacher: its tokenizer vocabulary differs from --student's; both must share one tokenizer")
-    v_s, v_t = lm_head(student)[0].shape[0], lm_head(teacher)[0].shape[0]
-    if v_s != v_t:
-        raise UsageError(f"--teacher: lm_head has {v_t} rows but --student's has {v_s}; both must share one vocabulary")
+    for name, model in (("--student", student), ("--teacher", teacher)):
+        try:
+            lm_head(model, student_tok)
+        except ValueError as exc:
+            raise UsageError(f"{name}: {exc}") from exc
 
 
-def lm_head(model):
-    """`(weight [V, H], bias or None)` of the output projection."""
-    head = model.get_output_embeddings()
-    return head.weight, getattr(head, "bias", None)
+def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """`dopd_kernels.hf.final_hidden_states` on the model's device: `[B, T, H]`, no logits."""
+    device = next(model.parameters()).device
+    return final_hidden_states(model, input_ids.to(device), attention_mask.to(device))
 
 
-def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Final (normed) hidden states `[B, T, H]`, i.e. what `lm_head` maps to logits, without the logits."""
-    device = model.device
-    return model.base_model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).last_hidden_state
+def head_logits(hidden: torch.Tensor, head: LMHead) -> torch.Tensor:
+    """The model's own next-token logits over the real vocabulary from final hidden states `[..., H]`:
+    `softcap(scale · (h·Wᵀ + b))` over the first `vocab_size` rows, `[..., vocab_size]`. For the
+    warm-up's cross-entropy and the logged entropy; the distillation losses never form these."""
+    rows = head.weight.shape[0] if head.vocab_size is None else head.vocab_size
+    bias = None if head.bias is None else head.bias[:rows]
+    z = torch.nn.functional.linear(hidden, head.weight[:rows], bias) * head.scale
+    return z if head.softcap is None else head.softcap * torch.tanh(z / head.softcap)
 
 
 class HiddenAndHead(torch.nn.Module):
-    """A causal LM whose forward returns the fused loss's inputs: final hidden states and the `lm_head`
-    weight and bias. Wrapped in DistributedDataParallel, the student's gradient-carrying forward goes
-    through DDP's forward (which arms its gradient all-reduce for the next backward), and the
-    `lm_head` the loss multiplies is a parameter of that same module, so its gradient is averaged
-    with the others (also when it is not tied to the input embeddings)."""
+    """A causal LM whose forward returns the fused loss's inputs: final hidden states and the head's
+    weight and bias (`dopd_kernels.hf.lm_head`; `head()` re-attaches its transforms). Wrapped in
+    DistributedDataParallel, the student's gradient-carrying forward goes through DDP's forward (which
+    arms its gradient all-reduce for the next backward), and the head the loss multiplies is computed
+    inside it (for a PEFT model, merged from its adapters), so its gradient is averaged with the others."""
 
-    def __init__(self, model):
+    def __init__(self, model, vocab_size: Optional[int] = None):
         super().__init__()
         self.model = model
+        self.vocab_size = vocab_size
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        return (final_hidden(self.model, input_ids, attention_mask), *lm_head(self.model))
+        head = lm_head(self.model, vocab_size=self.vocab_size)
+        return hidden_states(self.model, input_ids, attention_mask), head.weight, head.bias
+
+    def head(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> LMHead:
+        """The student's `LMHead` (with the model's transforms) around what `forward` returned."""
+        return dataclasses.replace(lm_head(self.model, vocab_size=self.vocab_size), weight=weight, bias=bias)

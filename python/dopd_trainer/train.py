@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import random
@@ -16,6 +17,8 @@ import torch
 from tqdm.auto import tqdm
 
 from dopd_kernels import DOPDConfig, fused_linear_dopd_loss, fused_linear_opd_loss
+from dopd_kernels.heads import LMHead
+from dopd_kernels.hf import lm_head
 from dopd_kernels.config import DIVERGENCES, GRANULARITIES, Regime
 
 from .checkpoint import (append_line, atomic_write_bytes, load_latest, read_jsonl, rng_state, save_checkpoint,
@@ -23,7 +26,7 @@ from .checkpoint import (append_line, atomic_write_bytes, load_latest, read_json
 from .contexts import IGNORE_INDEX, Contexts, build_contexts, gather_response
 from .distributed import Workers
 from .errors import UsageError
-from .models import HiddenAndHead, final_hidden, lm_head
+from .models import HiddenAndHead, head_logits, hidden_states
 from .rollout import accuracy, encode_prompts, generate
 from .task import Example
 
@@ -105,14 +108,13 @@ def cosine_schedule(optimizer, warmup_steps: int, total_steps: int):
 
 
 @torch.no_grad()
-def mean_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], valid: torch.Tensor,
-                 rows_per_chunk: int = 1024) -> float:
-    """Mean entropy of the student's next-token distributions at the valid positions, in row chunks
-    so no full `[N, V]` logit tensor is held at once."""
+def mean_entropy(hidden: torch.Tensor, head: LMHead, valid: torch.Tensor, rows_per_chunk: int = 1024) -> float:
+    """Mean entropy of the student's next-token distributions (its head's transforms applied, real
+    vocabulary only) at the valid positions, in row chunks so no full `[N, V]` logit tensor is held."""
     rows = hidden[valid]
     total = 0.0
     for chunk in rows.split(rows_per_chunk):
-        logp = torch.log_softmax(torch.nn.functional.linear(chunk, weight, bias).float(), dim=-1)
+        logp = torch.log_softmax(head_logits(chunk, head).float(), dim=-1)
         total += float(-(logp.exp() * logp).sum())
     return total / max(1, rows.shape[0])
 
@@ -120,12 +122,15 @@ def mean_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
 @torch.no_grad()
 def frozen_hidden(model, ctx) -> torch.Tensor:
     """`[B, T, H]` final hidden states of a model that takes no gradient, at `ctx`'s scored positions."""
-    return gather_response(final_hidden(model, ctx.input_ids, ctx.attention_mask), ctx)
+    return gather_response(hidden_states(model, ctx.input_ids, ctx.attention_mask), ctx)
 
 
-def detached_head(model) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    weight, bias = lm_head(model)
-    return weight.detach(), None if bias is None else bias.detach()
+def detached_head(model, vocab_size: Optional[int]) -> LMHead:
+    """`dopd_kernels.hf.lm_head(model)` as a constant (a live privileged student's head is the
+    student's own weight, read without gradient)."""
+    head = lm_head(model, vocab_size=vocab_size)
+    return dataclasses.replace(head, weight=head.weight.detach(),
+                               bias=None if head.bias is None else head.bias.detach())
 
 
 def target_streams(cfg: TrainConfig, teacher, priv, contexts: Contexts) -> list[tuple]:
@@ -159,25 +164,24 @@ def distillation_loss(cfg: TrainConfig, student, forward, teacher, contexts: Con
     student itself when None or live); `routing_group` spans the ranks whose tokens together set
     DOPD's routing thresholds."""
     priv = student if priv is None else priv
+    wrapper = getattr(forward, "module", forward)  # HiddenAndHead, inside DDP or not
     s_ctx = contexts.student
     s_hidden, w_s, b_s = forward(s_ctx.input_ids, s_ctx.attention_mask)
-    s_hidden = gather_response(s_hidden, s_ctx)
-    # Frozen streams: hidden states without gradient, heads detached (a live privileged student's head
-    # is the student's own weight, read as a constant).
-    streams = [(frozen_hidden(model, ctx), *detached_head(model)) for model, ctx in target_streams(
-        cfg, teacher, priv, contexts)]
+    s_hidden, s_head = gather_response(s_hidden, s_ctx), wrapper.head(w_s, b_s)
+    # Frozen streams: hidden states without gradient, heads (with their models' transforms) detached.
+    streams = [(frozen_hidden(model, ctx), detached_head(model, wrapper.vocab_size))
+               for model, ctx in target_streams(cfg, teacher, priv, contexts)]
     tokens = s_ctx.tokens.to(s_hidden.device)
     valid = tokens != IGNORE_INDEX
-    logs = {"entropy": mean_entropy(s_hidden.detach(), w_s.detach(), b_s, valid)}
+    logs = {"entropy": mean_entropy(s_hidden.detach(), detached_head(student, wrapper.vocab_size), valid)}
     if cfg.arm != "dopd":
-        (t_hidden, w_t, b_t), = streams
-        out = fused_linear_opd_loss(s_hidden, w_s, t_hidden, w_t, tokens, student_bias=b_s, teacher_bias=b_t,
-                                    divergence=cfg.divergence, granularity=cfg.granularity, top_k=cfg.top_k,
-                                    reduction="seq_mean", backend=cfg.backend)
+        (t_hidden, t_head), = streams
+        out = fused_linear_opd_loss(s_hidden, s_head, t_hidden, t_head, tokens, divergence=cfg.divergence,
+                                    granularity=cfg.granularity, top_k=cfg.top_k, reduction="seq_mean",
+                                    backend=cfg.backend)
         return out.loss, logs
-    (t_hidden, w_t, b_t), (a_hidden, w_a, b_a) = streams
-    out = fused_linear_dopd_loss(s_hidden, w_s, t_hidden, w_t, a_hidden, tokens, priv_student_weight=w_a,
-                                 student_bias=b_s, teacher_bias=b_t, priv_student_bias=b_a,
+    (t_hidden, t_head), (a_hidden, a_head) = streams
+    out = fused_linear_dopd_loss(s_hidden, s_head, t_hidden, t_head, a_hidden, tokens, priv_student_weight=a_head,
                                  config=DOPDConfig(top_k=cfg.top_k, reduction="seq_mean"), backend=cfg.backend,
                                  routing_group=routing_group)
     logs["regime"] = out.regime_fractions()
@@ -349,7 +353,7 @@ def train_arm(arm_dir: Path, cfg: TrainConfig, student, teacher, tokenizer, trai
     # Every rank restores the same weights and optimizer state, and its own sampling RNG.
     start = load_latest(arm_dir, student, optimizer, scheduler, workers.rank, workers.world,
                         None if priv is student else priv)
-    forward = workers.wrap(HiddenAndHead(student))
+    forward = workers.wrap(HiddenAndHead(student, len(tokenizer)))
     bar = tqdm(total=cfg.steps, desc=cfg.arm_name, disable=not (show_progress and main), dynamic_ncols=True)
     if start is None:
         start = 0

@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .contexts import build_context, gather_response
-from .models import final_hidden, lm_head, load_checkpoint
+from dopd_kernels.hf import lm_head
+
+from .models import head_logits, hidden_states, load_checkpoint
 from .rollout import encode_prompts
 from .task import Example
 from .train import cosine_schedule
@@ -28,7 +30,6 @@ def sft(model, tokenizer, examples: list[Example], *, hint_fraction: float, step
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = cosine_schedule(optimizer, warmup_steps=max(1, steps // 10), total_steps=steps)
-    weight, bias = lm_head(model)
     model.train()
     for _ in tqdm(range(steps), desc=desc, disable=not show_progress, dynamic_ncols=True):
         batch = rng.sample(examples, min(batch_size, len(examples)))
@@ -36,8 +37,8 @@ def sft(model, tokenizer, examples: list[Example], *, hint_fraction: float, step
         prefixes = [x + p if rng.random() < hint_fraction else x for x, p in zip(prompts, hints)]
         answers = [tokenizer(e.answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for e in batch]
         ctx = build_context(prefixes, answers, tokenizer.pad_token_id)
-        hidden = gather_response(final_hidden(model, ctx.input_ids, ctx.attention_mask), ctx)
-        logits = F.linear(hidden, weight, bias)
+        hidden = gather_response(hidden_states(model, ctx.input_ids, ctx.attention_mask), ctx)
+        logits = head_logits(hidden, lm_head(model, tokenizer))
         loss = F.cross_entropy(logits.flatten(0, 1), ctx.tokens.flatten().to(logits.device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
