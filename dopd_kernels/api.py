@@ -184,12 +184,23 @@ def dopd_loss(
         thresholds: routing thresholds (Ā, q̄_T, q̄_P) to use instead of this batch's trimmed means.
         backend: "auto", a backend name (see `available_backends()`) or a backend object.
         normalizer: with reduction "mean"/"sum", divide the summed loss by this token count instead.
-        check_finite: raise ValueError if any logit is NaN or +inf (-inf is allowed: padding).
+        check_finite: raise ValueError (naming the stream and the row) if a row has a NaN or +inf
+            logit, or no finite logit in the valid vocabulary; a single -inf logit is allowed (an
+            impossible token, padding). With False (the default), see "Non-finite values" below.
         vocab_parallel_group: a `torch.distributed` group over which the vocabulary is sharded:
             each rank passes its contiguous shard `[..., V_r]` (shards in rank order), the same
             tokens (global ids) and gets the loss of the whole vocabulary (see `parallel.py`).
         routing_group: a `torch.distributed` group (e.g. data parallel) whose ranks' valid tokens
             together define the routing thresholds.
+
+    Non-finite values (the same on every backend): a row of any stream with a NaN or +inf logit, or
+    without a finite logit, has a NaN loss on that token (never a finite value hiding it), and a
+    token whose routing statistics are NaN is routed to HS and left out of the thresholds' trimmed
+    means, so it never changes another token's routing. A -inf logit at the sampled token is legal:
+    ℓ = -inf gives A = +inf (left out of the means, routed by the table), ℓ_T = ℓ_P = -inf gives A = 0.
+
+    Second derivatives are not available (a backward with create_graph=True raises); the
+    `reference` backend is plain float64 autograd and differentiates twice.
 
     Returns:
         `DOPDOutput`; see its docstring. A batch without valid tokens has loss 0 (gradient 0) and
@@ -303,10 +314,11 @@ def opd_loss(
         tokens: `[N]` or `[B, T]` sampled tokens.
         divergence, granularity, top_k, js_beta, temperature, topk_from, topk_renorm, ignore_index,
         reduction, valid_vocab: see `OPDConfig`.
-        backend, normalizer, check_finite, vocab_parallel_group: as in `dopd_loss`.
+        backend, normalizer, check_finite, vocab_parallel_group: as in `dopd_loss` (a row with a NaN
+            or +inf logit, or no finite one, gives a NaN loss on its token).
 
     Returns:
-        `OPDOutput(loss, per_token_loss)`.
+        `OPDOutput(loss, per_token_loss)`. JS values never exceed their bound (log 2 for js_beta=0.5).
     """
     cfg = OPDConfig(divergence, granularity, top_k, js_beta, temperature, topk_from, topk_renorm,
                     ignore_index, reduction, valid_vocab)

@@ -148,7 +148,8 @@ class TorchBackend(PassBackend):
     def grad_pass(self, engine, g: Group, rows: torch.Tensor, scale: torch.Tensor, sink) -> None:
         """Gradient tiles of one group's rows, scaled per row by `scale` (upstream · weight / τ)."""
         student, target = engine.student, engine.sources[g.target]
-        (hs, ls), (ht, lt) = (split_lse(engine.stats.lse[j][g.pos], src.dtype) for j, src in ((STUDENT, student), (g.target, target)))
+        hs, ls = split_lse(engine.stats.lse[STUDENT][g.pos], student.dtype)
+        ht, lt = split_lse(engine.stats.lse[g.target][g.pos], target.dtype)
         term, dt = g.term, student.dtype
         if term is not None and term.dense is None:  # renormalized top-K: only K logits move
             sink.add_sparse(rows, term.cols, (term.sparse * scale[:, None]).to(dt))
@@ -168,7 +169,7 @@ class TorchBackend(PassBackend):
                         self._write_explicit(grad, term.cols[sl], term.explicit[sl].to(dt), c0)
                     else:
                         self._fold_sparse(grad, term.cols[sl], term.sparse[sl].to(dt), c0)
-                sink.add_tile(r, c0, grad * sc, z)
+                sink.add_tile(r, c0, grad * sc, z)  # z: the sink's head Jacobian (fused-linear transforms)
 
     @staticmethod
     def _full_tile_grad(lp, p, lq, c, kind: str, beta: float) -> torch.Tensor:
