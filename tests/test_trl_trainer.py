@@ -102,6 +102,24 @@ def test_training_moves_student_not_teacher(tok, tmp_path, method):
         assert not any(k.startswith("dopd/") for k in logs[0])
 
 
+def test_gradient_checkpointing_and_eval(tok, tmp_path):
+    """TRL's default activation checkpointing (the privileged student's no-grad forward runs inside the student's
+    checkpointed forward) gives the same gradients; evaluation logs `eval_` metrics without a normalizer."""
+    grads = []
+    for checkpointing in (False, True):
+        trainer = make_trainer(tok, tmp_path, gradient_checkpointing=checkpointing, **GREEDY)
+        if checkpointing:  # Trainer.train() would turn it on; compute_loss is called directly here
+            trainer.model.gradient_checkpointing_enable()
+            assert trainer.model.model.gradient_checkpointing
+        trainer.compute_loss(trainer.model, first_inputs(trainer)).backward()
+        grads.append(student_grads(trainer.model))
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7, msg=name)
+    trainer = make_trainer(tok, tmp_path, eval_strategy="no", per_device_eval_batch_size=4)
+    metrics = trainer.evaluate(th.dataset(4, conversational=True, seed=1))
+    assert metrics["eval_loss"] > 0 and "eval_dopd/regime_ht" in metrics and "eval_entropy" in metrics
+
+
 # -- contexts ------------------------------------------------------------------------------------
 
 
