@@ -712,8 +712,8 @@ def test_cuda_tile_rules_for_every_top_k(hdt, wdt, monkeypatch):
     logits = LogitsSource(torch.empty(4, v, dtype=hdt))
     for k in [0] + [1 << i for i in range(9)]:  # K_PAD 0 (no top-K), 1 .. MAX_TOPK
         assert k <= MAX_TOPK
-        for rows in (32, 64):
-            cfg = TB._config(linear, 65536, k, rows=rows)
+        for grad_kind in (None, 0, 1, 2, 3):
+            cfg = TB._config(linear, 65536, k, grad_kind=grad_kind)
             assert min(cfg.block_n, cfg.block_v, cfg.block_h) >= 16, (k, cfg)
             assert cfg.block_v >= k
         cfg = TB._config(logits, 65536, k)

@@ -51,7 +51,7 @@ Defaults:
     accumulators. With a running top-K: BLOCK_N = 16, BLOCK_V = max(128, K_PAD) and BLOCK_H =
     max(16, 4096 / BLOCK_V) (32 for K ≤ 128, 16 for K = 256);
   * fused-linear with fp32 operands (IEEE `tl.dot`, no tensor cores): 64 × 64 tiles, BLOCK_H = 16
-    (16 × max(128, K_PAD) × 16 with a top-K);
+    (32 rows in the gradient kernels; 16 × max(128, K_PAD) × 16 with a top-K);
   * logits mode (memory bound): BLOCK_N = 8, BLOCK_V = 512 (max(128, K_PAD) with a top-K),
     num_warps = 8 (4 for a top-K of K_PAD ≤ 128);
   * sparse top-K kernels (one program per row, no tl.dot): a `[K_PAD, BLOCK_H]` weight block of
@@ -226,12 +226,12 @@ class TritonBackend(PassBackend):
 
     # -- configuration -----------------------------------------------------------------------------
 
-    def _config(self, source, n: int, k_pad: int = 0, rows: int = 64) -> _Config:
+    def _config(self, source, n: int, k_pad: int = 0, grad_kind: Optional[int] = None) -> _Config:
         """Blocks for a pass over `n` rows of `source`; `k_pad` > 0 when a running top-K is kept
-        (then BLOCK_V = max(BLOCK_V, K_PAD): the stats kernel merges whole tiles into it); `rows`
-        is BLOCK_N of a bf16/fp16 fused-linear pass without top-K. The rules are the module
-        docstring's; the CUDA defaults are the largest tiles that ptxas compiles without register
-        spills for sm_90a (`tests/triton_sm90.py`)."""
+        (then BLOCK_V = max(BLOCK_V, K_PAD): the stats kernel merges whole tiles into it);
+        `grad_kind` the divergence KIND of a gradient pass (its tiles hold more live values). The
+        rules are the module docstring's; the CUDA defaults are the largest tiles that ptxas
+        compiles without register spills for sm_90a (`tests/triton_sm90.py`)."""
         linear = isinstance(source, LinearSource)
         v = source.effective_vocab
         if _interpreting():
@@ -248,8 +248,10 @@ class TritonBackend(PassBackend):
             if k_pad:
                 bn, bv = 16, max(128, k_pad)
                 bh = 16 if fp32_dot else max(16, 4096 // bv)
-            else:
-                bn, bv, bh = (64, 64, 16) if fp32_dot else (rows, 128, 32)
+            elif fp32_dot:  # the gradient kernels spill at 64 rows (grad_dw_kernel by 0.5 KB)
+                bn, bv, bh = (64 if grad_kind is None else 32), 64, 16
+            else:  # the full reverse-KL gradient spills at 64 rows
+                bn, bv, bh = (32 if grad_kind == self._div.REVERSE_KL else 64), 128, 32
             warps, stages = 8, 3
         else:
             bn, bv, bh, stages = 8, (max(MIN_LOGITS_BLOCK_V, k_pad) if k_pad else 512), 16, 2
@@ -437,8 +439,7 @@ class TritonBackend(PassBackend):
         whole gradient [n, k] before `scale`) or None."""
         n = rows.shape[0]
         dev = rows.device
-        # The full reverse-KL bf16 gradient tile spills at 64 fused-linear rows on sm_90a (ptxas).
-        cfg = self._config(student, n, rows=32 if kind == self._div.REVERSE_KL else 64)
+        cfg = self._config(student, n, grad_kind=kind)
         linear = isinstance(student, LinearSource)
         vv = student.effective_vocab
         row_blocks, vocab_tiles = triton_cdiv(n, cfg.block_n), triton_cdiv(vv, cfg.block_v)

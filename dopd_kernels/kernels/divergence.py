@@ -182,7 +182,8 @@ def grad_kernel(rows_ptr, n_rows, lse_s_hi, lse_s_lo, lse_t_hi, lse_t_lo, coef_p
                       k_explicit, xs, sxs0, sxs1, ws, sws0, sws1, bs, hs, as_, cs,
                       xt, sxt0, sxt1, wt, swt0, swt1, bt, ht, at, ct,
                       vocab, valid_vocab, inv_temp, beta, log_beta, log_1m_beta,
-                      KIND, EXPLICIT, LINEAR, BIAS_MASK, UPCAST_MASK, HEAD_MASK, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+                      KIND, EXPLICIT, LINEAR, BIAS_MASK, UPCAST_MASK, HEAD_MASK, DOT_PRECISION,
+                      BLOCK_N, BLOCK_V, BLOCK_H)
         if LINEAR:
             if NEED_DB:
                 tl.atomic_add(db_ptr + cols, tl.sum(g, 0), mask=col_in, sem="relaxed")
@@ -259,7 +260,7 @@ def grad_dw_kernel(rows_ptr, n_rows, lse_s_hi, lse_s_lo, lse_t_hi, lse_t_lo, coe
                     h = h.to(tl.float32)
                 dw = dw_ptr + cols.to(tl.int64)[:, None] * sdw0 + hcols[None, :]
                 dw_mask = col_in[:, None] & h_in[None, :]
-                tl.store(dw, tl.load(dw, mask=dw_mask, other=0.0) + tl.dot(tl.trans(gh), h, input_precision=DOT_PRECISION),
-                         mask=dw_mask)
+                part = tl.dot(tl.trans(gh), h, input_precision=DOT_PRECISION)
+                tl.store(dw, tl.load(dw, mask=dw_mask, other=0.0) + part, mask=dw_mask)
     if NEED_DB:
         tl.store(db_ptr + cols, tl.load(db_ptr + cols, mask=col_in, other=0.0) + db, mask=col_in)

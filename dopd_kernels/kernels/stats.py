@@ -9,15 +9,16 @@ Grid: one program per block of `BLOCK_N` (compacted) rows. The program walks the
   * the logit at the sampled token (a masked row sum: the token's column lies in exactly one tile),
   * for the streams flagged in TOPK_MASK, the running top-K.
 
-Running top-K (K ≤ 256, `backends/triton_backend.MAX_TOPK`): each row keeps its K_PAD largest values so far as int64 keys packing
-(value, column) (`tiles.topk_keys`), sorted descending, in a `[BLOCK_N, K_PAD]` register block, with
-K_PAD = BLOCK_V (the backend makes BLOCK_V ≥ next power of two ≥ K; the first K are written). A tile
-is merged only when some row's tile maximum beats its current K_PAD-th key (after the first few tiles
-of a peaked LM distribution almost every tile is skipped): the tile's keys are bitonic-sorted
-ascending, and the running block and the tile combine elementwise by `max`, which leaves exactly the
-K_PAD largest of the union as a bitonic sequence; one bitonic merge sorts it descending. The
-compare-and-swap layers are written with reshape/split/min/max (`compare_swap`) rather than
-tl.sort, whose xor-reductions the interpreter evaluates element by element (about 50× slower).
+Running top-K (K ≤ 256, `backends/triton_backend.MAX_TOPK`): each row keeps its K_PAD largest values
+so far as int64 keys packing (value, column) (`tiles.topk_keys`), sorted descending, in a `[BLOCK_N,
+K_PAD]` register block, with K_PAD = BLOCK_V (the backend makes BLOCK_V ≥ next power of two ≥ K; the
+first K are written). A tile is merged only when some row's tile maximum beats its current K_PAD-th
+key (after the first few tiles of a peaked LM distribution almost every tile is skipped): the tile's
+keys are bitonic-sorted ascending, and the running block and the tile combine elementwise by `max`,
+which leaves exactly the K_PAD largest of the union as a bitonic sequence; one bitonic merge sorts
+it descending. The compare-and-swap layers are written with reshape/split/min/max (`compare_swap`)
+rather than tl.sort, whose xor-reductions the interpreter evaluates element by element (about 50×
+slower).
 No scratch memory: the top-K costs its O(N·K) output only (a two-stage per-tile scratch would be
 O(N·K·V/BLOCK_V)).
 
@@ -103,8 +104,9 @@ def stats_kernel(rows_ptr, tok_ptr, n_rows, max_ptr, logsum_ptr, ly_ptr, topk_pt
                  NUM_STREAMS: tl.constexpr, LINEAR: tl.constexpr, BIAS_MASK: tl.constexpr,
                  UPCAST_MASK: tl.constexpr, HEAD_MASK: tl.constexpr, TOPK_MASK: tl.constexpr, LOG_K: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Writes the row max and log Σ exp(z − max) [NUM_STREAMS, n] each, sampled logit [NUM_STREAMS, n] (fp32, scaled by 1/τ) and the top-K
-    columns [n_topk_streams, n, top_k] (descending) of the rows `rows_ptr[0:n]`."""
+    """Writes the row max and log Σ exp(z − max) [NUM_STREAMS, n] each, the sampled logit
+    [NUM_STREAMS, n] (fp32, final logits / τ) and the top-K columns [n_topk_streams, n, top_k]
+    (descending) of the rows `rows_ptr[0:n]`."""
     K_PAD: tl.constexpr = BLOCK_V
     offs, row_mask, rows = row_block(rows_ptr, n_rows, BLOCK_N)
     tok = tl.load(tok_ptr + offs, mask=row_mask, other=-1)
@@ -135,10 +137,11 @@ def stats_kernel(rows_ptr, tok_ptr, n_rows, max_ptr, logsum_ptr, ly_ptr, topk_pt
             m2, s2, y2, r2 = stream_update(z, cols, tok, m2, s2, y2, r2, (TOPK_MASK >> 2) & 1, BLOCK_N, K_PAD, LOG_K)
 
     # A stream's slot in the top-K output counts the top-K streams before it.
-    store_stream(max_ptr, logsum_ptr, ly_ptr, topk_ptr, 0, 0, n_rows, top_k, offs, row_mask, m0, s0, y0, r0, TOPK_MASK & 1, K_PAD)
+    store_stream(max_ptr, logsum_ptr, ly_ptr, topk_ptr, 0, 0, n_rows, top_k, offs, row_mask, m0, s0, y0, r0,
+                 TOPK_MASK & 1, K_PAD)
     if NUM_STREAMS > 1:
-        store_stream(max_ptr, logsum_ptr, ly_ptr, topk_ptr, 1, TOPK_MASK & 1, n_rows, top_k, offs, row_mask, m1, s1, y1, r1,
-                     (TOPK_MASK >> 1) & 1, K_PAD)
+        store_stream(max_ptr, logsum_ptr, ly_ptr, topk_ptr, 1, TOPK_MASK & 1, n_rows, top_k, offs, row_mask,
+                     m1, s1, y1, r1, (TOPK_MASK >> 1) & 1, K_PAD)
     if NUM_STREAMS > 2:
-        store_stream(max_ptr, logsum_ptr, ly_ptr, topk_ptr, 2, (TOPK_MASK & 1) + ((TOPK_MASK >> 1) & 1), n_rows, top_k, offs,
-                     row_mask, m2, s2, y2, r2, (TOPK_MASK >> 2) & 1, K_PAD)
+        store_stream(max_ptr, logsum_ptr, ly_ptr, topk_ptr, 2, (TOPK_MASK & 1) + ((TOPK_MASK >> 1) & 1), n_rows,
+                     top_k, offs, row_mask, m2, s2, y2, r2, (TOPK_MASK >> 2) & 1, K_PAD)
