@@ -177,3 +177,37 @@ def check_double_backward_raises(backend, device: str = "cpu"):
         torch.autograd.grad(out.loss, s, create_graph=True)
     (g,) = torch.autograd.grad(out.loss, s)  # first order is unaffected
     assert torch.isfinite(g).all()
+
+
+def precision_report(backend, n: int = 64, v: int = 4096, seed: int = 0) -> list:
+    """Rows (case, kind, granularity, loss, loss error / mean |per-token|, gradient error / its scale,
+    max JS per token) of fp32 `backend` against float64, for the README's precision table."""
+    torch.manual_seed(seed)
+    rows = []
+    for case in PRECISION_CASES:
+        zs, zt = _large_logits(case, n, v)
+        y = torch.randint(0, v, (n,))
+        for kind in ("reverse_kl", "forward_kl", "js"):
+            for gran in ("full", "topk", "sampled"):
+                kw = dict(divergence=kind, granularity=gran, top_k=8, topk_renorm=False)
+                s, s64 = leaf(zs), leaf(zs, torch.float64)
+                out = opd_loss(s, zt, y, backend=backend, **kw)
+                ref = opd_loss(s64, zt.double(), y, backend="reference", **kw)
+                out.loss.backward()
+                ref.loss.backward()
+                lerr = abs(float(out.loss.detach()) - float(ref.loss.detach())) / float(ref.per_token_loss.abs().mean())
+                gerr = float((s.grad.double() - s64.grad).abs().max()) / max(float(s64.grad.abs().max()), 1.0 / n)
+                js_max = float(out.per_token_loss.max()) if kind == "js" else float("nan")
+                rows.append((case, kind, gran, float(ref.loss.detach()), lerr, gerr, js_max))
+    return rows
+
+
+if __name__ == "__main__":  # python tests/hardening_checks.py [backend]
+    import sys
+
+    name = sys.argv[1] if len(sys.argv) > 1 else "torch"
+    print(f"| case | divergence | granularity | float64 loss | loss error | gradient error | max JS − log 2 |  ({name}, N=64, V=4096)")
+    print("|---|---|---|---|---|---|---|")
+    for case, kind, gran, loss, lerr, gerr, js_max in precision_report(name):
+        js = f"{js_max - LOG2:+.1e}" if kind == "js" else ""
+        print(f"| {case} | {kind} | {gran} | {loss:.3g} | {lerr:.1e} | {gerr:.1e} | {js} |")
