@@ -289,11 +289,12 @@ class DOPDTrainer(DistillationTrainer):
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         # TRL generates from the plain prompts; the privileged prompts are tokenized here, in the same order (the
         # generation batch is shuffled and split only afterwards, every tensor in unison).
-        output = super()._generate_and_score_completions(inputs)
-        if self.args.method == "vanilla-opd":
-            return output
-        if any(x.get("privileged_context") is None for x in inputs):
+        needs_context = self.args.method != "vanilla-opd"
+        if needs_context and any(x.get("privileged_context") is None for x in inputs):
             raise ValueError(f"method={self.args.method!r} needs a 'privileged_context' in every dataset row")
+        output = super()._generate_and_score_completions(inputs)
+        if not needs_context:
+            return output
         prompts = [self.privileged_prompt(x["prompt"], x["privileged_context"]) for x in inputs]
         ids, _, _ = self._tokenize_prompts(prompts)
         device = output["prompt_ids"].device
