@@ -138,6 +138,23 @@ def _non_neutral(config) -> dict:
     return out
 
 
+def _not_plain(model, module) -> Optional[str]:
+    """Why a class outside the table may not apply its output embedding straight to the backbone's
+    output (None when its layout is the plain one: a backbone and the projection as direct children).
+    BERT-style heads nest the projection under a dense + norm block; ModernBERT's decoder and ELECTRA's
+    generator put such a block beside it."""
+    if getattr(model, "lm_head", module) is not module:
+        return "its `lm_head` module is not its output embedding"
+    if not any(child is module for child in model.children()):
+        return "its output embedding is nested inside another module"
+    backbone = _backbone(model)
+    extra = [name for name, child in model.named_children()
+             if child is not module and child is not backbone and any(True for _ in child.parameters())]
+    if extra:
+        return f"it has modules with parameters besides its backbone and output embedding ({', '.join(extra)})"
+    return None
+
+
 def _attr(config, name: str, what: str, model_name: str):
     if not hasattr(config, name):
         raise ValueError(f"model: {model_name} applies {what} {name!r} in its forward but its config has no such attribute")
@@ -239,10 +256,11 @@ def lm_head(model, tokenizer=None, *, vocab_size: Optional[int] = None, verify: 
 
     scale, softcap = 1.0, None
     if rule is None:
-        own = getattr(model, "lm_head", module)
-        if own is not module and not verify:  # e.g. ModernBERT's decoder: a dense+norm block, then the projection
-            raise ValueError(f"model: {label}'s output embeddings are not its `lm_head` module, so its forward does more "
-                             f"than one projection; lm_head(model, verify=True) checks it against the model's own logits")
+        why = _not_plain(model, module)
+        if why and not verify:
+            raise ValueError(f"model: {label} is not in dopd_kernels.hf.HEAD_RULES and {why}, so its forward may do more "
+                             f"than one projection after the backbone; lm_head(model, verify=True) checks it against "
+                             f"the model's own logits")
         suspicious = _non_neutral(text)
         if suspicious and not verify:
             raise ValueError(
@@ -337,7 +355,11 @@ def _verify(model, head: LMHead, label: str) -> None:
     try:
         with torch.no_grad():
             logits = model(input_ids=ids, use_cache=False).logits[0, :, :rows].double()
-            z = final_hidden_states(model, ids)[0].double() @ head.weight[:rows].double().T
+            h = final_hidden_states(model, ids)[0].double()
+            if h.shape[-1] != head.weight.shape[1]:
+                raise ValueError(f"model: {label}'s backbone returns hidden states of size {h.shape[-1]} but its output "
+                                 f"embedding takes {head.weight.shape[1]}: its forward does more than one projection")
+            z = h @ head.weight[:rows].double().T
     finally:
         model.train(training)
     if head.bias is not None:

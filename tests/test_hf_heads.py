@@ -49,7 +49,8 @@ def expected_transform(model) -> tuple:
     c = model.config
     softcap = lambda: (1.0, c.final_logit_softcapping)  # noqa: E731
     rule = {
-        "gemma2": softcap, "gemma3_text": softcap, "gemma3n_text": softcap, "gemma4_text": softcap, "vaultgemma": softcap, "nanochat": softcap,
+        "gemma2": softcap, "gemma3_text": softcap, "gemma3n_text": softcap, "gemma4_text": softcap,
+        "vaultgemma": softcap, "nanochat": softcap,
         "cohere": lambda: (c.logit_scale, None), "cohere2": lambda: (c.logit_scale, None),
         "granite": lambda: (1 / c.logits_scaling, None), "minicpm3": lambda: (c.dim_model_base / c.hidden_size, None),
         "hyperclovax": lambda: (c.logits_scaling, None), "falcon_h1": lambda: (c.lm_head_multiplier, None),
@@ -72,6 +73,32 @@ def test_head_reproduces_model_logits(family):
             gap = (head_logits(plain, final_hidden_states(model, ids)) - model(ids).logits.double()).abs().max()
         assert gap > 0.05, f"{family}: the test model's transform is too weak to be tested"
     lm_head(model, TOK, verify=True)
+
+
+# Families outside tiny_models with other layouts (GPT-NeoX's `embed_out`, BioGPT's `output_projection`,
+# RWKV's `head`, Mamba, OPT, MoE, hybrid recurrent models), built from one generic set of tiny sizes.
+OTHER_FAMILIES = ["gpt_neox", "opt", "bloom", "falcon_mamba", "rwkv", "mpt", "biogpt", "phi", "olmo2", "starcoder2",
+                  "xglm", "gpt_bigcode", "gemma", "mixtral", "lfm2", "ctrl"]
+
+
+def generic_tiny(model_type: str):
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+    sizes = dict(vocab_size=len(TOK), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=8, max_position_embeddings=128, initializer_range=0.2, n_embd=32,
+                 n_layer=2, n_head=4, n_positions=128, ffn_dim=64, d_model=32, pad_token_id=0, bos_token_id=1,
+                 eos_token_id=2)
+    defaults = CONFIG_MAPPING[model_type]()
+    return AutoModelForCausalLM.from_config(CONFIG_MAPPING[model_type](
+        **{k: v for k, v in sizes.items() if k == "vocab_size" or hasattr(defaults, k)}))
+
+
+@pytest.mark.parametrize("model_type", OTHER_FAMILIES)
+def test_other_families_reproduce_their_logits(model_type):
+    model = generic_tiny(model_type).eval()
+    head = lm_head(model, TOK)
+    assert head.scale == 1.0 and head.softcap is None
+    assert_logits_match(model, head, random_ids())
 
 
 @pytest.mark.parametrize("family", ["gpt2", "gemma2", "cohere"])
@@ -194,10 +221,23 @@ def test_unsupported_models_are_refused_by_name():
     mbd = AutoModelForCausalLM.from_config(CONFIG_MAPPING["modernbert-decoder"](
         vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
         pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=3, sep_token_id=3))
-    with pytest.raises(ValueError, match="ModernBertDecoderForCausalLM.*not its `lm_head` module"):
+    with pytest.raises(ValueError, match="ModernBertDecoderForCausalLM .*its `lm_head` module is not its output embedding"):
         lm_head(mbd)
     with pytest.raises(ValueError, match="logits are not softcap"):
         lm_head(mbd, verify=True)
+    # BERT-style heads nest the projection under a dense + norm block; ELECTRA's generator puts one beside it
+    # (with embedding_size == hidden_size nothing but this check would notice).
+    small = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                 is_decoder=True)
+    bert = AutoModelForCausalLM.from_config(CONFIG_MAPPING["bert"](**small))
+    with pytest.raises(ValueError, match="BertLMHeadModel .*output embedding is nested inside another module"):
+        lm_head(bert)
+    with pytest.raises(ValueError, match="BertLMHeadModel.*logits are not softcap"):
+        lm_head(bert, verify=True)
+    electra = AutoModelForCausalLM.from_config(CONFIG_MAPPING["electra"](embedding_size=16, **small))
+    with pytest.raises(ValueError, match=r"ElectraForCausalLM .*besides its backbone and output embedding "
+                                         r"\(generator_predictions\)"):
+        lm_head(electra)
     with pytest.raises(TypeError, match="PreTrainedModel"):
         lm_head(torch.nn.Linear(4, 4))
 
