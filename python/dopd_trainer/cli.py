@@ -37,7 +37,8 @@ from .warmup import cached_warmup, sft
 # section 7); the tiny built-in models take small batches at a higher rate, but not so high that the
 # privileged student (the student's own weights) drifts away under DOPD's self-referenced regimes,
 # and sample at a lower temperature so fewer rollouts go off the rails.
-PRESETS = {"quick": dict(seeds="1", eval_size=500), "full": dict(seeds="1,2,3", eval_size=1000)}
+PRESETS = {"quick": dict(seeds="1"), "full": dict(seeds="1,2,3")}
+WARMUP_LR = 3e-3  # peak rate of the built-in models' supervised warm-ups
 BUILTIN_DEFAULTS = dict(prompts_per_step=16, lr=2e-4, temperature=0.7,
                         max_new_tokens=None, threads=1)
 CHECKPOINT_DEFAULTS = dict(prompts_per_step=128, lr=5e-6, temperature=1.0,
@@ -122,22 +123,22 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--reward", metavar="MODULE:FUNCTION",
                      help="accuracy function f(completion: str, example) -> float (default: exact match with answer)")
     p.add_argument("--preset", choices=tuple(PRESETS), default="quick",
-                   help="quick: one training seed (under 10 minutes on 2 CPU cores); full: the multi-seed "
-                        "comparison (seeds 1,2,3, 1000 held-out prompts). Options given explicitly win.")
+                   help="quick: one training seed; full: the multi-seed comparison (seeds 1,2,3). Options given "
+                        "explicitly win.")
     builtin = p.add_argument_group("built-in task")
     builtin.add_argument("--digits", type=POSITIVE_INT, default=2, help="operand digits of the addition task")
     builtin.add_argument("--hint-form", choices=task.HINT_FORMS, default="cues",
                          help="what the hint reveals besides the answer order: carry cues (the paper's moderate "
                               "hint), the column-by-column working, or the answer")
     builtin.add_argument("--train-size", type=POSITIVE_INT, default=8000, help="training problems")
-    builtin.add_argument("--eval-size", type=NONNEG_INT, help="held-out problems (preset: 500 / 1000)")
+    builtin.add_argument("--eval-size", type=NONNEG_INT, default=500, help="held-out problems")
     builtin.add_argument("--hidden", type=hidden_size, default=64, help="hidden size of the student")
     builtin.add_argument("--layers", type=POSITIVE_INT, default=2, help="layers of the student")
-    builtin.add_argument("--teacher-hidden", type=hidden_size, default=128, help="hidden size of the teacher")
+    builtin.add_argument("--teacher-hidden", type=hidden_size, default=64, help="hidden size of the teacher")
     builtin.add_argument("--teacher-layers", type=POSITIVE_INT, default=3, help="layers of the teacher")
-    builtin.add_argument("--teacher-warmup-steps", type=NONNEG_INT, default=800,
+    builtin.add_argument("--teacher-warmup-steps", type=NONNEG_INT, default=1000,
                          help="SFT steps of the teacher (half of its examples with hints)")
-    builtin.add_argument("--student-warmup-steps", type=NONNEG_INT, default=400,
+    builtin.add_argument("--student-warmup-steps", type=NONNEG_INT, default=600,
                          help="SFT steps of the student (half of its examples with hints)")
     builtin.add_argument("--task-seed", type=NONNEG_INT, default=0,
                          help="seeds the problem split, the answer orders and the warm-ups")
@@ -193,33 +194,44 @@ def load_reward(spec: str | None):
         raise UsageError(f"--reward {spec!r}: cannot import it as MODULE:FUNCTION ({exc})") from exc
 
 
+def builtin_data(args):
+    """The built-in task's tokenizer and (train, held-out) problems."""
+    tokenizer = build_char_tokenizer(task.ALPHABET)
+    return (tokenizer, *task.addition_splits(args.digits, args.train_size, args.eval_size, args.task_seed,
+                                             args.hint_form))
+
+
+def warmed_model(args, name: str, tokenizer, train_set):
+    """The cached warm-up of the built-in `name` ("teacher" or "student"): a tiny Llama trained by
+    supervised warm-up on examples of which half read the hint; built and cached on a miss."""
+    hidden, layers, steps, seed = ((args.teacher_hidden, args.teacher_layers, args.teacher_warmup_steps, 1)
+                                   if name == "teacher" else (args.hidden, args.layers, args.student_warmup_steps, 2))
+    seed += args.task_seed
+    # The training problems are the first `train_size` drawn, whatever `eval_size` is.
+    key = dict(digits=args.digits, train_size=args.train_size, task_seed=args.task_seed, hint_form=args.hint_form,
+               alphabet=task.ALPHABET, lr=WARMUP_LR, hidden=hidden, layers=layers, steps=steps, model_seed=seed,
+               version=2)
+
+    def build():
+        model = tiny_llama(tokenizer, hidden, layers, seed=seed)
+        sft(model, tokenizer, train_set, hint_fraction=0.5, steps=steps, batch_size=64, lr=WARMUP_LR, seed=seed,
+            desc=f"{name} warm-up (cached after this run)", show_progress=args.progress)
+        return model, tokenizer
+
+    return cached_warmup(args.cache_dir, name, key, build)
+
+
 def setup_builtin(args, workers: Workers):
     """Tokenizer, data and the two warmed-up models of the built-in task: a teacher larger than the
-    student and trained longer, both on examples of which half read the hint, so the teacher is
-    competent without the hint and better with it, and the student's privileged self can use a hint
-    (what DOPD's third stream assumes) while its unhinted skill stays weak."""
-    tokenizer = build_char_tokenizer(task.ALPHABET)
-    train_set, eval_set = task.addition_splits(args.digits, args.train_size, args.eval_size, args.task_seed,
-                                               args.hint_form)
-    # The training problems are the first `train_size` drawn, whatever `eval_size` is.
-    common = dict(digits=args.digits, train_size=args.train_size, task_seed=args.task_seed, hint_form=args.hint_form,
-                  alphabet=task.ALPHABET, lr=3e-3, version=2)
-
-    def warmed(name: str, hidden: int, layers: int, steps: int, seed: int):
-        def build():
-            model = tiny_llama(tokenizer, hidden, layers, seed=seed)
-            sft(model, tokenizer, train_set, hint_fraction=0.5, steps=steps, batch_size=64, lr=3e-3,
-                seed=seed, desc=f"{name} warm-up (cached after this run)", show_progress=args.progress)
-            return model, tokenizer
-        key = {**common, "hidden": hidden, "layers": layers, "steps": steps, "model_seed": seed}
-        return cached_warmup(args.cache_dir, name, key, build)
-
+    student and trained longer, so it is competent without the hint and better with it, and a
+    student whose privileged self can use a hint (what DOPD's third stream assumes) while its
+    unhinted skill stays weak."""
+    tokenizer, train_set, eval_set = builtin_data(args)
     # Rank 0 trains and caches the warm-ups while the other ranks wait; they then load its cache.
     if not workers.is_main:
         workers.barrier()
-    teacher, _ = warmed("teacher", args.teacher_hidden, args.teacher_layers, args.teacher_warmup_steps,
-                        args.task_seed + 1)
-    student, tokenizer = warmed("student", args.hidden, args.layers, args.student_warmup_steps, args.task_seed + 2)
+    teacher, _ = warmed_model(args, "teacher", tokenizer, train_set)
+    student, tokenizer = warmed_model(args, "student", tokenizer, train_set)
     if workers.is_main:
         workers.barrier()
     return student, teacher, tokenizer, train_set, eval_set
