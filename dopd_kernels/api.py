@@ -77,7 +77,7 @@ def _logits_sources(named: dict, tokens, cfg, check_finite: bool, vocab_parallel
                                                              vocab_parallel_group)
     if check_finite:
         for name, t in named.items():
-            check_finite_logits(name, t, valid_vocab)
+            check_finite_logits(name, t, valid_vocab, whole_rows=shard is None)
     v = first.shape[-1]
     sources = [LogitsSource(t.reshape(-1, v) if i == 0 else t.detach().reshape(-1, v), cfg.temperature, valid_vocab)
                for i, t in enumerate(named.values())]

@@ -63,10 +63,12 @@ def check_valid_vocab(valid_vocab: Optional[int], vocab: int) -> int:
     return valid_vocab
 
 
-def check_finite_logits(name: str, logits: torch.Tensor, valid_vocab: Optional[int] = None) -> None:
+def check_finite_logits(name: str, logits: torch.Tensor, valid_vocab: Optional[int] = None,
+                        whole_rows: bool = True) -> None:
     """Raise (naming the first bad row of the flattened `[N, V]` view) if a row holds a NaN or +inf
-    logit, or has no finite logit in its valid vocabulary `[0, valid_vocab)` (its softmax is undefined).
-    A -inf logit alone is allowed: it marks an impossible token (padding)."""
+    logit, or (when the tensor holds whole rows, `whole_rows`: not a vocabulary shard) has no finite
+    logit in its valid vocabulary `[0, valid_vocab)` (its softmax is undefined). A -inf logit alone is
+    allowed: it marks an impossible token (padding)."""
     flat = logits.reshape(-1, logits.shape[-1])
     v = flat.shape[1] if valid_vocab is None else valid_vocab
     for start in range(0, flat.shape[0], _FINITE_CHECK_ROWS):
@@ -76,7 +78,7 @@ def check_finite_logits(name: str, logits: torch.Tensor, valid_vocab: Optional[i
             raise ValueError(f"{name} contains NaN or +inf values (row {start + int(bad.nonzero()[0])} of the "
                              f"flattened [N, V] logits)")
         empty = torch.isneginf(chunk[:, :v]).all(1)
-        if bool(empty.any()):
+        if whole_rows and bool(empty.any()):
             raise ValueError(f"{name} has a row whose logits are all -inf over the valid vocabulary (row "
                              f"{start + int(empty.nonzero()[0])} of the flattened [N, V] logits): no distribution")
 

@@ -52,11 +52,11 @@ def _times_dense(p: torch.Tensor, z: torch.Tensor, hi: torch.Tensor, lo: torch.T
                  dt: torch.dtype) -> torch.Tensor:
     """p_v · dense on a tile (z: the tile's logits, hi/lo [r]: the rows' `split_lse`, dense [r, 1] float64);
     0 where p underflowed (dense may be ±inf there: the rest bucket's own mass underflowed in float64,
-    and 0·inf would be NaN). A dense coefficient past 2^64 (forward KL's 1 − Q_rest/P_rest when the
+    and 0·inf would be NaN). A finite dense coefficient past 2^64 (forward KL's 1 − Q_rest/P_rest when the
     student's tail mass is ~e^-100) multiplies a p_v that may have underflowed the compute dtype while
     the product is O(1): those rare rows form it in float64 as sign · exp(log p_v + log|dense|)."""
     grad = torch.where(p > 0, p * dense.to(dt).nan_to_num(posinf=0.0, neginf=0.0), torch.zeros_like(p))
-    huge = (dense.abs() > 2.0 ** 64)[:, 0]
+    huge = ((dense.abs() > 2.0 ** 64) & torch.isfinite(dense))[:, 0]
     if bool(huge.any()):
         i = huge.nonzero()[:, 0]
         lp = (z[i].to(torch.float64) - hi[i, None].to(torch.float64)) - lo[i, None].to(torch.float64)
