@@ -149,3 +149,21 @@ def test_logits_mode_is_untouched_by_heads():
     logits = opd_loss(t["student_hidden"] @ t["student_weight"].T, t["teacher_hidden"] @ t["teacher_weight"].T, y,
                       backend="torch")
     assert_close(fused.per_token_loss, logits.per_token_loss, rtol=1e-10, what="per-token loss")
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", TorchBackend(row_chunk=3, vocab_chunk=4)],
+                         ids=["reference", "torch", "torch-3x4"])
+@pytest.mark.parametrize("renorm", [True, False])
+def test_gradcheck_dopd_through_tanh(renorm, backend):
+    t = linear_streams(8, 3, 9, dtype=torch.float64)
+    y = random_tokens(8, 9)
+    teacher = LMHead(t["teacher_weight"], t["teacher_bias"], 1.3, 2.5)
+    priv = LMHead(t["student_weight"] + 0.2 * torch.randn_like(t["student_weight"]), None, 0.9, 3.0)
+    cfg = DOPDConfig(top_k=3, topk_renorm=renorm, trim=0.2)
+
+    def loss(h, w, b):
+        return fused_linear_dopd_loss(h, LMHead(w, b, 1.2, 1.8), t["teacher_hidden"], teacher, t["priv_student_hidden"], y,
+                                      priv_student_weight=priv, config=cfg, backend=backend).loss
+
+    args = tuple(leaf(t[k]) for k in ("student_hidden", "student_weight", "student_bias"))
+    assert torch.autograd.gradcheck(loss, args, eps=1e-6, atol=1e-6, rtol=1e-5)
