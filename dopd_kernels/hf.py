@@ -101,8 +101,8 @@ _TRANSFORM_ATTRS = {"final_logit_softcapping": None, "logits_soft_cap": None, "o
 
 def unwrap_model(model):
     """The Hugging Face model inside a PEFT `PeftModel` (LoRA layers stay injected, so calls through it
-    still train the adapters), a `DistributedDataParallel`/`torch.compile` wrapper or accelerate's
-    wrappers; any other model is returned as is. Prompt-learning PEFT models (virtual tokens) are
+    still train the adapters), a `DistributedDataParallel` or a `torch.compile` wrapper (nested
+    wrappers too); any other model is returned as is. Prompt-learning PEFT models (virtual tokens) are
     refused: their forward prepends tokens the backbone alone does not see."""
     for _ in range(8):
         if type(model).__module__.startswith("peft."):
@@ -130,6 +130,7 @@ def _class_rule(model):
 
 
 def _non_neutral(config) -> dict:
+    """The transform attributes `config` sets to a non-neutral value."""
     out = {}
     for attr, neutral in _TRANSFORM_ATTRS.items():
         value = getattr(config, attr, neutral)
@@ -174,6 +175,10 @@ def _head_weight(module, model_name: str):
     base_weight, bias = _head_weight(module.base_layer, model_name)
     if getattr(module, "disable_adapters", False) or getattr(module, "merged", False):
         return base_weight, bias
+    if not hasattr(module, "lora_A"):
+        kind = f"{type(module).__module__}.{type(module).__name__}"  # e.g. peft.tuners.ia3.layer.Linear
+        raise ValueError(f"model: {model_name}'s lm_head carries a {kind} adapter; only LoRA is merged "
+                         f"on the fly: merge it (model.merge_and_unload()) or leave lm_head out of target_modules")
     weight = base_weight
     for name in module.active_adapters:
         if name not in module.lora_A:

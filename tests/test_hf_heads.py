@@ -303,3 +303,11 @@ def test_prompt_learning_peft_is_refused():
         final_hidden_states(model, random_ids())
     with pytest.raises(ValueError, match="PEFT prompt learning"):
         lm_head(model)
+
+
+def test_other_peft_adapters_on_lm_head_are_refused():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_causal_lm("llama", tokenizer=TOK),
+                                peft.IA3Config(target_modules=["lm_head", "down_proj"], feedforward_modules=["down_proj"]))
+    with pytest.raises(ValueError, match=r"lm_head carries a peft\.tuners\.ia3\..*adapter; only LoRA is merged"):
+        lm_head(model)
