@@ -200,8 +200,8 @@ void grad_pass(const Stream& s, const std::optional<Stream>& t, const Tensor& ro
       // dW += Gᵀ·H, db += Σ G. It has its own buffer: the sparse columns read the logits after the dense write.
       Tensor grad = buf_g.narrow(0, 0, r * len).view({r, len});
       launch(buffer_tile(s, tile, c0), zt, r0, r, cu::Out{grad.data_ptr(), nullptr, len, 0, 1});
-      if (want_dh) dh_rows.addmm_(grad, weight_block(s, c0, len));
-      if (want_dw) dw->narrow(0, c0, len).addmm_(grad.t(), hs);
+      if (want_dh) contract_into(s, dh_rows, grad, weight_block(s, c0, len));
+      if (want_dw) contract_into(s, dw->narrow(0, c0, len), grad.t(), hs);
       if (want_db) db->narrow(0, c0, len).add_(grad.sum(0));
     }
     if (want_dh) dh->index_add_(0, rr, dh_rows);
@@ -226,7 +226,7 @@ Tensor gather(const Stream& s, const Tensor& rows, const Tensor& cols) {
       const int64_t r = std::min(step, rows.size(0) - r0);
       const Tensor c = cols.narrow(0, r0, r);
       const Tensor w = s.w->index_select(0, c.reshape(-1)).view({r, k, h}).to(at::kFloat);
-      Tensor z = at::bmm(w, hidden_rows(s, rows.narrow(0, r0, r)).unsqueeze(2)).squeeze(2);
+      Tensor z = at::bmm(w, hidden_rows(s, rows.narrow(0, r0, r)).to(at::kFloat).unsqueeze(2)).squeeze(2);
       if (s.b.has_value() && s.b->defined()) z = z + s.b->index_select(0, c.reshape(-1)).view({r, k}).to(at::kFloat);
       parts.push_back(z);
     }

@@ -179,9 +179,15 @@ struct RowStats {
 template <typename A>
 void stats_segment(const A* z, int64_t c0, int64_t len, A inv_tau, int k, RowStats<A>& st) {
   A mx = neg_inf<A>();
-#pragma omp simd reduction(max : mx)
-  for (int64_t j = 0; j < len; ++j) mx = std::max(mx, z[j] * inv_tau);
-  if (mx > neg_inf<A>()) {  // an all -inf block adds nothing to the log-sum-exp
+  int nans = 0;
+#pragma omp simd reduction(max : mx) reduction(+ : nans)
+  for (int64_t j = 0; j < len; ++j) {
+    mx = std::max(mx, z[j] * inv_tau);
+    nans += z[j] != z[j];
+  }
+  if (nans) {  // the row's log-sum-exp becomes NaN for good (see lse_merge)
+    st.lse.s = std::numeric_limits<A>::quiet_NaN();
+  } else if (mx > neg_inf<A>()) {  // an all -inf block adds nothing to the log-sum-exp
     A sum = 0;
 #pragma omp simd reduction(+ : sum)
     for (int64_t j = 0; j < len; ++j) sum += fexp(z[j] * inv_tau - mx);
@@ -353,6 +359,7 @@ std::tuple<Tensor, Tensor> value_impl(const Stream& s, const Stream& t, const Te
 template <typename A>
 struct GradRow {
   A ls, ls2, lt, lt2, c, dense, scale;  // log-sum-exps as (hi, lo) pairs
+  double dense64;                       // the few-column term's dense coefficient as given (float64)
   const int64_t* cols;  // few-column term: explicit columns [K] and their coefficients
   const A* sparse;
   bool overwrite;       // coefficients are the columns' whole gradient (else added to p·dense)
@@ -375,9 +382,21 @@ void grad_segment(const A* zs, const A* zt, A* g, int64_t c0, int64_t len, int64
       const int64_t col = r.cols[q] - c0;
       if (col >= 0 && col < len) jac[q] = head.jacobian(zs[col]);
     }
+    if (std::abs(r.dense64) > 0x1p64) {
+      // A dense coefficient past 2^64 (forward KL's 1 − Q_rest/P_rest when the student's tail mass is
+      // ~e^-100) multiplies a p_v that may have underflowed fp32 while the product is O(1): formed in
+      // float64 as sign · exp(log p_v + log|dense|), as the torch backend does.
+      const double la = std::log(std::abs(r.dense64));
+      for (int64_t j = 0; j < len; ++j) {
+        const double lp = (double(zs[j] * inv_tau) - double(r.ls)) - double(r.ls2);
+        const double v = lp > -HUGE_VAL ? std::copysign(std::exp(lp + la), r.dense64) : 0.0;
+        g[j] = A(v) * r.scale * head.jacobian(zs[j]);
+      }
+    } else {
 #pragma omp simd
-    for (int64_t j = 0; j < len; ++j)
-      g[j] = dense_grad_term(log_prob(zs[j] * inv_tau, r.ls, r.ls2), r.dense) * r.scale * head.jacobian(zs[j]);
+      for (int64_t j = 0; j < len; ++j)
+        g[j] = dense_grad_term(log_prob(zs[j] * inv_tau, r.ls, r.ls2), r.dense) * r.scale * head.jacobian(zs[j]);
+    }
     // The explicit columns inside this block: their whole gradient, or a sparse part added.
     for (int64_t q = 0; q < k; ++q) {
       const int64_t col = r.cols[q] - c0;
@@ -410,13 +429,16 @@ void grad_impl(const Stream& s, const Stream* t, const Tensor& rows, const Tenso
   const SplitLse<A> ls(lse_s, s.acc(), n);
   const std::optional<SplitLse<A>> lt = FULL ? std::optional<SplitLse<A>>(SplitLse<A>(*lse_t, s.acc(), n)) : std::nullopt;
   const std::optional<Tensor> c_c = as_acc(c), dense_c = as_acc(dense), sparse_c = as_acc(sparse);
+  const Tensor dense64 = dense.has_value() && dense->defined() ? dense->to(at::kDouble).contiguous() : Tensor();
+  const double* dn64 = dense64.defined() ? dense64.data_ptr<double>() : nullptr;
   const std::optional<Tensor> cols_c = cols.has_value() && cols->defined() ? std::optional<Tensor>(cols->contiguous()) : std::nullopt;
   const A *sc = sc_c.data_ptr<A>(), *cc = data_or_null<A>(c_c), *dn = data_or_null<A>(dense_c), *sp = data_or_null<A>(sparse_c);
   const int64_t* cl = cols_c ? cols_c->data_ptr<int64_t>() : nullptr;
   const int64_t k = cols_c ? cols_c->size(1) : 0;
   auto row_of = [&](int64_t i) {
     return GradRow<A>{ls.hi[i], ls.lo[i], FULL ? lt->hi[i] : A(0), FULL ? lt->lo[i] : A(0), (FULL && cc) ? cc[i] : A(0),
-                      FULL ? A(0) : dn[i], sc[i], FULL ? nullptr : cl + i * k, FULL ? nullptr : sp + i * k, overwrite};
+                      FULL ? A(0) : dn[i], sc[i], FULL ? 0.0 : dn64[i], FULL ? nullptr : cl + i * k,
+                      FULL ? nullptr : sp + i * k, overwrite};
   };
 
   if (!s.linear()) {
@@ -482,8 +504,8 @@ void grad_impl(const Stream& s, const Stream* t, const Tensor& rows, const Tenso
         }
       }
       // The gradient tile G [r, len] (now in `tile`) is contracted at once: dH += G·W, dW += Gᵀ·H, db += Σ G.
-      if (want_dh) dh_rows.addmm_(tile, weight_block(s, c0, len));
-      if (want_dw) dw->narrow(0, c0, len).addmm_(tile.t(), hs);
+      if (want_dh) contract_into(s, dh_rows, tile, weight_block(s, c0, len));
+      if (want_dw) contract_into(s, dw->narrow(0, c0, len), tile.t(), hs);
       if (want_db) db->narrow(0, c0, len).add_(tile.sum(0));
     }
     if (want_dh) dh->index_add_(0, rr, dh_rows);

@@ -151,6 +151,8 @@ DOPD_HD Head<A> make_head(double scale, double cap) {
 // ---------------------------------------------------------------------------------------------
 // Online log-sum-exp. A state (m, s) stands for m + log s with s = Σ exp(z − m); merging another
 // (m2, s2) rescales both sums to the larger max. An all -inf state is (-inf, 0) and stays finite.
+// A NaN value makes s NaN for good, and a +inf one m: the log-sum-exp of such a row is not finite,
+// which is how the engine knows the row has no distribution (never a finite value hiding it).
 
 template <typename A>
 struct LseState {
@@ -164,7 +166,7 @@ DOPD_HD LseState<A> lse_empty() { return {neg_inf<A>(), A(0)}; }
 template <typename A>
 DOPD_HD LseState<A> lse_merge(LseState<A> a, LseState<A> b) {
   const A m = max_(a.m, b.m);
-  if (m == neg_inf<A>()) return a;  // both empty
+  if (m == neg_inf<A>()) return {m, a.s + b.s};  // both empty (0), unless one holds a NaN
   return {m, a.s * fexp(a.m - m) + b.s * fexp(b.m - m)};
 }
 
@@ -176,6 +178,8 @@ DOPD_HD void lse_push(LseState<A>& a, A z) {
     a.m = z;
   } else if (z > neg_inf<A>()) {
     a.s += fexp(z - a.m);
+  } else if (z != z) {
+    a.s = z;  // NaN
   }
 }
 
@@ -183,7 +187,10 @@ DOPD_HD void lse_push(LseState<A>& a, A z) {
 // single fp32 sum would round a log-sum-exp of ~1e4 to ~1e-3 (see dopd_kernels.engine.split_lse).
 // An empty row is (-inf, 0).
 template <typename A>
-DOPD_HD A lse_log_sum(LseState<A> a) { return a.m == neg_inf<A>() ? A(0) : flog(a.s); }
+DOPD_HD A lse_log_sum(LseState<A> a) {
+  if (a.s != a.s) return a.s;  // NaN (the host log_f has no NaN case)
+  return a.m == neg_inf<A>() ? A(0) : flog(a.s);
+}
 
 // log p of a scaled logit x from a row's log-sum-exp given as hi + lo (split_lse): x − hi is exact
 // near the row's maximum, so log p keeps the precision of fp32 whatever the logits' magnitude.

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from dopd_kernels import _build
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # Loads the library, lists the backends, resolves "auto", runs a loss forward and backward through
@@ -118,8 +120,6 @@ def test_read_only_cache_dir_falls_back(tmp_path):
 @pytest.fixture(scope="module")
 def built_entry() -> Path:
     """The `cpu` cache entry of the current sources, built (or found) by this process."""
-    from dopd_kernels import _build
-
     try:
         import dopd_kernels._C_cpu  # noqa: F401
         pytest.skip("an ahead-of-time build is installed: the JIT cache is not used")
@@ -133,14 +133,8 @@ def built_entry() -> Path:
 
 def _copy_entry(entry: Path, root: Path) -> Path:
     target = root / entry.name
-    shutil.copytree(entry, target, ignore=shutil.ignore_patterns("lock", _lock_name()))
+    shutil.copytree(entry, target, ignore=shutil.ignore_patterns("lock", _build.LOCK_NAME))
     return target
-
-
-def _lock_name() -> str:
-    from dopd_kernels._build import LOCK_NAME
-
-    return LOCK_NAME
 
 
 def _hold_lock(root: Path) -> subprocess.Popen:

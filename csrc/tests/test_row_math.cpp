@@ -77,6 +77,23 @@ static void test_logsumexp() {
   LseState<double> empty = lse_merge(lse_empty<double>(), lse_empty<double>());
   lse_push(empty, NINF);
   CHECK(empty.m == NINF && lse_log_sum(empty) == 0.0, "all -inf row must give (-inf, 0)");
+  // A NaN anywhere in a row makes its log-sum-exp NaN, whatever is merged in afterwards; +inf makes it
+  // not finite: the engine then knows the row has no distribution.
+  LseState<float> bad = lse_empty<float>();
+  lse_push(bad, 1.0f);
+  lse_push(bad, std::nanf(""));
+  LseState<float> more = lse_empty<float>();
+  lse_push(more, 5.0f);
+  bad = lse_merge(lse_merge(bad, more), lse_empty<float>());
+  CHECK(std::isnan(bad.m + lse_log_sum(bad)), "a NaN logit must give a NaN log-sum-exp");
+  LseState<float> only_nan = lse_empty<float>();
+  lse_push(only_nan, std::nanf(""));
+  only_nan = lse_merge(only_nan, lse_empty<float>());
+  CHECK(std::isnan(lse_log_sum(only_nan)), "an all-NaN row must give a NaN log-sum-exp");
+  LseState<float> inf = lse_empty<float>();
+  lse_push(inf, 2.0f);
+  lse_push(inf, HUGE_VALF);
+  CHECK(!std::isfinite(inf.m + lse_log_sum(inf)), "a +inf logit must give a non-finite log-sum-exp");
   // At logits ~1e4 the pair keeps log p to fp32 precision where one fp32 log-sum-exp would not.
   std::vector<double> big(1000);
   for (size_t j = 0; j < big.size(); ++j) big[j] = 1e4 + 3.0 * std::sin(double(j));
