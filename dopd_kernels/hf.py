@@ -4,16 +4,18 @@
     from dopd_kernels.hf import final_hidden_states, lm_head
 
     h_s = final_hidden_states(student, ids_s, mask_s)                 # [B, T, H_s], no [B, T, V] tensor
-    h_t = final_hidden_states(teacher, ids_t, mask_t).detach()
+    with torch.no_grad():
+        h_t = final_hidden_states(teacher, ids_t, mask_t)
     out = fused_linear_dopd_loss(h_s, lm_head(student, tokenizer), h_t, lm_head(teacher, tokenizer), h_p, tokens)
 
 A causal LM's logits are `softcap(scale · (h·Wᵀ + b))` over the tokenizer's rows of `W`, where the
 scale and soft-cap depend on the model class (Cohere multiplies by `logit_scale`, Granite divides by
 `logits_scaling`, Gemma 2 soft-caps at `final_logit_softcapping`, ...). `lm_head` reads them with
-`HEAD_RULES`, a table keyed by model class written from each class's `forward` in `transformers`;
-a class outside the table whose config sets one of the known transform attributes to a non-neutral
-value is refused (or checked against the model's own logits with `verify=True`), so a transform the
-library would not reproduce is never silently dropped.
+`HEAD_RULES`, a table keyed by model class written from each class's `forward` in `transformers` 5.24.
+A class outside the table is trusted to apply its projection alone only if its layout is the plain
+one (backbone + projection) and its config sets none of the known transform attributes; otherwise it
+is refused with its name, or checked against its own logits with `lm_head(model, verify=True)`, so a
+transform the library would not reproduce is never silently dropped.
 
 `transformers` (and `peft`) are imported lazily: `import dopd_kernels` never needs them.
 """
