@@ -167,3 +167,20 @@ def test_gradcheck_dopd_through_tanh(renorm, backend):
 
     args = tuple(leaf(t[k]) for k in ("student_hidden", "student_weight", "student_bias"))
     assert torch.autograd.gradcheck(loss, args, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_modules_take_lmheads():
+    from dopd_kernels import FusedLinearDOPDLoss, FusedLinearOPDLoss
+
+    t = linear_streams(10, 5, 17)
+    y = random_tokens(10, 17)
+    s = LMHead(t["student_weight"], t["student_bias"], 0.8, 3.0)
+    th = LMHead(t["teacher_weight"], t["teacher_bias"], 1.5, None)
+    a = FusedLinearOPDLoss(divergence="js", backend="torch")(t["student_hidden"], s, t["teacher_hidden"], th, y)
+    b = fused_linear_opd_loss(t["student_hidden"], s, t["teacher_hidden"], th, y, divergence="js", backend="torch")
+    assert torch.equal(a.per_token_loss, b.per_token_loss)
+    c = FusedLinearDOPDLoss(DOPDConfig(top_k=4), backend="torch")(t["student_hidden"], s, t["teacher_hidden"], th,
+                                                                  t["priv_student_hidden"], y)
+    d = fused_linear_dopd_loss(t["student_hidden"], s, t["teacher_hidden"], th, t["priv_student_hidden"], y,
+                               config=DOPDConfig(top_k=4), backend="torch")
+    assert torch.equal(c.per_token_loss, d.per_token_loss)
