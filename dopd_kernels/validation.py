@@ -209,11 +209,14 @@ def common_vocab(heads: Sequence[tuple]) -> int:
         if not 1 <= declared <= rows:
             raise ValueError(f"{prefix}_weight: LMHead.vocab_size must be in [1, {rows}] (the head's rows), got {declared}")
     vocab = rows0 if declared0 is None else declared0
+    # When the student's vocabulary comes from its row count, padding rows of its own may be the cause.
+    hint = (f" (if {prefix0}_weight has padding rows, declare its real vocabulary: LMHead(weight, vocab_size=...))"
+            if declared0 is None else "")
     for prefix, rows, declared in heads[1:]:
         if declared is not None and declared != vocab:
             raise ValueError(f"{prefix}_weight has a vocabulary of {declared} tokens but {prefix0}_weight has {vocab}: "
-                             f"the streams must share one tokenizer")
+                             f"the streams must share one tokenizer{hint}")
         if rows < vocab:
             raise ValueError(f"{prefix}_weight has {rows} rows, fewer than the {vocab} tokens of {prefix0}_weight's "
-                             f"vocabulary: the streams must share one tokenizer")
+                             f"vocabulary: the streams must share one tokenizer{hint}")
     return vocab

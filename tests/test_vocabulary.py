@@ -109,3 +109,11 @@ def test_different_tokenizers_are_refused_with_both_sizes():
     with pytest.raises(ValueError, match=f"tokens must lie in \\[0, {V - 3}\\)"):
         fused_linear_opd_loss(s, LMHead(t["student_weight"], vocab_size=V - 3), th, t["teacher_weight"],
                               torch.full((7,), V - 2))
+
+
+def test_undeclared_student_padding_gets_a_hint():
+    t = linear_streams(7, H, V)
+    y = random_tokens(7, V)
+    with pytest.raises(ValueError, match=r"but student_weight has 28: .* \(if student_weight has padding rows, declare"):
+        fused_linear_opd_loss(t["student_hidden"], _pad(t["student_weight"], PAD), t["teacher_hidden"],
+                              LMHead(t["teacher_weight"], vocab_size=V), y)
