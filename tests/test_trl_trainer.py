@@ -120,6 +120,21 @@ def test_gradient_checkpointing_and_eval(tok, tmp_path):
     assert metrics["eval_loss"] > 0 and "eval_dopd/regime_ht" in metrics and "eval_entropy" in metrics
 
 
+def test_peft_lora_student(tok, tmp_path):
+    """A LoRA student (TRL's `peft_config`): the frozen base weights and head stay put, the adapters train, and the
+    fused loss runs with a head that needs no gradient."""
+    peft = pytest.importorskip("peft", reason="peft is not installed")
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    trainer = DOPDTrainer(model=th.tiny_student(tok), teacher_model=th.tiny_teacher(tok), args=th.config(tmp_path),
+                          processing_class=tok, train_dataset=th.dataset(8, conversational=True), peft_config=lora)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    assert not trainer.model.get_output_embeddings().weight.requires_grad
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    changed = {n for n, p in before.items() if not torch.equal(p, after[n])}
+    assert changed and all("lora_" in n for n in changed)
+
+
 # -- contexts ------------------------------------------------------------------------------------
 
 
