@@ -147,7 +147,7 @@ def test_truncated_config_is_refused(run_folder, capsys):
 
 def test_saved_config_round_trips(run_folder):
     config = cli.load_saved_config(cli.build_parser(), run_folder / "config.json")
-    assert config["steps"] == 120 and config["lr"] == 2e-4 and config["seeds"] == "1"
+    assert config["steps"] == 120 and config["lr"] == 1e-3 and config["seeds"] == "1"
 
 
 @pytest.mark.parametrize("content, message", [
