@@ -708,16 +708,31 @@ def test_cuda_tile_rules_for_every_top_k(hdt, wdt, monkeypatch):
     (Triton 3.6 refuses K < 16, fp32 included), K_PAD ≤ BLOCK_V, logits tiles ≥ 128 columns."""
     monkeypatch.setattr(triton_backend, "_interpreting", lambda: False)
     v, hdim = 151936, 4096
-    linear = LinearSource(torch.empty(4, hdim, dtype=hdt), torch.empty(v, hdim, dtype=wdt))
-    logits = LogitsSource(torch.empty(4, v, dtype=hdt))
+    linear = [LinearSource(torch.empty(4, hdim, dtype=hdt), torch.empty(v, hdim, dtype=wdt))]
+    logits = [LogitsSource(torch.empty(4, v, dtype=hdt))]
+    assert TB._topk_width(linear) == (MAX_TOPK // 2 if torch.float32 in (hdt, wdt) else MAX_TOPK)
     for k in [0] + [1 << i for i in range(9)]:  # K_PAD 0 (no top-K), 1 .. MAX_TOPK
-        assert k <= MAX_TOPK
-        for grad_kind in (None, 0, 1, 2, 3):
-            cfg = TB._config(linear, 65536, k, grad_kind=grad_kind)
-            assert min(cfg.block_n, cfg.block_v, cfg.block_h) >= 16, (k, cfg)
-            assert cfg.block_v >= k
-        cfg = TB._config(logits, 65536, k)
-        assert cfg.block_v >= max(k, 128), (k, cfg)
+        if k <= TB._topk_width(linear):
+            for role in ("stats", "value", "grad"):
+                cfg = TB._config(linear, 65536, k, role=role)
+                assert min(cfg.block_n, cfg.block_v, cfg.block_h) >= 16, (k, role, cfg)
+                assert cfg.block_v >= k
+        for n_topk in (1, 2):
+            if k * n_topk <= TB._topk_width(logits):
+                cfg = TB._config(logits, 65536, k, n_topk=n_topk)
+                assert cfg.block_v >= max(k, 128), (k, cfg)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_two_running_top_ks_beyond_one_launch(device, monkeypatch):
+    """DOPD with topk_from="target" keeps two running top-Ks; with fp32 fused-linear tiles two of
+    K_PAD = 128 exceed one launch's budget, so the second stream gets a stats launch of its own."""
+    t = {k: x.to(device) for k, x in linear_streams(12, 16, 150).items()}
+    y = random_tokens(12, 150).to(device)
+    assert 2 * 128 > TB._topk_width([LinearSource(t["student_hidden"], t["student_weight"])])
+    launched = _record_launches(monkeypatch)
+    fused_dopd_pair(t, y, DOPDConfig(top_k=100, topk_from="target", topk_renorm=False, trim=0.1))
+    assert [name for name, _ in launched].count("stats_kernel") == 2
 
 
 def test_top_k_above_the_kernel_maximum_runs_on_torch(monkeypatch):

@@ -41,19 +41,26 @@ shape or K:
   * every tl.dot has M, N, K ≥ 16 (Triton 3.6 rejects smaller K, fp32 operands included): in
     fused-linear tiles BLOCK_N, BLOCK_V, BLOCK_H ≥ 16 (the logits-mode and sparse kernels have
     no tl.dot);
-  * a running top-K keeps K_PAD = BLOCK_V ≥ next power of two ≥ K entries per row in registers,
-    so the kernels take K ≤ MAX_TOPK = 256; a call whose top-K (after clamping to the valid
-    vocabulary) is larger runs on the `torch` backend (vocabulary-chunked, any K);
+  * a running top-K keeps K_PAD = BLOCK_V ≥ next power of two ≥ K entries per row in registers;
+    one stats launch keeps running top-Ks whose K_PADs sum to at most MAX_TOPK = 256 (128 with
+    fp32-operand fused-linear tiles: `_topk_width`). Measured on sm_90a: bf16 1 × 256 and 2 × 128
+    fit, 2 × 256 spills 0.8 KB; logits 2 × 128 fits with 8 warps, 2 × 256 spills; fp32 1 × 128
+    fits with num_stages = 1, 2 × 128 and 1 × 256 spill. A second top-K stream that does not fit
+    (DOPD with topk_from="target") gets a stats launch of its own (its logits once more); a call
+    whose single top-K (after clamping to the valid vocabulary) exceeds the budget runs on the
+    `torch` backend (vocabulary-chunked, any K);
   * logits-mode tiles are at least 128 columns wide (a top-K of 1 no longer means 1-column tiles).
 Defaults:
-  * fused-linear bf16/fp16: BLOCK_N = 64 rows (32 for the full reverse-KL gradient, which spills
-    at 64), BLOCK_V = 128, BLOCK_H = 32, num_warps = 8, num_stages = 3 — tiles feed wgmma with fp32
-    accumulators. With a running top-K: BLOCK_N = 16, BLOCK_V = max(128, K_PAD) and BLOCK_H =
-    max(16, 4096 / BLOCK_V) (32 for K ≤ 128, 16 for K = 256);
-  * fused-linear with fp32 operands (IEEE `tl.dot`, no tensor cores): 64 × 64 tiles, BLOCK_H = 16
-    (32 rows in the gradient kernels; 16 × max(128, K_PAD) × 16 with a top-K);
+  * fused-linear bf16/fp16: BLOCK_N = 64 rows (32 in the gradient kernels, which spill at 64 once
+    dH is accumulated in place or a soft-cap is applied), BLOCK_V = 128 (64 in `grad_dw_kernel`),
+    BLOCK_H = 32, num_warps = 8, num_stages = 3 — tiles feed wgmma with fp32 accumulators. With a
+    running top-K: BLOCK_N = 16, BLOCK_V = max(128, K_PAD) and BLOCK_H = max(16, 4096 / BLOCK_V)
+    (32 for K ≤ 128, 16 for K = 256);
+  * fused-linear with fp32 operands (IEEE `tl.dot`, no tensor cores): BLOCK_V = 64, BLOCK_H = 16,
+    BLOCK_N = 64 in the stats / tail pass, 32 in the value pass, 16 in the gradient kernels; with
+    a top-K 16 × 128 × 16 and num_stages = 1;
   * logits mode (memory bound): BLOCK_N = 8, BLOCK_V = 512 (max(128, K_PAD) with a top-K),
-    num_warps = 8 (4 for a top-K of K_PAD ≤ 128);
+    num_warps = 8 (4 while the running top-Ks' K_PADs sum to ≤ 128);
   * sparse top-K kernels (one program per row, no tl.dot): a `[K_PAD, BLOCK_H]` weight block of
     at most 4K elements;
   * the fused-linear gradient grid splits the vocabulary so that about 4 programs per SM exist.
@@ -208,30 +215,49 @@ class TritonBackend(PassBackend):
 
     # -- entry points (float64 inputs and top-K > MAX_TOPK: the torch backend) ------------------------
 
-    def _impl(self, student, top_k: int):
+    def _impl(self, sources: Sequence, top_k: int):
         """This backend, or the torch one for float64 inputs and for a top-K the kernels cannot keep."""
-        if student.dtype == torch.float64 or min(top_k, student.effective_vocab) > MAX_TOPK:
+        student = sources[0]
+        if student.dtype == torch.float64 or _pow2(min(top_k, student.effective_vocab)) > self._topk_width(sources):
             return self._fallback
         return super()
 
     def dopd(self, student, teacher, priv, tokens, valid, cfg, thresholds, **kw):
-        return self._impl(student, cfg.top_k).dopd(student, teacher, priv, tokens, valid, cfg, thresholds, **kw)
+        impl = self._impl((student, teacher, priv), cfg.top_k)
+        return impl.dopd(student, teacher, priv, tokens, valid, cfg, thresholds, **kw)
 
     def opd(self, student, teacher, tokens, valid, cfg, **kw):
         top_k = cfg.top_k if cfg.granularity == "topk" else 1
-        return self._impl(student, top_k).opd(student, teacher, tokens, valid, cfg, **kw)
+        return self._impl((student, teacher), top_k).opd(student, teacher, tokens, valid, cfg, **kw)
 
     def token_logprobs(self, source, tokens, valid, **kw):
-        return self._impl(source, 1).token_logprobs(source, tokens, valid, **kw)
+        return self._impl((source,), 1).token_logprobs(source, tokens, valid, **kw)
 
     # -- configuration -----------------------------------------------------------------------------
 
-    def _config(self, source, n: int, k_pad: int = 0, grad_kind: Optional[int] = None) -> _Config:
-        """Blocks for a pass over `n` rows of `source`; `k_pad` > 0 when a running top-K is kept
-        (then BLOCK_V = max(BLOCK_V, K_PAD): the stats kernel merges whole tiles into it);
-        `grad_kind` the divergence KIND of a gradient pass (its tiles hold more live values). The
-        rules are the module docstring's; the CUDA defaults are the largest tiles that ptxas
-        compiles without register spills for sm_90a (`tests/triton_sm90.py`)."""
+    @staticmethod
+    def _fp32_dot(sources: Sequence) -> bool:
+        """Whether some fused-linear stream's tiles multiply as IEEE fp32 (fp32 or mixed-dtype
+        operands): no tensor cores, and far more registers per tile than bf16/fp16."""
+        def fp32(s) -> bool:
+            dts = (s.hidden.dtype, s.weight.dtype)
+            return torch.float32 in dts or dts[0] != dts[1]
+        return any(isinstance(s, LinearSource) and fp32(s) for s in sources)
+
+    def _topk_width(self, sources: Sequence) -> int:
+        """Register budget of one stats launch over `sources` for running top-Ks: the sum of their
+        K_PAD (module docstring). Above it the top-K streams run in separate launches; a single
+        stream above it runs on the torch backend."""
+        return MAX_TOPK // 2 if self._fp32_dot(sources) else MAX_TOPK
+
+    def _config(self, sources: Sequence, n: int, k_pad: int = 0, role: str = "stats", n_topk: int = 1) -> _Config:
+        """Blocks for a pass over `n` rows of `sources` (the student, or the stream alone, first):
+        `role` is "stats" (also the tail pass),
+        "value" or "grad" (gradient tiles hold more live values); `k_pad` > 0 when `n_topk` running
+        top-Ks are kept (then BLOCK_V = max(BLOCK_V, K_PAD): the stats kernel merges whole tiles into
+        them). The rules are the module docstring's; the CUDA defaults are the largest tiles that
+        ptxas compiles without register spills for sm_90a (`tests/triton_sm90.py`)."""
+        source = sources[0]
         linear = isinstance(source, LinearSource)
         v = source.effective_vocab
         if _interpreting():
@@ -240,22 +266,21 @@ class TritonBackend(PassBackend):
             bh = min(64, max(16, _pow2(source.hidden.shape[1]))) if linear else 16
             warps, stages = 4, 1
         elif linear:
-            # IEEE fp32 tl.dot (fp32 or mixed-dtype operands) needs far more registers per tile than
-            # bf16/fp16 on tensor cores. A running top-K of K_PAD int64 keys per row shares the
-            # registers with the logit tile. tl.dot needs K = BLOCK_H ≥ 16.
-            fp32_dot = torch.float32 in (source.hidden.dtype, source.weight.dtype) \
-                or source.hidden.dtype != source.weight.dtype
+            # A running top-K of K_PAD int64 keys per row shares the registers with the logit tile;
+            # tl.dot needs BLOCK_N, BLOCK_V, BLOCK_H ≥ 16.
+            fp32_dot = self._fp32_dot(sources)
+            warps, stages = 8, 3
             if k_pad:
                 bn, bv = 16, max(128, k_pad)
                 bh = 16 if fp32_dot else max(16, 4096 // bv)
-            elif fp32_dot:  # the gradient kernels spill at 64 rows (grad_dw_kernel by 0.5 KB)
-                bn, bv, bh = (64 if grad_kind is None else 32), 64, 16
-            else:  # the full reverse-KL gradient spills at 64 rows
-                bn, bv, bh = (32 if grad_kind == self._div.REVERSE_KL else 64), 128, 32
-            warps, stages = 8, 3
+                stages = 1 if fp32_dot else 3  # fp32 spills with its loads pipelined
+            elif fp32_dot:
+                bn, bv, bh = {"stats": 64, "value": 32, "grad": 16}[role], 64, 16
+            else:
+                bn, bv, bh = (32 if role == "grad" else 64), 128, 32
         else:
             bn, bv, bh, stages = 8, (max(MIN_LOGITS_BLOCK_V, k_pad) if k_pad else 512), 16, 2
-            warps = 4 if 0 < k_pad <= 128 else 8
+            warps = 4 if 0 < k_pad * n_topk <= 128 else 8
         bn = self.block_n or bn
         bv = max(self.block_v or bv, k_pad)
         bh = self.block_h or bh
@@ -344,26 +369,40 @@ class TritonBackend(PassBackend):
                       BLOCK_E=16, BLOCK_H=block_h)
 
     def stats_pass(self, sources: Sequence, rows: torch.Tensor, tokens: torch.Tensor, topk_streams, top_k: int) -> Stats:
+        """One launch for every stream, keeping as many running top-Ks as `_topk_width` allows; each
+        further top-K stream gets a launch of its own (its logits are computed once more)."""
         student = sources[STUDENT]
         n, dev = rows.shape[0], rows.device
-        vv = student.effective_vocab
-        k = min(top_k, vv)
+        k = min(top_k, student.effective_vocab)
         order = sorted(topk_streams)
         k_pad = _pow2(k) if order else 0
-        cfg = self._config(student, n, k_pad)
+        fit = max(1, self._topk_width(sources) // k_pad) if order else 0
         hi = torch.empty(len(sources), n, dtype=torch.float32, device=dev)
         logsum, logit_y = torch.empty_like(hi), torch.empty_like(hi)
         topk = torch.empty(len(order), n, k, dtype=torch.long, device=dev) if order else hi
-        args = [stream_args(sources[min(j, len(sources) - 1)]) for j in range(3)]
-        bias, upcast, head = _masks(sources)
-        self._launch(self._stats.stats_kernel, (triton_cdiv(n, cfg.block_n),), cfg, dev,
-                     rows.contiguous(), tokens.contiguous(), n, hi, logsum, logit_y, topk, k,
-                     *args[0], *args[1], *args[2], student.vocab, vv, 1.0 / student.temperature,
-                     NUM_STREAMS=len(sources), LINEAR=isinstance(student, LinearSource), BIAS_MASK=bias,
-                     UPCAST_MASK=upcast, HEAD_MASK=head, TOPK_MASK=sum(1 << j for j in order),
-                     LOG_K=int(math.log2(cfg.block_v)))
+        self._stats_launch(sources, rows, tokens, order[:fit], k, hi, logsum, logit_y, topk[:fit] if order else hi)
+        for i, j in enumerate(order[fit:], start=fit):
+            scratch = torch.empty(3, 1, n, dtype=torch.float32, device=dev)
+            self._stats_launch([sources[j]], rows, tokens, [0], k, *scratch, topk[i:i + 1])
         lse = _lse64(hi, logsum)
         return Stats(list(lse.unbind(0)), list(logit_y.unbind(0)), {j: topk[i] for i, j in enumerate(order)})
+
+    def _stats_launch(self, sources: Sequence, rows: torch.Tensor, tokens: torch.Tensor, topk_streams, k: int,
+                      hi, logsum, logit_y, topk) -> None:
+        """`stats_kernel` over `sources` (1–3), with running top-Ks of the streams `topk_streams`
+        (positions in `sources`) written to `topk` [len(topk_streams), n, k]."""
+        student = sources[0]
+        n = rows.shape[0]
+        k_pad = _pow2(k) if topk_streams else 0
+        cfg = self._config(sources, n, k_pad, n_topk=len(topk_streams))
+        args = [stream_args(sources[min(j, len(sources) - 1)]) for j in range(3)]
+        bias, upcast, head = _masks(sources)
+        self._launch(self._stats.stats_kernel, (triton_cdiv(n, cfg.block_n),), cfg, rows.device,
+                     rows.contiguous(), tokens.contiguous(), n, hi, logsum, logit_y, topk, k,
+                     *args[0], *args[1], *args[2], student.vocab, student.effective_vocab, 1.0 / student.temperature,
+                     NUM_STREAMS=len(sources), LINEAR=isinstance(student, LinearSource), BIAS_MASK=bias,
+                     UPCAST_MASK=upcast, HEAD_MASK=head, TOPK_MASK=sum(1 << j for j in topk_streams),
+                     LOG_K=int(math.log2(cfg.block_v)))
 
     def rest_logsumexp(self, source, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """log Σ exp(scaled logit) over the valid columns of each row not in `cols` [n, k] (entries < 0
@@ -374,7 +413,7 @@ class TritonBackend(PassBackend):
             return torch.empty(0, dtype=torch.float64, device=rows.device)
         hi = torch.empty(n, dtype=torch.float32, device=rows.device)
         logsum = torch.empty_like(hi)
-        cfg = self._config(source, n)
+        cfg = self._config((source,), n)
         bias, upcast, head = _masks((source,))
         self._launch(self._tail.tail_lse_kernel, (triton_cdiv(n, cfg.block_n),), cfg, rows.device,
                      rows.contiguous(), n, cols.contiguous(), cols.shape[1], hi, logsum, *stream_args(source),
@@ -394,7 +433,7 @@ class TritonBackend(PassBackend):
 
     def full_value_pass(self, student, target, rows, lse_s, lse_t, kind: str, beta: float):
         n = rows.shape[0]
-        cfg = self._config(student, n)
+        cfg = self._config((student, target), n, role="value")
         value = torch.empty(n, dtype=torch.float32, device=rows.device)
         c = torch.empty_like(value)
         bias, upcast, head = _masks((student, target))
@@ -439,7 +478,7 @@ class TritonBackend(PassBackend):
         whole gradient [n, k] before `scale`) or None."""
         n = rows.shape[0]
         dev = rows.device
-        cfg = self._config(student, n, grad_kind=kind)
+        cfg = self._config((student, target), n, role="grad")
         linear = isinstance(student, LinearSource)
         vv = student.effective_vocab
         row_blocks, vocab_tiles = triton_cdiv(n, cfg.block_n), triton_cdiv(vv, cfg.block_v)
@@ -478,7 +517,9 @@ class TritonBackend(PassBackend):
         if scratch is not None:
             sink.dh[rows] += scratch.sum(0)
         if linear and det and (dw is not None or db is not None):
-            self._launch(self._div.grad_dw_kernel, (vocab_tiles,), cfg, dev, *common,
+            # Its own tile width: 64 columns (128 spills in bf16 with soft-capped heads).
+            cfg = _Config(cfg.block_n, self.block_v or min(cfg.block_v, 64), cfg.block_h, cfg.num_warps, cfg.num_stages)
+            self._launch(self._div.grad_dw_kernel, (triton_cdiv(vv, cfg.block_v),), cfg, dev, *common,
                          dummy if dw is None else dw, 0 if dw is None else dw.stride(0), dummy if db is None else db,
                          *streams, NEED_DW=dw is not None, NEED_DB=db is not None, **flags)
 
