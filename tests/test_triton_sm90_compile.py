@@ -1,18 +1,20 @@
-"""Every Triton kernel variant the backend launches compiles for Hopper (sm_90a), without a GPU.
+"""Every Triton kernel variant the API can launch compiles for Hopper (sm_90a) and Ampere (sm_80), without a GPU.
 
-`triton_sm90.py` records the launches of the target workloads with the tile configuration the
-backend picks on CUDA, then compiles each with Triton's compiler and ptxas for sm_90a. The
-interpreter tests check what the kernels compute; this one checks that they lower to a cubin that
-fits the SM: shared memory within the 227 KiB a block may use, and no register spills (ptxas `-v`)
-in any variant, bf16 or fp32, since a spilling tile configuration would quietly turn the fused
-passes into local-memory traffic.
+`triton_sm90.py` records the launches of every configuration the public API admits (DOPD, the nine
+OPD losses, `token_logprobs`; logits and fused-linear; both `topk_from`; `topk_renorm` both ways; K
+from 1 past the vocabulary; bf16 / fp16 / fp32 and mixed dtypes; biases; head transforms; the
+deterministic mode) with the tile configuration the backend picks on CUDA, then compiles each
+distinct launch with the installed Triton's compiler and ptxas. The interpreter tests check what
+the kernels compute; this one checks that they lower to a cubin that fits the SM: shared memory
+within what a block may use, and on sm_90a no register spills (ptxas `-v`) in any variant, since a
+spilling tile configuration would quietly turn the fused passes into local-memory traffic. Other
+Triton versions: `tests/triton_matrix.py` replays the same recording under each.
 """
 
 from __future__ import annotations
 
-import json
+import importlib
 import os
-import subprocess
 import sys
 
 import pytest
@@ -20,48 +22,85 @@ import pytest
 pytest.importorskip("triton", reason="triton is not installed")
 pytest.importorskip("triton.backends.nvidia.compiler", reason="this triton has no NVIDIA backend")
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import triton_sm90 as sm90  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sm90") / "results.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "triton_sm90.py"), "--json", str(out)],
-                          capture_output=True, text=True, env=env, timeout=900)
-    if not out.exists():
-        pytest.fail(f"triton_sm90.py produced no results:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    with open(out) as f:
-        return json.load(f)
+def recording(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sm90") / "specs.json"
+    return str(path), sm90.record_subprocess(str(path))
 
 
-def _name(res):
-    return f"{res['kernel']} {res['dtypes']} {res['constexprs']} {res['options']}"
+@pytest.fixture(scope="module")
+def compiled(recording, tmp_path_factory):
+    """capability -> the compiled variants (each capability compiled once, on first use)."""
+    cache = {}
+
+    def get(cap: int):
+        if cap not in cache:
+            out = tmp_path_factory.mktemp("sm90") / f"results-{cap}.json"
+            cache[cap] = sm90.compile_subprocess(recording[0], str(out), cap)
+        return cache[cap]
+    return get
 
 
-def test_every_variant_of_the_target_workloads_was_recorded(results):
-    kernels = {r["kernel"] for r in results}
-    assert kernels == {"stats_kernel", "tail_lse_kernel", "gather_kernel", "sparse_grad_kernel",
-                       "full_value_kernel", "grad_kernel"}
-    linear_grads = {(r["constexprs"]["KIND"], r["constexprs"]["EXPLICIT"]) for r in results
-                    if r["kernel"] == "grad_kernel" and r["constexprs"]["LINEAR"]}
-    assert linear_grads >= {(0, False), (1, False), (2, False), (3, False), (3, True)}
+CAPS = pytest.mark.parametrize("cap", [90, 80], ids=["sm_90a", "sm_80"])
 
 
-def test_every_variant_compiles_for_sm90(results):
-    failed = [f"{_name(r)}: {r['error']}" for r in results if "error" in r]
-    assert not failed, "\n".join(failed)
+def _names(results, cap, spills):
+    return "\n".join(f"{sm90.variant_name(r)}: {'; '.join(sm90.problems(r, cap, spills))} (from: {r['case']})"
+                     for r in results if sm90.problems(r, cap, spills))
 
 
-def test_shared_memory_fits_a_hopper_block(results):
-    from triton_sm90 import SHARED_LIMITS
-    over = [f"{_name(r)}: {r['shared']} B" for r in results if "error" not in r and r["shared"] > SHARED_LIMITS[90]]
-    assert not over, "\n".join(over)
+def test_every_api_call_runs(recording):
+    """Every configuration is one the API accepts: none may raise (the triton backend hands a
+    top-K above its MAX_TOPK to the torch backend rather than refusing it)."""
+    raised = [f"{c['label']}: {c['error']}" for c in recording[1]["cases"] if c["error"]]
+    assert not raised, "\n".join(raised)
 
 
-def test_no_variant_spills_registers(results):
-    compiled = [r for r in results if "error" not in r]
-    assert any("*bf16" in r["dtypes"] for r in compiled) and any("*bf16" not in r["dtypes"] for r in compiled)
-    spilling = [f"{_name(r)}: {r['registers']} registers, {r['spill_stores']} B spill stores"
-                for r in compiled if r["spill_stores"]]
-    assert not spilling, "\n".join(spilling)
+def test_the_recording_covers_every_kernel_and_axis(recording):
+    """Each kernel of the kernel modules is launched, and each axis a kernel specializes on takes
+    its values: one and two running top-Ks, K_PAD from 1 to the largest the kernels keep, the tail
+    bucket's explicit columns, every divergence KIND, biases, head transforms, mixed dtypes, and
+    the deterministic mode's kernels (they are among the defined ones)."""
+    specs = recording[1]["specs"]
+    defined = {(m, a) for m in sm90.KERNEL_MODULES
+               for a in vars(importlib.import_module(f"dopd_kernels.kernels.{m}")) if a.endswith("_kernel")}
+    assert {(s["module"], s["kernel"]) for s in specs} == defined
+
+    def values(kernel, arg):
+        return {s["args"][arg][1] for s in specs if s["kernel"] == kernel and arg in s["args"]}
+
+    from dopd_kernels.backends.triton_backend import MAX_TOPK
+    assert {bin(m).count("1") for m in values("stats_kernel", "TOPK_MASK")} == {0, 1, 2}
+    k_pads = values("gather_kernel", "K_PAD")
+    assert min(k_pads) == 1 and max(k_pads) == MAX_TOPK
+    assert values("grad_kernel", "EXPLICIT") == {False, True}
+    assert len(values("grad_kernel", "KIND")) == 4 and len(values("full_value_kernel", "KIND")) == 3
+    assert values("stats_kernel", "LINEAR") == {False, True}
+    assert max(values("stats_kernel", "BIAS_MASK")) > 0 and max(values("stats_kernel", "HEAD_MASK")) > 0
+    dtype_sets = {tuple(sorted({d[1] for d in s["args"].values() if d[0] == "tensor" and d[1] in ("bf16", "fp16", "fp32")}))
+                  for s in specs if s["kernel"] == "full_value_kernel"}
+    assert any(len(d) > 1 for d in dtype_sets)
+
+
+@CAPS
+def test_every_variant_compiles(compiled, cap):
+    failed = [r for r in compiled(cap) if "error" in r]
+    assert not failed, _names(failed, cap, spills=False)
+
+
+@CAPS
+def test_shared_memory_fits_a_block(compiled, cap):
+    over = [r for r in compiled(cap) if "error" not in r and r["shared"] > sm90.SHARED_LIMITS[cap]]
+    assert not over, _names(over, cap, spills=False)
+
+
+def test_no_variant_spills_registers_on_sm90(compiled):
+    """Spills are judged on sm_90a, the capability the tile defaults are chosen for."""
+    compiled_ok = [r for r in compiled(90) if "error" not in r]
+    assert any("*bf16" in r["dtypes"] for r in compiled_ok) and any("*bf16" not in r["dtypes"] for r in compiled_ok)
+    spilling = [r for r in compiled_ok if r["spill_stores"]]
+    assert not spilling, _names(spilling, 90, spills=True)
