@@ -713,7 +713,7 @@ def test_cuda_tile_rules_for_every_top_k(hdt, wdt, monkeypatch):
     assert TB._topk_width(linear) == (MAX_TOPK // 2 if torch.float32 in (hdt, wdt) else MAX_TOPK)
     for k in [0] + [1 << i for i in range(9)]:  # K_PAD 0 (no top-K), 1 .. MAX_TOPK
         if k <= TB._topk_width(linear):
-            for role in ("stats", "value", "grad"):
+            for role in ("stats", "tail", "value", "grad", "grad_dw"):
                 cfg = TB._config(linear, 65536, k, role=role)
                 assert min(cfg.block_n, cfg.block_v, cfg.block_h) >= 16, (k, role, cfg)
                 assert cfg.block_v >= k

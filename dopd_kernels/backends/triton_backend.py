@@ -52,15 +52,17 @@ shape or K:
   * logits-mode tiles are at least 128 columns wide (a top-K of 1 no longer means 1-column tiles).
 Defaults:
   * fused-linear bf16/fp16: BLOCK_N = 64 rows (32 in the gradient kernels, which spill at 64 once
-    dH is accumulated in place or a soft-cap is applied), BLOCK_V = 128 (64 in `grad_dw_kernel`),
+    dH is accumulated in place or a soft-cap is applied), BLOCK_V = 128 (64 in `grad_dw_kernel`,
+    which spills 36 B at 128 with soft-capped heads),
     BLOCK_H = 32, num_warps = 8, num_stages = 3 — tiles feed wgmma with fp32 accumulators. With a
     running top-K: BLOCK_N = 16, BLOCK_V = max(128, K_PAD) and BLOCK_H = max(16, 4096 / BLOCK_V)
     (32 for K ≤ 128, 16 for K = 256);
   * fused-linear with fp32 operands (IEEE `tl.dot`, no tensor cores): BLOCK_V = 64, BLOCK_H = 16,
-    BLOCK_N = 64 in the stats / tail pass, 32 in the value pass, 16 in the gradient kernels; with
-    a top-K 16 × 128 × 16 and num_stages = 1;
-  * logits mode (memory bound): BLOCK_N = 8, BLOCK_V = 512 (max(128, K_PAD) with a top-K),
-    num_warps = 8 (4 while the running top-Ks' K_PADs sum to ≤ 128);
+    BLOCK_N = 64 in the stats / tail pass, 32 in the value pass and `grad_kernel`, 16 in
+    `grad_dw_kernel`; with a top-K 16 × 128 × 16 and num_stages = 1;
+  * logits mode (memory bound): BLOCK_N = 8, BLOCK_V = 512 (256 in the tail pass, which spills at
+    512; max(128, K_PAD) with a top-K, and BLOCK_N = 4 once the running top-Ks' K_PADs sum to 256),
+    num_warps = 8 (4 while they sum to ≤ 128);
   * sparse top-K kernels (one program per row, no tl.dot): a `[K_PAD, BLOCK_H]` weight block of
     at most 4K elements;
   * the fused-linear gradient grid splits the vocabulary so that about 4 programs per SM exist.
@@ -252,9 +254,8 @@ class TritonBackend(PassBackend):
 
     def _config(self, sources: Sequence, n: int, k_pad: int = 0, role: str = "stats", n_topk: int = 1) -> _Config:
         """Blocks for a pass over `n` rows of `sources` (the student, or the stream alone, first):
-        `role` is "stats" (also the tail pass),
-        "value" or "grad" (gradient tiles hold more live values); `k_pad` > 0 when `n_topk` running
-        top-Ks are kept (then BLOCK_V = max(BLOCK_V, K_PAD): the stats kernel merges whole tiles into
+        `role` is "stats", "tail", "value", "grad" or "grad_dw" (gradient tiles hold more live
+        values); `k_pad` > 0 when `n_topk` running top-Ks are kept (then BLOCK_V = max(BLOCK_V, K_PAD): the stats kernel merges whole tiles into
         them). The rules are the module docstring's; the CUDA defaults are the largest tiles that
         ptxas compiles without register spills for sm_90a (`tests/triton_sm90.py`)."""
         source = sources[0]
@@ -275,11 +276,13 @@ class TritonBackend(PassBackend):
                 bh = 16 if fp32_dot else max(16, 4096 // bv)
                 stages = 1 if fp32_dot else 3  # fp32 spills with its loads pipelined
             elif fp32_dot:
-                bn, bv, bh = {"stats": 64, "value": 32, "grad": 16}[role], 64, 16
+                bn, bv, bh = {"value": 32, "grad": 32, "grad_dw": 16}.get(role, 64), 64, 16
             else:
-                bn, bv, bh = (32 if role == "grad" else 64), 128, 32
+                bn = 32 if role in ("grad", "grad_dw") else 64
+                bv, bh = (64 if role == "grad_dw" else 128), 32
         else:
-            bn, bv, bh, stages = 8, (max(MIN_LOGITS_BLOCK_V, k_pad) if k_pad else 512), 16, 2
+            bn, bh, stages = (4 if k_pad * n_topk >= 256 else 8), 16, 2
+            bv = max(MIN_LOGITS_BLOCK_V, k_pad) if k_pad else (256 if role == "tail" else 512)
             warps = 4 if 0 < k_pad * n_topk <= 128 else 8
         bn = self.block_n or bn
         bv = max(self.block_v or bv, k_pad)
@@ -413,7 +416,7 @@ class TritonBackend(PassBackend):
             return torch.empty(0, dtype=torch.float64, device=rows.device)
         hi = torch.empty(n, dtype=torch.float32, device=rows.device)
         logsum = torch.empty_like(hi)
-        cfg = self._config((source,), n)
+        cfg = self._config((source,), n, role="tail")
         bias, upcast, head = _masks((source,))
         self._launch(self._tail.tail_lse_kernel, (triton_cdiv(n, cfg.block_n),), cfg, rows.device,
                      rows.contiguous(), n, cols.contiguous(), cols.shape[1], hi, logsum, *stream_args(source),
@@ -517,8 +520,7 @@ class TritonBackend(PassBackend):
         if scratch is not None:
             sink.dh[rows] += scratch.sum(0)
         if linear and det and (dw is not None or db is not None):
-            # Its own tile width: 64 columns (128 spills in bf16 with soft-capped heads).
-            cfg = _Config(cfg.block_n, self.block_v or min(cfg.block_v, 64), cfg.block_h, cfg.num_warps, cfg.num_stages)
+            cfg = self._config((student, target), n, role="grad_dw")
             self._launch(self._div.grad_dw_kernel, (triton_cdiv(vv, cfg.block_v),), cfg, dev, *common,
                          dummy if dw is None else dw, 0 if dw is None else dw.stride(0), dummy if db is None else db,
                          *streams, NEED_DW=dw is not None, NEED_DB=db is not None, **flags)
