@@ -111,6 +111,28 @@ def test_cuda_matches_reference():
     assert_close(s.grad.cpu(), s64.grad, rtol=1e-4, what="grad")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+@pytest.mark.parametrize("kind", DIVS)
+def test_cuda_mixed_dtypes_heads_and_precision(kind):
+    """The CUDA paths only compile-checked on CPU machines (issues 11, 15.5, 17.3, 17.5): a bf16 student
+    with an fp32 teacher in the full-vocabulary passes, head transforms in the fused-linear epilogue, and
+    fp32 precision at logits ~N(0, 40²)."""
+    zs, zt = correlated_logits(32, 300, n_streams=2, noise=1.2)
+    y = random_tokens(32, 300)
+    s = leaf(zs.to("cuda", torch.bfloat16))
+    out = opd_loss(s, zt.cuda(), y.cuda(), divergence=kind, granularity="full", backend="cuda")
+    out.loss.backward()
+    s64 = leaf(zs.bfloat16(), torch.float64)
+    ref = opd_loss(s64, zt.double(), y, divergence=kind, granularity="full", backend="reference")
+    ref.loss.backward()
+    assert_close(out.per_token_loss.cpu(), ref.per_token_loss, rtol=1e-4, what="per-token loss (fp32 statistics)")
+    assert_close(s.grad.cpu(), s64.grad, rtol=2 ** -7, atol=2e-3 * float(s64.grad.abs().max()), what="grad (bf16)")
+    for gran in ("full", "topk", "sampled"):
+        check_opd_heads("cuda", kind, gran, device="cuda", rtol=1e-4)
+        check_large_logits("cuda", "normal-40", kind, gran, device="cuda")
+    check_bf16_heads("cuda", kind, "full", device="cuda")
+
+
 # -- logits mode -----------------------------------------------------------------------------------
 
 
