@@ -81,6 +81,8 @@ def main() -> int:
     ap.add_argument("--no-setup", action="store_true", help="fail instead of creating a missing environment")
     ap.add_argument("--specs", help="reuse this recording (written by a previous run or by triton_sm90.py --step record)")
     ap.add_argument("--json", help="write every result here")
+    ap.add_argument("--cases", choices=sorted(sm90.CASE_SETS), default="full", help="API calls to record (default: all)")
+    ap.add_argument("--representatives", action="store_true", help="compile one launch per tile class only")
     args = ap.parse_args()
 
     t_start = time.time()
@@ -92,14 +94,15 @@ def main() -> int:
             with open(specs) as f:
                 rec = json.load(f)
         else:
-            rec = sm90.record_subprocess(specs)
+            rec = sm90.record_subprocess(specs, cases=args.cases)
         rows, details = [], {}
         for version in args.versions:
             for cap in args.capabilities:
                 t0 = time.time()
                 with open(os.path.join(tmp, f"compile-{version}-{cap}.log"), "w") as log:
                     results = sm90.compile_subprocess(specs, os.path.join(tmp, f"{version}-{cap}.json"), cap,
-                                                      pythons[version], log=log)
+                                                      pythons[version], log=log,
+                                                      representatives_only=args.representatives)
                 rows.append(dict(triton=version, arch=sm90.arch(cap), seconds=round(time.time() - t0, 1),
                                  **summarize(results, cap)))
                 details[f"{version} {sm90.arch(cap)}"] = results

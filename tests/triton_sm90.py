@@ -135,6 +135,44 @@ def default_cases() -> List[dict]:
     return cases
 
 
+def ci_cases() -> List[dict]:
+    """The subset CI records (a few minutes of interpreter time on two cores instead of ~15): every
+    kernel and every axis of `default_cases` at least once — bf16 and fp32 losses in both modes, K
+    = 1, 16, 256 and 512, one mixed-dtype setting, the deterministic mode, biases and head
+    transforms — but not every combination of them."""
+    cases = []
+    for mode in ("logits", "linear"):
+        for dt in ("bf16", "fp32"):
+            cases += _losses(mode, [dt] * 3)
+            for k in (1, 16, 256, 512):
+                cases.append(_case("dopd", mode, dt, top_k=k, topk_from="target", topk_renorm=False,
+                                   wide=mode == "linear" and k <= 256))
+        cases += [c for c in _losses(mode, ["bf16", "fp32", "fp16"]) if c.get("granularity") not in ("sampled", "topk")]
+    for dt in ("bf16", "fp32"):
+        cases += [c for c in _losses("linear", [dt] * 3, deterministic=True)
+                  if c["kind"] == "dopd" or c.get("granularity") == "full"]
+    cases += _losses("linear", ["bf16"] * 3, bias=True, scale=2.0, softcap=15.0)
+    return cases
+
+
+CASE_SETS = {"full": default_cases, "ci": ci_cases}
+
+
+def representatives(specs: List[dict]) -> List[dict]:
+    """One launch per tile class: kernel, warps/stages, block sizes, K_PAD, mode, divergence KIND,
+    explicit columns, number of running top-Ks and fp32-or-half operands. Compile errors depend on
+    these; register use also depends on the flags left out (biases, head transforms, gradient
+    outputs), which only the full check (`triton_matrix.py`, all variants) sees."""
+    classes: Dict[str, dict] = {}
+    for spec in specs:
+        a = spec["args"]
+        shape = {k: d[1] for k, d in a.items() if k.startswith("BLOCK") or k in ("K_PAD", "LINEAR", "KIND", "EXPLICIT")}
+        shape["TOPK_STREAMS"] = bin(a.get("TOPK_MASK", ["int", 0])[1]).count("1")
+        half = any(d[0] == "tensor" and d[1] in ("bf16", "fp16") for d in a.values())  # else fp32 operands
+        classes.setdefault(json.dumps([spec["module"], spec["kernel"], spec["options"], shape, half], sort_keys=True), spec)
+    return list(classes.values())
+
+
 # -- step 1: record launches (interpreted kernels) ----------------------------------------------------
 
 def _describe(value):
@@ -456,7 +494,7 @@ def _format(res: dict) -> str:
 
 
 def record_subprocess(specs_path: str, python: str = sys.executable, only: Optional[str] = None,
-                      processes: Optional[int] = None) -> dict:
+                      processes: Optional[int] = None, cases: str = "full") -> dict:
     """Run the record step in `processes` child processes (default: the CPU count, at most 8), each
     with `TRITON_INTERPRET=1` (the kernels must be decorated interpreted, which cannot be undone in
     a process that already imported them) and every `processes`-th case; merge their recordings
@@ -465,7 +503,8 @@ def record_subprocess(specs_path: str, python: str = sys.executable, only: Optio
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
     t0 = time.time()
     children = [subprocess.Popen([python, os.path.abspath(__file__), "--step", "record", "--specs", f"{specs_path}.{i}",
-                                  "--shard", f"{i}/{processes}"] + (["--only", only] if only else []), env=env)
+                                  "--shard", f"{i}/{processes}", "--cases", cases] + (["--only", only] if only else []),
+                                 env=env)
                 for i in range(processes)]
     if any(child.wait() for child in children):
         raise RuntimeError("a record process failed (its output is above)")
@@ -487,12 +526,13 @@ def record_subprocess(specs_path: str, python: str = sys.executable, only: Optio
 
 
 def compile_subprocess(specs_path: str, out_path: str, capability: int, python: str = sys.executable,
-                       log=None) -> List[dict]:
+                       log=None, representatives_only: bool = False) -> List[dict]:
     """Run the compile step with `python` (any environment with a Triton), without TRITON_INTERPRET."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, stated to silence its warning
     subprocess.run([python, os.path.abspath(__file__), "--step", "compile", "--specs", specs_path, "--json", out_path,
-                    "--capability", str(capability)], env=env, check=True, stdout=log, stderr=log)
+                    "--capability", str(capability)] + (["--representatives"] if representatives_only else []),
+                   env=env, check=True, stdout=log, stderr=log)
     with open(out_path) as f:
         return json.load(f)
 
@@ -506,11 +546,15 @@ def main() -> int:
                     help="record only (in a TRITON_INTERPRET=1 process), compile only, or both (default)")
     ap.add_argument("--specs", help="the recorded launches (written by --step record, read by --step compile)")
     ap.add_argument("--only", help="record only the API calls whose label matches this regular expression")
+    ap.add_argument("--cases", choices=sorted(CASE_SETS), default="full",
+                    help="API calls to record: every configuration (full, default) or CI's subset")
+    ap.add_argument("--representatives", action="store_true",
+                    help="compile one launch per tile class (see representatives()) instead of every one")
     ap.add_argument("--shard", default="0/1", help="I/N: record every N-th API call from the I-th (set by the parent)")
     args = ap.parse_args()
     if args.step == "record":
         if os.environ.get("TRITON_INTERPRET") != "1":
-            rec = record_subprocess(args.specs, only=args.only)
+            rec = record_subprocess(args.specs, only=args.only, cases=args.cases)
             failed = [c for c in rec["cases"] if c["error"]]
             print(f"recorded {len(rec['specs'])} distinct launches from {len(rec['cases'])} API calls "
                   f"({len(failed)} raised) in {rec['record_s']} s with Triton {rec['triton']}")
@@ -519,7 +563,7 @@ def main() -> int:
             return 0
         sys.path.insert(0, ROOT)
         shard, shards = map(int, args.shard.split("/"))
-        cases = [dict(c, index=i) for i, c in enumerate(default_cases()) if re.search(args.only or "", label(c))]
+        cases = [dict(c, index=i) for i, c in enumerate(CASE_SETS[args.cases]()) if re.search(args.only or "", label(c))]
         rec = record(cases[shard::shards], progress=True)
         with open(args.specs, "w") as f:
             json.dump(rec, f)
@@ -527,7 +571,8 @@ def main() -> int:
     if args.step == "compile":
         with open(args.specs) as f:
             rec = json.load(f)
-        results = compile_specs(rec["specs"] if isinstance(rec, dict) else rec, args.capability)
+        specs = rec["specs"] if isinstance(rec, dict) else rec
+        results = compile_specs(representatives(specs) if args.representatives else specs, args.capability)
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
         return 0
