@@ -108,7 +108,8 @@ def test_hint_forms_share_the_order_and_differ_in_what_they_reveal():
         hints = {form: make_addition_example(58, 75, 2, order, form) for form in HINT_FORMS}
         assert {e.answer for e in hints.values()} == {"133" if order == "f" else "331"}
         assert all(e.hint.startswith(f"{order}|") for e in hints.values())
-        assert not set("133") <= set(hints["cues"].hint[2:]) or hints["cues"].hint == f"{order}|11;"
+        assert hints["cues"].hint == f"{order}|11;"  # carries only: no digit of the answer, no trace
+        assert hints["working"].hint == f"{order}|8+5+0=13,5+7+1=13;"
         assert hints["answer"].hint == f"{order}|{hints['answer'].answer};"
     e = make_addition_example(58, 75, 2, "f")
     assert exact_match("133", e) == exact_match("331", e) == 1.0 and exact_match("313", e) == 0.0
