@@ -21,6 +21,7 @@ pytest.importorskip("transformers")
 import naive_reference as nv  # noqa: E402
 from test_memory import AllocationRecorder  # noqa: E402
 from tiny_models import FAMILIES, char_tokenizer, tiny_causal_lm  # noqa: E402
+from conftest import assert_close  # noqa: E402
 
 from dopd_kernels import (DOPDConfig, TorchBackend, available_backends, dopd_loss, fused_linear_dopd_loss,  # noqa: E402
                           fused_linear_opd_loss, opd_loss)
@@ -113,7 +114,7 @@ def check_dopd_against_logits(ctx, family: str, backend, seed: int):
     want, want_grads = run_dopd_logits(ctx, student, teacher)
     got, got_grads = run_dopd(ctx, student, teacher, backend, thresholds=want.thresholds)
     torch.testing.assert_close(got.loss.double(), want.loss.double(), rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(got.per_token_loss.double(), want.per_token_loss.double(), rtol=1e-5, atol=1e-6)
+    assert_close(got.per_token_loss, want.per_token_loss, rtol=1e-5, what="per-token loss")
     assert torch.equal(got.regime, want.regime)
     for name in ("adv_gap", "q_teacher", "q_priv_student"):
         torch.testing.assert_close(getattr(got, name).double(), getattr(want, name).double(), rtol=1e-5, atol=1e-6)
@@ -153,7 +154,7 @@ def test_opd_from_hf_models_equals_logits_mode(ctx, family, backend, seed):
                                 backend=backend, **kw)
     got.loss.backward()
     torch.testing.assert_close(got.loss.double(), want.loss.double(), rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(got.per_token_loss.double(), want.per_token_loss.double(), rtol=1e-5, atol=1e-6)
+    assert_close(got.per_token_loss, want.per_token_loss, rtol=1e-5, what="per-token loss")
     assert_grads_close(student_grads(student), want_grads)
 
 
