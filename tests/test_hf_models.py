@@ -13,6 +13,8 @@ allocation trace of a whole training step shows no tensor with a vocabulary axis
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -74,6 +76,25 @@ def assert_grads_close(got: dict, want: dict, rtol: float = 2e-5):
         assert err <= rtol * scale, f"d{name}: max error {err:.3g} vs gradient scale {scale:.3g}"
 
 
+def assert_grads_like_fp32(got: dict, want32: dict, want64: dict, rtol: float = 2e-5, margin: float = 2.0):
+    """Fused fp32 gradients against the float64 truth (a float64 copy of the model, logits mode), by
+    the suite's rule for rounded dtypes: within `rtol` of the gradient's scale, or no worse than
+    `margin` times the model's own fp32 logits path (`want32`). A backbone gradient can be a heavily
+    cancelling sum (dH = Σ_v g_v·W_v with Σ_v g_v = 0), which no fp32 path resolves to 2e-5 of its
+    largest element; the logits path then shows the same error."""
+    assert got.keys() == want64.keys() and len(want64) > 3
+    scale = max(float(g.abs().max()) for g in want64.values())
+    for name, g in want64.items():
+        err = float((got[name].double() - g).abs().max())
+        naive = float((want32[name].double() - g).abs().max())
+        assert err <= max(rtol * scale, margin * naive), (
+            f"d{name}: max error {err:.3g} vs gradient scale {scale:.3g} (fp32 logits path: {naive:.3g})")
+
+
+def float64_copies(*models_):
+    return [copy.deepcopy(m).double() for m in models_]
+
+
 def models(family: str, seed: int, dtype=torch.float32, **kw):
     """Student (hidden 32) and a wider teacher (hidden 48) of one family, sharing the tokenizer."""
     return (tiny_causal_lm(family, tokenizer=TOK, hidden=32, seed=seed, dtype=dtype, **kw),
@@ -111,6 +132,7 @@ def ctx(seed):
 
 def check_dopd_against_logits(ctx, family: str, backend, seed: int):
     student, teacher = models(family, seed)
+    _, truth_grads = run_dopd_logits(ctx, *float64_copies(student, teacher))
     want, want_grads = run_dopd_logits(ctx, student, teacher)
     got, got_grads = run_dopd(ctx, student, teacher, backend, thresholds=want.thresholds)
     torch.testing.assert_close(got.loss.double(), want.loss.double(), rtol=1e-5, atol=1e-7)
@@ -118,7 +140,7 @@ def check_dopd_against_logits(ctx, family: str, backend, seed: int):
     assert torch.equal(got.regime, want.regime)
     for name in ("adv_gap", "q_teacher", "q_priv_student"):
         torch.testing.assert_close(getattr(got, name).double(), getattr(want, name).double(), rtol=1e-5, atol=1e-6)
-    assert_grads_close(got_grads, want_grads)
+    assert_grads_like_fp32(got_grads, want_grads, truth_grads)
     return student
 
 
@@ -145,8 +167,11 @@ def test_opd_from_hf_models_equals_logits_mode(ctx, family, backend, seed):
     kw = dict(divergence=divergence, granularity=granularity, top_k=8, reduction="mean")
     student, teacher = models(family, seed)
     ids, ids_p, tokens = ctx
+    s64, t64 = float64_copies(student, teacher)
     with torch.no_grad():
-        z_t, h_t = logits(teacher, ids_p), hidden(teacher, ids_p)
+        z_t, h_t, z_t64 = logits(teacher, ids_p), hidden(teacher, ids_p), logits(t64, ids_p)
+    opd_loss(logits(s64, ids), z_t64, tokens, backend="reference", **kw).loss.backward()
+    truth_grads = student_grads(s64)
     want = opd_loss(logits(student, ids), z_t, tokens, backend="reference", **kw)
     want.loss.backward()
     want_grads = student_grads(student)
@@ -155,7 +180,7 @@ def test_opd_from_hf_models_equals_logits_mode(ctx, family, backend, seed):
     got.loss.backward()
     torch.testing.assert_close(got.loss.double(), want.loss.double(), rtol=1e-5, atol=1e-7)
     assert_close(got.per_token_loss, want.per_token_loss, rtol=1e-5, what="per-token loss")
-    assert_grads_close(student_grads(student), want_grads)
+    assert_grads_like_fp32(student_grads(student), want_grads, truth_grads)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton kernels are compiled for CUDA in this process; "
