@@ -91,6 +91,14 @@ def assert_grads_like_fp32(got: dict, want32: dict, want64: dict, rtol: float = 
             f"d{name}: max error {err:.3g} vs gradient scale {scale:.3g} (fp32 logits path: {naive:.3g})")
 
 
+# MiniCPM3's tiny model (scale_emb 12, logits ×2.5) makes near-saturated HT rows (JS ≈ 0.6 log 2) whose
+# gradient amplifies the fp32 rounding of the logit GEMM ~10³-fold: at DOPD_TEST_SEED=728445452 a naive
+# fp32 DOPD on the model's own fp32 logits is 2.5e-5 of the gradient scale off the float64 truth and
+# the fused fp32 path 1.4e-4; the same fused path with float64-accumulated logit tiles is 44× closer,
+# so the error is the GEMM's rounding, not the loss. Other families stay at 2e-5.
+GRAD_RTOL = {"minicpm3": 2e-4}
+
+
 def float64_copies(*models_):
     return [copy.deepcopy(m).double() for m in models_]
 
@@ -140,7 +148,7 @@ def check_dopd_against_logits(ctx, family: str, backend, seed: int):
     assert torch.equal(got.regime, want.regime)
     for name in ("adv_gap", "q_teacher", "q_priv_student"):
         torch.testing.assert_close(getattr(got, name).double(), getattr(want, name).double(), rtol=1e-5, atol=1e-6)
-    assert_grads_like_fp32(got_grads, want_grads, truth_grads)
+    assert_grads_like_fp32(got_grads, want_grads, truth_grads, rtol=GRAD_RTOL.get(family, 2e-5))
     return student
 
 
@@ -180,7 +188,7 @@ def test_opd_from_hf_models_equals_logits_mode(ctx, family, backend, seed):
     got.loss.backward()
     torch.testing.assert_close(got.loss.double(), want.loss.double(), rtol=1e-5, atol=1e-7)
     assert_close(got.per_token_loss, want.per_token_loss, rtol=1e-5, what="per-token loss")
-    assert_grads_like_fp32(student_grads(student), want_grads, truth_grads)
+    assert_grads_like_fp32(student_grads(student), want_grads, truth_grads, rtol=GRAD_RTOL.get(family, 2e-5))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton kernels are compiled for CUDA in this process; "
