@@ -99,6 +99,12 @@ MAX_TOPK = 256  # largest top-K the kernels keep in registers (module docstring)
 MIN_LOGITS_BLOCK_V = 128  # narrowest logits-mode tile, whatever K is
 
 
+def _topk_block(k_pad: int) -> int:
+    """BLOCK_V of a stats launch that keeps running top-Ks of K_PAD: the kernel keeps BLOCK_V keys
+    per row and top-K stream (it merges whole tiles into them), never fewer than 128."""
+    return max(MIN_LOGITS_BLOCK_V, k_pad)
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -272,18 +278,25 @@ class TritonBackend(PassBackend):
             fp32_dot = self._fp32_dot(sources)
             warps, stages = 8, 3
             if k_pad:
-                bn, bv = 16, max(128, k_pad)
+                bn, bv = 16, _topk_block(k_pad)
                 bh = 16 if fp32_dot else max(16, 4096 // bv)
                 stages = 1 if fp32_dot else 3  # fp32 spills with its loads pipelined
             elif fp32_dot:
-                bn, bv, bh = {"value": 32, "grad": 32, "grad_dw": 16}.get(role, 64), 64, 16
+                # fp32 and 16-bit operands in one launch (e.g. a bf16 student, an fp32 teacher) hold both
+                # kinds of tile: 64 rows spilled in the stats kernel on sm_90a.
+                mixed = any(isinstance(s, LinearSource) and s.hidden.dtype != torch.float32 for s in sources)
+                bn = {"value": 32, "grad": 32, "grad_dw": 16}.get(role, 32 if mixed else 64)
+                bv, bh = 64, 16
             else:
                 bn = 32 if role in ("grad", "grad_dw") else 64
                 bv, bh = (64 if role == "grad_dw" else 128), 32
         else:
-            bn, bh, stages = (4 if k_pad * n_topk >= 256 else 8), 16, 2
-            bv = max(MIN_LOGITS_BLOCK_V, k_pad) if k_pad else (256 if role == "tail" else 512)
-            warps = 4 if 0 < k_pad * n_topk <= 128 else 8
+            # The running top-Ks are BLOCK_V keys wide each (the kernel's K_PAD), not K_PAD: two top-Ks of
+            # K = 16 hold 2 × 128 keys per row, and 8 rows of them spilled on sm_90a.
+            keys = _topk_block(k_pad) * n_topk if k_pad else 0
+            bn, bh, stages = (4 if keys >= 256 else 8), 16, 2
+            bv = _topk_block(k_pad) if k_pad else (256 if role == "tail" else 512)
+            warps = 4 if 0 < keys <= 128 else 8
         bn = self.block_n or bn
         bv = max(self.block_v or bv, k_pad)
         bh = self.block_h or bh
@@ -379,7 +392,7 @@ class TritonBackend(PassBackend):
         k = min(top_k, student.effective_vocab)
         order = sorted(topk_streams)
         k_pad = _pow2(k) if order else 0
-        fit = max(1, self._topk_width(sources) // k_pad) if order else 0
+        fit = max(1, self._topk_width(sources) // _topk_block(k_pad)) if order else 0
         hi = torch.empty(len(sources), n, dtype=torch.float32, device=dev)
         logsum, logit_y = torch.empty_like(hi), torch.empty_like(hi)
         topk = torch.empty(len(order), n, k, dtype=torch.long, device=dev) if order else hi
