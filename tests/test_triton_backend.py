@@ -48,6 +48,7 @@ if not CUDA:
 import naive_reference as nv  # noqa: E402
 from head_transform_checks import check_bf16_heads, check_dopd_heads, check_opd_heads  # noqa: E402
 from test_torch_backend import check_fused_linear_dopd_bf16, compare_fused_linear_opd  # noqa: E402
+from test_memory import AllocationRecorder  # noqa: E402
 from conftest import IGNORE, assert_close, correlated_logits, distinct_logits, leaf, linear_streams, random_tokens  # noqa: E402
 from dopd_kernels import (DOPDConfig, LMHead, dopd_loss, fused_linear_dopd_loss, fused_linear_opd_loss,  # noqa: E402
                           opd_loss, token_logprobs)
@@ -498,29 +499,14 @@ def test_torch_compile_step_runs_with_a_graph_break():
 def test_fused_linear_allocates_no_vocabulary_rows():
     """Allocation trace: every tensor created during a fused-linear forward + backward (DOPD with all
     regimes, and full-vocabulary JS OPD) is checked; none has a vocabulary axis per token."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_flatten
 
     n, hdim, v = 40, 24, 257  # V appears in no other dimension
     t = linear_streams(n, hdim, v, teacher_hidden=20)
     y = random_tokens(n, v)
 
-    class Trace(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.shapes = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            # New storage only: views and in-place results share an input's storage.
-            inputs = {x.untyped_storage().data_ptr() for x in tree_flatten((args, kwargs))[0]
-                      if isinstance(x, torch.Tensor)}
-            self.shapes += [(str(func), tuple(x.shape)) for x in tree_flatten(out)[0]
-                            if isinstance(x, torch.Tensor) and x.untyped_storage().data_ptr() not in inputs]
-            return out
 
     h, w, b = leaf(t["student_hidden"]), leaf(t["student_weight"]), leaf(t["student_bias"])
-    with Trace() as trace:
+    with AllocationRecorder() as trace:
         out = fused_linear_dopd_loss(h, w, t["teacher_hidden"], t["teacher_weight"], t["priv_student_hidden"], y,
                                      student_bias=b, teacher_bias=t["teacher_bias"],
                                      config=DOPDConfig(top_k=8, topk_renorm=False), backend=TB)
@@ -528,11 +514,12 @@ def test_fused_linear_allocates_no_vocabulary_rows():
         opd = fused_linear_opd_loss(h, w, t["teacher_hidden"], t["teacher_weight"], y, divergence="js", backend=TB)
         opd.loss.backward()
     assert len(set(out.regime[y != IGNORE].tolist())) >= 3
-    assert any("zeros" in f and s == (n, hdim) for f, s in trace.shapes), "the trace misses the backward"
+    shapes = [(f, s) for f, s, _, _ in trace.allocs]
+    assert any("zeros" in f and s == (n, hdim) for f, s in shapes), "the trace misses the backward"
     allowed = {(v, hdim), (v,)}  # dW / db accumulators
-    bad = [(f, s) for f, s in trace.shapes if v in s and s not in allowed]
+    bad = [(f, s) for f, s in shapes if v in s and s not in allowed]
     assert not bad, f"tensors with a vocabulary axis per token: {bad[:5]}"
-    assert max(torch.Size(s).numel() for _, s in trace.shapes) < n * v
+    assert max(torch.Size(s).numel() for _, s in shapes) < n * v
 
 
 def test_js_matches_liger_fused_linear_jsd():
@@ -597,38 +584,23 @@ def test_head_transforms_bf16(kind, gran, device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_frozen_student_head_computes_no_dw(device):
     """A frozen lm_head (LoRA, or requires_grad=False): dH only, and no [V, H] accumulator is allocated."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_flatten
 
     n, hdim, v = 18, 12, 67
     t = {k: x.to(device) for k, x in linear_streams(n, hdim, v).items()}
     y = random_tokens(n, v, mask_frac=0.1).to(device)
     head = dict(scale=1.3, softcap=3.0)
 
-    class Trace(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.shapes = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            # New storage only: views and in-place results share an input's storage.
-            inputs = {x.untyped_storage().data_ptr() for x in tree_flatten((args, kwargs))[0]
-                      if isinstance(x, torch.Tensor)}
-            self.shapes += [tuple(x.shape) for x in tree_flatten(out)[0]
-                            if isinstance(x, torch.Tensor) and x.untyped_storage().data_ptr() not in inputs]
-            return out
 
     grads = {}
     for be, dt in ((TB, None), ("reference", torch.float64)):
         h = leaf(t["student_hidden"], dt)
         w, b = t["student_weight"].to(dt or torch.float32), t["student_bias"].to(dt or torch.float32)
-        with Trace() as trace:
+        with AllocationRecorder() as trace:
             out = fused_linear_dopd_loss(h, LMHead(w, b, **head), t["teacher_hidden"].to(h.dtype),
                                          t["teacher_weight"].to(h.dtype), t["priv_student_hidden"].to(h.dtype), y,
                                          config=DOPDConfig(top_k=6, topk_renorm=False, trim=0.1), backend=be)
             out.loss.backward()
-        grads[str(be)] = (out.loss, h.grad, trace.shapes)
+        grads[str(be)] = (out.loss, h.grad, [shape for _, shape, _, _ in trace.allocs])
     (loss, dh, shapes), (loss64, dh64, _) = grads[str(TB)], grads["reference"]
     assert_close(loss, loss64, rtol=RTOL, what="loss")
     assert_close(dh, dh64, rtol=RTOL, what="dH")
