@@ -33,10 +33,9 @@ def materialize(source) -> torch.Tensor:
 
 
 def log_probs(source) -> torch.Tensor:
-    """log softmax(z / τ) [N, V] in float64, padding columns (>= valid_vocab) at -inf."""
-    z = materialize(source) / source.temperature
-    if source.valid_vocab is not None:
-        z = z.masked_fill(torch.arange(z.shape[1], device=z.device) >= source.valid_vocab, NEG_INF)
+    """log softmax(z / τ) [N, V_valid] in float64 over the valid columns [0, valid_vocab) only: padding
+    columns are not part of any support set, so a top-K never selects one (even against a -inf logit)."""
+    z = materialize(source)[:, :source.effective_vocab] / source.temperature
     return torch.log_softmax(z, dim=-1)
 
 
