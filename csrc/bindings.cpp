@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include "passes_cpu.h"
+#include "row_math.h"
 #ifdef DOPD_WITH_CUDA
 #include "passes_cuda.h"
 #endif
@@ -12,6 +13,11 @@ namespace py = pybind11;
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dopd-kernels compiled passes (C++/OpenMP; CUDA when built with it)";
+  // The codes of row_math.h, for tests/test_constants.py to compare with dopd_kernels.codes.
+  m.attr("KINDS") = py::dict(py::arg("REVERSE_KL") = int(dopd::REVERSE_KL), py::arg("FORWARD_KL") = int(dopd::FORWARD_KL),
+                             py::arg("JS") = int(dopd::JS));
+  m.attr("REGIMES") = py::dict(py::arg("IGNORED") = int(dopd::IGNORED), py::arg("LH") = int(dopd::LH),
+                               py::arg("LL") = int(dopd::LL), py::arg("HT") = int(dopd::HT), py::arg("HS") = int(dopd::HS));
 
   py::class_<dopd::Stream>(m, "Stream")
       .def(py::init([](at::Tensor x, std::optional<at::Tensor> w, std::optional<at::Tensor> b, double inv_tau,

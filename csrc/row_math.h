@@ -22,9 +22,10 @@
 
 namespace dopd {
 
-// Divergence kinds, in the order of dopd_kernels.config.DIVERGENCES.
+// Divergence kinds: the values of dopd_kernels.codes.Divergence (exposed as the module's KINDS;
+// tests/test_constants.py checks them).
 enum Kind : int { REVERSE_KL = 0, FORWARD_KL = 1, JS = 2 };
-// Regime codes of dopd_kernels.config.Regime.
+// Regime codes of dopd_kernels.codes.Regime (exposed as REGIMES).
 enum RegimeCode : int { IGNORED = -1, LH = 0, LL = 1, HT = 2, HS = 3 };
 
 template <typename A>

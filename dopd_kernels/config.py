@@ -7,27 +7,17 @@ setting fails before any tensor is touched.
 
 from __future__ import annotations
 
-import enum
 import math
 from dataclasses import dataclass, fields
 from typing import NamedTuple, Optional
 
 import torch
 
-DIVERGENCES = ("reverse_kl", "forward_kl", "js")
+from .codes import DIVERGENCES, Divergence, Regime  # noqa: F401  (re-exported: the one definition)
+
 GRANULARITIES = ("sampled", "topk", "full")
 REDUCTIONS = ("mean", "seq_mean", "sum", "none")
 TOPK_SOURCES = ("student", "target")
-
-
-class Regime(enum.IntEnum):
-    """Per-token DOPD regime codes, as stored in `DOPDOutput.regime`."""
-
-    IGNORED = -1
-    LH = 0  # low advantage gap, high joint confidence: top-K reverse KL(s || teacher), beta_light
-    LL = 1  # low advantage gap, low joint confidence: top-K reverse KL(s || priv_student), beta_weak
-    HT = 2  # high advantage gap, teacher more confident: full-vocabulary JS(s, teacher), beta_strong
-    HS = 3  # high advantage gap, priv_student more confident: top-K reverse KL(s || priv_student), beta_light
 
 
 class Thresholds(NamedTuple):

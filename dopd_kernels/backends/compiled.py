@@ -22,12 +22,14 @@ from typing import Sequence
 import torch
 
 from .._build import load_extension
+from ..codes import Divergence
 from ..engine import STUDENT, Group, LinearGradSink, LogitsGradSink, Stats, split_lse
 from ..sources import LogitsSource
 from .base import PassBackend
 
-# Divergence codes of csrc/row_math.h (dopd::Kind).
-KIND_CODES = {"reverse_kl": 0, "forward_kl": 1, "js": 2}
+# The `kind` argument of the passes: codes.Divergence, which csrc/row_math.h's dopd::Kind mirrors
+# (tests/test_constants.py checks them against the extension's KINDS).
+KIND_CODES = {d.key: d.value for d in Divergence}
 
 
 class CompiledBackend(PassBackend):

@@ -469,7 +469,7 @@ class TritonBackend(PassBackend):
         if term is not None and term.dense is None:  # renormalized top-K: only K logits move
             self._add_sparse(sink, student, rows, term.cols, term.sparse * scale[:, None])
             return
-        kind = self._div.DENSE if term is not None else self._div.KINDS[g.divergence]
+        kind = self._div.DENSE.value if term is not None else self._div.KINDS[g.divergence]
         coef = term.dense if term is not None else g.full_c
         explicit = None if term is None else term.explicit
         logits = isinstance(sink, LogitsGradSink)

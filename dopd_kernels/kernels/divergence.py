@@ -6,8 +6,8 @@ are `lp = (z − hi) − lo` from the `(hi, lo)` split of each row's float64 log
 (`tiles.log_prob`).
 
 `full_value_kernel` — grid: one program per `BLOCK_N` rows, looping over the vocabulary. With
-`lp = log p`, `lq = log q` it accumulates per row the divergence (KIND 0 reverse KL Σ p(lp − lq),
-1 forward KL Σ q(lq − lp), 2 JS_β with the mixture in log space, `log m = logaddexp(log β + lp,
+`lp = log p`, `lq = log q` it accumulates per row the divergence (KIND REVERSE_KL Σ p(lp − lq),
+FORWARD_KL Σ q(lq − lp), JS: JS_β with the mixture in log space, `log m = logaddexp(log β + lp,
 log(1−β) + lq)`) and the constant `c` of the gradient (reverse KL: the KL itself; JS: β·KL(p‖m);
 forward KL: 0). The per-tile sums are added across tiles with Neumaier's compensated sum
 (`compensated_add`): c enters every gradient element as p·(r − c), and a plain fp32 running sum
@@ -15,7 +15,7 @@ over V/BLOCK_V ~ 1000 tiles would add its rounding to that of the tile sums.
 
 `grad_tile` — the gradient tile `G = scale_n · ∂D_n/∂z` (scale = upstream · weight / τ):
     reverse KL  p(lp − lq − c)      JS  p(β(lp − log m) − c)      forward KL  p − q
-    KIND 3 (dense part of sampled / tail-bucket top-K rows, `row_terms.py`): p · dense_n, 0 where
+    KIND DENSE (dense part of sampled / tail-bucket top-K rows, `row_terms.py`): p · dense_n, 0 where
     p = 0 (a dense coefficient that overflows fp32 would make 0·inf = NaN there, as `row_math.h`
     guards too); with EXPLICIT the row's k explicit columns are set to their whole gradient
     `explicit` instead (one compare per explicit column and logit: O(k) beside a tile's O(H)
@@ -51,10 +51,17 @@ or bf16 under the interpreter) both multiply in fp32.
 import triton
 import triton.language as tl
 
-from .tiles import load_lse, log_prob, logaddexp, logit_tile, round_to, row_block, rows_at
+from ..codes import Divergence
+from .tiles import (dot_operand, load_lse, load_operand, log_prob, logaddexp, logit_tile, round_to, row_block,
+                    rows_at)
 
-REVERSE_KL, FORWARD_KL, JS, DENSE = 0, 1, 2, 3
-KINDS = {"reverse_kl": REVERSE_KL, "forward_kl": FORWARD_KL, "js": JS}
+# KIND codes, compared as constexprs inside the kernels: the divergences of `codes.Divergence`, then
+# DENSE (the dense part of a sampled / tail-bucket row term), which is no divergence of the API.
+REVERSE_KL = tl.constexpr(Divergence.REVERSE_KL.value)
+FORWARD_KL = tl.constexpr(Divergence.FORWARD_KL.value)
+JS = tl.constexpr(Divergence.JS.value)
+DENSE = tl.constexpr(len(Divergence))
+KINDS = {d.key: d.value for d in Divergence}  # the launch argument KIND of each API divergence name
 
 
 @triton.jit
@@ -93,9 +100,9 @@ def full_value_kernel(rows_ptr, n_rows, lse_s_hi, lse_s_lo, lse_t_hi, lse_t_lo, 
         p = tl.exp(lp)
         q = tl.exp(lq)
         # 0 · log 0 = 0: a column without mass in the weighting distribution contributes nothing.
-        if KIND == 0:
+        if KIND == REVERSE_KL:
             part = tl.sum(tl.where(p > 0, p * (lp - lq), 0.0), 1)
-        elif KIND == 1:
+        elif KIND == FORWARD_KL:
             part = tl.sum(tl.where(q > 0, q * (lq - lp), 0.0), 1)
         else:
             lm = logaddexp(lp + log_beta, lq + log_1m_beta)
@@ -104,7 +111,7 @@ def full_value_kernel(rows_ptr, n_rows, lse_s_hi, lse_s_lo, lse_t_hi, lse_t_lo, 
             c, c_err = compensated_add(c, c_err, kl_p)
         value, value_err = compensated_add(value, value_err, part)
     value += value_err
-    if KIND == 0:
+    if KIND == REVERSE_KL:
         c = value
     else:
         c += c_err
@@ -126,7 +133,7 @@ def grad_tile(offs, row_mask, rows, cols, hi_s, lo_s, hi_t, lo_t, coef, scale, e
                          BLOCK_N, BLOCK_V, BLOCK_H)
     lp = log_prob(zs, hi_s, lo_s)
     p = tl.exp(lp)
-    if KIND == 3:
+    if KIND == DENSE:
         g = tl.where(p > 0, p * coef[:, None], 0.0)
         if EXPLICIT:  # the row's explicit columns take their whole gradient (no p·dense + sparse)
             for j in range(0, k_explicit):
@@ -138,10 +145,10 @@ def grad_tile(offs, row_mask, rows, cols, hi_s, lo_s, hi_t, lo_t, coef, scale, e
                            inv_temp, LINEAR, (BIAS_MASK >> 1) & 1, (UPCAST_MASK >> 1) & 1, (HEAD_MASK >> 2) & 3,
                            DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
         lq = log_prob(zt, hi_t, lo_t)
-        if KIND == 1:
+        if KIND == FORWARD_KL:
             g = p - tl.exp(lq)
         else:
-            if KIND == 0:
+            if KIND == REVERSE_KL:
                 r = lp - lq
             else:
                 r = beta * (lp - logaddexp(lp + log_beta, lq + log_1m_beta))
@@ -187,33 +194,24 @@ def grad_kernel(rows_ptr, n_rows, lse_s_hi, lse_s_lo, lse_t_hi, lse_t_lo, coef_p
         if LINEAR:
             if NEED_DB:
                 tl.atomic_add(db_ptr + cols, tl.sum(g, 0), mask=col_in, sem="relaxed")
-            # The tile enters the two products in the dtype of the other operand (tensor cores for
-            # bf16/fp16), rounded once here so that only the rounded tiles stay live over the H loop.
+            # The tile enters the two products in the dtype of the other operand (`dot_operand`).
             if NEED_DH:
-                gw = round_to(g, ws.dtype.element_ty)
-                if UPCAST_MASK & 1:
-                    gw = gw.to(tl.float32)
+                gw = dot_operand(g, ws.dtype.element_ty, UPCAST_MASK & 1)
             if NEED_DW:
-                gh = round_to(g, xs.dtype.element_ty)
-                if UPCAST_MASK & 1:
-                    gh = gh.to(tl.float32)
+                gh = dot_operand(g, xs.dtype.element_ty, UPCAST_MASK & 1)
             for h0 in range(0, hs, BLOCK_H):
                 hcols = h0 + tl.arange(0, BLOCK_H)
                 h_in = hcols < hs
                 if NEED_DH:
-                    w = tl.load(ws + cols.to(tl.int64)[:, None] * sws0 + hcols[None, :] * sws1,
-                                mask=col_in[:, None] & h_in[None, :], other=0.0)
-                    if UPCAST_MASK & 1:
-                        w = w.to(tl.float32)
+                    w = load_operand(ws + cols.to(tl.int64)[:, None] * sws0 + hcols[None, :] * sws1,
+                                     col_in[:, None] & h_in[None, :], UPCAST_MASK & 1)
                     dh = dh_ptr + dh_rows[:, None] * sdh0 + hcols[None, :]
                     dh_mask = row_mask[:, None] & h_in[None, :]
                     tl.store(dh, tl.load(dh, mask=dh_mask, other=0.0) + tl.dot(gw, w, input_precision=DOT_PRECISION),
                              mask=dh_mask)
                 if NEED_DW:
-                    h = tl.load(xs + rows[:, None] * sxs0 + hcols[None, :] * sxs1,
-                                mask=row_mask[:, None] & h_in[None, :], other=0.0)
-                    if UPCAST_MASK & 1:
-                        h = h.to(tl.float32)
+                    h = load_operand(xs + rows[:, None] * sxs0 + hcols[None, :] * sxs1,
+                                     row_mask[:, None] & h_in[None, :], UPCAST_MASK & 1)
                     part = tl.dot(tl.trans(gh), h, input_precision=DOT_PRECISION)
                     tl.atomic_add(dw_ptr + cols.to(tl.int64)[:, None] * sdw0 + hcols[None, :], part,
                                   mask=col_in[:, None] & h_in[None, :], sem="relaxed")
@@ -248,16 +246,12 @@ def grad_dw_kernel(rows_ptr, n_rows, lse_s_hi, lse_s_lo, lse_t_hi, lse_t_lo, coe
         if NEED_DB:
             db += tl.sum(g, 0)
         if NEED_DW:
-            gh = round_to(g, xs.dtype.element_ty)
-            if UPCAST_MASK & 1:
-                gh = gh.to(tl.float32)
+            gh = dot_operand(g, xs.dtype.element_ty, UPCAST_MASK & 1)
             for h0 in range(0, hs, BLOCK_H):
                 hcols = h0 + tl.arange(0, BLOCK_H)
                 h_in = hcols < hs
-                h = tl.load(xs + rows[:, None] * sxs0 + hcols[None, :] * sxs1,
-                            mask=row_mask[:, None] & h_in[None, :], other=0.0)
-                if UPCAST_MASK & 1:
-                    h = h.to(tl.float32)
+                h = load_operand(xs + rows[:, None] * sxs0 + hcols[None, :] * sxs1,
+                                 row_mask[:, None] & h_in[None, :], UPCAST_MASK & 1)
                 dw = dw_ptr + cols.to(tl.int64)[:, None] * sdw0 + hcols[None, :]
                 dw_mask = col_in[:, None] & h_in[None, :]
                 part = tl.dot(tl.trans(gh), h, input_precision=DOT_PRECISION)

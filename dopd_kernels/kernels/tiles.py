@@ -76,12 +76,10 @@ def logit_tile(x, sx0, sx1, w, sw0, sw1, b, hdim, head_a, head_c, rows, row_mask
         for h0 in range(0, hdim, BLOCK_H):
             hs = h0 + tl.arange(0, BLOCK_H)
             h_in = hs < hdim
-            a = tl.load(x + rows[:, None] * sx0 + hs[None, :] * sx1, mask=row_mask[:, None] & h_in[None, :], other=0.0)
-            bt = tl.load(w + cols.to(tl.int64)[:, None] * sw0 + hs[None, :] * sw1, mask=col_in[:, None] & h_in[None, :],
-                         other=0.0)
-            if UPCAST:  # hidden and weight of different dtypes: multiply in fp32
-                a = a.to(tl.float32)
-                bt = bt.to(tl.float32)
+            # UPCAST: hidden and weight of different dtypes, multiplied in fp32.
+            a = load_operand(x + rows[:, None] * sx0 + hs[None, :] * sx1, row_mask[:, None] & h_in[None, :], UPCAST)
+            bt = load_operand(w + cols.to(tl.int64)[:, None] * sw0 + hs[None, :] * sw1, col_in[:, None] & h_in[None, :],
+                              UPCAST)
             acc = tl.dot(a, tl.trans(bt), acc, input_precision=DOT_PRECISION)
         if HAS_BIAS:
             acc += tl.load(b + cols, mask=col_in, other=0.0).to(tl.float32)[None, :]
@@ -172,3 +170,25 @@ def round_to(x, dtype: tl.constexpr):
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
         x = bits.to(tl.float32, bitcast=True)
     return x.to(dtype)
+
+
+@triton.jit
+def dot_operand(g, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """An fp32 gradient tile as an operand of a contraction with a `dtype` tensor: rounded to
+    `dtype` (bf16/fp16 → tensor cores with fp32 accumulation; fp32 stays fp32), and with UPCAST
+    (student hidden and weight of different dtypes, or bf16 under the interpreter) back to fp32 to
+    multiply with the upcast other operand. Rounded once per tile, so only the rounded tile stays
+    live over the H loop."""
+    x = round_to(g, dtype)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def load_operand(ptrs, mask, UPCAST: tl.constexpr):
+    """A masked block of hidden states or weights (0 outside `mask`), in fp32 with UPCAST."""
+    x = tl.load(ptrs, mask=mask, other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
