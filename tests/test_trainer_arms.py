@@ -168,3 +168,32 @@ def test_the_table_is_computed_from_the_metrics_files(tmp_path):
     (other / "references.json").write_text((tmp_path / "references.json").read_text())
     (tmp_path / "seed-3").rename(other / "seed-3")
     assert report.summarize([tmp_path, other], ["vanilla-opd", "dopd"]) == {**summary, "run_dir": f"{tmp_path}, {other}"}
+
+
+def test_the_hint_form_comparison_is_computed_from_each_forms_metrics(tmp_path, capsys):
+    finals = {"cues": {"vanilla-opd": [0.50, 0.54], "dopd": [0.30, 0.36]},
+              "working": {"vanilla-opd": [0.40, 0.42], "dopd": [0.10, 0.20]}}
+    folders = []
+    for form, arms in finals.items():
+        run_dir = tmp_path / form
+        for arm, accs in arms.items():
+            for seed, acc in zip((1, 2), accs):
+                write_metrics(run_dir / f"seed-{seed}" / arm, (acc, 0.7, 0.25 if form == "cues" else 0.05), [1.0] * 4)
+        (run_dir / "config.json").write_text(json.dumps({"hint_form": form, "lr": 1e-3}))
+        (run_dir / "references.json").write_text(json.dumps({
+            "eval_examples": 500, "student_without_hint": 0.1, "student_with_hint": 0.4 if form == "cues" else 0.6,
+            "teacher_without_hint": 0.9, "teacher_with_hint": 0.95}))
+        folders.append(run_dir)
+    assert report.main([*map(str, folders), "--by", "hint_form", "--out", str(tmp_path / "out")]) == 0
+    table = (tmp_path / "out" / "comparison.md").read_text()
+    assert table in capsys.readouterr().out
+    assert ("| cues | 1, 2 | 10.0 / 40.0 | 90.0 / 95.0 | 52.0 ± 2.8 (n=2) | 33.0 ± 4.2 (n=2) | DOPD -19.0 | "
+            "25.0 ± 0.0 (n=2) |") in table
+    assert ("| working | 1, 2 | 10.0 / 60.0 | 90.0 / 95.0 | 41.0 ± 1.4 (n=2) | 15.0 ± 7.1 (n=2) | DOPD -26.0 | "
+            "5.0 ± 0.0 (n=2) |") in table
+    assert "--hint-form working (seeds 1, 2), accuracy without the hint (%): Vanilla OPD 40.0 / 42.0; DOPD 10.0 / 20.0." in table
+    # Folders with the same value pool their seeds; a folder without a configuration is refused by name.
+    assert list(report.group_by_config(folders + [folders[0]], "hint_form")) == ["cues", "working"]
+    (folders[1] / "config.json").unlink()
+    with pytest.raises(ValueError, match="working/config.json"):
+        report.group_by_config(folders, "hint_form")

@@ -113,6 +113,13 @@ def _pct(stat: dict) -> str:
     return f"{100 * stat['mean']:.1f}{spread} (n={stat['n']})"
 
 
+def _per_seed(arms: dict) -> str:
+    """Each arm's final accuracy per training seed, `Vanilla OPD 15.8 / 14.6 / 14.2; ...` (the values
+    behind a mean ± sd, so equal summaries can be told apart from copied ones)."""
+    return "; ".join(f"{LABELS.get(arm, arm)} " + " / ".join(f"{100 * r['accuracy']:.1f}" for r in s["per_seed"].values())
+                     for arm, s in arms.items())
+
+
 def format_table(summary: dict) -> str:
     """Markdown: the paper's Table 1 shape (methods as rows, held-out accuracy without the hint), with
     the privileged student's accuracy and the entropy beside it, then DOPD's regimes."""
@@ -135,6 +142,7 @@ def format_table(summary: dict) -> str:
                      f"{s['entropy_end']['mean']:.3f} |")
     steps = sorted({r["steps"] for s in arms.values() for r in s["per_seed"].values()})
     lines.append(f"\nSteps per arm: {', '.join(map(str, steps))}.")
+    lines.append(f"Per seed ({seeds}), accuracy without the hint (%): {_per_seed(arms)}.")
     if "dopd" in arms and "regime" in arms["dopd"]:
         d = arms["dopd"]
         lines += ["", "DOPD regimes (mean over all steps and seeds): fraction of response tokens, mean weighted loss",
@@ -145,6 +153,50 @@ def format_table(summary: dict) -> str:
             loss = d["regime_loss"].get(k)
             lines.append(f"| {k} | {targets[k]} | {100 * d['regime'][k]:.1f}% | "
                          f"{'–' if loss is None else f'{loss:.4f}'} |")
+    return "\n".join(lines) + "\n"
+
+
+def group_by_config(run_dirs: list[Path], key: str) -> dict[str, list[Path]]:
+    """Run folders grouped by the value of option `key` in their config.json (first-seen order)."""
+    groups: dict[str, list[Path]] = {}
+    for run_dir in map(Path, run_dirs):
+        path = run_dir / "config.json"
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path}: cannot read the run's configuration ({exc})") from exc
+        if key not in config:
+            raise ValueError(f"{path}: no option {key!r} (options: {', '.join(sorted(config))})")
+        groups.setdefault(str(config[key]), []).append(run_dir)
+    return groups
+
+
+def format_comparison(summaries: dict[str, dict], key: str) -> str:
+    """Markdown: one row per value of the option `key` (e.g. `hint_form`), each from its own summary:
+    the reference rows (the built-in warm-ups depend on the option, so each value has its own), each
+    arm's held-out accuracy without the hint (mean ± sd over training seeds) and its difference from
+    vanilla OPD's under the same value, DOPD's privileged student with the hint; then the per-seed
+    values."""
+    arms = list(dict.fromkeys(a for s in summaries.values() for a in s["arms"]))
+    option = "--" + key.replace("_", "-")
+    head = [option, "seeds", "student without / with hint", "teacher without / with hint",
+            *(LABELS.get(a, a) for a in arms), "Δ vs vanilla OPD", "DOPD's privileged student, with hint"]
+    lines = [f"Held-out accuracy without the hint (%, greedy; mean ± sd over training seeds), by `{option}`:", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for value, s in summaries.items():
+        refs, got = s["references"], s["arms"]
+        base = got.get("vanilla-opd", {}).get("accuracy")
+        deltas = ", ".join(f"{LABELS.get(a, a)} {100 * (got[a]['accuracy']['mean'] - base['mean']):+.1f}"
+                           for a in got if base is not None and a != "vanilla-opd")
+        cells = [value, ", ".join(map(str, s["seeds"])),
+                 *((f"{100 * refs[f'{m}_without_hint']:.1f} / {100 * refs[f'{m}_with_hint']:.1f}" if refs else "–")
+                   for m in ("student", "teacher")),
+                 *(_pct(got[a]["accuracy"]) if a in got else "–" for a in arms), deltas or "–",
+                 _pct(got["dopd"]["priv_accuracy_with_hint"]) if "dopd" in got else "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines += [f"Per seed, {option} {value} (seeds {', '.join(map(str, s['seeds']))}), accuracy without the hint (%): "
+              f"{_per_seed(s['arms'])}." for value, s in summaries.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -215,16 +267,37 @@ def plot_run(path: Path, run_dirs: Path | list[Path], summary: dict) -> None:
     tmp.replace(path)
 
 
+def arms_in(run_dirs: list[Path]) -> list[str]:
+    """The arms with a metrics file in any seed folder of `run_dirs`, in the table's order."""
+    found = {a.name for d in run_dirs for s in Path(d).glob("seed-*") for a in s.iterdir()
+             if (a / "metrics.jsonl").exists()}
+    order = list(TARGETS)
+    return sorted(found, key=lambda a: (order.index(a) if a in order else len(order), a))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dopd_trainer.report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dirs", nargs="+", type=Path, help="run folders of dopd-train")
     p.add_argument("--out", type=Path, help="where to write summary.json, table.md, report.png (default: print only)")
+    p.add_argument("--by", metavar="OPTION",
+                   help="compare instead of pooling: group the folders by this option of their config.json (e.g. "
+                        "hint_form), one summary per value, one row per value (writes comparison.md/.json)")
     args = p.parse_args(argv)
-    arms = list(dict.fromkeys(a.name for d in args.run_dirs for s in d.glob("seed-*") for a in s.iterdir()
-                              if (a / "metrics.jsonl").exists()))
-    order = list(TARGETS)
-    summary = summarize(args.run_dirs, sorted(arms, key=lambda a: order.index(a) if a in order else len(order)))
+    if args.by:
+        try:
+            groups = group_by_config(args.run_dirs, args.by)
+        except ValueError as exc:
+            p.error(str(exc))
+        summaries = {value: summarize(dirs, arms_in(dirs)) for value, dirs in groups.items()}
+        table = format_comparison(summaries, args.by)
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "comparison.json").write_text(json.dumps(summaries, indent=2, default=str))
+            (args.out / "comparison.md").write_text(table)
+        print(table)
+        return 0
+    summary = summarize(args.run_dirs, arms_in(args.run_dirs))
     table = format_table(summary)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
