@@ -7,6 +7,8 @@ paper's Table 1, and `plot_run` draws accuracy and entropy curves per arm and DO
 `python -m dopd_trainer.report RUN_DIR [RUN_DIR ...]` redoes all three for run folders written
 separately (e.g. one process per training seed, run side by side): the seeds of every folder are
 pooled, and the folders must share their reference rows (same task, models and held-out set).
+`--by OPTION` (e.g. `hint_form`) compares instead of pooling: the folders are grouped by that option of
+their config.json, each group is summarized on its own (its own reference rows) and becomes one row.
 """
 
 from __future__ import annotations
