@@ -284,6 +284,15 @@ cudaError_t with_kind(int kind, F&& f) {
   }
 }
 
+// f(KindTag, Tag<TS>, Tag<TT>) for a runtime student dtype, target dtype and divergence kind: the
+// instantiations of a full-vocabulary pass over a (student, target) pair.
+template <typename F>
+cudaError_t with_pair_kind(int dtype_s, int dtype_t, int kind, F&& f) {
+  return with_dtype(dtype_s, [&](auto ts) {
+    return with_dtype(dtype_t, [&](auto tt) { return with_kind(kind, [&](auto kt) { return f(kt, ts, tt); }); });
+  });
+}
+
 unsigned blocks_for(int64_t n) { return static_cast<unsigned>((n + THREADS - 1) / THREADS); }
 
 }  // namespace
@@ -314,17 +323,12 @@ cudaError_t finish_stats(int64_t n, const float* m, const float* s, float* log_s
 cudaError_t add_value(Tile zs, Tile zt, int64_t n, float inv_tau, RowLse lse_s, RowLse lse_t, int kind, float beta,
                       double* value, double* c, cudaStream_t stream) {
   if (n == 0 || zs.len == 0) return cudaSuccess;
-  return with_dtype(zs.dtype, [&](auto ts) {
-    return with_dtype(zt.dtype, [&](auto tt) {
-      using TS = typename decltype(ts)::type;
-      using TT = typename decltype(tt)::type;
-      return with_kind(kind, [&](auto kt) {
-        constexpr int KIND = decltype(kt)::value;
-        add_value_kernel<KIND, TS, TT><<<static_cast<unsigned>(n), THREADS, 0, stream>>>(
-            zs, zt, inv_tau, lse_s, lse_t, div_params<float>(KIND, beta), value, c);
-        return cudaGetLastError();
-      });
-    });
+  return with_pair_kind(zs.dtype, zt.dtype, kind, [&](auto kt, auto ts, auto tt) {
+    constexpr int KIND = decltype(kt)::value;
+    add_value_kernel<KIND, typename decltype(ts)::type, typename decltype(tt)::type>
+        <<<static_cast<unsigned>(n), THREADS, 0, stream>>>(zs, zt, inv_tau, lse_s, lse_t, div_params<float>(KIND, beta),
+                                                           value, c);
+    return cudaGetLastError();
   });
 }
 
@@ -341,18 +345,12 @@ cudaError_t grad_tile(Tile zs, Tile zt, int64_t n, float inv_tau, RowLse lse_s, 
       return cudaGetLastError();
     });
   }
-  return with_dtype(zs.dtype, [&](auto ts) {
-    return with_dtype(zt.dtype, [&](auto tt) {
-      using TS = typename decltype(ts)::type;
-      using TT = typename decltype(tt)::type;
-      return with_kind(kind, [&](auto kt) {
-        constexpr int KIND = decltype(kt)::value;
-        grad_kernel<KIND, true, TS, TT><<<static_cast<unsigned>(n), THREADS, 0, stream>>>(
-            zs, zt, inv_tau, lse_s, lse_t, c, dense, cols, sparse, k, overwrite, scale, div_params<float>(KIND, beta),
-            out);
-        return cudaGetLastError();
-      });
-    });
+  return with_pair_kind(zs.dtype, zt.dtype, kind, [&](auto kt, auto ts, auto tt) {
+    constexpr int KIND = decltype(kt)::value;
+    grad_kernel<KIND, true, typename decltype(ts)::type, typename decltype(tt)::type>
+        <<<static_cast<unsigned>(n), THREADS, 0, stream>>>(zs, zt, inv_tau, lse_s, lse_t, c, dense, cols, sparse, k,
+                                                           overwrite, scale, div_params<float>(KIND, beta), out);
+    return cudaGetLastError();
   });
 }
 
