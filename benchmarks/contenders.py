@@ -19,15 +19,21 @@ Contenders:
 - `lib_<name>_frozen_head`, `naive_frozen_head` (`dopd` only): the same loss with the student's
   `lm_head` frozen (`requires_grad=False`, as under LoRA): no `dW` is computed or allocated, so these
   show the time and memory a frozen head saves against its trainable twin.
-- peers, when installed: Liger-Kernel (`LigerFusedLinearJSD`, its JSD and KL-divergence ops on
-  materialized logits, `LigerFusedLinearKLDivLoss`) and TRL's own distillation loss
-  (`trl_chunked_divergence`: `DistillationTrainer`'s `_chunked_divergence_loss`, TRL >= 1.16, beta 0.5
-  for JS and 0 for forward KL, its Triton kernels on CUDA and its PyTorch tiles on CPU) on the
-  `js`/`kl` workloads, and Cut Cross-Entropy (its log-sum-exp / log-prob kernel) on `logprob`. The
-  DOPD routing exists only here.
+- peers, when installed, on the `js`/`kl` workloads: TRL's own distillation loss
+  (`trl_chunked_divergence`: `DistillationTrainer`'s `_chunked_divergence_loss`, TRL >= 1.16, its
+  Triton kernels on CUDA and its PyTorch tiles on CPU); Liger-Kernel's pure-PyTorch chunked loss
+  (`liger_chunked_jsd`: `liger_kernel.chunked_loss.LigerFusedLinearJSDLoss`, soft loss only,
+  `compiled=False`, so it runs on CPU); Liger's Triton ops (`LigerFusedLinearJSD`, its JSD and
+  KL-divergence ops on materialized logits, `LigerFusedLinearKLDivLoss`); and Cut Cross-Entropy (its
+  log-sum-exp / log-prob kernel) on `logprob`. The DOPD routing exists only here.
+
+TRL and Liger weight their generalized JSD the other way round from this library: theirs is
+`β' KL(t‖m) + (1−β') KL(s‖m)` with `m = β' t + (1−β') s`, this library's `js_beta` weights the student,
+so `β' = 1 − js_beta`; `β' = 0` is forward KL(t‖s) (`peer_beta`). At the benchmarked β = 0.5 both
+agree, so smoke mode also checks every peer's value at an asymmetric β (`harness.check_value`).
 
 `availability(name, case)` returns None when a contender can run on a case, or the reason it
-cannot; `build(name, inputs, case)` returns a zero-argument callable computing the workload
+cannot; `build(name, inputs, case, js_beta)` returns a zero-argument callable computing the workload
 (a scalar loss to back-propagate, or the log-probs for `logprob`).
 """
 
@@ -88,11 +94,11 @@ def naive_dopd(hs, ws, ht, wt, hp, tokens):
     return per_token.mean()
 
 
-def naive_js(hs, ws, ht, wt, tokens):
+def naive_js(hs, ws, ht, wt, tokens, beta=JS_BETA):
     ls = torch.log_softmax((hs @ ws.T).float(), -1)
     with torch.no_grad():
         lt = torch.log_softmax((ht @ wt.T).float(), -1)
-    return _js(ls, lt, JS_BETA).mean()
+    return _js(ls, lt, beta).mean()
 
 
 def naive_kl(hs, ws, ht, wt, tokens):
@@ -107,6 +113,11 @@ def naive_logprob(hs, ws, tokens):
 
 
 NAIVE = {"dopd": naive_dopd, "js": naive_js, "kl": naive_kl, "logprob": naive_logprob}
+
+
+def _kwargs(workload: str, js_beta: float) -> dict:
+    """The JS weight is the only workload parameter a contender takes (the `js` workload's)."""
+    return {"beta": js_beta} if workload == "js" else {}
 
 
 def _args(workload: str, x: Inputs) -> tuple:
@@ -127,7 +138,7 @@ def _student_head(x: Inputs, frozen: bool) -> torch.Tensor:
     return x.ws.detach() if frozen else x.ws
 
 
-def _library(workload: str, backend: str, x: Inputs, frozen: bool = False) -> Callable:
+def _library(workload: str, backend: str, x: Inputs, frozen: bool = False, js_beta: float = JS_BETA) -> Callable:
     import dopd_kernels as dk
 
     if workload == "dopd":
@@ -136,7 +147,7 @@ def _library(workload: str, backend: str, x: Inputs, frozen: bool = False) -> Ca
     if workload in ("js", "kl"):
         div = "js" if workload == "js" else "forward_kl"
         return lambda: dk.fused_linear_opd_loss(x.hs, x.ws, x.ht, x.wt, x.tokens, divergence=div,
-                                                granularity="full", js_beta=JS_BETA, backend=backend).loss
+                                                granularity="full", js_beta=js_beta, backend=backend).loss
     return lambda: dk.token_logprobs(x.hs, x.tokens, weight=x.ws, backend=backend)
 
 
@@ -163,10 +174,26 @@ def _library_availability(backend: str, case: Case) -> Optional[str]:
 
 # -- peers ----------------------------------------------------------------------------------------
 
-def _liger(workload: str, which: str, x: Inputs) -> Callable:
+def peer_beta(workload: str, js_beta: float) -> float:
+    """TRL's and Liger's β for this library's `js` workload at `js_beta`, or for forward KL (`kl`).
+
+    Theirs weights the teacher: JS_β' = β' KL(t‖m) + (1−β') KL(s‖m), m = β' t + (1−β') s, where this
+    library's JS_β = β KL(s‖m) + (1−β) KL(t‖m), m = β s + (1−β) t; so β' = 1 − β. At β' = 0 both
+    peers compute KL(t‖s), this library's `forward_kl`."""
+    return 1.0 - js_beta if workload == "js" else 0.0
+
+
+def _liger(workload: str, which: str, x: Inputs, js_beta: float) -> Callable:
     from liger_kernel.transformers import LigerFusedLinearJSD, LigerFusedLinearKLDivLoss, LigerJSD, LigerKLDIVLoss
 
-    beta = JS_BETA if workload == "js" else 0.0  # Liger's JSD is forward KL(t‖s) at beta=0
+    beta = peer_beta(workload, js_beta)
+    if which == "liger_chunked_jsd":  # the pure-PyTorch chunked loss: soft (distillation) term only, not compiled
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+        # It masks on `true_labels` (never equal to ignore_index here) and divides by their count: the
+        # mean over the tokens. With weight_hard_loss=0 it skips the cross-entropy term entirely.
+        chunked = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=beta, compiled=False)
+        return lambda: chunked(x.hs, x.ws, x.ht, x.wt, x.tokens)
     if which == "liger_fused_linear_jsd":
         loss = LigerFusedLinearJSD(jsd_beta=beta)
         return lambda: loss(x.hs, x.ws, x.ht, x.wt, None)
@@ -182,13 +209,12 @@ def _liger(workload: str, which: str, x: Inputs) -> Callable:
     return lambda: op(torch.log_softmax((x.hs @ x.ws.T).float(), -1), teacher_logprobs())
 
 
-def _trl(workload: str, x: Inputs) -> Callable:
+def _trl(workload: str, x: Inputs, js_beta: float) -> Callable:
     from trl.trainer.distillation_trainer import _chunked_divergence_loss
 
-    # TRL's beta: 0 is forward KL(t || s), 0.5 the symmetric JSD (its mixture weights are the library's mirrored,
-    # which at 0.5 is the same JS). It takes [B, T, H] hidden states and a completion mask; no normalizer means
-    # the mean over the valid tokens, as the naive baseline computes.
-    beta = JS_BETA if workload == "js" else 0.0
+    # It takes [B, T, H] hidden states and a completion mask; no normalizer means the mean over the
+    # valid tokens, as the naive baseline computes.
+    beta = peer_beta(workload, js_beta)
     mask = torch.ones(1, x.hs.shape[0], dtype=torch.long, device=x.hs.device)
     return lambda: _chunked_divergence_loss(x.hs[None], x.ht[None], x.ws, x.wt, mask, beta)[0]
 
@@ -200,13 +226,14 @@ def _cce(x: Inputs) -> Callable:
 
 
 PEERS: Dict[str, Dict[str, str]] = {  # workload -> contender -> module that must import
-    "js": {"liger_fused_linear_jsd": "liger_kernel", "liger_jsd": "liger_kernel",
-           "trl_chunked_divergence": "trl.trainer.distillation_trainer"},
-    "kl": {"liger_fused_linear_jsd": "liger_kernel", "liger_kl_div": "liger_kernel",
-           "liger_fused_linear_kl_div": "liger_kernel", "trl_chunked_divergence": "trl.trainer.distillation_trainer"},
+    "js": {"trl_chunked_divergence": "trl.trainer.distillation_trainer", "liger_chunked_jsd": "liger_kernel.chunked_loss",
+           "liger_fused_linear_jsd": "liger_kernel", "liger_jsd": "liger_kernel"},
+    "kl": {"trl_chunked_divergence": "trl.trainer.distillation_trainer", "liger_chunked_jsd": "liger_kernel.chunked_loss",
+           "liger_fused_linear_jsd": "liger_kernel", "liger_kl_div": "liger_kernel",
+           "liger_fused_linear_kl_div": "liger_kernel"},
     "logprob": {"cce": "cut_cross_entropy"},
 }
-CPU_PEERS = ("trl_chunked_divergence",)  # peers with a PyTorch path off CUDA: timed on CPU like the library
+CPU_PEERS = ("trl_chunked_divergence", "liger_chunked_jsd")  # peers with a PyTorch path: timed on CPU like the library
 
 
 def _peer_availability(name: str, case: Case) -> Optional[str]:
@@ -266,25 +293,28 @@ def availability(name: str, case: Case) -> Optional[str]:
 _COMPILED: Dict[str, Callable] = {}
 
 
-def build(name: str, x: Inputs, case: Case) -> Callable:
+def build(name: str, x: Inputs, case: Case, js_beta: float = JS_BETA) -> Callable:
+    """The contender `name` on inputs `x` as a zero-argument callable; `js_beta` is the JS weight of the
+    `js` workload (ignored by the others)."""
     w = case.workload
+    kw = _kwargs(w, js_beta)
     frozen = name.endswith(FROZEN)
     name = name.removesuffix(FROZEN)
     if name == "naive":
         fn, args = NAIVE[w], _args(w, x)
         if frozen:  # the student head is the second argument of every naive workload
             args = (args[0], _student_head(x, True), *args[2:])
-        return lambda: fn(*args)
+        return lambda: fn(*args, **kw)
     if name == "naive_compiled":
         if w not in _COMPILED:  # one compiled function per workload; dynamic shapes avoid a recompile per size
             # smoke mode checks the path through dynamo and AOT autograd, not inductor's codegen time
             _COMPILED[w] = torch.compile(NAIVE[w], dynamic=True, backend="aot_eager" if smoke_mode() else "inductor")
         fn, args = _COMPILED[w], _args(w, x)
-        return lambda: fn(*args)
+        return lambda: fn(*args, **kw)
     if name.startswith("lib_"):
-        return _library(w, name[4:], x, frozen)
+        return _library(w, name[4:], x, frozen, js_beta)
     if name.startswith("liger"):
-        return _liger(w, name, x)
+        return _liger(w, name, x, js_beta)
     if name == "trl_chunked_divergence":
-        return _trl(w, x)
+        return _trl(w, x, js_beta)
     return _cce(x)

@@ -4,7 +4,10 @@
 measured by pytest-benchmark (`benchmark.pedantic`, one call per round after one untimed warm-up
 call); each round also times its forward and backward halves separately (device synchronised
 between them), so forward, backward and forward+backward come from the same rounds. Nothing here
-asserts a speed: the figures are recorded in `benchmark.extra_info` for `report.py`.
+asserts a speed: the figures are recorded in `benchmark.extra_info` for `report.py`, among them
+`times_floor`, the time divided by the matmul floor priced at the matmul rate measured in the same
+process. Smoke mode also checks that every contender computes the library's float64 reference value
+(`check_value`).
 """
 
 from __future__ import annotations
@@ -24,9 +27,13 @@ from .memory_probe import is_oom, measure_cpu, measure_cuda, probe_subprocess, s
 
 PROBE_TIMEOUT_S = 900
 COMPILE_RESERVE_S = 45  # with a time budget, torch.compile is not started with less than this left
+VALUE_RTOL = 1e-4  # an fp32 contender against the float64 reference, relative to max |reference|
+# JS weight at which the library's JS and the peers' mirrored convention differ (at 0.5 they coincide)
+ASYMMETRIC_JS_BETA = 0.2
 
 _cache: Dict[tuple, Tuple[Inputs, dict, Optional[str]]] = {}  # one size at a time
 _naive_values: Dict[str, torch.Tensor] = {}  # case label -> the naive baseline's output
+_reference_values: Dict[tuple, torch.Tensor] = {}  # (case label, js_beta) -> the float64 reference output
 
 
 def _relative_diff(value: torch.Tensor, naive: Optional[torch.Tensor]) -> Optional[float]:
@@ -34,6 +41,30 @@ def _relative_diff(value: torch.Tensor, naive: Optional[torch.Tensor]) -> Option
     if naive is None or value.shape != naive.shape:
         return None
     return float((value - naive).abs().max() / naive.abs().max().clamp_min(1e-30))
+
+
+def reference_value(case: Case, x: Inputs, js_beta: float) -> torch.Tensor:
+    """The library's float64 `reference` backend on the case's workload (the ground truth)."""
+    key = (case.label, js_beta)
+    if key not in _reference_values:
+        with torch.no_grad():
+            _reference_values[key] = contenders._library(case.workload, "reference", x, js_beta=js_beta)().double()
+    return _reference_values[key]
+
+
+def check_value(case: Case, name: str, x: Inputs, value: torch.Tensor) -> None:
+    """Fail unless the contender's output `value` (its warm-up call) is the reference's within fp32
+    rounding; a peer of the `js` workload is also called at an asymmetric β, where a mirrored β
+    convention (`contenders.peer_beta`) would give a different value."""
+    checks = [(contenders.JS_BETA, value)]
+    if case.workload == "js" and contenders.kind(name) == "peer":
+        checks.append((ASYMMETRIC_JS_BETA, contenders.build(name, x, case, ASYMMETRIC_JS_BETA)().detach()))
+    for beta, got in checks:
+        ref = reference_value(case, x, beta)
+        diff = _relative_diff(got.double(), ref)
+        if diff is None or diff > VALUE_RTOL:
+            pytest.fail(f"{name} on {case.label} (js_beta={beta}): output {tuple(got.shape)} differs from the "
+                        f"float64 reference {tuple(ref.shape)} by {diff} (relative), tolerance {VALUE_RTOL}")
 
 
 def _size_key(case: Case) -> tuple:
@@ -160,6 +191,8 @@ def run(benchmark, settings, case: Case, name: str) -> None:
         if case.device == "cuda":
             torch.cuda.empty_cache()
         _not_run(settings, case, name, failure)
+    if settings.smoke:
+        check_value(case, name, x, value)
 
     fwd: List[float] = []
     bwd: List[float] = []
@@ -188,6 +221,7 @@ def run(benchmark, settings, case: Case, name: str) -> None:
         _naive_values[case.label] = value
     flops = floor_flops(case, meta["regime_mix"])
     rate = matmul_tflops(case, settings)
+    floor_s = flops / (rate * 1e12)  # the matmul floor's time at this process's measured matmul rate
     stats = getattr(benchmark.stats, "stats", None) if benchmark.stats else None
     total = stats.median if stats else None
     benchmark.extra_info.update(
@@ -203,7 +237,8 @@ def run(benchmark, settings, case: Case, name: str) -> None:
         memory_method=memory["method"],
         floor_flops=flops,
         matmul_tflops=rate,
-        floor_fraction=(flops / (rate * 1e12) / total) if total else None,
+        floor_s=floor_s,
+        times_floor=(total / floor_s) if total else None,  # "× floor": 1.0 would be the matmuls alone
         diff_vs_naive=_relative_diff(value, _naive_values.get(case.label)),
         **meta,
     )

@@ -3,10 +3,10 @@
     python benchmarks/report.py RESULTS.json [MORE.json ...] --out DIR
 
 Writes `DIR/report.md` (machine, run settings, a summary of time and memory relative to naive
-PyTorch, then every figure per case, including contenders that did not run and why) and one
+PyTorch, a summary of time relative to the matmul floor ("× floor"), then every figure per case, including contenders that did not run and why) and one
 `DIR/<workload>.png` per workload (forward+backward time and peak extra memory against N, one
 column per vocabulary size). Several JSON files (e.g. the stages of `gpu_check.sh`) are merged.
-Prints the summary table to stdout. Standalone: needs only the standard library and matplotlib.
+Prints the summary tables to stdout. Standalone: needs only the standard library and matplotlib.
 """
 
 from __future__ import annotations
@@ -50,13 +50,25 @@ def rows_by_case(data: dict) -> Dict[tuple, Dict[str, dict]]:
         cases[(e["workload"], e["v"], e["h"], e["n"], e["dtype"])][e["contender"]] = {
             "status": "ok", "time": s["median"], "iqr": s["iqr"], "rounds": s["rounds"],
             "fwd": e["forward"]["median_s"], "bwd": (e["backward"] or {}).get("median_s"),
-            "mem": e["peak_extra_bytes"], "floor": e["floor_fraction"], "kind": e["kind"],
+            "mem": e["peak_extra_bytes"], "times_floor": times_floor(e), "kind": e["kind"],
             "regime_mix": e["regime_mix"], "input_stats": e["input_stats"], "first_call": e["first_call_s"],
             "diff": e.get("diff_vs_naive"), "grads": grad_bytes(e),
         }
     for r in data["not_run"]:
         cases[(r["workload"], r["v"], r["h"], r["n"], r["dtype"])].setdefault(r["contender"], {"status": r["status"]})
     return cases
+
+
+def times_floor(e: dict) -> Optional[float]:
+    """Time ÷ matmul floor ("× floor"). Results written before the suite stored `times_floor` kept its
+    reciprocal, `floor_fraction`."""
+    if "times_floor" in e:
+        return e["times_floor"]
+    return 1 / e["floor_fraction"] if e.get("floor_fraction") else None
+
+
+def fmt_floor(x: Optional[float]) -> str:
+    return "–" if x is None else f"{x:.2f}×"
 
 
 def grad_bytes(e: dict) -> int:
@@ -147,6 +159,30 @@ def summary_table(cases) -> List[str]:
     return out
 
 
+def floor_table(cases) -> List[str]:
+    """One line per case: each contender's time ÷ the matmul floor priced at the run's matmul rate."""
+    out = []
+    for workload in WORKLOAD_TITLES:
+        keys = sorted(k for k in cases if k[0] == workload)
+        if not keys:
+            continue
+        names = contender_order({n for k in keys for n in cases[k]})
+        out += [f"**{workload}** — time ÷ matmul floor (× floor; 1.00× would be the unavoidable matmuls alone)", "",
+                "| V | H | N | floor ms | " + " | ".join(names) + " |",
+                "|---|---|---|---|" + "---|" * len(names)]
+        for k in keys:
+            ok = [r for r in cases[k].values() if r["status"] == "ok" and r["times_floor"]]
+            floor_ms = fmt_ms(ok[0]["time"] / ok[0]["times_floor"]) if ok else "–"
+            cells = []
+            for n in names:
+                r = cases[k].get(n)
+                cells.append("–" if r is None else short_status(r["status"]) if r["status"] != "ok"
+                             else fmt_floor(r["times_floor"]))
+            out.append(f"| {k[1]} | {k[2]} | {k[3]} | {floor_ms} | " + " | ".join(cells) + " |")
+        out.append("")
+    return out
+
+
 def detail_tables(cases) -> List[str]:
     out = []
     for k in sorted(cases, key=lambda k: (list(WORKLOAD_TITLES).index(k[0]), k[1:])):
@@ -161,7 +197,7 @@ def detail_tables(cases) -> List[str]:
                      f"{st['entropy_p90']:.2f} nats, mean π(y) {st['mean_q_sampled']:.2f}.")
         out += [f"### {workload}: V={v}, H={h}, N={n}, {dtype}", "", mix.strip(), "",
                 "| contender | status | fwd ms | bwd ms | fwd+bwd ms (IQR) | time vs naive | peak extra MiB "
-                "| memory vs naive | beyond gradients MiB | matmul floor | first call ms | value Δ vs naive |",
+                "| memory vs naive | beyond gradients MiB | × floor | first call ms | value Δ vs naive |",
                 "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         base = rows.get("naive")
         for name in contender_order(rows):
@@ -169,11 +205,10 @@ def detail_tables(cases) -> List[str]:
             if r["status"] != "ok":
                 out.append(f"| {name} | {r['status']} |" + " |" * 10)
                 continue
-            floor = f"{r['floor']:.1%}" if r["floor"] is not None else "–"
             diff = "–" if r["diff"] is None else f"{r['diff']:.1e}"
             out.append(f"| {name} | ok | {fmt_ms(r['fwd'])} | {fmt_ms(r['bwd'])} | {fmt_ms(r['time'])} "
                        f"({fmt_ms(r['iqr'])}) | {ratio(r, base, 'time')} | {r['mem'] / MIB:.1f} | "
-                       f"{ratio(r, base, 'mem')} | {(r['mem'] - r['grads']) / MIB:.1f} | {floor} | "
+                       f"{ratio(r, base, 'mem')} | {(r['mem'] - r['grads']) / MIB:.1f} | {fmt_floor(r['times_floor'])} | "
                        f"{fmt_ms(r['first_call'])} | {diff} |")
         out.append("")
     return out
@@ -237,14 +272,15 @@ def main(argv=None) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     pngs = plot(cases, out_dir)
-    summary = summary_table(cases)
+    summary = summary_table(cases) + floor_table(cases)
     text = ["# dopd-kernels benchmark report", ""] + machine_lines(data) + [
         "",
         "Figures: median of the timed rounds; `fwd`/`bwd` are the two halves of the same rounds; peak extra "
         "memory is the peak above the resident inputs during one call (it includes the gradients of the "
         "student's hidden states and weight; \"beyond gradients\" subtracts their (V + N)·H elements, leaving "
-        "what the loss itself holds); the matmul floor is the share of the time the unavoidable "
-        "matmul FLOPs (DESIGN.md section 4) would take at the measured matmul rate; the first call (untimed "
+        "what the loss itself holds); × floor is the time divided by the matmul floor, the time the unavoidable "
+        "matmul FLOPs (DESIGN.md section 4) take at the matmul rate measured in the same process (2.00× "
+        "means twice the time of the matmuls alone; the ratio takes out the machine's matmul speed); the first call (untimed "
         "warm-up) includes compilation and autotuning; value Δ is max |output − naive output| / max |naive "
         "output| on the same inputs, checking that every contender computes the same thing. Contenders that "
         "did not run are listed with the reason.",

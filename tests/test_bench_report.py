@@ -46,6 +46,18 @@ def test_inputs_are_peaked_and_populate_every_regime():
     assert all(f > 0.02 for f in regime_mix(x).values())
 
 
+def case_rows(report: str) -> dict:
+    """(case heading, contender) -> the cells of that contender's row in the report's per-case tables."""
+    rows, heading = {}, None
+    for line in report.splitlines():
+        if line.startswith("### "):
+            heading = line[4:]
+        elif heading and line.startswith("| ") and " | ok | " in line:
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[heading, cells[0]] = cells
+    return rows
+
+
 def test_report_from_smoke_json(tmp_path):
     data = json.loads(SMOKE_JSON.read_text())
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py"), str(SMOKE_JSON), "--out", str(tmp_path)],
@@ -56,8 +68,25 @@ def test_report_from_smoke_json(tmp_path):
     for w in workloads:
         assert (tmp_path / f"{w}.png").stat().st_size > 1000
         assert f"**{w}**" in proc.stdout
-    for b in data["benchmarks"]:  # every contender that ran has a row
-        assert f"| {b['extra_info']['contender']} | ok |" in report
+    rows = case_rows(report)
+    for b in data["benchmarks"]:  # every contender that ran has a row, with its time ÷ matmul floor
+        e, median = b["extra_info"], b["stats"]["median"]
+        assert e["times_floor"] == pytest.approx(median / e["floor_s"]) and e["times_floor"] > 0
+        row = rows[f"{e['workload']}: V={e['v']}, H={e['h']}, N={e['n']}, {e['dtype']}", e["contender"]]
+        assert row[9] == f"{e['times_floor']:.2f}×"
+    for w in workloads:  # the floor summary: one table per workload, printed as well
+        assert f"**{w}** — time ÷ matmul floor" in proc.stdout
+    ran = {(b["extra_info"]["workload"], b["extra_info"]["contender"]) for b in data["benchmarks"]}
+    for peer in ("trl_chunked_divergence", "liger_chunked_jsd"):  # the CPU peers run (and were checked) in smoke mode
+        assert {("js", peer), ("kl", peer)} <= ran
     for r in data["dopd_bench"]["not_run"]:  # and every one that did not, with its reason
         assert f"| {r['contender']} | {r['status']} |" in report
-    assert "Machine:" in report and "SMOKE MODE" in report
+    assert "Machine:" in report and "SMOKE MODE" in report and "| × floor |" in report
+
+
+def test_report_reads_floor_fraction_of_older_results():
+    from benchmarks import report
+
+    assert report.times_floor({"floor_fraction": 0.25}) == 4.0  # JSON written before `times_floor` existed
+    assert report.times_floor({"times_floor": 2.5, "floor_fraction": 0.1}) == 2.5
+    assert report.times_floor({"floor_fraction": None}) is None
