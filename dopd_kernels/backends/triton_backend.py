@@ -59,7 +59,7 @@ Defaults:
     (32 for K ≤ 128, 16 for K = 256);
   * fused-linear with fp32 operands (IEEE `tl.dot`, no tensor cores): BLOCK_V = 64, BLOCK_H = 16,
     BLOCK_N = 64 in the stats / tail pass, 32 in the value pass and `grad_kernel`, 16 in
-    `grad_dw_kernel`; with a top-K 16 × 128 × 16 and num_stages = 1;
+    `grad_dw_kernel`; with a top-K 16 × 128 × 16; num_stages = 1 (Triton 3.6 spilled at 3);
   * logits mode (memory bound): BLOCK_N = 8, BLOCK_V = 512 (256 in the tail pass, which spills at
     512; max(128, K_PAD) with a top-K, and BLOCK_N = 4 once the running top-Ks' K_PADs sum to 256),
     num_warps = 8 (4 while they sum to ≤ 128);
@@ -276,11 +276,13 @@ class TritonBackend(PassBackend):
             # A running top-K of K_PAD int64 keys per row shares the registers with the logit tile;
             # tl.dot needs BLOCK_N, BLOCK_V, BLOCK_H ≥ 16.
             fp32_dot = self._fp32_dot(sources)
-            warps, stages = 8, 3
+            # IEEE fp32 tl.dot runs on the FMA units (no wgmma whose latency pipelined loads would
+            # hide), so fp32 tiles take one stage: at 3, loads in flight spill (Triton 3.6's ptxas
+            # stopped at 128 registers in the 64×64×16 stats and the mixed-dtype value tiles).
+            warps, stages = 8, (1 if fp32_dot else 3)
             if k_pad:
                 bn, bv = 16, _topk_block(k_pad)
                 bh = 16 if fp32_dot else max(16, 4096 // bv)
-                stages = 1 if fp32_dot else 3  # fp32 spills with its loads pipelined
             elif fp32_dot:
                 # fp32 and 16-bit operands in one launch (e.g. a bf16 student, an fp32 teacher) hold both
                 # kinds of tile: 64 rows spilled in the stats kernel on sm_90a.
