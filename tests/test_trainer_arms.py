@@ -187,9 +187,9 @@ def test_the_hint_form_comparison_is_computed_from_each_forms_metrics(tmp_path, 
     assert report.main([*map(str, folders), "--by", "hint_form", "--out", str(tmp_path / "out")]) == 0
     table = (tmp_path / "out" / "comparison.md").read_text()
     assert table in capsys.readouterr().out
-    assert ("| cues | 1, 2 | 10.0 / 40.0 | 90.0 / 95.0 | 52.0 ± 2.8 (n=2) | 33.0 ± 4.2 (n=2) | DOPD -19.0 | "
+    assert ("| cues | 1, 2 | 4 | 10.0 / 40.0 | 90.0 / 95.0 | 52.0 ± 2.8 (n=2) | 33.0 ± 4.2 (n=2) | DOPD -19.0 | "
             "25.0 ± 0.0 (n=2) |") in table
-    assert ("| working | 1, 2 | 10.0 / 60.0 | 90.0 / 95.0 | 41.0 ± 1.4 (n=2) | 15.0 ± 7.1 (n=2) | DOPD -26.0 | "
+    assert ("| working | 1, 2 | 4 | 10.0 / 60.0 | 90.0 / 95.0 | 41.0 ± 1.4 (n=2) | 15.0 ± 7.1 (n=2) | DOPD -26.0 | "
             "5.0 ± 0.0 (n=2) |") in table
     assert "--hint-form working (seeds 1, 2), accuracy without the hint (%): Vanilla OPD 40.0 / 42.0; DOPD 10.0 / 20.0." in table
     # Folders with the same value pool their seeds; a folder without a configuration is refused by name.

@@ -175,13 +175,13 @@ def group_by_config(run_dirs: list[Path], key: str) -> dict[str, list[Path]]:
 
 def format_comparison(summaries: dict[str, dict], key: str) -> str:
     """Markdown: one row per value of the option `key` (e.g. `hint_form`), each from its own summary:
-    the reference rows (the built-in warm-ups depend on the option, so each value has its own), each
-    arm's held-out accuracy without the hint (mean ± sd over training seeds) and its difference from
-    vanilla OPD's under the same value, DOPD's privileged student with the hint; then the per-seed
-    values."""
+    the steps the arms reached (more than one value: some run was cut short), the reference rows (the
+    built-in warm-ups depend on the option, so each value has its own), each arm's held-out accuracy
+    without the hint (mean ± sd over training seeds) and its difference from vanilla OPD's under the
+    same value, DOPD's privileged student with the hint; then the per-seed values."""
     arms = list(dict.fromkeys(a for s in summaries.values() for a in s["arms"]))
     option = "--" + key.replace("_", "-")
-    head = [option, "seeds", "student without / with hint", "teacher without / with hint",
+    head = [option, "seeds", "steps per arm", "student without / with hint", "teacher without / with hint",
             *(LABELS.get(a, a) for a in arms), "Δ vs vanilla OPD", "DOPD's privileged student, with hint"]
     lines = [f"Held-out accuracy without the hint (%, greedy; mean ± sd over training seeds), by `{option}`:", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -190,7 +190,8 @@ def format_comparison(summaries: dict[str, dict], key: str) -> str:
         base = got.get("vanilla-opd", {}).get("accuracy")
         deltas = ", ".join(f"{LABELS.get(a, a)} {100 * (got[a]['accuracy']['mean'] - base['mean']):+.1f}"
                            for a in got if base is not None and a != "vanilla-opd")
-        cells = [value, ", ".join(map(str, s["seeds"])),
+        steps = sorted({r["steps"] for a in got.values() for r in a["per_seed"].values()})
+        cells = [value, ", ".join(map(str, s["seeds"])), ", ".join(map(str, steps)),
                  *((f"{100 * refs[f'{m}_without_hint']:.1f} / {100 * refs[f'{m}_with_hint']:.1f}" if refs else "–")
                    for m in ("student", "teacher")),
                  *(_pct(got[a]["accuracy"]) if a in got else "–" for a in arms), deltas or "–",
