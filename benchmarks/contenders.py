@@ -19,7 +19,7 @@ Contenders:
 - `lib_<name>_frozen_head`, `naive_frozen_head` (`dopd` only): the same loss with the student's
   `lm_head` frozen (`requires_grad=False`, as under LoRA): no `dW` is computed or allocated, so these
   show the time and memory a frozen head saves against its trainable twin.
-- peers, when installed, on the `js`/`kl` workloads: TRL's own distillation loss
+- peers, when installed: on `js` and `kl`, TRL's own distillation loss
   (`trl_chunked_divergence`: `DistillationTrainer`'s `_chunked_divergence_loss`, TRL >= 1.16, its
   Triton kernels on CUDA and its PyTorch tiles on CPU); Liger-Kernel's pure-PyTorch chunked loss
   (`liger_chunked_jsd`: `liger_kernel.chunked_loss.LigerFusedLinearJSDLoss`, soft loss only,
