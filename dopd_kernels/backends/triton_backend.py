@@ -62,7 +62,7 @@ Defaults:
     `grad_dw_kernel`; with a top-K 16 × 128 × 16; num_stages = 1 (Triton 3.6 spilled at 3);
   * logits mode (memory bound): BLOCK_N = 8, BLOCK_V = 512 (256 in the tail pass, which spills at
     512; max(128, K_PAD) with a top-K, and BLOCK_N = 4 once the running top-Ks' K_PADs sum to 256),
-    num_warps = 8 (4 while they sum to ≤ 128);
+    num_warps = 8 (4 with one running top-K: at K_PAD 256 8 warps spilled under Triton 3.9);
   * sparse top-K kernels (one program per row, no tl.dot): a `[K_PAD, BLOCK_H]` weight block of
     at most 4K elements;
   * the fused-linear gradient grid splits the vocabulary so that about 4 programs per SM exist.
@@ -298,7 +298,9 @@ class TritonBackend(PassBackend):
             keys = _topk_block(k_pad) * n_topk if k_pad else 0
             bn, bh, stages = (4 if keys >= 256 else 8), 16, 2
             bv = _topk_block(k_pad) if k_pad else (256 if role == "tail" else 512)
-            warps = 4 if 0 < keys <= 128 else 8
+            # One running top-K: 4 warps (8 spilled at K_PAD 256 under Triton 3.9, ptxas stopping at 128
+            # registers); two (K_PAD 128 each) fit only with 8.
+            warps = 4 if k_pad and n_topk == 1 else 8
         bn = self.block_n or bn
         bv = max(self.block_v or bv, k_pad)
         bh = self.block_h or bh
