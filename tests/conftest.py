@@ -134,3 +134,15 @@ def assert_close(actual, expected, rtol=1e-5, atol=None, what=""):
             f"(atol {atol:.1e}, rtol {rtol:.1e}); first at flat index {i}: "
             f"{float(actual.reshape(-1)[i])!r} vs {float(expected.reshape(-1)[i])!r}"
         )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Deselect the cases a test module leaves out on purpose: those for which its module-level
+    `leave_out(item)` is true (tests/test_backend_conformance.py: parts of its matrix on costly backends)."""
+    keep, drop = [], []
+    for item in items:
+        leave_out = getattr(getattr(item, "module", None), "leave_out", None)
+        (drop if leave_out is not None and leave_out(item) else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
