@@ -16,7 +16,9 @@ from typing import Optional, Union
 
 import torch
 
+from . import engine
 from .backends import resolve_backend
+from .passes import Passes
 from .config import DOPDConfig, DOPDOutput, OPDConfig, OPDOutput, Thresholds
 from .heads import LMHead
 from .parallel import VocabShard
@@ -142,7 +144,10 @@ def _dopd(prepared, cfg: DOPDConfig, thresholds, backend, normalizer, routing_gr
     normalizer = check_normalizer(normalizer, cfg.reduction)
     thresholds = coerce_thresholds(thresholds)
     impl = resolve_backend(backend, tokens.device)
-    per_token, routing = impl.dopd(*sources, tokens, valid, cfg, thresholds, shard=shard, routing_group=routing_group)
+    if isinstance(impl, Passes):
+        per_token, routing = engine.dopd(impl, *sources, tokens, valid, cfg, thresholds, shard, routing_group)
+    else:
+        per_token, routing = impl.dopd(*sources, tokens, valid, cfg, thresholds, shard=shard, routing_group=routing_group)
 
     def shape(t: torch.Tensor) -> torch.Tensor:
         return t.detach().reshape(token_shape)
@@ -280,7 +285,11 @@ def fused_linear_dopd_loss(
 def _opd(prepared, cfg: OPDConfig, backend, normalizer) -> OPDOutput:
     sources, tokens, valid, token_shape, shard = prepared
     normalizer = check_normalizer(normalizer, cfg.reduction)
-    per_token = resolve_backend(backend, tokens.device).opd(*sources, tokens, valid, cfg, shard=shard)
+    impl = resolve_backend(backend, tokens.device)
+    if isinstance(impl, Passes):
+        per_token = engine.opd(impl, *sources, tokens, valid, cfg, shard)
+    else:
+        per_token = impl.opd(*sources, tokens, valid, cfg, shard=shard)
     return OPDOutput(reduce_loss(per_token, valid, cfg.reduction, token_shape, normalizer),
                      per_token.detach().reshape(token_shape))
 
@@ -395,4 +404,8 @@ def token_logprobs(
         (source,), flat, valid, token_shape, shard = _linear_sources(
             [("student", logits_or_hidden, _as_head("student", weight, bias))], tokens, cfg, False, vocab_parallel_group)
     impl = resolve_backend(backend, flat.device)
-    return impl.token_logprobs(source, flat, valid, shard=shard).to(source.dtype).reshape(token_shape)
+    if isinstance(impl, Passes):
+        out = engine.token_logprobs(impl, source, flat, valid, shard)
+    else:
+        out = impl.token_logprobs(source, flat, valid, shard=shard)
+    return out.to(source.dtype).reshape(token_shape)

@@ -68,8 +68,9 @@ def test_no_grad(backend):
 
 def test_no_grad_does_no_gradient_work(monkeypatch):
     calls = []
-    real = TorchBackend.grad_pass
-    monkeypatch.setattr(TorchBackend, "grad_pass", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    for name in ("full_grad_pass", "term_grad_pass"):
+        real = getattr(TorchBackend, name)
+        monkeypatch.setattr(TorchBackend, name, lambda self, *a, _real=real, **k: calls.append(1) or _real(self, *a, **k))
     zs, zt, zp = correlated_logits(12, 17)
     y = random_tokens(12, 17)
     s = leaf(zs)
@@ -293,3 +294,28 @@ def test_torch_compile_step_breaks_once_around_the_loss(backend):
     assert_close(compiled, eager, rtol=1e-6, what="loss")
     assert_close(a.grad, ga, rtol=1e-6, what="d(step)/da through the loss")
     assert_close(w.grad, gw, rtol=1e-6, what="dW")
+
+
+@pytest.mark.parametrize("mode", ["logits", "fused-linear"])
+def test_in_place_change_between_forward_and_backward_is_an_error(mode):
+    """The backward state goes through save_for_backward: a tensor the backward reads (the student's or a
+    frozen stream's) that is changed in place after the forward makes backward fail, as for any autograd
+    op, instead of silently mixing old statistics with new weights."""
+    y = random_tokens(12, 40)
+    cfg = DOPDConfig(top_k=4)
+    for changed in ("student", "teacher"):
+        if mode == "logits":
+            zs, zt, zp = correlated_logits(12, 40)
+            s = leaf(zs)
+            out = dopd_loss(s, zt, zp, y, config=cfg, backend="torch")
+            target = s if changed == "student" else zt
+        else:
+            t = linear_streams(12, 8, 40)
+            w = leaf(t["student_weight"])
+            out = fused_linear_dopd_loss(t["student_hidden"], w, t["teacher_hidden"], t["teacher_weight"],
+                                         t["priv_student_hidden"], y, config=cfg, backend="torch")
+            target = w if changed == "student" else t["teacher_weight"]
+        with torch.no_grad():
+            target.mul_(1.5)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.loss.backward()
