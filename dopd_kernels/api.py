@@ -22,7 +22,7 @@ from .passes import Passes
 from .config import DOPDConfig, DOPDOutput, OPDConfig, OPDOutput, Thresholds
 from .heads import LMHead
 from .parallel import VocabShard
-from .reductions import reduce_loss
+from .reductions import Reduction
 from .sources import LinearSource, LogitsSource
 from .validation import (
     check_finite_logits,
@@ -144,16 +144,19 @@ def _dopd(prepared, cfg: DOPDConfig, thresholds, backend, normalizer, routing_gr
     normalizer = check_normalizer(normalizer, cfg.reduction)
     thresholds = coerce_thresholds(thresholds)
     impl = resolve_backend(backend, tokens.device)
+    reduction = Reduction(valid, cfg.reduction, token_shape, normalizer)
     if isinstance(impl, Passes):
-        per_token, routing = engine.dopd(impl, *sources, tokens, valid, cfg, thresholds, shard, routing_group)
+        loss, per_token, routing = engine.dopd(impl, *sources, tokens, valid, cfg, thresholds, reduction, shard,
+                                               routing_group)
     else:
         per_token, routing = impl.dopd(*sources, tokens, valid, cfg, thresholds, shard=shard, routing_group=routing_group)
+        loss = reduction.value(per_token)
 
     def shape(t: torch.Tensor) -> torch.Tensor:
         return t.detach().reshape(token_shape)
 
     return DOPDOutput(
-        loss=reduce_loss(per_token, valid, cfg.reduction, token_shape, normalizer),
+        loss=loss,
         per_token_loss=shape(per_token),
         regime=shape(routing.regime),
         adv_gap=shape(routing.adv_gap),
@@ -286,12 +289,13 @@ def _opd(prepared, cfg: OPDConfig, backend, normalizer) -> OPDOutput:
     sources, tokens, valid, token_shape, shard = prepared
     normalizer = check_normalizer(normalizer, cfg.reduction)
     impl = resolve_backend(backend, tokens.device)
+    reduction = Reduction(valid, cfg.reduction, token_shape, normalizer)
     if isinstance(impl, Passes):
-        per_token = engine.opd(impl, *sources, tokens, valid, cfg, shard)
+        loss, per_token = engine.opd(impl, *sources, tokens, valid, cfg, reduction, shard)
     else:
         per_token = impl.opd(*sources, tokens, valid, cfg, shard=shard)
-    return OPDOutput(reduce_loss(per_token, valid, cfg.reduction, token_shape, normalizer),
-                     per_token.detach().reshape(token_shape))
+        loss = reduction.value(per_token)
+    return OPDOutput(loss, per_token.detach().reshape(token_shape))
 
 
 @torch.compiler.disable

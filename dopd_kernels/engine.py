@@ -26,7 +26,8 @@ from .divergences import clamp_js
 from .parallel import VocabShard
 from .passes import STUDENT, Grads, Passes, Stats
 from .plan import Group, Plan, dopd_plan, dopd_topk_streams, opd_plan, opd_topk_streams
-from .routing import Routing, poison_nan_routed
+from .reductions import Reduction
+from .routing import nan_routed
 from .row_terms import RowTerm, sampled_term, topk_term
 
 DOUBLE_BACKWARD_ERROR = (
@@ -266,35 +267,80 @@ class FusedLoss(torch.autograd.Function):
         return (None, *(gr if need else None for gr, need in zip(out, needs)))
 
 
-def run(engine: LossEngine) -> torch.Tensor:
-    """Per-token loss [N]; differentiable with respect to the student when it requires grad."""
+class EagerFusedLoss(torch.autograd.Function):
+    """A scalar-reduced loss whose gradient is formed in the forward: the reduction's weights
+    d loss / d per_token are known before the loss is (`Reduction.weights`), so the gradient passes
+    run right after the value passes and the backward only scales their result by the upstream scalar.
+    Outputs: the reduced loss (differentiable) and the per-token loss (not differentiable)."""
+
+    @staticmethod
+    def forward(ctx, engine: LossEngine, reduction: Reduction, finish: Callable, *tensors):
+        per_token, dropped = finish(engine.forward())
+        weights = reduction.weights()
+        if dropped is not None:  # tokens the finish step overwrote (NaN-routed) pass no gradient
+            weights = weights.masked_fill(dropped, 0.0)
+        needs = ctx.needs_input_grad[3:]
+        grads = gradients.allocate(engine.student, needs)
+        engine.backward(weights, grads)
+        out = gradients.results(grads, engine.student)
+        ctx.present = [g is not None and need for g, need in zip(out, needs)]
+        ctx.save_for_backward(*(g for g, keep in zip(out, ctx.present) if keep))
+        ctx.mark_non_differentiable(per_token)
+        return reduction.value(per_token), per_token
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_per_token):
+        if torch.is_grad_enabled():
+            raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+        saved = iter(ctx.saved_tensors)
+        unit = bool(grad_loss == 1)  # the usual loss.backward(): hand over the saved gradients, no copy
+        grads = [(g if unit else g * grad_loss.to(g.dtype)) if keep else None
+                 for keep, g in ((keep, next(saved) if keep else None) for keep in ctx.present)]
+        return (None, None, None, *grads)
+
+
+def run(engine: LossEngine, reduction: Reduction, finish: Callable) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(reduced loss, per-token loss [N]) of a call; the loss is differentiable with respect to the
+    student when it requires grad. `finish(per_token) -> (per_token, overwritten rows or None)` is the
+    entry point's last step on the per-token loss. Scalar reductions form the gradient eagerly
+    (`EagerFusedLoss`); reduction="none" defers it to the backward, exact for any upstream gradient."""
     tensors = gradients.student_tensors(engine.student)
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
-        return engine.forward()
-    return FusedLoss.apply(engine, *tensors)
+        per_token = finish(engine.forward())[0]
+        return reduction.value(per_token), per_token
+    if reduction.weights() is not None:
+        return EagerFusedLoss.apply(engine, reduction, finish, *tensors)
+    per_token = finish(FusedLoss.apply(engine, *tensors))[0]
+    return reduction.value(per_token), per_token.detach()
 
 
 # -- entry points ------------------------------------------------------------------------------------------
 
 
 def dopd(passes: Passes, student, teacher, priv, tokens: torch.Tensor, valid: torch.Tensor, cfg, thresholds,
-         shard: Optional[VocabShard] = None, routing_group=None) -> Tuple[torch.Tensor, Routing]:
-    """Per-token DOPD loss [N] and the routing, over the sources of the valid and masked rows."""
+         reduction: Reduction, shard: Optional[VocabShard] = None, routing_group=None):
+    """(reduced loss, per-token DOPD loss [N], routing) over the sources of the valid and masked rows."""
     sources = (student, teacher, priv)
     passes = passes.select(sources, cfg.top_k)
     rows = valid.nonzero()[:, 0]
     plan, routing = dopd_plan(cfg, rows, valid, thresholds, routing_group)
     engine = LossEngine(passes, sources, tokens, valid, settings_of(cfg), dopd_topk_streams(cfg), plan, shard)
-    return poison_nan_routed(run(engine), routing), routing
+
+    def finish(per_token: torch.Tensor):
+        bad = nan_routed(routing)
+        return torch.where(bad, torch.full_like(per_token, float("nan")), per_token), bad
+
+    loss, per_token = run(engine, reduction, finish)
+    return loss, per_token, routing
 
 
-def opd(passes: Passes, student, teacher, tokens: torch.Tensor, valid: torch.Tensor, cfg,
-        shard: Optional[VocabShard] = None) -> torch.Tensor:
-    """Per-token OPD loss [N]."""
+def opd(passes: Passes, student, teacher, tokens: torch.Tensor, valid: torch.Tensor, cfg, reduction: Reduction,
+        shard: Optional[VocabShard] = None):
+    """(reduced loss, per-token OPD loss [N])."""
     sources = (student, teacher)
     passes = passes.select(sources, cfg.top_k if cfg.granularity == "topk" else 1)
     engine = LossEngine(passes, sources, tokens, valid, settings_of(cfg), opd_topk_streams(cfg), opd_plan(cfg), shard)
-    return run(engine)
+    return run(engine, reduction, lambda per_token: (per_token, None))
 
 
 def token_logprobs(passes: Passes, source, tokens: torch.Tensor, valid: torch.Tensor,

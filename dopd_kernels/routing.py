@@ -154,8 +154,12 @@ def empty_routing(valid: torch.Tensor, thresholds: Optional[Thresholds]) -> Rout
     return Routing(regime, zeros, zeros.clone(), zeros.clone(), thresholds)
 
 
-def poison_nan_routed(per_token: torch.Tensor, routing: Routing) -> torch.Tensor:
-    """The per-token loss with NaN at tokens whose routing statistics are NaN: a NaN teacher row must
+def nan_routed(routing: Routing) -> torch.Tensor:
+    """Tokens [N] whose routing statistics are NaN: their loss is NaN, since a NaN teacher row must
     show in the loss even where the token's term only reads the other streams."""
-    bad = nan_tokens(routing.adv_gap, routing.q_teacher, routing.q_priv_student)
-    return torch.where(bad, torch.full_like(per_token, float("nan")), per_token)
+    return nan_tokens(routing.adv_gap, routing.q_teacher, routing.q_priv_student)
+
+
+def poison_nan_routed(per_token: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """The per-token loss with NaN at the `nan_routed` tokens."""
+    return torch.where(nan_routed(routing), torch.full_like(per_token, float("nan")), per_token)
