@@ -16,11 +16,13 @@ from typing import Optional, Union
 
 import torch
 
+from . import engine
 from .backends import resolve_backend
+from .passes import Passes
 from .config import DOPDConfig, DOPDOutput, OPDConfig, OPDOutput, Thresholds
 from .heads import LMHead
 from .parallel import VocabShard
-from .reductions import reduce_loss
+from .reductions import Reduction
 from .sources import LinearSource, LogitsSource
 from .validation import (
     check_finite_logits,
@@ -142,13 +144,19 @@ def _dopd(prepared, cfg: DOPDConfig, thresholds, backend, normalizer, routing_gr
     normalizer = check_normalizer(normalizer, cfg.reduction)
     thresholds = coerce_thresholds(thresholds)
     impl = resolve_backend(backend, tokens.device)
-    per_token, routing = impl.dopd(*sources, tokens, valid, cfg, thresholds, shard=shard, routing_group=routing_group)
+    reduction = Reduction(valid, cfg.reduction, token_shape, normalizer)
+    if isinstance(impl, Passes):
+        loss, per_token, routing = engine.dopd(impl, *sources, tokens, valid, cfg, thresholds, reduction, shard,
+                                               routing_group)
+    else:
+        per_token, routing = impl.dopd(*sources, tokens, valid, cfg, thresholds, shard=shard, routing_group=routing_group)
+        loss = reduction.value(per_token)
 
     def shape(t: torch.Tensor) -> torch.Tensor:
         return t.detach().reshape(token_shape)
 
     return DOPDOutput(
-        loss=reduce_loss(per_token, valid, cfg.reduction, token_shape, normalizer),
+        loss=loss,
         per_token_loss=shape(per_token),
         regime=shape(routing.regime),
         adv_gap=shape(routing.adv_gap),
@@ -280,9 +288,14 @@ def fused_linear_dopd_loss(
 def _opd(prepared, cfg: OPDConfig, backend, normalizer) -> OPDOutput:
     sources, tokens, valid, token_shape, shard = prepared
     normalizer = check_normalizer(normalizer, cfg.reduction)
-    per_token = resolve_backend(backend, tokens.device).opd(*sources, tokens, valid, cfg, shard=shard)
-    return OPDOutput(reduce_loss(per_token, valid, cfg.reduction, token_shape, normalizer),
-                     per_token.detach().reshape(token_shape))
+    impl = resolve_backend(backend, tokens.device)
+    reduction = Reduction(valid, cfg.reduction, token_shape, normalizer)
+    if isinstance(impl, Passes):
+        loss, per_token = engine.opd(impl, *sources, tokens, valid, cfg, reduction, shard)
+    else:
+        per_token = impl.opd(*sources, tokens, valid, cfg, shard=shard)
+        loss = reduction.value(per_token)
+    return OPDOutput(loss, per_token.detach().reshape(token_shape))
 
 
 @torch.compiler.disable
@@ -395,4 +408,8 @@ def token_logprobs(
         (source,), flat, valid, token_shape, shard = _linear_sources(
             [("student", logits_or_hidden, _as_head("student", weight, bias))], tokens, cfg, False, vocab_parallel_group)
     impl = resolve_backend(backend, flat.device)
-    return impl.token_logprobs(source, flat, valid, shard=shard).to(source.dtype).reshape(token_shape)
+    if isinstance(impl, Passes):
+        out = engine.token_logprobs(impl, source, flat, valid, shard)
+    else:
+        out = impl.token_logprobs(source, flat, valid, shard=shard)
+    return out.to(source.dtype).reshape(token_shape)

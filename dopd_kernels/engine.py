@@ -1,71 +1,42 @@
 """The fused loss computation of DESIGN.md section 4, independent of how the passes are run.
 
     1. stats pass   — per valid row: log-sum-exp and sampled-token logit of every stream, running top-K
-    2. planning     — rows grouped by the term they need (DOPD: routing into regimes; OPD: one group)
+    2. planning     — rows grouped by the term they need (`plan.py`: DOPD routes into regimes, OPD has one group)
     3. values       — full-vocabulary rows: a value pass; top-K and sampled rows: O(K) gathers
     4. backward     — gradient pass over the rows that touch the whole vocabulary, sparse scatter for the rest
 
-A backend supplies the passes (`stats_pass`, `full_value_pass`, `grad_pass`, `gather`); this module
-owns the flow, the per-row bookkeeping and the autograd glue, so every backend computes the same
-thing. The gradient work is deferred to backward: a non-scalar upstream gradient (per-token weights
-with `reduction="none"`) is exact, and under `torch.no_grad()` no gradient work is done.
+Calls go one way: the public API (`api.py`) calls the entry points here (`dopd`, `opd`,
+`token_logprobs`), which run a backend's passes (`passes.Passes`) with tensors only. This module owns
+the flow, the per-row bookkeeping and the autograd glue, so every backend computes the same thing.
+The gradient work is deferred to backward: a non-scalar upstream gradient (per-token weights with
+`reduction="none"`) is exact, and under `torch.no_grad()` no gradient work is done. Everything the
+backward needs is saved with `save_for_backward` (an in-place change to a student or target tensor
+between forward and backward is an error, as for any autograd op).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
+from . import gradients
 from .divergences import clamp_js
 from .parallel import VocabShard
+from .passes import STUDENT, Grads, Passes, Stats
+from .plan import Group, Plan, dopd_plan, dopd_topk_streams, opd_plan, opd_topk_streams
+from .reductions import Reduction
+from .routing import nan_routed
 from .row_terms import RowTerm, sampled_term, topk_term
-from .sources import LinearSource, LogitsSource
 
-STUDENT = 0
 DOUBLE_BACKWARD_ERROR = (
     "dopd_kernels: the fused losses cannot differentiate twice (backward with create_graph=True, a double "
     "backward or a Hessian-vector product); their backward is hand-derived and first-order. Use backend='reference' "
     "(float64 autograd) for second derivatives.")
 
 
-def split_lse(lse: torch.Tensor, dtype: torch.dtype) -> tuple:
-    """A float64 log-sum-exp as an unevaluated sum `hi + lo` of two `dtype` tensors.
-
-    Kernels form log-probabilities as `(z − hi) − lo`: `z − hi` is exact when z is near the row's
-    maximum (Sterbenz), so log p keeps fp32 precision even when the logits are ~1e4 and an fp32 lse
-    alone would be off by an ulp of 1e4 (~1e-3). For float64 compute, lo is 0."""
-    hi = lse.to(dtype)
-    return hi, (lse - hi.to(lse.dtype)).to(dtype)
-
-
-@dataclass
-class Stats:
-    """Per valid row (compact order): `lse[j]` (float64: the fp32 row max plus the log of the
-    rescaled sum, added in float64 so no precision is lost at large logits; see `split_lse`) and
-    `logit_y[j]` (scaled logits, compute dtype) of stream j, `topk[j]` the top-K column indices
-    [n, K] of each stream that needs them."""
-
-    lse: List[torch.Tensor]
-    logit_y: List[torch.Tensor]
-    topk: Dict[int, torch.Tensor] = field(default_factory=dict)
-
-
-@dataclass
-class Group:
-    """Rows (positions into the compact valid-row order) that share one loss term."""
-
-    pos: torch.Tensor
-    target: int
-    granularity: str
-    divergence: str
-    weight: float
-    term: Optional[RowTerm] = None  # sampled / top-K rows
-    full_c: Optional[torch.Tensor] = None  # full rows: the per-row constant of the gradient
-
-
-@dataclass
+@dataclass(frozen=True)
 class TermSettings:
     top_k: int
     js_beta: float
@@ -74,12 +45,29 @@ class TermSettings:
     temperature: float
 
 
+def settings_of(cfg) -> TermSettings:
+    return TermSettings(cfg.top_k, cfg.js_beta, cfg.topk_from, cfg.topk_renorm, cfg.temperature)
+
+
+@dataclass
+class GroupResult:
+    """What the forward computed for one group and the backward reads: the group's valid-row ids
+    `rows` [g], the student's and the target's log-sum-exps [g], and either its few-column `term` or,
+    for full-vocabulary rows, the gradient constant `full_c` [g]."""
+
+    group: Group
+    rows: torch.Tensor
+    lse_s: torch.Tensor
+    lse_t: torch.Tensor
+    term: Optional[RowTerm] = None
+    full_c: Optional[torch.Tensor] = None
+
+
 class LossEngine:
     """Runs the flow for one call. `plan(stats) -> List[Group]` decides each row's term."""
 
-    def __init__(self, passes, sources: Sequence, tokens: torch.Tensor, valid: torch.Tensor,
-                 settings: TermSettings, topk_streams: Sequence[int], plan: Callable[[Stats], List[Group]],
-                 shard: Optional[VocabShard] = None):
+    def __init__(self, passes: Passes, sources: Sequence, tokens: torch.Tensor, valid: torch.Tensor,
+                 settings: TermSettings, topk_streams: Sequence[int], plan: Plan, shard: Optional[VocabShard] = None):
         self.passes = passes
         self.shard = shard
         self.sources = list(sources)
@@ -89,7 +77,7 @@ class LossEngine:
         self.settings = settings
         self.topk_streams = tuple(topk_streams)
         self.plan = plan
-        self.groups: List[Group] = []
+        self.results: List[GroupResult] = []
 
     @property
     def student(self):
@@ -98,13 +86,16 @@ class LossEngine:
     def forward(self) -> torch.Tensor:
         """Per-token weighted loss [N] in the compute dtype (0 at rows that are not valid)."""
         out = torch.zeros(self.n_total, dtype=self.student.dtype, device=self.tokens.device)
-        self.stats = self.run_stats_pass()
-        self.groups = self.plan(self.stats)  # planned even without rows: routing may be collective
-        for g in self.groups:
+        stats = self.run_stats_pass()
+        groups = self.plan(stats)  # planned even without rows: routing may be collective
+        self.results = []
+        for g in groups:
             if g.pos.numel() == 0:
                 continue
-            value = self._group_value(g)
-            out[self.rows[g.pos]] = (g.weight * value).to(out.dtype)
+            res = GroupResult(g, self.rows[g.pos], stats.lse[STUDENT][g.pos], stats.lse[g.target][g.pos])
+            value = self._group_value(res, stats)
+            out[res.rows] = (g.weight * value).to(out.dtype)
+            self.results.append(res)
         return out
 
     def run_stats_pass(self) -> Stats:
@@ -161,28 +152,28 @@ class LossEngine:
         """Size of the valid vocabulary top-K supports are drawn from (over all shards)."""
         if self.shard is not None:
             return self.shard.valid_vocab
-        return self.student.valid_vocab or self.student.vocab
+        return self.student.effective_vocab
 
-    def _group_value(self, g: Group) -> torch.Tensor:
+    def _group_value(self, res: GroupResult, stats: Stats) -> torch.Tensor:
         """Per-row value of a group. A row whose student or target log-sum-exp is not finite (a NaN or
         +inf logit, or no finite logit in the valid vocabulary) has no distribution: its value is NaN
         whatever the term (a top-K term would otherwise never look past its K columns)."""
-        value = self._term_value(g)
+        g = res.group
+        value = self._term_value(res, stats)
         if g.divergence == "js":
             value = clamp_js(value, self.settings.js_beta, self.student.dtype)
-        st = self.stats
-        ok = torch.isfinite(st.lse[STUDENT][g.pos]) & torch.isfinite(st.lse[g.target][g.pos])
+        ok = torch.isfinite(res.lse_s) & torch.isfinite(res.lse_t)
         return torch.where(ok.to(value.device), value, torch.full_like(value, float("nan")))
 
-    def _term_value(self, g: Group) -> torch.Tensor:
-        s, st = self.settings, self.stats
-        lse_s, lse_t = st.lse[STUDENT][g.pos], st.lse[g.target][g.pos]
+    def _term_value(self, res: GroupResult, stats: Stats) -> torch.Tensor:
+        s, g, rows = self.settings, res.group, res.rows
+        lse_s, lse_t = res.lse_s, res.lse_t
         target = self.sources[g.target]
-        rows = self.rows[g.pos]
         if g.granularity == "full":
-            value, g.full_c = self.passes.full_value_pass(self.student, target, rows, lse_s, lse_t, g.divergence, s.js_beta)
+            value, res.full_c = self.passes.full_value_pass(self.student, target, rows, lse_s, lse_t, g.divergence,
+                                                            s.js_beta)
             if self.shard is not None:  # partial sums over this shard's columns
-                value, g.full_c = self.shard.all_reduce(value), self.shard.all_reduce(g.full_c)
+                value, res.full_c = self.shard.all_reduce(value), self.shard.all_reduce(res.full_c)
             return value
         f64 = torch.float64
         if g.granularity == "sampled":
@@ -191,10 +182,11 @@ class LossEngine:
             if g.divergence != "reverse_kl":  # two buckets {y, not y}: the second one summed directly
                 rests = (self._rest_logprob(self.student, rows, y[:, None], lse_s),
                          self._rest_logprob(target, rows, y[:, None], lse_t))
-            g.term = sampled_term(st.logit_y[STUDENT][g.pos].to(f64) - lse_s.to(f64), st.logit_y[g.target][g.pos].to(f64) - lse_t.to(f64),
-                                  y, g.divergence, s.js_beta, *rests)
+            term = sampled_term(stats.logit_y[STUDENT][g.pos].to(f64) - lse_s.to(f64),
+                                stats.logit_y[g.target][g.pos].to(f64) - lse_t.to(f64), y, g.divergence, s.js_beta,
+                                *rests)
         else:
-            cols = st.topk[STUDENT if s.topk_from == "student" else g.target][g.pos]
+            cols = stats.topk[STUDENT if s.topk_from == "student" else g.target][g.pos]
             # A support covering the whole valid vocabulary (K >= V) leaves an empty tail, and the tail
             # form equals the renormalized one. Computing that empty tail as 1 − Σp from rounded
             # log-sum-exps gave one stream a spurious tail mass and the other none: KL = inf.
@@ -202,123 +194,62 @@ class LossEngine:
             rests = (None, None)
             if not renorm:
                 rests = (self._rest_logprob(self.student, rows, cols, lse_s), self._rest_logprob(target, rows, cols, lse_t))
-            g.term = topk_term(self._gather(self.student, rows, cols).to(f64), self._gather(target, rows, cols).to(f64),
-                               lse_s.to(f64), lse_t.to(f64), cols, g.divergence, s.js_beta, renorm, *rests)
-        g.term = self._localize(g.term)
-        return g.term.value
+            term = topk_term(self._gather(self.student, rows, cols).to(f64), self._gather(target, rows, cols).to(f64),
+                             lse_s.to(f64), lse_t.to(f64), cols, g.divergence, s.js_beta, renorm, *rests)
+        res.term = self._localize(term)
+        return res.term.value
 
-    def backward(self, grad_per_token: torch.Tensor, sink) -> None:
-        """Accumulate d(Σ_n grad_n · loss_n)/d(student) into `sink`."""
+    def backward(self, grad_per_token: torch.Tensor, grads: Grads) -> None:
+        """Accumulate d(Σ_n grad_n · loss_n)/d(student) into `grads`."""
         s = self.settings
-        for g in self.groups:
-            if g.pos.numel() == 0:
-                continue
-            rows = self.rows[g.pos]
-            scale = grad_per_token[rows].to(torch.float64) * (g.weight / s.temperature)
-            self.passes.grad_pass(self, g, rows, scale, sink)
-        if self.shard is not None:
-            sink.reduce_over(self.shard)
+        for res in self.results:
+            g = res.group
+            scale = grad_per_token[res.rows].to(torch.float64) * (g.weight / s.temperature)
+            if res.term is None:
+                self.passes.full_grad_pass(self.student, self.sources[g.target], res.rows, res.lse_s, res.lse_t,
+                                           res.full_c, g.divergence, s.js_beta, scale, grads)
+            else:
+                self.passes.term_grad_pass(self.student, res.rows, res.lse_s, res.term, scale, grads)
+        if self.shard is not None and grads.dh is not None:
+            self.shard.all_reduce(grads.dh)  # dH sums every vocabulary shard's part (column-parallel linear)
 
+    # -- autograd state ----------------------------------------------------------------------------------
 
-class LogitsGradSink:
-    """Receives gradient tiles (with respect to the unscaled student logits); `grad` [N, V] is the
-    only [N, V] allocation of the logits mode. It is a fresh contiguous tensor whatever the input's
-    layout (a transposed or strided input gets a row-major gradient that kernels can write rows of)."""
+    def state(self) -> Tuple[List[torch.Tensor], Callable[[Sequence[torch.Tensor]], None]]:
+        """Every tensor the backward reads (the streams' inputs and the forward's per-group results),
+        and a function that puts the unpacked tensors back in their places (`FusedLoss`)."""
+        objects = [*self.sources, *self.results, *(r.term for r in self.results if r.term is not None)]
+        slots = [(obj, f.name) for obj in objects for f in fields(obj) if isinstance(getattr(obj, f.name), torch.Tensor)]
+        tensors = [getattr(obj, name) for obj, name in slots]
 
-    def __init__(self, logits: torch.Tensor):
-        self.grad = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
+        def restore(saved: Sequence[torch.Tensor]) -> None:
+            for (obj, name), t in zip(slots, saved):
+                object.__setattr__(obj, name, t)
 
-    def add_tile(self, rows: torch.Tensor, start: int, g: torch.Tensor, logits: Optional[torch.Tensor] = None) -> None:
-        self.grad[rows, start:start + g.shape[1]] = g.to(self.grad.dtype)
+        return tensors, restore
 
-    def add_sparse(self, rows: torch.Tensor, cols: torch.Tensor, g: torch.Tensor) -> None:
-        self.grad.index_put_((rows[:, None].expand_as(cols), cols), g.to(self.grad.dtype), accumulate=True)
-
-    def reduce_over(self, shard) -> None:
-        """Each shard owns its columns of the logit gradient: nothing to combine."""
-
-    def results(self, needs):
-        return (self.grad,)
-
-
-class LinearGradSink:
-    """Contracts gradient tiles G [rows, block] into dH = G·W and dW += Gᵀ·H, db += Σ G at once.
-
-    A gradient tile arrives with respect to the student's final (pre-temperature) logits. With a head
-    transform (`LinearSource.scale`/`softcap`) it is first multiplied by `head_jacobian` to become the
-    gradient with respect to the raw `h·Wᵀ + b` that the contractions need. Only the gradients that are
-    needed are allocated: `needs` = (dH, dW, db); a frozen head (weight not requiring grad) has
-    `dw = None`, and backends must skip its contraction (no `[V, H]` buffer, no `Gᵀ·H` work)."""
-
-    def __init__(self, source: LinearSource, needs: Sequence[bool], sparse_rows: int):
-        h, w = source.hidden, source.weight
-        acc = source.dtype
-        self.source, self.acc, self.sparse_rows = source, acc, sparse_rows
-        self.dh = torch.zeros(h.shape, dtype=acc, device=h.device) if needs[0] else None
-        self.dw = torch.zeros(w.shape, dtype=acc, device=w.device) if needs[1] else None
-        b = source.bias
-        self.db = torch.zeros(b.shape, dtype=acc, device=b.device) if (b is not None and needs[2]) else None
-
-    def add_tile(self, rows: torch.Tensor, start: int, g: torch.Tensor, logits: Optional[torch.Tensor] = None) -> None:
-        """`g` [len(rows), block]: gradient w.r.t. the final logits at columns [start, start + block);
-        `logits`: the student's tile there as `LinearSource.tile` returns it (recomputed when None and a
-        head transform needs it)."""
-        src, stop = self.source, start + g.shape[1]
-        g = g.to(self.acc)
-        if src.has_transform:
-            if logits is None:
-                logits = src.tile(rows, start, stop)
-            g = g * src.head_jacobian(logits.to(self.acc))
-        if self.dh is not None:
-            self.dh.index_add_(0, rows, g @ src.weight[start:stop].to(self.acc))
-        if self.dw is not None:
-            self.dw[start:stop] += g.T @ src.hidden[rows].to(self.acc)
-        if self.db is not None:
-            self.db[start:stop] += g.sum(0)
-
-    def add_sparse(self, rows: torch.Tensor, cols: torch.Tensor, g: torch.Tensor) -> None:
-        """`g` [n, k]: gradient w.r.t. the final logits at columns `cols` [n, k] of each row."""
-        src = self.source
-        g = g.to(self.acc)
-        # Row chunks keep the gathered weight rows [r, K, H] within the tile budget.
-        for i in range(0, rows.shape[0], self.sparse_rows):
-            r, c, gi = rows[i:i + self.sparse_rows], cols[i:i + self.sparse_rows], g[i:i + self.sparse_rows]
-            if src.has_transform:  # the K logits again (K dot products per row) for the head's Jacobian
-                gi = gi * src.head_jacobian(src.gather(r, c).to(self.acc))
-            if self.dh is not None:
-                self.dh.index_add_(0, r, torch.einsum("rk,rkh->rh", gi, src.weight[c].to(self.acc)))
-            if self.dw is not None:
-                h = src.hidden[r].to(self.acc)
-                self.dw.index_add_(0, c.reshape(-1), (gi[:, :, None] * h[:, None, :]).reshape(-1, h.shape[1]))
-            if self.db is not None:
-                self.db.index_add_(0, c.reshape(-1), gi.reshape(-1))
-
-    def reduce_over(self, shard) -> None:
-        """dH sums the contributions of every vocabulary shard (column-parallel linear backward)."""
-        if self.dh is not None:
-            shard.all_reduce(self.dh)
-
-    def results(self, needs):
-        src = self.source
-        out = (self.dh, self.dw, self.db)
-        dtypes = (src.hidden.dtype, src.weight.dtype, src.bias.dtype if src.bias is not None else None)
-        return tuple(None if t is None else t.to(d) for t, d in zip(out, dtypes))
-
-
-def student_tensors(source) -> tuple:
-    """The differentiable tensors of the student source, in a fixed order."""
-    if isinstance(source, LogitsSource):
-        return (source.logits,)
-    return (source.hidden, source.weight, source.bias)
+    def release(self) -> None:
+        """Drop every tensor reference the engine holds (autograd holds the saved ones now): what the
+        backward reads comes back through `state`'s restore, nothing else survives the forward."""
+        tensors, restore = self.state()
+        restore([None] * len(tensors))
+        for res in self.results:
+            res.group = replace(res.group, pos=None)
+        self.rows = self.tokens = self.plan = None
 
 
 class FusedLoss(torch.autograd.Function):
-    """Autograd face of a `LossEngine`: inputs are the student's tensors, output the per-token loss."""
+    """Autograd face of a `LossEngine`: inputs are the student's tensors, output the per-token loss.
+    The backward state is saved with `save_for_backward`; `ctx` keeps only the engine's structure."""
 
     @staticmethod
-    def forward(ctx, engine: LossEngine, make_sink: Callable, *tensors):
-        ctx.engine, ctx.make_sink = engine, make_sink
-        return engine.forward()
+    def forward(ctx, engine: LossEngine, *tensors):
+        out = engine.forward()
+        saved, ctx.restore = engine.state()
+        ctx.save_for_backward(*saved)
+        engine.release()
+        ctx.engine = engine
+        return out
 
     @staticmethod
     def backward(ctx, grad_per_token):
@@ -327,22 +258,99 @@ class FusedLoss(torch.autograd.Function):
         # refuse it rather than return a gradient whose own derivative would silently be wrong.
         if torch.is_grad_enabled():
             raise RuntimeError(DOUBLE_BACKWARD_ERROR)
-        needs = ctx.needs_input_grad[2:]
-        sink = ctx.make_sink(needs)
-        ctx.engine.backward(grad_per_token, sink)
-        grads = sink.results(needs)
-        return (None, None, *(gr if need else None for gr, need in zip(grads, needs)))
+        ctx.restore(ctx.saved_tensors)
+        engine = ctx.engine
+        needs = ctx.needs_input_grad[1:]
+        grads = gradients.allocate(engine.student, needs)
+        engine.backward(grad_per_token, grads)
+        out = gradients.results(grads, engine.student)
+        return (None, *(gr if need else None for gr, need in zip(out, needs)))
 
 
-def run(engine: LossEngine, passes) -> torch.Tensor:
-    """Per-token loss [N]; differentiable with respect to the student when it requires grad."""
-    tensors = student_tensors(engine.student)
+class EagerFusedLoss(torch.autograd.Function):
+    """A scalar-reduced loss whose gradient is formed in the forward: the reduction's weights
+    d loss / d per_token are known before the loss is (`Reduction.weights`), so the gradient passes
+    run right after the value passes and the backward only scales their result by the upstream scalar.
+    Outputs: the reduced loss (differentiable) and the per-token loss (not differentiable)."""
+
+    @staticmethod
+    def forward(ctx, engine: LossEngine, reduction: Reduction, finish: Callable, *tensors):
+        per_token, dropped = finish(engine.forward())
+        weights = reduction.weights()
+        if dropped is not None:  # tokens the finish step overwrote (NaN-routed) pass no gradient
+            weights = weights.masked_fill(dropped, 0.0)
+        needs = ctx.needs_input_grad[3:]
+        grads = gradients.allocate(engine.student, needs)
+        engine.backward(weights, grads)
+        out = gradients.results(grads, engine.student)
+        ctx.present = [g is not None and need for g, need in zip(out, needs)]
+        ctx.save_for_backward(*(g for g, keep in zip(out, ctx.present) if keep))
+        ctx.mark_non_differentiable(per_token)
+        return reduction.value(per_token), per_token
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_per_token):
+        if torch.is_grad_enabled():
+            raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+        saved = iter(ctx.saved_tensors)
+        unit = bool(grad_loss == 1)  # the usual loss.backward(): hand over the saved gradients, no copy
+        grads = [(g if unit else g * grad_loss.to(g.dtype)) if keep else None
+                 for keep, g in ((keep, next(saved) if keep else None) for keep in ctx.present)]
+        return (None, None, None, *grads)
+
+
+def run(engine: LossEngine, reduction: Reduction, finish: Callable) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(reduced loss, per-token loss [N]) of a call; the loss is differentiable with respect to the
+    student when it requires grad. `finish(per_token) -> (per_token, overwritten rows or None)` is the
+    entry point's last step on the per-token loss. Scalar reductions form the gradient eagerly
+    (`EagerFusedLoss`); reduction="none" defers it to the backward, exact for any upstream gradient."""
+    tensors = gradients.student_tensors(engine.student)
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
-        return engine.forward()
+        per_token = finish(engine.forward())[0]
+        return reduction.value(per_token), per_token
+    if reduction.weights() is not None:
+        return EagerFusedLoss.apply(engine, reduction, finish, *tensors)
+    per_token = finish(FusedLoss.apply(engine, *tensors))[0]
+    return reduction.value(per_token), per_token.detach()
 
-    def make_sink(needs):
-        if isinstance(engine.student, LogitsSource):
-            return LogitsGradSink(engine.student.logits)
-        return LinearGradSink(engine.student, needs, passes.sparse_rows(engine.student, engine.settings.top_k))
 
-    return FusedLoss.apply(engine, make_sink, *tensors)
+# -- entry points ------------------------------------------------------------------------------------------
+
+
+def dopd(passes: Passes, student, teacher, priv, tokens: torch.Tensor, valid: torch.Tensor, cfg, thresholds,
+         reduction: Reduction, shard: Optional[VocabShard] = None, routing_group=None):
+    """(reduced loss, per-token DOPD loss [N], routing) over the sources of the valid and masked rows."""
+    sources = (student, teacher, priv)
+    passes = passes.select(sources, cfg.top_k)
+    rows = valid.nonzero()[:, 0]
+    plan, routing = dopd_plan(cfg, rows, valid, thresholds, routing_group)
+    engine = LossEngine(passes, sources, tokens, valid, settings_of(cfg), dopd_topk_streams(cfg), plan, shard)
+
+    def finish(per_token: torch.Tensor):
+        bad = nan_routed(routing)
+        return torch.where(bad, torch.full_like(per_token, float("nan")), per_token), bad
+
+    loss, per_token = run(engine, reduction, finish)
+    return loss, per_token, routing
+
+
+def opd(passes: Passes, student, teacher, tokens: torch.Tensor, valid: torch.Tensor, cfg, reduction: Reduction,
+        shard: Optional[VocabShard] = None):
+    """(reduced loss, per-token OPD loss [N])."""
+    sources = (student, teacher)
+    passes = passes.select(sources, cfg.top_k if cfg.granularity == "topk" else 1)
+    engine = LossEngine(passes, sources, tokens, valid, settings_of(cfg), opd_topk_streams(cfg), opd_plan(cfg), shard)
+    return run(engine, reduction, lambda per_token: (per_token, None))
+
+
+def token_logprobs(passes: Passes, source, tokens: torch.Tensor, valid: torch.Tensor,
+                   shard: Optional[VocabShard] = None) -> torch.Tensor:
+    """log π(y) [N] in the compute dtype (0 where not valid); no gradient."""
+    passes = passes.select((source,), 1)
+    engine = LossEngine(passes, (source,), tokens, valid, TermSettings(1, 0.5, "student", True, source.temperature),
+                        (), lambda stats: [], shard)
+    out = torch.zeros(valid.shape[0], dtype=source.dtype, device=valid.device)
+    with torch.no_grad():
+        stats = engine.run_stats_pass()
+    out[engine.rows] = (stats.logit_y[STUDENT].to(torch.float64) - stats.lse[STUDENT].to(torch.float64)).to(out.dtype)
+    return out

@@ -15,6 +15,7 @@ A non-finite statistic therefore never moves the thresholds, and never re-routes
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
@@ -131,3 +132,34 @@ def route(
     a, qt, qp = routing_statistics(teacher_logprob, priv_student_logprob)
     thresholds = coerce_thresholds(thresholds) or batch_thresholds(a, qt, qp, valid_mask, config.trim, routing_group)
     return assign_regimes(a, qt, qp, valid_mask, thresholds), thresholds
+
+
+@dataclass
+class Routing:
+    """Per-token routing outputs [N] (float64 statistics, 0 where not valid) and thresholds."""
+
+    regime: torch.Tensor
+    adv_gap: torch.Tensor
+    q_teacher: torch.Tensor
+    q_priv_student: torch.Tensor
+    thresholds: Thresholds
+
+
+def empty_routing(valid: torch.Tensor, thresholds: Optional[Thresholds]) -> Routing:
+    """Routing of a call before its statistics are known: every token ignored, statistics 0."""
+    zeros = torch.zeros(valid.shape[0], dtype=torch.float64, device=valid.device)
+    regime = torch.full(valid.shape, int(Regime.IGNORED), dtype=torch.int8, device=valid.device)
+    if thresholds is None:
+        thresholds = Thresholds(*(torch.zeros((), dtype=torch.float64) for _ in range(3)))
+    return Routing(regime, zeros, zeros.clone(), zeros.clone(), thresholds)
+
+
+def nan_routed(routing: Routing) -> torch.Tensor:
+    """Tokens [N] whose routing statistics are NaN: their loss is NaN, since a NaN teacher row must
+    show in the loss even where the token's term only reads the other streams."""
+    return nan_tokens(routing.adv_gap, routing.q_teacher, routing.q_priv_student)
+
+
+def poison_nan_routed(per_token: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """The per-token loss with NaN at the `nan_routed` tokens."""
+    return torch.where(nan_routed(routing), torch.full_like(per_token, float("nan")), per_token)

@@ -5,7 +5,7 @@ modules parametrize the same functions over their backends:
     from hardening_checks import PRECISION_CASES, check_large_logits, check_nonfinite_routing, ...
 
 Precision (issue 15 points 5/7): log-probabilities are formed against a float64 log-sum-exp
-(`Stats.lse`, `engine.split_lse`), so fp32 results stay at fp32's relative precision however large the
+(`Stats.lse`, `passes.split_lse`), so fp32 results stay at fp32's relative precision however large the
 logits are. Tolerances are the peers' (Liger's JSD kernel: ~1.6e-6 of the gradient's scale at
 N(0, 40²); ~1e-7 relative on the loss at a 1e4 offset), with a small margin.
 """

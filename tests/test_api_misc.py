@@ -68,8 +68,9 @@ def test_no_grad(backend):
 
 def test_no_grad_does_no_gradient_work(monkeypatch):
     calls = []
-    real = TorchBackend.grad_pass
-    monkeypatch.setattr(TorchBackend, "grad_pass", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    for name in ("full_grad_pass", "term_grad_pass"):
+        real = getattr(TorchBackend, name)
+        monkeypatch.setattr(TorchBackend, name, lambda self, *a, _real=real, **k: calls.append(1) or _real(self, *a, **k))
     zs, zt, zp = correlated_logits(12, 17)
     y = random_tokens(12, 17)
     s = leaf(zs)
@@ -293,3 +294,66 @@ def test_torch_compile_step_breaks_once_around_the_loss(backend):
     assert_close(compiled, eager, rtol=1e-6, what="loss")
     assert_close(a.grad, ga, rtol=1e-6, what="d(step)/da through the loss")
     assert_close(w.grad, gw, rtol=1e-6, what="dW")
+
+
+@pytest.mark.parametrize("mode", ["logits", "fused-linear"])
+def test_in_place_change_between_forward_and_backward(mode):
+    """reduction="none" defers the gradient to the backward, whose state goes through save_for_backward:
+    a tensor it reads (the student's or a frozen stream's) changed in place after the forward makes
+    backward fail, as for any autograd op, instead of silently mixing old statistics with new weights.
+    A scalar reduction forms its gradient in the forward: the backward then returns the gradient at the
+    forward's inputs, whatever happened to them since."""
+    y = random_tokens(12, 40)
+    for reduction in ("none", "mean"):
+        cfg = DOPDConfig(top_k=4, reduction=reduction)
+        for changed in ("student", "teacher"):
+            if mode == "logits":
+                zs, zt, zp = correlated_logits(12, 40)
+                s = leaf(zs)
+                call = lambda: dopd_loss(s, zt, zp, y, config=cfg, backend="torch")  # noqa: E731
+                target, grad_of = (s if changed == "student" else zt), s
+            else:
+                t = linear_streams(12, 8, 40)
+                w = leaf(t["student_weight"])
+                call = lambda: fused_linear_dopd_loss(t["student_hidden"], w, t["teacher_hidden"],  # noqa: E731
+                                                      t["teacher_weight"], t["priv_student_hidden"], y, config=cfg,
+                                                      backend="torch")
+                target, grad_of = (w if changed == "student" else t["teacher_weight"]), w
+            expected = torch.autograd.grad(call().loss.sum(), grad_of)[0]
+            out = call()
+            with torch.no_grad():
+                target.mul_(1.5)
+            if reduction == "none":
+                with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                    out.loss.sum().backward()
+            else:
+                out.loss.backward()
+                assert_close(grad_of.grad, expected, rtol=1e-6, what="eager gradient at the forward's inputs")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "seq_mean", "sum", "none"])
+def test_gradient_is_eager_for_scalar_reductions_and_deferred_otherwise(reduction, monkeypatch):
+    """Scalar reductions know d loss / d per-token loss before the loss exists: the gradient passes run in
+    the forward and the backward only scales their result. reduction="none" runs them in the backward,
+    exact for an arbitrary upstream gradient (here per-token weights). Both match the float64 reference."""
+    calls = []
+    for name in ("full_grad_pass", "term_grad_pass"):
+        real = getattr(TorchBackend, name)
+        monkeypatch.setattr(TorchBackend, name, lambda self, *a, _real=real, **k: calls.append(1) or _real(self, *a, **k))
+    zs, zt, zp = correlated_logits((3, 6), 50)
+    y = random_tokens((3, 6), 50)
+    cfg = DOPDConfig(top_k=5, trim=0.1, reduction=reduction)
+    weights = torch.rand(3, 6, dtype=torch.float64) + 0.5
+    grads = {}
+    for backend, dtype in (("torch", torch.float32), ("reference", torch.float64)):
+        s = leaf(zs, dtype)
+        out = dopd_loss(s, zt.to(dtype), zp.to(dtype), y, config=cfg, backend=backend)
+        if backend == "torch":
+            assert bool(calls) == (reduction != "none"), "gradient passes ran at the wrong time"
+        loss = (out.loss * weights.to(dtype)).sum() if reduction == "none" else 3.0 * out.loss
+        loss.backward()
+        if backend == "torch":
+            assert calls, "no gradient pass ran"
+        grads[backend] = s.grad
+    scale = float(grads["reference"].abs().max())
+    assert_close(grads["torch"], grads["reference"], rtol=1e-5, atol=1e-6 * scale, what="gradient")

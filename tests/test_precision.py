@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dopd_kernels import TorchBackend
-from dopd_kernels.engine import split_lse
+from dopd_kernels.passes import split_lse
 from hardening_checks import PRECISION_CASES, check_dopd_large_logits, check_large_logits
 
 BACKENDS = ["torch", TorchBackend(row_chunk=7, vocab_chunk=300)]

@@ -55,7 +55,7 @@ from dopd_kernels import (DOPDConfig, LMHead, dopd_loss, fused_linear_dopd_loss,
 from dopd_kernels.backends import available_backends, resolve_backend  # noqa: E402
 from dopd_kernels.backends import triton_backend  # noqa: E402
 from dopd_kernels.backends.triton_backend import MAX_TOPK, TritonBackend  # noqa: E402
-from dopd_kernels.engine import LogitsGradSink  # noqa: E402
+from dopd_kernels.passes import Grads  # noqa: E402
 from dopd_kernels.sources import LinearSource, LogitsSource  # noqa: E402
 
 # The interpreter evaluates discarded branches of tl.where on -inf columns (numpy warns; GPUs do not).
@@ -111,7 +111,8 @@ def test_dopd_no_grad_does_no_gradient_work(device, monkeypatch):
     def fail(*a, **k):
         raise AssertionError("gradient pass ran under no_grad")
 
-    monkeypatch.setattr(TritonBackend, "grad_pass", fail)
+    monkeypatch.setattr(TritonBackend, "full_grad_pass", fail)
+    monkeypatch.setattr(TritonBackend, "term_grad_pass", fail)
     with torch.no_grad():
         out = dopd_loss(s, zt, zp, y, config=DOPDConfig(top_k=8), backend=TB)
     assert not out.loss.requires_grad
@@ -460,11 +461,11 @@ def test_dense_gradient_with_an_overflowing_coefficient_has_no_nan(device):
     src = LogitsSource(z, valid_vocab=vv)
     rows = torch.arange(n, device=device)
     lse = torch.logsumexp(z[:, :vv].double(), 1)
-    sink = LogitsGradSink(z)
+    sink = Grads(logits=torch.zeros_like(z))
     coef = torch.full((n,), 1e39, dtype=torch.float64, device=device)  # inf in fp32
     TB._grad_tiles(src, src, rows, lse, lse, coef, torch.ones(n, dtype=torch.float64, device=device),
                    TB._div.DENSE, 0.5, sink)
-    g = sink.grad
+    g = sink.logits
     assert not torch.isnan(g).any()
     assert (g[:, vv:] == 0).all() and (g[:, 5] == 0).all()
     assert torch.isinf(g[:, :5]).all()  # p > 0: p · inf

@@ -11,6 +11,7 @@ from typing import Callable, Dict, List, Union
 
 import torch
 
+from ..passes import Passes
 from .compiled import CppBackend, CudaBackend
 from .reference import ReferenceBackend
 from .torch_chunked import TorchBackend
@@ -59,7 +60,9 @@ def available_backends() -> List[str]:
 def resolve_backend(backend: Union[str, object], device: torch.device):
     """The backend object for a `backend=` argument and the inputs' device."""
     if not isinstance(backend, str):
-        if not all(hasattr(backend, m) for m in ("dopd", "opd", "token_logprobs")):
+        # A pass backend (`passes.Passes`, e.g. TorchBackend(row_chunk=512)) runs under the engine; any other
+        # object must provide the entry points itself, as the reference backend does.
+        if not (isinstance(backend, Passes) or all(hasattr(backend, m) for m in ("dopd", "opd", "token_logprobs"))):
             raise TypeError(f"backend must be a name or a backend object, got {type(backend).__name__}")
         return backend
     if backend == "auto":

@@ -1,17 +1,17 @@
 """The compiled backends `cpp` (C++/OpenMP, CPU tensors) and `cuda` (CUDA kernels, GPU tensors).
 
-Both run the passes of `engine.py` in the extension built from `csrc/` (see `_build.py`): the
+Both run the passes of `passes.Passes` in the extension built from `csrc/` (see `_build.py`): the
 O(N·V) loops — online log-sum-exp, top-K, divergence sums, gradient tiles with the explicit columns
 folded in, and in fused-linear mode the tile matmuls and the dH/dW contraction — happen there, as do
 the K-column gathers, and on CPU the fused-linear contraction of renormalized top-K gradients and
 the tail-bucket pass `rest_logsumexp` (sampled forward KL / JS, top-K with `topk_renorm=False`; the
-`cuda` backend inherits the tiled PyTorch pass of `PassBackend` for it). The O(N·K) work
+`cuda` backend inherits the tiled PyTorch pass of `backends/base.py` for it). The O(N·K) work
 (`row_terms.py`, routing) stays in the shared Python code.
 
 Fused-linear streams carry their output-head transform (`LinearSource.scale`, `.softcap`) into the
 kernels, which apply it in the tile epilogue and multiply gradient tiles by its jacobian. The stats
 pass returns each row's max and `log Σ exp(z − max)` separately, added here in float64 (`Stats.lse`);
-the other passes receive a log-sum-exp as the (hi, lo) pair of `engine.split_lse`. Tensors of any
+the other passes receive a log-sum-exp as the (hi, lo) pair of `passes.split_lse`. Tensors of any
 strides are read in place (a transposed logits tensor, gradient buffer or weight is never copied).
 """
 
@@ -22,8 +22,10 @@ from typing import Sequence
 import torch
 
 from .._build import load_extension
+from .. import gradients
 from ..codes import Divergence
-from ..engine import STUDENT, Group, LinearGradSink, LogitsGradSink, Stats, split_lse
+from ..passes import STUDENT, Grads, Stats, split_lse
+from ..row_terms import RowTerm
 from ..sources import LogitsSource
 from .base import PassBackend
 
@@ -37,6 +39,9 @@ class CompiledBackend(PassBackend):
 
     name = "compiled"
     _kind = "cpu"
+    # The CPU extension also has a tail-bucket pass and the fused-linear sparse contraction; the CUDA
+    # one leaves both to the PyTorch defaults (`PassBackend.rest_logsumexp`, `gradients.add_sparse`).
+    _cpu_only_passes = True
 
     def __init__(self, row_chunk: int = 2048, vocab_chunk: int = 1024):
         if row_chunk < 1 or vocab_chunk < 1:
@@ -60,10 +65,8 @@ class CompiledBackend(PassBackend):
         """A float64 log-sum-exp [n] as the kernels take it: the rows (hi, lo) [2, n] of `split_lse`."""
         return torch.stack(split_lse(lse, dtype))
 
-    def sparse_rows(self, source, k: int) -> int:
-        """Rows per chunk when the shared sink gathers K weight rows of width H per row."""
-        width = source.hidden.shape[1] if hasattr(source, "hidden") else 1
-        return max(1, (self.row_chunk * self.vocab_chunk) // max(1, k * width))
+    def tile_shape(self) -> tuple:
+        return self.row_chunk, self.vocab_chunk
 
     @torch.no_grad()
     def gather(self, source, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -71,7 +74,7 @@ class CompiledBackend(PassBackend):
 
     @torch.no_grad()
     def rest_logsumexp(self, source, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        if not hasattr(self._ops, "rest_lse_pass"):
+        if not self._cpu_only_passes:
             return super().rest_logsumexp(source, rows, cols)
         mx, log_sum = self._ops.rest_lse_pass(self._stream(source), rows.contiguous(), cols, self._tiling)
         return mx.double() + log_sum.double()
@@ -98,37 +101,34 @@ class CompiledBackend(PassBackend):
                                          self._split(lse_s, dt), self._split(lse_t, dt), KIND_CODES[kind], beta, self._tiling)
 
     @torch.no_grad()
-    def grad_pass(self, engine, g: Group, rows: torch.Tensor, scale: torch.Tensor, sink) -> None:
-        student, term = engine.student, g.term
-        if term is not None and term.dense is None:  # renormalized top-K: only K logits move
-            coef = (term.sparse * scale[:, None]).to(student.dtype)
-            if isinstance(sink, LinearGradSink) and hasattr(self._ops, "sparse_grad"):
-                self._ops.sparse_grad(self._stream(student), rows.contiguous(), term.cols, coef, sink.dh, sink.dw, sink.db)
-            else:
-                sink.add_sparse(rows, term.cols, coef)
-            return
-        grad_logits, dh, dw, db = _sink_tensors(sink)
-        lse_s = self._split(engine.stats.lse[STUDENT][g.pos], student.dtype)
-        common = dict(kind=KIND_CODES[g.divergence], beta=engine.settings.js_beta, tiling=self._tiling,
-                      grad_logits=grad_logits, dh=dh, dw=dw, db=db)
+    def full_grad_pass(self, student, target, rows, lse_s, lse_t, c, kind: str, beta: float, scale: torch.Tensor,
+                       grads: Grads) -> None:
+        dt = student.dtype
+        self._ops.grad_pass(self._stream(student), self._stream(target), rows.contiguous(), self._split(lse_s, dt),
+                            self._split(lse_t, dt), c, None, None, None, False, scale,
+                            **self._grad_args(kind, beta, grads))
+
+    @torch.no_grad()
+    def term_grad_pass(self, student, rows, lse_s, term: RowTerm, scale: torch.Tensor, grads: Grads) -> None:
         rows = rows.contiguous()
-        if term is None:  # full vocabulary
-            lse_t = self._split(engine.stats.lse[g.target][g.pos], student.dtype)
-            self._ops.grad_pass(self._stream(student), self._stream(engine.sources[g.target]), rows, lse_s, lse_t,
-                                g.full_c, None, None, None, False, scale, **common)
-        else:  # p·dense everywhere; on the explicit columns their whole gradient, or the sparse part added
-            explicit = term.explicit is not None
-            self._ops.grad_pass(self._stream(student), None, rows, lse_s, None, None, term.dense, term.cols,
-                                term.explicit if explicit else term.sparse, explicit, scale, **common)
+        if term.dense is None:  # renormalized top-K: only K logits move
+            coef = (term.sparse * scale[:, None]).to(student.dtype)
+            if grads.logits is None and self._cpu_only_passes:
+                self._ops.sparse_grad(self._stream(student), rows, term.cols, coef, grads.dh, grads.dw, grads.db)
+            else:
+                gradients.add_sparse(grads, student, rows, term.cols, coef, self.sparse_rows(student, term.cols.shape[1]))
+            return
+        # p·dense everywhere; on the explicit columns their whole gradient, or the sparse part added
+        explicit = term.explicit is not None
+        self._ops.grad_pass(self._stream(student), None, rows, self._split(lse_s, student.dtype), None, None, term.dense,
+                            term.cols, term.explicit if explicit else term.sparse, explicit, scale,
+                            **self._grad_args("reverse_kl", 0.5, grads))  # kind and β: unused by dense terms
 
-
-def _sink_tensors(sink):
-    """(grad_logits, dh, dw, db) of the engine's gradient sinks; the kernels write into them directly."""
-    if isinstance(sink, LogitsGradSink):
-        return sink.grad, None, None, None
-    if isinstance(sink, LinearGradSink):
-        return None, sink.dh, sink.dw, sink.db
-    raise TypeError(f"compiled backends need the engine's gradient sinks, got {type(sink).__name__}")
+    def _grad_args(self, kind: str, beta: float, grads: Grads) -> dict:
+        """Keyword arguments of the extension's `grad_pass`: the divergence code, β, the tiling and the
+        gradient buffers the kernels write into."""
+        return dict(kind=KIND_CODES[kind], beta=beta, tiling=self._tiling,
+                    grad_logits=grads.logits, dh=grads.dh, dw=grads.dw, db=grads.db)
 
 
 class CppBackend(CompiledBackend):
@@ -146,6 +146,7 @@ class CudaBackend(CompiledBackend):
 
     name = "cuda"
     _kind = "cuda"
+    _cpu_only_passes = False
 
     def supports(self, device: torch.device) -> bool:
         return torch.device(device).type == "cuda"

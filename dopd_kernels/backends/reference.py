@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from .base import Routing, poison_nan_routed
+from ..routing import Routing, poison_nan_routed
 
 
 class ReferenceBackend:

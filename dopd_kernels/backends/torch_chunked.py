@@ -1,4 +1,4 @@
-"""The `torch` backend: the passes of `engine.py` as vocabulary-blocked PyTorch, for any device.
+"""The `torch` backend: the passes of `passes.Passes` as vocabulary-blocked PyTorch, for any device.
 
 Work is tiled into `[row_chunk, vocab_chunk]` blocks; the largest temporary of any pass is a few
 tiles of that size (and, in fused-linear mode, `[r, K, H]` weight gathers bounded by the same
@@ -11,8 +11,10 @@ from typing import Sequence
 
 import torch
 
+from .. import gradients
 from ..divergences import divergence, kl, log_mixture
-from ..engine import STUDENT, Group, Stats, split_lse
+from ..passes import STUDENT, Grads, Stats, split_lse
+from ..row_terms import RowTerm
 from .base import PassBackend
 
 NEG_INF = float("-inf")
@@ -93,10 +95,8 @@ class TorchBackend(PassBackend):
         for c in range(0, v, self.vocab_chunk):
             yield c, min(c + self.vocab_chunk, v)
 
-    def sparse_rows(self, source, k: int) -> int:
-        """Rows per chunk when gathering K weight rows of width H per row."""
-        width = source.hidden.shape[1] if hasattr(source, "hidden") else 1
-        return max(1, (self.row_chunk * self.vocab_chunk) // max(1, k * width))
+    def tile_shape(self) -> tuple:
+        return self.row_chunk, self.vocab_chunk
 
     def gather(self, source, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         step = self.sparse_rows(source, cols.shape[1])
@@ -145,31 +145,39 @@ class TorchBackend(PassBackend):
             c = value.clone()
         return value, c
 
-    def grad_pass(self, engine, g: Group, rows: torch.Tensor, scale: torch.Tensor, sink) -> None:
-        """Gradient tiles of one group's rows, scaled per row by `scale` (upstream · weight / τ)."""
-        student, target = engine.student, engine.sources[g.target]
-        hs, ls = split_lse(engine.stats.lse[STUDENT][g.pos], student.dtype)
-        ht, lt = split_lse(engine.stats.lse[g.target][g.pos], target.dtype)
-        term, dt = g.term, student.dtype
-        if term is not None and term.dense is None:  # renormalized top-K: only K logits move
-            sink.add_sparse(rows, term.cols, (term.sparse * scale[:, None]).to(dt))
-            return
+    def full_grad_pass(self, student, target, rows, lse_s, lse_t, c, kind: str, beta: float, scale: torch.Tensor,
+                       grads: Grads) -> None:
+        """Gradient tiles of full-vocabulary rows, scaled per row by `scale` (upstream · weight / τ)."""
+        (hs, ls), (ht, lt), dt = split_lse(lse_s, student.dtype), split_lse(lse_t, target.dtype), student.dtype
         for sl in self._row_chunks(rows.shape[0]):
             r, sc = rows[sl], scale[sl, None].to(dt)
             for c0, c1 in self._vocab_blocks(student):
                 z = student.tile(r, c0, c1)
                 lp = _log_softmax_tile(z, hs[sl], ls[sl])
-                p = lp.exp()
-                if term is None:
-                    lq = _log_softmax_tile(target.tile(r, c0, c1), ht[sl], lt[sl])
-                    grad = self._full_tile_grad(lp, p, lq, g.full_c[sl, None].to(dt), g.divergence, engine.settings.js_beta)
+                lq = _log_softmax_tile(target.tile(r, c0, c1), ht[sl], lt[sl])
+                grad = self._full_tile_grad(lp, lp.exp(), lq, c[sl, None].to(dt), kind, beta)
+                gradients.add_tile(grads, student, r, c0, grad * sc, z)  # z: the head's Jacobian
+
+    def term_grad_pass(self, student, rows, lse_s, term: RowTerm, scale: torch.Tensor, grads: Grads) -> None:
+        """Gradient of few-column terms: `p_v · dense` tiles with the explicit columns written or the
+        sparse ones added; a renormalized top-K (no dense part) moves only its K logits."""
+        dt = student.dtype
+        if term.dense is None:
+            gradients.add_sparse(grads, student, rows, term.cols, (term.sparse * scale[:, None]).to(dt),
+                                 self.sparse_rows(student, term.cols.shape[1]))
+            return
+        hs, ls = split_lse(lse_s, dt)
+        for sl in self._row_chunks(rows.shape[0]):
+            r, sc = rows[sl], scale[sl, None].to(dt)
+            for c0, c1 in self._vocab_blocks(student):
+                z = student.tile(r, c0, c1)
+                p = _log_softmax_tile(z, hs[sl], ls[sl]).exp()
+                grad = _times_dense(p, z, hs[sl], ls[sl], term.dense[sl, None], dt)
+                if term.explicit is not None:
+                    self._write_explicit(grad, term.cols[sl], term.explicit[sl].to(dt), c0)
                 else:
-                    grad = _times_dense(p, z, hs[sl], ls[sl], term.dense[sl, None], dt)
-                    if term.explicit is not None:
-                        self._write_explicit(grad, term.cols[sl], term.explicit[sl].to(dt), c0)
-                    else:
-                        self._fold_sparse(grad, term.cols[sl], term.sparse[sl].to(dt), c0)
-                sink.add_tile(r, c0, grad * sc, z)  # z: the sink's head Jacobian (fused-linear transforms)
+                    self._fold_sparse(grad, term.cols[sl], term.sparse[sl].to(dt), c0)
+                gradients.add_tile(grads, student, r, c0, grad * sc, z)
 
     @staticmethod
     def _full_tile_grad(lp, p, lq, c, kind: str, beta: float) -> torch.Tensor:

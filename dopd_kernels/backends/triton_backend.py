@@ -1,14 +1,14 @@
-"""The `triton` backend: the passes of `engine.py` as Triton kernels (`dopd_kernels/kernels/`).
+"""The `triton` backend: the passes of `passes.Passes` as Triton kernels (`dopd_kernels/kernels/`).
 
 Flow (DESIGN.md section 4; the O(N) and O(N·K) steps are shared with every backend):
 
 1. stats pass — `kernels.stats.stats_kernel`, one launch for all streams: the row max and
    log Σ exp(z − max) (added here in float64 into `Stats.lse`), sampled logit and the running top-K
    of the valid rows.
-2. routing / planning — `backends/base.py` on the `[N]` statistics (float64, O(N)).
+2. routing / planning — `plan.py` on the `[N]` statistics (float64, O(N)).
 3. values — full-vocabulary rows (DOPD's HT rows, full OPD) are compacted to their row ids and run
    through `kernels.divergence.full_value_kernel`; top-K and sampled rows use `[n, K]` gathers and
-   `row_terms.py`. The fp32 kernels receive each float64 log-sum-exp as `engine.split_lse`'s
+   `row_terms.py`. The fp32 kernels receive each float64 log-sum-exp as `passes.split_lse`'s
    (hi, lo) pair and form log p = (z − hi) − lo.
 4. backward — `kernels.divergence.grad_kernel` forms the gradient tiles of full rows (and the dense
    `p·dense` part of sampled / tail-bucket rows); in logits mode it stores them into the student
@@ -90,7 +90,9 @@ from typing import Optional, Sequence
 import torch
 import triton  # noqa: F401  (fails here, so the registry reports the backend as unavailable)
 
-from ..engine import STUDENT, Group, LinearGradSink, LogitsGradSink, Stats, split_lse
+from .. import gradients
+from ..passes import STUDENT, Grads, Stats, split_lse
+from ..row_terms import RowTerm
 from ..sources import LinearSource, LogitsSource
 from .base import PassBackend
 from .torch_chunked import TorchBackend
@@ -221,25 +223,14 @@ class TritonBackend(PassBackend):
         return (f"TritonBackend(block_n={self.block_n}, block_v={self.block_v}, block_h={self.block_h}, "
                 f"deterministic={self.deterministic})")
 
-    # -- entry points (float64 inputs and top-K > MAX_TOPK: the torch backend) ------------------------
+    # -- delegation (float64 inputs and top-K > MAX_TOPK: the torch backend) -------------------------
 
-    def _impl(self, sources: Sequence, top_k: int):
+    def select(self, sources: Sequence, top_k: int):
         """This backend, or the torch one for float64 inputs and for a top-K the kernels cannot keep."""
         student = sources[0]
         if student.dtype == torch.float64 or _pow2(min(top_k, student.effective_vocab)) > self._topk_width(sources):
             return self._fallback
-        return super()
-
-    def dopd(self, student, teacher, priv, tokens, valid, cfg, thresholds, **kw):
-        impl = self._impl((student, teacher, priv), cfg.top_k)
-        return impl.dopd(student, teacher, priv, tokens, valid, cfg, thresholds, **kw)
-
-    def opd(self, student, teacher, tokens, valid, cfg, **kw):
-        top_k = cfg.top_k if cfg.granularity == "topk" else 1
-        return self._impl((student, teacher), top_k).opd(student, teacher, tokens, valid, cfg, **kw)
-
-    def token_logprobs(self, source, tokens, valid, **kw):
-        return self._impl((source,), 1).token_logprobs(source, tokens, valid, **kw)
+        return self
 
     # -- configuration -----------------------------------------------------------------------------
 
@@ -319,11 +310,9 @@ class TritonBackend(PassBackend):
 
     # -- passes ------------------------------------------------------------------------------------
 
-    def sparse_rows(self, source, k: int) -> int:
-        """Rows per chunk of `[rows, K, H]` weight gathers, for the engine's `LinearGradSink` (this
-        backend contracts sparse gradients with `kernels.sparse` and never calls it)."""
-        width = source.hidden.shape[1] if isinstance(source, LinearSource) else 1
-        return max(1, (1 << 22) // max(1, k * width))
+    def tile_shape(self) -> tuple:
+        """Tiles of the PyTorch defaults this backend uses (logits-mode sparse scatters only)."""
+        return 1024, 4096
 
     def _sparse_block_h(self, source, k_pad: int) -> int:
         """H chunk of the sparse kernels: a `[K_PAD, BLOCK_H]` weight block of at most 4K elements
@@ -350,12 +339,12 @@ class TritonBackend(PassBackend):
             return source.gather(rows, cols)
         return self._gather(source, rows, cols)[0]
 
-    def _add_sparse(self, sink, source, rows: torch.Tensor, cols: torch.Tensor, g: torch.Tensor) -> None:
+    def _add_sparse(self, grads: Grads, source, rows: torch.Tensor, cols: torch.Tensor, g: torch.Tensor) -> None:
         """Sparse gradient `g` [n, k] (with respect to the final logits) at `cols`: a scatter into the
         logit gradient, or in fused-linear mode, times the head jacobian, contracted into dH / dW /
         db by `kernels.sparse` (dW / db by `sparse_dw_kernel` when deterministic)."""
-        if isinstance(sink, LogitsGradSink):
-            sink.add_sparse(rows, cols, g)
+        if grads.logits is not None:
+            gradients.add_sparse(grads, source, rows, cols, g, rows.shape[0])
             return
         n, k = cols.shape
         if n == 0:
@@ -365,7 +354,7 @@ class TritonBackend(PassBackend):
         if head_code(source):
             g = g * self._gather(source, rows, cols, want_jac=True)[1]
         dummy = g = g.contiguous()
-        dh, dw, db = sink.dh, sink.dw, sink.db
+        dh, dw, db = grads.dh, grads.dw, grads.db
         det = self._deterministic
         k_pad = _pow2(k)
         block_h = self._sparse_block_h(source, k_pad)
@@ -465,34 +454,35 @@ class TritonBackend(PassBackend):
                      UPCAST_MASK=upcast, HEAD_MASK=head)
         return value.double(), c.double()
 
-    def grad_pass(self, engine, g: Group, rows: torch.Tensor, scale: torch.Tensor, sink) -> None:
-        """Gradient of one group's rows, scaled per row by `scale` (upstream · weight / τ)."""
-        student, target = engine.student, engine.sources[g.target]
-        lse_s, lse_t = engine.stats.lse[STUDENT][g.pos], engine.stats.lse[g.target][g.pos]
-        term = g.term
-        if term is not None and term.dense is None:  # renormalized top-K: only K logits move
-            self._add_sparse(sink, student, rows, term.cols, term.sparse * scale[:, None])
+    def full_grad_pass(self, student, target, rows, lse_s, lse_t, c, kind: str, beta: float, scale: torch.Tensor,
+                       grads: Grads) -> None:
+        """Gradient of full-vocabulary rows, scaled per row by `scale` (upstream · weight / τ)."""
+        self._grad_tiles(student, target, rows, lse_s, lse_t, c, scale, self._div.KINDS[kind], beta, grads)
+
+    def term_grad_pass(self, student, rows, lse_s, term: RowTerm, scale: torch.Tensor, grads: Grads) -> None:
+        """Gradient of few-column terms: renormalized top-K on its K columns (`kernels.sparse`), otherwise
+        `p·dense` tiles from `grad_kernel` plus the explicit or sparse columns."""
+        if term.dense is None:  # renormalized top-K: only K logits move
+            self._add_sparse(grads, student, rows, term.cols, term.sparse * scale[:, None])
             return
-        kind = self._div.DENSE.value if term is not None else self._div.KINDS[g.divergence]
-        coef = term.dense if term is not None else g.full_c
-        explicit = None if term is None else term.explicit
-        logits = isinstance(sink, LogitsGradSink)
+        explicit = term.explicit
+        logits = grads.logits is not None
         in_kernel = explicit is not None and not logits
-        self._grad_tiles(student, target, rows, lse_s, lse_t, coef, scale, kind, engine.settings.js_beta, sink,
+        self._grad_tiles(student, student, rows, lse_s, lse_s, term.dense, scale, self._div.DENSE.value, 0.5, grads,
                          (term.cols, explicit) if in_kernel else None)
-        if term is None or in_kernel:
+        if in_kernel:
             return
         if explicit is not None:
             # Logits mode: the explicit columns get their whole gradient in one O(n·k) write over the
             # kernel's p·dense there (a row's explicit columns are distinct).
             # Columns marked -1 belong to another vocabulary shard.
             mine = term.cols >= 0
-            sink.grad[rows[:, None].expand_as(term.cols)[mine], term.cols[mine]] = \
-                (explicit * scale[:, None])[mine].to(sink.grad.dtype)
+            grads.logits[rows[:, None].expand_as(term.cols)[mine], term.cols[mine]] = \
+                (explicit * scale[:, None])[mine].to(grads.logits.dtype)
         else:  # sampled reverse KL: d·(δ_vy − p_v), the sparse d at y added to p·dense (no cancellation)
-            self._add_sparse(sink, student, rows, term.cols, term.sparse * scale[:, None])
+            self._add_sparse(grads, student, rows, term.cols, term.sparse * scale[:, None])
 
-    def _grad_tiles(self, student, target, rows, lse_s, lse_t, coef, scale, kind: int, beta: float, sink,
+    def _grad_tiles(self, student, target, rows, lse_s, lse_t, coef, scale, kind: int, beta: float, grads: Grads,
                     explicit=None) -> None:
         """Launch `grad_kernel` (and `grad_dw_kernel` when deterministic); `explicit` = (cols [n, k],
         whole gradient [n, k] before `scale`) or None."""
@@ -513,11 +503,10 @@ class TritonBackend(PassBackend):
         flags = dict(KIND=kind, EXPLICIT=explicit is not None, BIAS_MASK=bias, UPCAST_MASK=upcast, HEAD_MASK=head)
         scratch = None
         if linear:
-            assert isinstance(sink, LinearGradSink)
             splits = self.vocab_splits or self._vocab_splits(dev, row_blocks, vocab_tiles)
             per_program = triton_cdiv(vocab_tiles, min(splits, vocab_tiles))
             grid = (row_blocks, triton_cdiv(vocab_tiles, per_program))
-            dh, dw, db = sink.dh, sink.dw, sink.db
+            dh, dw, db = grads.dh, grads.dw, grads.db
             det = self._deterministic
             if dh is not None and grid[1] > 1:  # one [n, H] slice per split, summed below in a fixed order
                 scratch = dh = torch.zeros(grid[1], n, dh.shape[1], dtype=torch.float32, device=dev)
@@ -528,14 +517,14 @@ class TritonBackend(PassBackend):
                          NEED_DB=kdb is not None)
         else:
             per_program, grid = 1, (row_blocks, vocab_tiles)
-            gr = sink.grad
+            gr = grads.logits
             outs = (gr, gr.stride(0), gr.stride(1), dummy, 0, dummy, 0, dummy)
             needs = dict(NEED_DH=False, DH_SCRATCH=False, NEED_DW=False, NEED_DB=False)
         if not linear or any(needs.values()):
             self._launch(self._div.grad_kernel, grid, cfg, dev, *common, *outs, *streams, per_program,
                          LINEAR=linear, **needs, **flags)
         if scratch is not None:
-            sink.dh[rows] += scratch.sum(0)
+            grads.dh[rows] += scratch.sum(0)
         if linear and det and (dw is not None or db is not None):
             cfg = self._config((student, target), n, role="grad_dw")
             self._launch(self._div.grad_dw_kernel, (triton_cdiv(vv, cfg.block_v),), cfg, dev, *common,

@@ -1,0 +1,83 @@
+"""Which loss term each valid row gets (DESIGN.md sections 1 and 4, step 2): the DOPD plan routes rows
+into regimes from the stats pass; the OPD plan gives every row the one configured term.
+
+A plan maps the stats pass (`passes.Stats`, rows in compact valid order) to `Group`s of rows that
+share a term: a target stream, a support (granularity), a divergence and a weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+import torch
+
+from .config import DOPDConfig, OPDConfig, Regime, Thresholds
+from .passes import STUDENT, Stats
+from .routing import Routing, assign_regimes, batch_thresholds, empty_routing, routing_statistics
+
+TEACHER, PRIV_STUDENT = 1, 2
+
+Plan = Callable[[Stats], List["Group"]]
+
+
+@dataclass(frozen=True)
+class Group:
+    """Rows `pos` [g] (positions into the compact valid-row order) that share one loss term."""
+
+    pos: torch.Tensor
+    target: int
+    granularity: str
+    divergence: str
+    weight: float
+
+
+def dopd_plan(cfg: DOPDConfig, rows: torch.Tensor, valid: torch.Tensor, thresholds: Optional[Thresholds],
+              routing_group=None) -> tuple:
+    """(plan, routing): the plan routes the rows `rows` [n] (valid row ids) into the four regimes and
+    fills `routing` (per-token [N] statistics, regimes and the thresholds used) as it does. Routing
+    is planned even for a rank without rows: thresholds over a group are a collective."""
+    routing = empty_routing(valid, thresholds)
+
+    def plan(stats: Stats) -> List[Group]:
+        lt = stats.logit_y[TEACHER] - stats.lse[TEACHER]
+        lp = stats.logit_y[PRIV_STUDENT] - stats.lse[PRIV_STUDENT]
+        for name, x in zip(("adv_gap", "q_teacher", "q_priv_student"), routing_statistics(lt, lp)):
+            getattr(routing, name)[rows] = x
+        if thresholds is None:
+            routing.thresholds = batch_thresholds(routing.adv_gap, routing.q_teacher, routing.q_priv_student, valid,
+                                                  cfg.trim, routing_group)
+        routing.regime = assign_regimes(routing.adv_gap, routing.q_teacher, routing.q_priv_student, valid,
+                                        routing.thresholds)
+        r = routing.regime[rows]
+
+        def pos(code: Regime) -> torch.Tensor:
+            return (r == int(code)).nonzero()[:, 0]
+
+        return [
+            Group(pos(Regime.LH), TEACHER, "topk", "reverse_kl", cfg.beta_light),
+            Group(pos(Regime.LL), PRIV_STUDENT, "topk", "reverse_kl", cfg.beta_weak),
+            Group(pos(Regime.HT), TEACHER, "full", "js", cfg.beta_strong),
+            Group(pos(Regime.HS), PRIV_STUDENT, "topk", "reverse_kl", cfg.beta_light),
+        ]
+
+    return plan, routing
+
+
+def dopd_topk_streams(cfg: DOPDConfig) -> tuple:
+    """Streams whose top-K columns the stats pass keeps: the student's, or each target's."""
+    return (STUDENT,) if cfg.topk_from == "student" else (TEACHER, PRIV_STUDENT)
+
+
+def opd_plan(cfg: OPDConfig) -> Plan:
+    def plan(stats: Stats) -> List[Group]:
+        every = torch.arange(stats.lse[STUDENT].shape[0], device=stats.lse[STUDENT].device)
+        return [Group(every, TEACHER, cfg.granularity, cfg.divergence, 1.0)]
+
+    return plan
+
+
+def opd_topk_streams(cfg: OPDConfig) -> tuple:
+    if cfg.granularity != "topk":
+        return ()
+    return (STUDENT,) if cfg.topk_from == "student" else (TEACHER,)
