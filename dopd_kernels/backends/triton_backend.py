@@ -58,8 +58,8 @@ Defaults:
     running top-K: BLOCK_N = 16, BLOCK_V = max(128, K_PAD) and BLOCK_H = max(16, 4096 / BLOCK_V)
     (32 for K ≤ 128, 16 for K = 256);
   * fused-linear with fp32 operands (IEEE `tl.dot`, no tensor cores): BLOCK_V = 64, BLOCK_H = 16,
-    BLOCK_N = 64 in the stats / tail pass, 32 in the value pass and `grad_kernel`, 16 in
-    `grad_dw_kernel`; with a top-K 16 × 128 × 16; num_stages = 1 (Triton 3.6 spilled at 3);
+    BLOCK_N = 32 in the stats and value passes (num_stages = 1), 64 in the tail pass, 32 in
+    `grad_kernel`, 16 in `grad_dw_kernel` (num_stages = 3); with a top-K 16 × 128 × 16, 1 stage;
   * logits mode (memory bound): BLOCK_N = 8, BLOCK_V = 512 (256 in the tail pass, which spills at
     512; max(128, K_PAD) with a top-K, and BLOCK_N = 4 once the running top-Ks' K_PADs sum to 256),
     num_warps = 8 (4 with one running top-K: at K_PAD 256 8 warps spilled under Triton 3.9);
@@ -267,19 +267,22 @@ class TritonBackend(PassBackend):
             # A running top-K of K_PAD int64 keys per row shares the registers with the logit tile;
             # tl.dot needs BLOCK_N, BLOCK_V, BLOCK_H ≥ 16.
             fp32_dot = self._fp32_dot(sources)
-            # IEEE fp32 tl.dot runs on the FMA units (no wgmma whose latency pipelined loads would
-            # hide), so fp32 tiles take one stage: at 3, loads in flight spill (Triton 3.6's ptxas
-            # stopped at 128 registers in the 64×64×16 stats and the mixed-dtype value tiles).
-            warps, stages = 8, (1 if fp32_dot else 3)
+            warps, stages = 8, 3
             if k_pad:
                 bn, bv = 16, _topk_block(k_pad)
                 bh = 16 if fp32_dot else max(16, 4096 // bv)
+                stages = 1 if fp32_dot else 3  # fp32 spills with its loads pipelined
             elif fp32_dot:
-                # fp32 and 16-bit operands in one launch (e.g. a bf16 student, an fp32 teacher) hold both
-                # kinds of tile: 64 rows spilled in the stats kernel on sm_90a.
-                mixed = any(isinstance(s, LinearSource) and s.hidden.dtype != torch.float32 for s in sources)
-                bn = {"value": 32, "grad": 32, "grad_dw": 16}.get(role, 32 if mixed else 64)
+                # IEEE fp32 tiles (FMA units, no wgmma): ptxas allocates them erratically across
+                # Triton versions (it stopped at 128 or 80 registers and spilled), so each role takes
+                # the setting that compiled without spills on sm_90a under 3.4.0, 3.6.0 and 3.9.0:
+                # stats 32 rows, 1 stage (64 rows spilled 20 B under 3.6 at 3 stages, 12 B under 3.4
+                # at 1); value 32 rows, 1 stage (3 spilled 12-20 B under 3.6 with mixed dtypes); tail
+                # 64 rows, 3 stages (1 stage spilled 32 B under 3.4); gradients 32 rows (grad_dw 16),
+                # 3 stages (1 stage spilled 4-12 B under 3.6).
+                bn = {"tail": 64, "grad_dw": 16}.get(role, 32)
                 bv, bh = 64, 16
+                stages = 1 if role in ("stats", "value") else 3
             else:
                 bn = 32 if role in ("grad", "grad_dw") else 64
                 bv, bh = (64 if role == "grad_dw" else 128), 32
