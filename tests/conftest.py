@@ -23,6 +23,12 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
     try:
         import dopd_kernels.backends.triton_backend  # noqa: F401
+        # The backend imports its kernel modules at the first launch; import them all now, so that a test
+        # that reads one (tests/test_constants.py) cannot decorate them compiled ahead of an interpreted run.
+        import dopd_kernels.kernels.divergence  # noqa: F401
+        import dopd_kernels.kernels.sparse  # noqa: F401
+        import dopd_kernels.kernels.stats  # noqa: F401
+        import dopd_kernels.kernels.tail  # noqa: F401
     except ImportError:  # no triton: its tests skip
         pass
     finally:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import correlated_logits, leaf, random_tokens
+from conftest import assert_close, correlated_logits, leaf, random_tokens
 from dopd_kernels import DOPDConfig, TorchBackend, dopd_loss, route, token_logprobs
 from hardening_checks import (CORRUPTIONS, check_double_backward_raises, check_nonfinite_fused_linear,
                               check_nonfinite_opd, check_nonfinite_routing)
@@ -75,11 +75,13 @@ def test_check_finite_names_the_row_of_a_nan():
 
 def test_minus_inf_at_the_sampled_token_is_routed_but_not_averaged():
     # ℓ_T = -inf (the teacher rules y out): A = +inf, excluded from the thresholds, routed by the table
-    # (HS: q_T = 0 < q_P); ℓ_T = ℓ_P = -inf: A = 0 (both agree), q = 0: LL. Losses stay finite.
+    # (HS: q_T = 0 < q_P); ℓ_T = ℓ_P = -inf: A = 0 (both agree), q = 0: LL. Losses stay finite: row 1's
+    # y is kept out of the student's top-K (inside it, KL(s‖P) is legitimately +inf: P gives y no mass).
     zs, zt, zp = (z.clone() for z in correlated_logits(30, 17))
     y = torch.randint(0, 17, (30,))
     zt[0, y[0]] = float("-inf")
     zt[1, y[1]] = zp[1, y[1]] = float("-inf")
+    zs[1, y[1]] = zs[1].min() - 1.0
     out = dopd_loss(zs, zt, zp, y, config=DOPDConfig(top_k=4, reduction="none"), backend="torch")
     assert out.regime[0] == 3 and out.regime[1] == 1
     assert out.adv_gap[1] == 0 and torch.isinf(out.adv_gap[0])
@@ -87,6 +89,7 @@ def test_minus_inf_at_the_sampled_token_is_routed_but_not_averaged():
     ref = dopd_loss(zs.double(), zt.double(), zp.double(), y, config=DOPDConfig(top_k=4, reduction="none"),
                     backend="reference")
     assert torch.equal(out.regime, ref.regime)
+    assert_close(out.per_token_loss, ref.per_token_loss, rtol=1e-5, what="per-token loss")
 
 
 def test_route_validates_and_excludes_non_finite():
