@@ -58,7 +58,7 @@ Defaults:
     running top-K: BLOCK_N = 16, BLOCK_V = max(128, K_PAD) and BLOCK_H = max(16, 4096 / BLOCK_V)
     (32 for K ≤ 128, 16 for K = 256);
   * fused-linear with fp32 operands (IEEE `tl.dot`, no tensor cores): BLOCK_V = 64, BLOCK_H = 16,
-    BLOCK_N = 32 in the stats and value passes (num_stages = 1), 64 in the tail pass, 32 in
+    BLOCK_N = 32 in the stats pass (num_stages = 1), 64 in the tail pass, 16 in the value pass, 32 in
     `grad_kernel`, 16 in `grad_dw_kernel` (num_stages = 3); with a top-K 16 × 128 × 16, 1 stage;
   * logits mode (memory bound): BLOCK_N = 8, BLOCK_V = 512 (256 in the tail pass, which spills at
     512; max(128, K_PAD) with a top-K, and BLOCK_N = 4 once the running top-Ks' K_PADs sum to 256),
@@ -277,12 +277,12 @@ class TritonBackend(PassBackend):
                 # Triton versions (it stopped at 128 or 80 registers and spilled), so each role takes
                 # the setting that compiled without spills on sm_90a under 3.4.0, 3.6.0 and 3.9.0:
                 # stats 32 rows, 1 stage (64 rows spilled 20 B under 3.6 at 3 stages, 12 B under 3.4
-                # at 1); value 32 rows, 1 stage (3 spilled 12-20 B under 3.6 with mixed dtypes); tail
-                # 64 rows, 3 stages (1 stage spilled 32 B under 3.4); gradients 32 rows (grad_dw 16),
-                # 3 stages (1 stage spilled 4-12 B under 3.6).
-                bn = {"tail": 64, "grad_dw": 16}.get(role, 32)
+                # at 1); value 16 rows, 3 stages (32 rows spilled 12-24 B at 3 stages under 3.6 and at
+                # 1 under 3.9); tail 64 rows, 3 stages (1 stage spilled 32 B under 3.4); gradients 32
+                # rows (grad_dw 16), 3 stages (1 stage spilled 4-12 B under 3.6).
+                bn = {"tail": 64, "value": 16, "grad_dw": 16}.get(role, 32)
                 bv, bh = 64, 16
-                stages = 1 if role in ("stats", "value") else 3
+                stages = 1 if role == "stats" else 3
             else:
                 bn = 32 if role in ("grad", "grad_dw") else 64
                 bv, bh = (64 if role == "grad_dw" else 128), 32
