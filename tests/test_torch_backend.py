@@ -13,7 +13,7 @@ from dopd_kernels import DOPDConfig, TorchBackend
 from test_backend_conformance import ODD_DOPD, Target, compare_dopd
 
 
-@pytest.mark.parametrize("size", list(ODD_DOPD))
+@pytest.mark.parametrize("size", [s for s in ODD_DOPD if s != "V=61,K=V"])  # K=V: 7 × 5 already
 @pytest.mark.parametrize("renorm", [True, False])
 def test_dopd_odd_sizes_one_by_one_tiles(renorm, size):
     """Tiles of 1 row × 1 column: every running max, log-sum-exp and top-K merges across tiles of a
@@ -21,4 +21,5 @@ def test_dopd_odd_sizes_one_by_one_tiles(renorm, size):
     n, v, k = ODD_DOPD[size]
     zs, zt, zp = correlated_logits(n, v, noise=(0.8, 1.5))
     y = random_tokens(n, v, mask_frac=0.1)
-    compare_dopd(Target(TorchBackend(row_chunk=1, vocab_chunk=1)), zs, zt, zp, y, DOPDConfig(top_k=k, topk_renorm=renorm))
+    one_by_one = Target(TorchBackend(row_chunk=1, vocab_chunk=1))
+    compare_dopd(one_by_one, zs, zt, zp, y, DOPDConfig(top_k=k, topk_renorm=renorm))
