@@ -130,14 +130,17 @@ def head_code(src) -> int:
 
 def stream_args(src) -> tuple:
     """The ten kernel arguments of a stream (see `kernels/tiles.py`): its tensors and strides, and
-    the head transform's runtime scalars (a, c): (scale, 1) or, with a soft-cap c, (scale / c, c)."""
+    the head transform's runtime scalars (a, c): (scale, 1) or, with a soft-cap c, (scale / c, c).
+    The kernels read a bias [V] at unit stride: a strided one is made contiguous here ([V] values, a
+    copy only when it is strided)."""
     if isinstance(src, LogitsSource):
         x = src.logits
         return (x, x.stride(0), x.stride(1), x, 0, 0, x, 0, 1.0, 1.0)
     h, w, b = src.hidden, src.weight, src.bias
     cap = src.softcap
     a, c = (float(src.scale), 1.0) if cap is None else (float(src.scale) / cap, float(cap))
-    return (h, h.stride(0), h.stride(1), w, w.stride(0), w.stride(1), w if b is None else b, h.shape[1], a, c)
+    return (h, h.stride(0), h.stride(1), w, w.stride(0), w.stride(1), w if b is None else b.contiguous(), h.shape[1],
+            a, c)
 
 
 def _masks(sources) -> tuple:
