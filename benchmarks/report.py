@@ -130,57 +130,52 @@ def machine_lines(data: dict) -> List[str]:
     return lines
 
 
-def summary_table(cases) -> List[str]:
-    """One line per case: each contender's time and memory relative to naive PyTorch."""
+def _per_workload_tables(cases, title: str, first_header: str, first_cell, cell, exclude=frozenset()) -> List[str]:
+    """One table per workload, one line per case (V, H, N): `first_cell(row)` in the `first_header`
+    column, then `cell(result, row)` for each contender that ran (a status when it did not)."""
     out = []
     for workload in WORKLOAD_TITLES:
         keys = sorted(k for k in cases if k[0] == workload)
         if not keys:
             continue
-        names = contender_order({n for k in keys for n in cases[k]} - {"naive"})
-        out += [f"**{workload}** — {WORKLOAD_TITLES[workload]}; cells: time× / memory× of naive (lower is better)", "",
-                "| V | H | N | naive time ms / MiB | " + " | ".join(names) + " |",
+        names = contender_order({n for k in keys for n in cases[k]} - set(exclude))
+        out += [f"**{workload}** — {title(workload)}", "",
+                f"| V | H | N | {first_header} | " + " | ".join(names) + " |",
                 "|---|---|---|---|" + "---|" * len(names)]
         for k in keys:
-            row, base = cases[k], cases[k].get("naive")
-            base_cell = (f"{fmt_ms(base['time'])} / {base['mem'] / MIB:.0f}" if base and base["status"] == "ok"
-                         else short_status(base["status"]) if base else "–")
+            row = cases[k]
             cells = []
             for n in names:
                 r = row.get(n)
-                if r is None:
-                    cells.append("–")
-                elif r["status"] != "ok":
-                    cells.append(short_status(r["status"]))
-                else:
-                    cells.append(f"{ratio(r, base, 'time')} / {ratio(r, base, 'mem')}")
-            out.append(f"| {k[1]} | {k[2]} | {k[3]} | {base_cell} | " + " | ".join(cells) + " |")
+                cells.append("–" if r is None else short_status(r["status"]) if r["status"] != "ok" else cell(r, row))
+            out.append(f"| {k[1]} | {k[2]} | {k[3]} | {first_cell(row)} | " + " | ".join(cells) + " |")
         out.append("")
     return out
+
+
+def summary_table(cases) -> List[str]:
+    """One line per case: each contender's time and memory relative to naive PyTorch."""
+    def naive_cell(row) -> str:
+        base = row.get("naive")
+        if base is None:
+            return "–"
+        return f"{fmt_ms(base['time'])} / {base['mem'] / MIB:.0f}" if base["status"] == "ok" else short_status(base["status"])
+
+    return _per_workload_tables(
+        cases, lambda w: f"{WORKLOAD_TITLES[w]}; cells: time× / memory× of naive (lower is better)",
+        "naive time ms / MiB", naive_cell,
+        lambda r, row: f"{ratio(r, row.get('naive'), 'time')} / {ratio(r, row.get('naive'), 'mem')}", exclude={"naive"})
 
 
 def floor_table(cases) -> List[str]:
     """One line per case: each contender's time ÷ the matmul floor priced at the run's matmul rate."""
-    out = []
-    for workload in WORKLOAD_TITLES:
-        keys = sorted(k for k in cases if k[0] == workload)
-        if not keys:
-            continue
-        names = contender_order({n for k in keys for n in cases[k]})
-        out += [f"**{workload}** — time ÷ matmul floor (× floor; 1.00× would be the unavoidable matmuls alone)", "",
-                "| V | H | N | floor ms | " + " | ".join(names) + " |",
-                "|---|---|---|---|" + "---|" * len(names)]
-        for k in keys:
-            ok = [r for r in cases[k].values() if r["status"] == "ok" and r["times_floor"]]
-            floor_ms = fmt_ms(ok[0]["time"] / ok[0]["times_floor"]) if ok else "–"
-            cells = []
-            for n in names:
-                r = cases[k].get(n)
-                cells.append("–" if r is None else short_status(r["status"]) if r["status"] != "ok"
-                             else fmt_floor(r["times_floor"]))
-            out.append(f"| {k[1]} | {k[2]} | {k[3]} | {floor_ms} | " + " | ".join(cells) + " |")
-        out.append("")
-    return out
+    def floor_cell(row) -> str:
+        ok = [r for r in row.values() if r["status"] == "ok" and r["times_floor"]]
+        return fmt_ms(ok[0]["time"] / ok[0]["times_floor"]) if ok else "–"
+
+    return _per_workload_tables(
+        cases, lambda w: "time ÷ matmul floor (× floor; 1.00× would be the unavoidable matmuls alone)", "floor ms",
+        floor_cell, lambda r, row: fmt_floor(r["times_floor"]))
 
 
 def detail_tables(cases) -> List[str]:
