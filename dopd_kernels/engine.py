@@ -52,22 +52,28 @@ def settings_of(cfg) -> TermSettings:
 @dataclass
 class GroupResult:
     """What the forward computed for one group and the backward reads: the group's valid-row ids
-    `rows` [g], the student's and the target's log-sum-exps [g], and either its few-column `term` or,
-    for full-vocabulary rows, the gradient constant `full_c` [g]."""
+    `rows` [g], the student's and the target's log-sum-exps [g] (None until a full pass computes them,
+    when no stats pass ran), and either its few-column `term` or, for full-vocabulary rows, the gradient
+    constant `full_c` [g]."""
 
     group: Group
     rows: torch.Tensor
-    lse_s: torch.Tensor
-    lse_t: torch.Tensor
+    lse_s: Optional[torch.Tensor]
+    lse_t: Optional[torch.Tensor]
     term: Optional[RowTerm] = None
     full_c: Optional[torch.Tensor] = None
+    grad_done: bool = False  # its gradient was added in the forward's value sweep (eager, `full_pass`)
 
 
 class LossEngine:
     """Runs the flow for one call. `plan(stats) -> List[Group]` decides each row's term."""
 
     def __init__(self, passes: Passes, sources: Sequence, tokens: torch.Tensor, valid: torch.Tensor,
-                 settings: TermSettings, topk_streams: Sequence[int], plan: Plan, shard: Optional[VocabShard] = None):
+                 settings: TermSettings, topk_streams: Sequence[int], plan: Plan, shard: Optional[VocabShard] = None,
+                 stats_in_sweep: bool = False):
+        # stats_in_sweep: every row is a full-vocabulary row and the plan reads no statistics, so the
+        # full pass computes the log-sum-exps in its own sweep and no stats pass runs.
+        self.stats_in_sweep = stats_in_sweep and shard is None
         self.passes = passes
         self.shard = shard
         self.sources = list(sources)
@@ -83,20 +89,36 @@ class LossEngine:
     def student(self):
         return self.sources[STUDENT]
 
-    def forward(self) -> torch.Tensor:
-        """Per-token weighted loss [N] in the compute dtype (0 at rows that are not valid)."""
+    def forward(self, eager: Optional[Tuple[Callable[[], torch.Tensor], Grads]] = None) -> torch.Tensor:
+        """Per-token weighted loss [N] in the compute dtype (0 at rows that are not valid).
+
+        eager = (weights, grads): also add d(Σ_n w_n · loss_n)/d(student) into `grads`, with `weights()`
+        [N] (float64) read once the rows are planned. Full-vocabulary rows then form their gradient in
+        the sweep that computes their value (`full_pass`); the other rows get theirs right after."""
         out = torch.zeros(self.n_total, dtype=self.student.dtype, device=self.tokens.device)
-        stats = self.run_stats_pass()
+        stats = None if self.stats_in_sweep else self.run_stats_pass()
         groups = self.plan(stats)  # planned even without rows: routing may be collective
+        weights, grads = (eager[0](), eager[1]) if eager is not None else (None, None)
         self.results = []
         for g in groups:
             if g.pos.numel() == 0:
                 continue
-            res = GroupResult(g, self.rows[g.pos], stats.lse[STUDENT][g.pos], stats.lse[g.target][g.pos])
-            value = self._group_value(res, stats)
+            rows = self.rows[g.pos]
+            lse = (stats.lse[STUDENT][g.pos], stats.lse[g.target][g.pos]) if stats is not None else (None, None)
+            res = GroupResult(g, rows, *lse)
+            # With a vocabulary shard a full row's gradient constant is known only after the all-reduce.
+            in_sweep = weights is not None and g.granularity == "full" and self.shard is None
+            value = self._group_value(res, stats, self._scale(weights, res) if in_sweep else None, grads)
+            res.grad_done = in_sweep
             out[res.rows] = (g.weight * value).to(out.dtype)
             self.results.append(res)
+        if weights is not None:
+            self.backward(weights, grads)
         return out
+
+    def _scale(self, grad_per_token: torch.Tensor, res: GroupResult) -> torch.Tensor:
+        """Per-row gradient scale [g] of a group: upstream gradient · weight / τ (float64)."""
+        return grad_per_token[res.rows].to(torch.float64) * (res.group.weight / self.settings.temperature)
 
     def run_stats_pass(self) -> Stats:
         """The stats pass; with a vocabulary shard, local statistics merged across the group."""
@@ -154,24 +176,26 @@ class LossEngine:
             return self.shard.valid_vocab
         return self.student.effective_vocab
 
-    def _group_value(self, res: GroupResult, stats: Stats) -> torch.Tensor:
+    def _group_value(self, res: GroupResult, stats: Optional[Stats], scale: Optional[torch.Tensor] = None,
+                     grads: Optional[Grads] = None) -> torch.Tensor:
         """Per-row value of a group. A row whose student or target log-sum-exp is not finite (a NaN or
         +inf logit, or no finite logit in the valid vocabulary) has no distribution: its value is NaN
         whatever the term (a top-K term would otherwise never look past its K columns)."""
         g = res.group
-        value = self._term_value(res, stats)
+        value = self._term_value(res, stats, scale, grads)
         if g.divergence == "js":
             value = clamp_js(value, self.settings.js_beta, self.student.dtype)
         ok = torch.isfinite(res.lse_s) & torch.isfinite(res.lse_t)
         return torch.where(ok.to(value.device), value, torch.full_like(value, float("nan")))
 
-    def _term_value(self, res: GroupResult, stats: Stats) -> torch.Tensor:
+    def _term_value(self, res: GroupResult, stats: Optional[Stats], scale: Optional[torch.Tensor],
+                    grads: Optional[Grads]) -> torch.Tensor:
         s, g, rows = self.settings, res.group, res.rows
         lse_s, lse_t = res.lse_s, res.lse_t
         target = self.sources[g.target]
         if g.granularity == "full":
-            value, res.full_c = self.passes.full_value_pass(self.student, target, rows, lse_s, lse_t, g.divergence,
-                                                            s.js_beta)
+            res.lse_s, res.lse_t, value, res.full_c = self.passes.full_pass(
+                self.student, target, rows, lse_s, lse_t, g.divergence, s.js_beta, scale, grads)
             if self.shard is not None:  # partial sums over this shard's columns
                 value, res.full_c = self.shard.all_reduce(value), self.shard.all_reduce(res.full_c)
             return value
@@ -200,11 +224,14 @@ class LossEngine:
         return res.term.value
 
     def backward(self, grad_per_token: torch.Tensor, grads: Grads) -> None:
-        """Accumulate d(Σ_n grad_n · loss_n)/d(student) into `grads`."""
+        """Accumulate d(Σ_n grad_n · loss_n)/d(student) into `grads` (groups whose gradient the forward
+        sweep added are done)."""
         s = self.settings
         for res in self.results:
+            if res.grad_done:
+                continue
             g = res.group
-            scale = grad_per_token[res.rows].to(torch.float64) * (g.weight / s.temperature)
+            scale = self._scale(grad_per_token, res)
             if res.term is None:
                 self.passes.full_grad_pass(self.student, self.sources[g.target], res.rows, res.lse_s, res.lse_t,
                                            res.full_c, g.divergence, s.js_beta, scale, grads)
@@ -274,14 +301,16 @@ class EagerFusedLoss(torch.autograd.Function):
     Outputs: the reduced loss (differentiable) and the per-token loss (not differentiable)."""
 
     @staticmethod
-    def forward(ctx, engine: LossEngine, reduction: Reduction, finish: Callable, *tensors):
-        per_token, dropped = finish(engine.forward())
-        weights = reduction.weights()
-        if dropped is not None:  # tokens the finish step overwrote (NaN-routed) pass no gradient
-            weights = weights.masked_fill(dropped, 0.0)
+    def forward(ctx, engine: LossEngine, reduction: Reduction, finish: Finish, *tensors):
         needs = ctx.needs_input_grad[3:]
         grads = gradients.allocate(engine.student, needs)
-        engine.backward(weights, grads)
+
+        def weights() -> torch.Tensor:  # read once the rows are planned (routing decides what is dropped)
+            dropped = finish.dropped()
+            w = reduction.weights()
+            return w if dropped is None else w.masked_fill(dropped, 0.0)  # overwritten (NaN) tokens: no gradient
+
+        per_token = finish(engine.forward(eager=(weights, grads)))
         out = gradients.results(grads, engine.student)
         ctx.present = [g is not None and need for g, need in zip(out, needs)]
         ctx.save_for_backward(*(g for g, keep in zip(out, ctx.present) if keep))
@@ -299,18 +328,30 @@ class EagerFusedLoss(torch.autograd.Function):
         return (None, None, None, *grads)
 
 
-def run(engine: LossEngine, reduction: Reduction, finish: Callable) -> Tuple[torch.Tensor, torch.Tensor]:
+class Finish:
+    """An entry point's last step on the per-token loss: `finish(per_token)` overwrites the tokens
+    `dropped()` [N] (bool, or None: none) with NaN; `dropped` is known once the rows are planned."""
+
+    def __init__(self, dropped: Callable[[], Optional[torch.Tensor]] = lambda: None):
+        self.dropped = dropped
+
+    def __call__(self, per_token: torch.Tensor) -> torch.Tensor:
+        bad = self.dropped()
+        return per_token if bad is None else torch.where(bad, torch.full_like(per_token, float("nan")), per_token)
+
+
+def run(engine: LossEngine, reduction: Reduction, finish: Finish) -> Tuple[torch.Tensor, torch.Tensor]:
     """(reduced loss, per-token loss [N]) of a call; the loss is differentiable with respect to the
-    student when it requires grad. `finish(per_token) -> (per_token, overwritten rows or None)` is the
-    entry point's last step on the per-token loss. Scalar reductions form the gradient eagerly
-    (`EagerFusedLoss`); reduction="none" defers it to the backward, exact for any upstream gradient."""
+    student when it requires grad; `finish` is the entry point's last step on the per-token loss.
+    Scalar reductions form the gradient eagerly (`EagerFusedLoss`); reduction="none" defers it to the
+    backward, exact for any upstream gradient."""
     tensors = gradients.student_tensors(engine.student)
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
-        per_token = finish(engine.forward())[0]
+        per_token = finish(engine.forward())
         return reduction.value(per_token), per_token
     if reduction.weights() is not None:
         return EagerFusedLoss.apply(engine, reduction, finish, *tensors)
-    per_token = finish(FusedLoss.apply(engine, *tensors))[0]
+    per_token = finish(FusedLoss.apply(engine, *tensors))
     return reduction.value(per_token), per_token.detach()
 
 
@@ -326,11 +367,7 @@ def dopd(passes: Passes, student, teacher, priv, tokens: torch.Tensor, valid: to
     plan, routing = dopd_plan(cfg, rows, valid, thresholds, routing_group)
     engine = LossEngine(passes, sources, tokens, valid, settings_of(cfg), dopd_topk_streams(cfg), plan, shard)
 
-    def finish(per_token: torch.Tensor):
-        bad = nan_routed(routing)
-        return torch.where(bad, torch.full_like(per_token, float("nan")), per_token), bad
-
-    loss, per_token = run(engine, reduction, finish)
+    loss, per_token = run(engine, reduction, Finish(lambda: nan_routed(routing)))
     return loss, per_token, routing
 
 
@@ -339,8 +376,10 @@ def opd(passes: Passes, student, teacher, tokens: torch.Tensor, valid: torch.Ten
     """(reduced loss, per-token OPD loss [N])."""
     sources = (student, teacher)
     passes = passes.select(sources, cfg.top_k if cfg.granularity == "topk" else 1)
-    engine = LossEngine(passes, sources, tokens, valid, settings_of(cfg), opd_topk_streams(cfg), opd_plan(cfg), shard)
-    return run(engine, reduction, lambda per_token: (per_token, None))
+    rows = valid.nonzero()[:, 0]
+    engine = LossEngine(passes, sources, tokens, valid, settings_of(cfg), opd_topk_streams(cfg), opd_plan(cfg, rows), shard,
+                        stats_in_sweep=cfg.granularity == "full")
+    return run(engine, reduction, Finish())
 
 
 def token_logprobs(passes: Passes, source, tokens: torch.Tensor, valid: torch.Tensor,

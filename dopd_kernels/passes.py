@@ -85,6 +85,15 @@ class Passes(Protocol):
         """Full-vocabulary divergence [n] of each row and its gradient constant c [n] (reverse KL: the
         KL itself; JS: β·KL(p‖m); forward KL: 0), both float64."""
 
+    def full_pass(self, student, target, rows: torch.Tensor, lse_s: Optional[torch.Tensor],
+                  lse_t: Optional[torch.Tensor], kind: str, beta: float, scale: Optional[torch.Tensor],
+                  grads: Optional[Grads]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Full-vocabulary rows in as few sweeps as the backend can: `(lse_s, lse_t, value, c)` [n] each
+        (float64). `lse_s`/`lse_t` None: the log-sum-exps are computed here too (no stats pass ran);
+        `scale` [n] and `grads` given: the gradient (`full_grad_pass`) is added as well. A backend that
+        holds a row's whole vocabulary in one tile does all of it in one sweep; `backends/base.py`
+        composes the separate passes."""
+
     def full_grad_pass(self, student, target, rows: torch.Tensor, lse_s: torch.Tensor, lse_t: torch.Tensor,
                        c: torch.Tensor, kind: str, beta: float, scale: torch.Tensor, grads: Grads) -> None:
         """Add `scale[n]` × ∂D/∂z (times τ) of full-vocabulary rows into `grads`."""

@@ -69,9 +69,11 @@ def dopd_topk_streams(cfg: DOPDConfig) -> tuple:
     return (STUDENT,) if cfg.topk_from == "student" else (TEACHER, PRIV_STUDENT)
 
 
-def opd_plan(cfg: OPDConfig) -> Plan:
-    def plan(stats: Stats) -> List[Group]:
-        every = torch.arange(stats.lse[STUDENT].shape[0], device=stats.lse[STUDENT].device)
+def opd_plan(cfg: OPDConfig, rows: torch.Tensor) -> Plan:
+    """Every valid row (`rows` [n]) gets the configured term; the plan reads no statistics (a
+    full-vocabulary OPD call may compute them in its one sweep, `passes.Passes.full_pass`)."""
+    def plan(stats: Optional[Stats]) -> List[Group]:
+        every = torch.arange(rows.shape[0], device=rows.device)
         return [Group(every, TEACHER, cfg.granularity, cfg.divergence, 1.0)]
 
     return plan

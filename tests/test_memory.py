@@ -201,6 +201,11 @@ def test_frozen_head_gets_no_dw_buffer_in_any_pass():
             sinks.append(args[-1])
             return super().term_grad_pass(*args)
 
+        def full_pass(self, *args):  # value and gradient in one sweep (eager): grads is its last argument
+            if args[-1] is not None:
+                sinks.append(args[-1])
+            return super().full_pass(*args)
+
     t = linear_streams(N, H, V)
     h = leaf(t["student_hidden"])
     out = fused_linear_opd_loss(h, t["student_weight"], t["teacher_hidden"], t["teacher_weight"], random_tokens(N, V),

@@ -82,6 +82,10 @@ def test_padding_rows_are_sliced_as_views_not_copied():
             seen.extend(sources)
             return super().stats_pass(sources, *args)
 
+        def full_pass(self, student, target, *args):  # full-vocabulary OPD: no stats pass, one sweep
+            seen.extend((student, target))
+            return super().full_pass(student, target, *args)
+
     t = linear_streams(7, H, V)
     wt = _pad(t["teacher_weight"], PAD)
     fused_linear_opd_loss(t["student_hidden"], t["student_weight"], t["teacher_hidden"], LMHead(wt, vocab_size=V),

@@ -4,10 +4,11 @@ protocol a backend may leave to plain tiled PyTorch.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
+from ..passes import Grads
 from ..sources import LinearSource
 
 
@@ -18,6 +19,18 @@ class PassBackend:
         """The passes that run a call over `sources` with top-K `top_k`: this backend, unless it
         delegates such calls (Triton: float64 inputs and a top-K beyond its registers)."""
         return self
+
+    def full_pass(self, student, target, rows: torch.Tensor, lse_s: Optional[torch.Tensor],
+                  lse_t: Optional[torch.Tensor], kind: str, beta: float, scale: Optional[torch.Tensor],
+                  grads: Optional[Grads]) -> tuple:
+        """`passes.Passes.full_pass` from the separate sweeps: statistics (when not given), value, gradient."""
+        if lse_s is None:
+            stats = self.stats_pass((student, target), rows, torch.zeros_like(rows), (), 1)
+            lse_s, lse_t = stats.lse
+        value, c = self.full_value_pass(student, target, rows, lse_s, lse_t, kind, beta)
+        if scale is not None:
+            self.full_grad_pass(student, target, rows, lse_s, lse_t, c, kind, beta, scale, grads)
+        return lse_s, lse_t, value, c
 
     def rest_logsumexp(self, source, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """log Σ exp(scaled logit) over the valid columns of each row of `rows` that are not in

@@ -145,6 +145,40 @@ class TorchBackend(PassBackend):
             c = value.clone()
         return value, c
 
+    def full_pass(self, student, target, rows, lse_s, lse_t, kind: str, beta: float, scale, grads):
+        """Full-vocabulary rows in one sweep when a row's whole valid vocabulary fits the tile budget
+        (`row_chunk · vocab_chunk` logits per stream, the budget of every other tile): each chunk of
+        rows gets its two streams' logits once and takes from them the log-sum-exps (when not given),
+        the value, the gradient constant and, with `scale`, the gradient contracted at once — the
+        matmul floor. Otherwise (a vocabulary past the budget) the separate sweeps of `PassBackend`."""
+        v, n, dt, f64 = student.effective_vocab, rows.shape[0], student.dtype, torch.float64
+        fit = (self.row_chunk * self.vocab_chunk) // max(v, 1)
+        if fit < 1:
+            return super().full_pass(student, target, rows, lse_s, lse_t, kind, beta, scale, grads)
+        given = lse_s is not None
+        if not given:
+            lse_s, lse_t = (torch.empty(n, dtype=f64, device=rows.device) for _ in range(2))
+        value, c = torch.zeros(n, dtype=f64, device=rows.device), torch.zeros(n, dtype=f64, device=rows.device)
+        for i in range(0, n, fit):
+            sl, r = slice(i, i + fit), rows[i:i + fit]
+            zs, zt = student.tile(r, 0, v), target.tile(r, 0, v)
+            if not given:
+                for lse, z in ((lse_s, zs), (lse_t, zt)):
+                    m = torch.full((z.shape[0],), NEG_INF, dtype=z.dtype, device=z.device)
+                    lse[sl] = _finish_logsumexp(*_online_logsumexp(m, torch.zeros_like(m), z))
+            (hs, ls), (ht, lt) = split_lse(lse_s[sl], dt), split_lse(lse_t[sl], target.dtype)
+            lp, lq = _log_softmax_tile(zs, hs, ls), _log_softmax_tile(zt, ht, lt)
+            for c0, c1 in self._vocab_blocks(student):  # partial sums per block, added in float64 (as the value pass)
+                value[sl] += divergence(lp[:, c0:c1], lq[:, c0:c1], kind, beta).to(f64)
+                if kind == "js":
+                    c[sl] += beta * kl(lp[:, c0:c1], log_mixture(lp[:, c0:c1], lq[:, c0:c1], beta)).to(f64)
+            if kind == "reverse_kl":
+                c[sl] = value[sl]
+            if scale is not None:
+                grad = self._full_tile_grad(lp, lp.exp(), lq, c[sl, None].to(dt), kind, beta)
+                gradients.add_tile(grads, student, r, 0, grad * scale[sl, None].to(dt), zs)
+        return lse_s, lse_t, value, c
+
     def full_grad_pass(self, student, target, rows, lse_s, lse_t, c, kind: str, beta: float, scale: torch.Tensor,
                        grads: Grads) -> None:
         """Gradient tiles of full-vocabulary rows, scaled per row by `scale` (upstream · weight / τ)."""
