@@ -119,7 +119,11 @@ def free_port() -> int:
 
 
 @pytest.mark.parametrize("backend_name, world", [("torch", 2), ("torch", 4), ("cpp", 2), ("triton", 2)])
-def test_sharded_equals_single_process(backend_name, world, tmp_path):
+def test_sharded_equals_single_process(backend_name, world, tmp_path, monkeypatch):
+    if backend_name == "triton" and not torch.cuda.is_available():
+        # make_backend sets TRITON_INTERPRET for the workers; in this process it is restored after the test,
+        # so that later modules' backend="auto" still picks a CPU backend.
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
     try:
         backend = make_backend(backend_name)
     except (ImportError, RuntimeError) as err:  # no compiler / no triton in this environment
