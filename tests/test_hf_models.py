@@ -97,6 +97,11 @@ def assert_grads_like_fp32(got: dict, want32: dict, want64: dict, rtol: float = 
 # the fused fp32 path 1.4e-4; the same fused path with float64-accumulated logit tiles is 44× closer,
 # so the error is the GEMM's rounding, not the loss. Other families stay at 2e-5.
 GRAD_RTOL = {"minicpm3": 2e-4}
+# The same rounding reaches MiniCPM3's per-token statistics when two fp32 paths that round the logit
+# GEMM differently are compared (the fused path against the model's own logits): at
+# DOPD_TEST_SEED=916635267 an advantage gap 2.7e-6 (4.0e-5 relative) off on one token of 18, on the torch
+# and cpp backends alike. Other families: 1e-5.
+LOSS_RTOL = {"minicpm3": 1e-4}
 
 
 def float64_copies(*models_):
@@ -143,11 +148,16 @@ def check_dopd_against_logits(ctx, family: str, backend, seed: int):
     _, truth_grads = run_dopd_logits(ctx, *float64_copies(student, teacher))
     want, want_grads = run_dopd_logits(ctx, student, teacher)
     got, got_grads = run_dopd(ctx, student, teacher, backend, thresholds=want.thresholds)
-    torch.testing.assert_close(got.loss.double(), want.loss.double(), rtol=1e-5, atol=1e-7)
-    assert_close(got.per_token_loss, want.per_token_loss, rtol=1e-5, what="per-token loss")
+    rtol = LOSS_RTOL.get(family, 1e-5)
+    torch.testing.assert_close(got.loss.double(), want.loss.double(), rtol=rtol, atol=1e-7)
+    assert_close(got.per_token_loss, want.per_token_loss, rtol=rtol, what="per-token loss")
     assert torch.equal(got.regime, want.regime)
+    # A = |ℓ_T − ℓ_P| is a difference of two fp32 log-probabilities: judged at their size (it cancels).
+    logs = torch.stack([want.q_teacher, want.q_priv_student]).double().log().abs()
+    log_scale = float(logs[torch.isfinite(logs)].max()) if bool(torch.isfinite(logs).any()) else 0.0
     for name in ("adv_gap", "q_teacher", "q_priv_student"):
-        torch.testing.assert_close(getattr(got, name).double(), getattr(want, name).double(), rtol=1e-5, atol=1e-6)
+        atol = max(1e-6, rtol * log_scale) if name == "adv_gap" else 1e-6
+        torch.testing.assert_close(getattr(got, name).double(), getattr(want, name).double(), rtol=rtol, atol=atol)
     assert_grads_like_fp32(got_grads, want_grads, truth_grads, rtol=GRAD_RTOL.get(family, 2e-5))
     return student
 
@@ -186,8 +196,9 @@ def test_opd_from_hf_models_equals_logits_mode(ctx, family, backend, seed):
     got = fused_linear_opd_loss(hidden(student, ids), lm_head(student, TOK), h_t, lm_head(teacher, TOK), tokens,
                                 backend=backend, **kw)
     got.loss.backward()
-    torch.testing.assert_close(got.loss.double(), want.loss.double(), rtol=1e-5, atol=1e-7)
-    assert_close(got.per_token_loss, want.per_token_loss, rtol=1e-5, what="per-token loss")
+    rtol = LOSS_RTOL.get(family, 1e-5)
+    torch.testing.assert_close(got.loss.double(), want.loss.double(), rtol=rtol, atol=1e-7)
+    assert_close(got.per_token_loss, want.per_token_loss, rtol=rtol, what="per-token loss")
     assert_grads_like_fp32(student_grads(student), want_grads, truth_grads, rtol=GRAD_RTOL.get(family, 2e-5))
 
 
