@@ -146,13 +146,15 @@ class TorchBackend(PassBackend):
         return value, c
 
     def full_pass(self, student, target, rows, lse_s, lse_t, kind: str, beta: float, scale, grads):
-        """Full-vocabulary rows in one sweep when a row's whole valid vocabulary fits the tile budget
-        (`row_chunk · vocab_chunk` logits per stream, the budget of every other tile): each chunk of
+        """Full-vocabulary rows in one sweep when a row's whole valid vocabulary fits one tile
+        (V ≤ `vocab_chunk`, so no tile is wider than any other pass's): each chunk of
         rows gets its two streams' logits once and takes from them the log-sum-exps (when not given),
         the value, the gradient constant and, with `scale`, the gradient contracted at once — the
         matmul floor. Otherwise (a vocabulary past the budget) the separate sweeps of `PassBackend`."""
         v, n, dt, f64 = student.effective_vocab, rows.shape[0], student.dtype, torch.float64
-        fit = (self.row_chunk * self.vocab_chunk) // max(v, 1)
+        # DESIGN.md's memory rule: no [chunk, V] tensor in fused-linear mode, so a whole row must fit one
+        # ordinary tile (V ≤ vocab_chunk); a wider vocabulary takes the separate sweeps.
+        fit = self.row_chunk if v <= self.vocab_chunk else 0
         if fit < 1:
             return super().full_pass(student, target, rows, lse_s, lse_t, kind, beta, scale, grads)
         given = lse_s is not None
