@@ -3,15 +3,17 @@
     1. stats pass   — per valid row: log-sum-exp and sampled-token logit of every stream, running top-K
     2. planning     — rows grouped by the term they need (`plan.py`: DOPD routes into regimes, OPD has one group)
     3. values       — full-vocabulary rows: a value pass; top-K and sampled rows: O(K) gathers
-    4. backward     — gradient pass over the rows that touch the whole vocabulary, sparse scatter for the rest
+    4. gradient     — gradient pass over the rows that touch the whole vocabulary, sparse scatter for the rest
 
 Calls go one way: the public API (`api.py`) calls the entry points here (`dopd`, `opd`,
 `token_logprobs`), which run a backend's passes (`passes.Passes`) with tensors only. This module owns
 the flow, the per-row bookkeeping and the autograd glue, so every backend computes the same thing.
-The gradient work is deferred to backward: a non-scalar upstream gradient (per-token weights with
-`reduction="none"`) is exact, and under `torch.no_grad()` no gradient work is done. Everything the
-backward needs is saved with `save_for_backward` (an in-place change to a student or target tensor
-between forward and backward is an error, as for any autograd op).
+With a scalar reduction the gradient is formed in the forward (`EagerFusedLoss`: the reduction's
+weights are known before the loss), full-vocabulary rows in the sweep that computes their value
+where the backend can (`full_pass`). With `reduction="none"` it is deferred to the backward
+(`FusedLoss`), exact for any upstream gradient; everything that backward reads is saved with
+`save_for_backward` (an in-place change to a student or target tensor between forward and backward is
+an error, as for any autograd op). Under `torch.no_grad()` no gradient work is done.
 """
 
 from __future__ import annotations
@@ -349,7 +351,7 @@ def run(engine: LossEngine, reduction: Reduction, finish: Finish) -> Tuple[torch
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
         per_token = finish(engine.forward())
         return reduction.value(per_token), per_token
-    if reduction.weights() is not None:
+    if reduction.scalar:
         return EagerFusedLoss.apply(engine, reduction, finish, *tensors)
     per_token = finish(FusedLoss.apply(engine, *tensors))
     return reduction.value(per_token), per_token.detach()

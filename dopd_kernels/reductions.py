@@ -51,12 +51,17 @@ class Reduction:
     token_shape: torch.Size
     normalizer: Optional[float] = None
 
+    @property
+    def scalar(self) -> bool:
+        """Whether the reduction gives one number (its `weights()` exist)."""
+        return self.reduction != "none"
+
     def value(self, per_token: torch.Tensor) -> torch.Tensor:
         return reduce_loss(per_token, self.valid, self.reduction, self.token_shape, self.normalizer)
 
     def weights(self) -> Optional[torch.Tensor]:
         f64, valid = torch.float64, self.valid
-        if self.reduction == "none":
+        if not self.scalar:
             return None
         if self.normalizer is not None:
             return torch.full(valid.shape, 1.0 / self.normalizer, dtype=f64, device=valid.device)

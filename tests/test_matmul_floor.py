@@ -7,7 +7,7 @@ stream per valid row; rows whose gradient touches the whole vocabulary add the c
 dW += Gᵀ·H (2 projections' worth) and, only where routing forces it (DOPD's HT rows), a recomputation of
 the two streams their term reads. Few-column terms (top-K, sampled token) add O(N·K·H): their gathers
 and sparse contractions, allowed for as `SPARSE_ALLOWANCE` gathers' worth. The torch backend reaches the
-floor through `full_pass` (one sweep over whole-row tiles, eager gradients); a plan not at the floor
+floor through `full_pass` (one sweep where a row's vocabulary fits one tile, eager gradients); a plan not at the floor
 yet is a strict xfail, which flips to a failure the day the plan reaches it.
 """
 

@@ -147,22 +147,21 @@ class TorchBackend(PassBackend):
 
     def full_pass(self, student, target, rows, lse_s, lse_t, kind: str, beta: float, scale, grads):
         """Full-vocabulary rows in one sweep when a row's whole valid vocabulary fits one tile
-        (V ≤ `vocab_chunk`, so no tile is wider than any other pass's): each chunk of
-        rows gets its two streams' logits once and takes from them the log-sum-exps (when not given),
-        the value, the gradient constant and, with `scale`, the gradient contracted at once — the
-        matmul floor. Otherwise (a vocabulary past the budget) the separate sweeps of `PassBackend`."""
+        (V ≤ `vocab_chunk`, so no tile is wider than any other pass's): each chunk of rows gets its two
+        streams' logits once and takes from them the log-sum-exps (when not given), the value, the
+        gradient constant and, with `scale`, the gradient contracted at once — the matmul floor.
+        Otherwise the separate sweeps of `PassBackend`."""
         v, n, dt, f64 = student.effective_vocab, rows.shape[0], student.dtype, torch.float64
         # DESIGN.md's memory rule: no [chunk, V] tensor in fused-linear mode, so a whole row must fit one
         # ordinary tile (V ≤ vocab_chunk); a wider vocabulary takes the separate sweeps.
-        fit = self.row_chunk if v <= self.vocab_chunk else 0
-        if fit < 1:
+        if v > self.vocab_chunk:
             return super().full_pass(student, target, rows, lse_s, lse_t, kind, beta, scale, grads)
         given = lse_s is not None
         if not given:
             lse_s, lse_t = (torch.empty(n, dtype=f64, device=rows.device) for _ in range(2))
         value, c = torch.zeros(n, dtype=f64, device=rows.device), torch.zeros(n, dtype=f64, device=rows.device)
-        for i in range(0, n, fit):
-            sl, r = slice(i, i + fit), rows[i:i + fit]
+        for sl in self._row_chunks(n):
+            r = rows[sl]
             zs, zt = student.tile(r, 0, v), target.tile(r, 0, v)
             if not given:
                 for lse, z in ((lse_s, zs), (lse_t, zt)):
@@ -170,11 +169,10 @@ class TorchBackend(PassBackend):
                     lse[sl] = _finish_logsumexp(*_online_logsumexp(m, torch.zeros_like(m), z))
             (hs, ls), (ht, lt) = split_lse(lse_s[sl], dt), split_lse(lse_t[sl], target.dtype)
             lp, lq = _log_softmax_tile(zs, hs, ls), _log_softmax_tile(zt, ht, lt)
-            for c0, c1 in self._vocab_blocks(student):  # partial sums per block, added in float64 (as the value pass)
-                value[sl] += divergence(lp[:, c0:c1], lq[:, c0:c1], kind, beta).to(f64)
-                if kind == "js":
-                    c[sl] += beta * kl(lp[:, c0:c1], log_mixture(lp[:, c0:c1], lq[:, c0:c1], beta)).to(f64)
-            if kind == "reverse_kl":
+            value[sl] = divergence(lp, lq, kind, beta).to(f64)
+            if kind == "js":
+                c[sl] = beta * kl(lp, log_mixture(lp, lq, beta)).to(f64)
+            elif kind == "reverse_kl":
                 c[sl] = value[sl]
             if scale is not None:
                 grad = self._full_tile_grad(lp, lp.exp(), lq, c[sl, None].to(dt), kind, beta)
