@@ -29,6 +29,8 @@ numbers say that the kernels compile and what they cost in registers and shared 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import importlib
 import json
 import os
@@ -38,7 +40,7 @@ import sys
 import tempfile
 import time
 import types
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNEL_MODULES = ("stats", "tail", "sparse", "divergence")
@@ -268,6 +270,52 @@ def spec_key(spec: dict) -> str:
                        {k: d[1] for k, d in spec["args"].items() if d[0] == "tensor"}], sort_keys=True)
 
 
+@dataclasses.dataclass
+class Launch:
+    """One kernel launch: `kernels.<module>.<kernel>[grid](**args)` with launch `options`
+    (num_warps / num_stages); `args` maps every parameter name to the value passed, constexprs included."""
+
+    module: str
+    kernel: str
+    grid: tuple
+    args: dict
+    options: dict
+
+
+def backend_kernels() -> List[tuple]:
+    """(module name, kernel name, kernel object) of every kernel of KERNEL_MODULES."""
+    out = []
+    for mod_name in KERNEL_MODULES:
+        mod = importlib.import_module(f"dopd_kernels.kernels.{mod_name}")
+        out += [(mod_name, attr, obj) for attr, obj in vars(mod).items() if attr.endswith("_kernel") and hasattr(obj, "run")]
+    return out
+
+
+@contextlib.contextmanager
+def launches(on_launch: Optional[Callable[[Launch], None]] = None):
+    """Inside the block, every launch of a kernel of KERNEL_MODULES (interpreted or compiled) is
+    appended to the yielded list as a `Launch`, and passed to `on_launch`, before it runs unchanged."""
+    from unittest import mock
+
+    seen: List[Launch] = []
+
+    def recorder(mod_name, attr, kernel, run):
+        def wrapped(*args, grid, warmup, **kwargs):
+            options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+            named = dict(zip(kernel.arg_names, args), **{k: v for k, v in kwargs.items() if k not in options})
+            launch = Launch(mod_name, attr, tuple(grid), named, options)
+            seen.append(launch)
+            if on_launch is not None:
+                on_launch(launch)
+            return run(*args, grid=grid, warmup=warmup, **kwargs)
+        return wrapped
+
+    with contextlib.ExitStack() as stack:
+        for m, a, obj in backend_kernels():
+            stack.enter_context(mock.patch.object(obj, "run", recorder(m, a, obj, obj.run)))
+        yield seen
+
+
 def record(cases: List[dict], progress: bool = False) -> dict:
     """Distinct kernel launches of `cases`, run with the backend's CUDA tile configuration, and the
     outcome of each case. The kernels must be interpreted in this process; their results are not
@@ -283,53 +331,35 @@ def record(cases: List[dict], progress: bool = False) -> dict:
     from dopd_kernels.backends import triton_backend
 
     specs: Dict[str, dict] = {}
-    kernels = []
-    for mod_name in KERNEL_MODULES:
-        mod = importlib.import_module(f"dopd_kernels.kernels.{mod_name}")
-        for attr, obj in vars(mod).items():
-            if attr.endswith("_kernel") and hasattr(obj, "run"):
-                kernels.append((mod_name, attr, obj))
+    kernels = backend_kernels()
     if not kernels or not type(kernels[0][2]).__name__.startswith("Interpreted"):
         raise RuntimeError("record() needs kernels decorated under TRITON_INTERPRET=1")
     current = {"label": None, "launches": 0}
 
-    def recorder(mod_name, attr, kernel, run):
-        def wrapped(*args, grid, warmup, **kwargs):
-            extra = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
-            named = dict(zip(kernel.arg_names, args), **kwargs)
-            spec = dict(module=mod_name, kernel=attr, options=extra,
-                        args={k: _describe(val) for k, val in named.items()}, case=current["label"])
-            specs.setdefault(spec_key(spec), spec)
-            current["launches"] += 1
-            return run(*args, grid=grid, warmup=warmup, **kwargs)
-        return wrapped
+    def keep(launch: Launch) -> None:
+        spec = dict(module=launch.module, kernel=launch.kernel, options=launch.options,
+                    args={k: _describe(val) for k, val in launch.args.items()}, case=current["label"])
+        specs.setdefault(spec_key(spec), spec)
+        current["launches"] += 1
 
     outcomes = []
-    with mock.patch.object(triton_backend, "_interpreting", lambda: False):
-        patches = [mock.patch.object(obj, "run", recorder(m, a, obj, obj.run)) for m, a, obj in kernels]
-        for p in patches:
-            p.start()
-        try:
-            t_start = time.time()
-            for case in cases:
-                current.update(label=label(case), launches=0)
-                t0 = time.time()
-                error = None
-                try:
-                    _run_case(case)
-                except Exception as e:  # noqa: BLE001 — a refusal at validation or a failure, reported per case
-                    where = traceback.extract_tb(e.__traceback__)[-1]
-                    error = f"{type(e).__name__}: {e} [{os.path.basename(where.filename)}:{where.lineno}]"
-                outcomes.append(dict(case=case, index=case.get("index", len(outcomes)), label=current["label"],
-                                     launches=current["launches"], error=error,
-                                     seconds=round(time.time() - t0, 2)))
-                if progress:
-                    print(f"[{len(outcomes)}/{len(cases)} {time.time() - t_start:.0f}s] {current['label']}: "
-                          f"{current['launches']} launches, {len(specs)} distinct so far, {outcomes[-1]['seconds']} s"
-                          + (f"; {error}" if error else ""), file=sys.stderr, flush=True)
-        finally:
-            for p in patches:
-                p.stop()
+    with mock.patch.object(triton_backend, "_interpreting", lambda: False), launches(keep):
+        t_start = time.time()
+        for case in cases:
+            current.update(label=label(case), launches=0)
+            t0 = time.time()
+            error = None
+            try:
+                _run_case(case)
+            except Exception as e:  # noqa: BLE001 — a refusal at validation or a failure, reported per case
+                where = traceback.extract_tb(e.__traceback__)[-1]
+                error = f"{type(e).__name__}: {e} [{os.path.basename(where.filename)}:{where.lineno}]"
+            outcomes.append(dict(case=case, index=case.get("index", len(outcomes)), label=current["label"],
+                                 launches=current["launches"], error=error, seconds=round(time.time() - t0, 2)))
+            if progress:
+                print(f"[{len(outcomes)}/{len(cases)} {time.time() - t_start:.0f}s] {current['label']}: "
+                      f"{current['launches']} launches, {len(specs)} distinct so far, {outcomes[-1]['seconds']} s"
+                      + (f"; {error}" if error else ""), file=sys.stderr, flush=True)
     return dict(triton=triton.__version__, cases=outcomes, specs=list(specs.values()))
 
 

@@ -67,7 +67,10 @@ Defaults:
     at most 4K elements;
   * the fused-linear gradient grid splits the vocabulary so that about 4 programs per SM exist.
 Under the interpreter (`TRITON_INTERPRET=1`, CPU tensors) the blocks are as large as the shapes
-allow and num_warps/num_stages are ignored. Every knob can be fixed through the constructor.
+allow (at most 32 × 256 × 64) and num_warps/num_stages are ignored; `TritonBackend(cuda_tiles=True)`
+takes the CUDA defaults there too, so that interpreter tests run block boundaries and masking at
+the exact tiles a GPU runs (slow in the interpreter: tests keep such shapes tiny). On CUDA the option
+changes nothing. Every knob can be fixed through the constructor.
 `triton.autotune` is not used: its first-call benchmarking would multiply compile time for every
 new (N, V, H), it cannot run in the interpreter, and the gradient kernels accumulate in place
 (each trial would need its outputs reset); the fixed per-shape rules keep first-call compile time to
@@ -175,13 +178,14 @@ class _Config:
 
 class TritonBackend(PassBackend):
     """Triton kernels; `None` knobs are chosen per shape (see the module docstring).
-    `deterministic=True` (or torch's global deterministic flag) avoids float atomics at some cost."""
+    `deterministic=True` (or torch's global deterministic flag) avoids float atomics at some cost.
+    `cuda_tiles=True` chooses the CUDA default tiles under the interpreter too (tests; no effect on CUDA)."""
 
     name = "triton"
 
     def __init__(self, block_n: Optional[int] = None, block_v: Optional[int] = None, block_h: Optional[int] = None,
                  num_warps: Optional[int] = None, num_stages: Optional[int] = None, vocab_splits: Optional[int] = None,
-                 allow_tf32: bool = False, deterministic: bool = False):
+                 allow_tf32: bool = False, deterministic: bool = False, cuda_tiles: bool = False):
         for name, v in (("block_n", block_n), ("block_v", block_v), ("block_h", block_h)):
             if v is not None and (v < 16 or v & (v - 1)):
                 raise ValueError(f"{name} must be a power of two >= 16, got {v}")
@@ -189,6 +193,7 @@ class TritonBackend(PassBackend):
         self.num_warps, self.num_stages, self.vocab_splits = num_warps, num_stages, vocab_splits
         self.dot_precision = "tf32" if allow_tf32 else "ieee"
         self.deterministic = deterministic
+        self.cuda_tiles = cuda_tiles
         self._fallback = TorchBackend()
 
     @property
@@ -224,7 +229,7 @@ class TritonBackend(PassBackend):
 
     def __repr__(self) -> str:
         return (f"TritonBackend(block_n={self.block_n}, block_v={self.block_v}, block_h={self.block_h}, "
-                f"deterministic={self.deterministic})")
+                f"deterministic={self.deterministic}" + (", cuda_tiles=True)" if self.cuda_tiles else ")"))
 
     # -- delegation (float64 inputs and top-K > MAX_TOPK: the torch backend) -------------------------
 
@@ -257,11 +262,12 @@ class TritonBackend(PassBackend):
         `role` is "stats", "tail", "value", "grad" or "grad_dw" (gradient tiles hold more live
         values); `k_pad` > 0 when `n_topk` running top-Ks are kept (then BLOCK_V = max(BLOCK_V, K_PAD): the stats kernel merges whole tiles into
         them). The rules are the module docstring's; the CUDA defaults are the largest tiles that
-        ptxas compiles without register spills for sm_90a (`tests/triton_sm90.py`)."""
+        ptxas compiles without register spills for sm_90a (`tests/triton_sm90.py`); under the
+        interpreter, unless `cuda_tiles`, small tiles that fit the shape."""
         source = sources[0]
         linear = isinstance(source, LinearSource)
         v = source.effective_vocab
-        if _interpreting():
+        if _interpreting() and not self.cuda_tiles:
             bn = min(32, max(16, _pow2(n)))
             bv = min(256, max(16, _pow2(v)))
             bh = min(64, max(16, _pow2(source.hidden.shape[1]))) if linear else 16
