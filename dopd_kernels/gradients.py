@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 import torch
 
 from .passes import Grads
+from .skipping import SKIP_COLUMNS
 from .sources import LogitsSource
 
 
@@ -48,10 +49,11 @@ def results(grads: Grads, source) -> tuple:
 
 
 def add_tile(grads: Grads, source, rows: torch.Tensor, start: int, g: torch.Tensor,
-             logits: Optional[torch.Tensor] = None) -> None:
+             logits: Optional[torch.Tensor] = None, keep: Optional[torch.Tensor] = None) -> None:
     """Add a gradient tile `g` [len(rows), block] at columns [start, start + block). `logits`: the
     student's tile there as `LinearSource.tile` returns it (recomputed when None and a head
-    transform needs it)."""
+    transform needs it). `keep` [len(rows), ceil(block / skipping.SKIP_COLUMNS)] (fused-linear mode):
+    the column blocks of each row whose contractions run (`skipping.RowBudget.keep`); db stays exact."""
     if grads.logits is not None:
         grads.logits[rows, start:start + g.shape[1]] = g.to(grads.logits.dtype)
         return
@@ -61,12 +63,41 @@ def add_tile(grads: Grads, source, rows: torch.Tensor, start: int, g: torch.Tens
         if logits is None:
             logits = source.tile(rows, start, stop)
         g = g * source.head_jacobian(logits.to(source.dtype))
+    if grads.db is not None:
+        grads.db[start:stop] += g.sum(0)
+    if grads.dh is None and grads.dw is None:
+        return
+    hidden = source.hidden[rows].to(source.dtype) if grads.dw is not None else None
+    if keep is None or bool(keep.all()):
+        _contract(grads, source, rows, hidden, start, g)
+        return
+    # Each column block with the rows that keep it; consecutive blocks kept by every row contract at once.
+    b0, nb = 0, keep.shape[1]
+    while b0 < nb:
+        b1 = b0 + 1
+        everyone = bool(keep[:, b0].all())
+        while everyone and b1 < nb and bool(keep[:, b1].all()):
+            b1 += 1
+        c0, c1 = b0 * SKIP_COLUMNS, min(b1 * SKIP_COLUMNS, g.shape[1])
+        if everyone:
+            _contract(grads, source, rows, hidden, start + c0, g[:, c0:c1])
+        else:
+            idx = keep[:, b0].nonzero()[:, 0]
+            if idx.numel():
+                _contract(grads, source, rows[idx], None if hidden is None else hidden[idx], start + c0,
+                          g[idx, c0:c1])
+        b0 = b1
+
+
+def _contract(grads: Grads, source, rows: torch.Tensor, hidden: Optional[torch.Tensor], start: int,
+              g: torch.Tensor) -> None:
+    """dH[rows] += g·W[start:start+block], dW[start:start+block] += gᵀ·hidden (g [r, block], raw-logit
+    gradient in the accumulation dtype; hidden [r, H] the rows' hidden states, None when dW is not needed)."""
+    stop = start + g.shape[1]
     if grads.dh is not None:
         grads.dh.index_add_(0, rows, g @ source.weight[start:stop].to(source.dtype))
     if grads.dw is not None:
-        grads.dw[start:stop] += g.T @ source.hidden[rows].to(source.dtype)
-    if grads.db is not None:
-        grads.db[start:stop] += g.sum(0)
+        grads.dw[start:stop] += g.T @ hidden
 
 
 def add_sparse(grads: Grads, source, rows: torch.Tensor, cols: torch.Tensor, g: torch.Tensor, row_step: int) -> None:

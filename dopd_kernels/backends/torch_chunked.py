@@ -3,6 +3,10 @@
 Work is tiled into `[row_chunk, vocab_chunk]` blocks; the largest temporary of any pass is a few
 tiles of that size (and, in fused-linear mode, `[r, K, H]` weight gathers bounded by the same
 budget). No `[N, V]` tensor is created other than the logits-mode gradient.
+
+In fused-linear mode the gradient passes skip the contractions of column blocks whose gradient is
+provably negligible (`skipping.py`: the bound and the rule), row by row: each block contracts the
+rows that keep it. `skip_counter` counts what was skipped.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from .. import gradients
+from .. import gradients, skipping
 from ..divergences import divergence, kl, log_mixture
 from ..passes import STUDENT, Grads, Stats, split_lse
 from ..row_terms import RowTerm
@@ -73,16 +77,22 @@ class TorchBackend(PassBackend):
 
     name = "torch"
 
-    def __init__(self, row_chunk: int = 1024, vocab_chunk: int = 8192):
+    def __init__(self, row_chunk: int = 1024, vocab_chunk: int = 8192, skip_negligible: bool = True):
+        """`skip_negligible`: skip the fused-linear contractions of negligible gradient blocks
+        (`skipping.py`); `skip_counter` (a `skipping.SkipCounter`) counts them across calls."""
         if row_chunk < 1 or vocab_chunk < 1:
             raise ValueError(f"row_chunk and vocab_chunk must be >= 1, got {row_chunk}, {vocab_chunk}")
-        self.row_chunk, self.vocab_chunk = row_chunk, vocab_chunk
+        if not isinstance(skip_negligible, bool):
+            raise TypeError(f"skip_negligible must be a bool, got {type(skip_negligible).__name__}")
+        self.row_chunk, self.vocab_chunk, self.skip_negligible = row_chunk, vocab_chunk, skip_negligible
+        self.skip_counter = skipping.SkipCounter()
 
     def supports(self, device: torch.device) -> bool:
         return True
 
     def __repr__(self) -> str:
-        return f"TorchBackend(row_chunk={self.row_chunk}, vocab_chunk={self.vocab_chunk})"
+        return (f"TorchBackend(row_chunk={self.row_chunk}, vocab_chunk={self.vocab_chunk}, "
+                f"skip_negligible={self.skip_negligible})")
 
     # -- tiling ---------------------------------------------------------------------------------
 
@@ -176,7 +186,7 @@ class TorchBackend(PassBackend):
                 c[sl] = value[sl]
             if scale is not None:
                 grad = self._full_tile_grad(lp, lp.exp(), lq, c[sl, None].to(dt), kind, beta)
-                gradients.add_tile(grads, student, r, 0, grad * scale[sl, None].to(dt), zs)
+                self._add_tile(grads, student, r, 0, grad * scale[sl, None].to(dt), zs, self._budget(student, grads, r))
         return lse_s, lse_t, value, c
 
     def full_grad_pass(self, student, target, rows, lse_s, lse_t, c, kind: str, beta: float, scale: torch.Tensor,
@@ -185,12 +195,13 @@ class TorchBackend(PassBackend):
         (hs, ls), (ht, lt), dt = split_lse(lse_s, student.dtype), split_lse(lse_t, target.dtype), student.dtype
         for sl in self._row_chunks(rows.shape[0]):
             r, sc = rows[sl], scale[sl, None].to(dt)
+            budget = self._budget(student, grads, r)
             for c0, c1 in self._vocab_blocks(student):
                 z = student.tile(r, c0, c1)
                 lp = _log_softmax_tile(z, hs[sl], ls[sl])
                 lq = _log_softmax_tile(target.tile(r, c0, c1), ht[sl], lt[sl])
                 grad = self._full_tile_grad(lp, lp.exp(), lq, c[sl, None].to(dt), kind, beta)
-                gradients.add_tile(grads, student, r, c0, grad * sc, z)  # z: the head's Jacobian
+                self._add_tile(grads, student, r, c0, grad * sc, z, budget)  # z: the head's Jacobian
 
     def term_grad_pass(self, student, rows, lse_s, term: RowTerm, scale: torch.Tensor, grads: Grads) -> None:
         """Gradient of few-column terms: `p_v · dense` tiles with the explicit columns written or the
@@ -203,6 +214,7 @@ class TorchBackend(PassBackend):
         hs, ls = split_lse(lse_s, dt)
         for sl in self._row_chunks(rows.shape[0]):
             r, sc = rows[sl], scale[sl, None].to(dt)
+            budget = self._budget(student, grads, r)
             for c0, c1 in self._vocab_blocks(student):
                 z = student.tile(r, c0, c1)
                 p = _log_softmax_tile(z, hs[sl], ls[sl]).exp()
@@ -211,7 +223,24 @@ class TorchBackend(PassBackend):
                     self._write_explicit(grad, term.cols[sl], term.explicit[sl].to(dt), c0)
                 else:
                     self._fold_sparse(grad, term.cols[sl], term.sparse[sl].to(dt), c0)
-                gradients.add_tile(grads, student, r, c0, grad * sc, z)
+                self._add_tile(grads, student, r, c0, grad * sc, z, budget)
+
+    def _budget(self, student, grads: Grads, rows: torch.Tensor):
+        """The skip budget of a row chunk's gradient sweep (`skipping.RowBudget`), or None where nothing
+        is skipped: skipping off, no contraction to save (logits mode, no dH or dW needed), float64 inputs."""
+        if not self.skip_negligible or (grads.dh is None and grads.dw is None):
+            return None
+        delta = skipping.tolerance(student.hidden.dtype)
+        return skipping.RowBudget(rows.shape[0], student.effective_vocab, delta, rows.device) if delta > 0 else None
+
+    def _add_tile(self, grads: Grads, student, rows: torch.Tensor, start: int, g: torch.Tensor, z: torch.Tensor,
+                  budget) -> None:
+        """`gradients.add_tile`, with the blocks `budget` finds negligible left out and counted."""
+        keep = None
+        if budget is not None:
+            keep = budget.keep(g)
+            self.skip_counter.add(keep, g.shape[1])
+        gradients.add_tile(grads, student, rows, start, g, z, keep)
 
     @staticmethod
     def _full_tile_grad(lp, p, lq, c, kind: str, beta: float) -> torch.Tensor:

@@ -1,0 +1,128 @@
+"""Skipping gradient tiles whose contribution is provably negligible (issue 14, "below the floor").
+
+In fused-linear mode a gradient tile G [rows, block] (w.r.t. the logits) costs two contractions,
+dH += G·J·W[block] and dW[block] += (G·J)ᵀ·H (J: the head's Jacobian, |J| ≤ `LinearSource.scale`).
+Cut Cross-Entropy skips blocks of cross-entropy's gradient whose entries all fall below a threshold
+tied to the dtype. Here the same idea, for any gradient w.r.t. logits that enter through a softmax
+(reverse KL p_v(log p_v − log q_v − KL), forward KL p_v − q_v, JS β p_v(log p_v/m_v − KL(p‖m)), and the
+few-column terms p_v·dense + corrections), with a budget that makes the error provably small.
+
+The bound. For one row i, let g = g_i (the row's gradient times its scale, before the head's
+Jacobian) and S the columns whose contraction is skipped. Skipping adds, exactly,
+
+    ΔdH_i = −Σ_{v∈S} g_v J_v W_v,        ΔdW_v = −Σ_{i: v∈S_i} g_iv J_iv h_i,
+
+so, componentwise, |ΔdH_ik| ≤ |J|max · max_v|W_vk| · ‖g_S‖₁ and Σ_v |ΔdW_vk| ≤ |J|max · Σ_i |h_ik| ‖g_{i,S_i}‖₁.
+The rule keeps ‖g_S‖₁ ≤ δ·‖g‖₁ for every row (δ = `TOLERANCE[dtype]`): the returned gradients are the
+exact contractions of a logit gradient G̃ with ‖G̃_i − G_i‖₁ ≤ δ‖G_i‖₁ row by row (a backward error of δ),
+and the forward errors above are at most δ times |J|max · Σ_v |g_v| · max|W| (dH) and
+|J|max · Σ_i ‖g_i‖₁ |h_ik| (dW, summed over the vocabulary): the expressions that bound the dense
+fp32 contraction's own rounding error, with γ_n = n·u/(1 − n·u) in place of δ. δ = 2^-20 = 16·u for
+fp32 storage is γ of a 16-term sum (a dense row contracts ~1e5 terms): what fp32 accumulation may
+round away anyway, and 16× below the suite's 1e-5 relative tolerance. bf16 and fp16 storage is
+judged against a naive same-dtype computation (error ≥ its unit roundoff u = 2^-8, 2^-11 in every
+logit): δ = u/16. float64: no skipping.
+
+‖g‖₁ is not known when a tile is formed (the sweep has not seen the other columns), but a lower
+bound is: a gradient through a softmax sums to zero over the vocabulary (Σ_v ∂D/∂z_v = 0, as D is
+invariant to z + const), so its positive and negative parts carry equal mass ‖g‖₁/2, and for the
+columns seen so far
+
+    ‖g‖₁ ≥ 2·max(Σ_seen g⁺, Σ_seen g⁻) = Σ_seen |g_v| + |Σ_seen g_v| =: L,
+
+exact once every column is seen (a row that fits one tile), and valid on any subset of the columns.
+A skipped block spends budget only up to δ·L(now) ≤ δ‖g‖₁, so the guarantee holds whatever comes later.
+
+The rule (per row chunk of a gradient sweep, one `RowBudget`; per tile, `RowBudget.keep`):
+  1. Split the tile's columns into blocks of `SKIP_COLUMNS`; m_ib = Σ_{v∈b} |g_iv| (float64).
+  2. Update L_i with the tile; the allowance of row i is a_i = δ·L_i·(columns seen / vocabulary) − spent_i
+     (the budget is released in proportion to the vocabulary swept, so an early tile cannot use up what
+     the later tiles' blocks need; unspent allowance carries forward); 0 when L_i is not finite.
+  3. Within a group of `rows` consecutive rows (1 in the torch backend, which compacts the kept rows of
+     each block; a GPU kernel would take its row tile), order the blocks by max_i m_ib / a_i and skip the
+     longest prefix whose running sums stay ≤ a_i for every row of the group; spent_i grows by them.
+A NaN or inf gradient never fits an allowance, so non-finite values still reach the gradients. A row
+whose gradient is zero (zero scale) skips every block. The bias gradient db += Σ_i g_i is O(rows ×
+block) and stays exact. With the vocabulary sharded over P ranks each shard spends its own budget:
+the guarantee becomes P·δ.
+
+Logits mode has no contraction to save (the gradient tile is the output): the rule is not applied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# δ per storage dtype of the student's hidden states and weight (see the module docstring).
+TOLERANCE = {torch.float32: 2.0 ** -20, torch.bfloat16: 2.0 ** -12, torch.float16: 2.0 ** -15}
+SKIP_COLUMNS = 256  # width of a skippable column block
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """δ for inputs stored in `dtype` (0.0: never skip)."""
+    return TOLERANCE.get(dtype, 0.0)
+
+
+@dataclass
+class SkipCounter:
+    """Gradient entries (row × column) offered to the contractions and those skipped; every entry
+    costs the same 4·H FLOPs (dH and dW), so `fraction` is the share of contraction FLOPs saved."""
+
+    entries: int = 0
+    skipped: int = 0
+
+    @property
+    def fraction(self) -> float:
+        return self.skipped / self.entries if self.entries else 0.0
+
+    def add(self, keep: torch.Tensor, width: int) -> None:
+        """Count a tile of `width` columns planned by `RowBudget.keep` (mask [rows, blocks])."""
+        widths = torch.full((keep.shape[1],), SKIP_COLUMNS, dtype=torch.long, device=keep.device)
+        widths[-1] = width - SKIP_COLUMNS * (keep.shape[1] - 1)
+        self.entries += keep.shape[0] * width
+        self.skipped += int(((~keep).long() * widths).sum())
+
+    def reset(self) -> None:
+        self.entries = self.skipped = 0
+
+
+class RowBudget:
+    """The skip budget of `n` rows over one sweep of a `vocab`-column vocabulary (module docstring)."""
+
+    def __init__(self, n: int, vocab: int, delta: float, device: torch.device, rows: int = 1):
+        f64 = torch.float64
+        self.delta, self.vocab, self.rows, self.seen = delta, vocab, rows, 0
+        self.abs_sum, self.sum, self.spent = (torch.zeros(n, dtype=f64, device=device) for _ in range(3))
+
+    def keep(self, g: torch.Tensor) -> torch.Tensor:
+        """Blocks of the gradient tile `g` [n, width] (the next columns of the sweep) to contract:
+        [n, ceil(width / SKIP_COLUMNS)] bool, the same for all rows of a group of `self.rows`."""
+        n, width = g.shape
+        whole = width // SKIP_COLUMNS * SKIP_COLUMNS  # columns in whole blocks; a partial block may follow
+        size = g.abs()
+        mass = [size[:, :whole].reshape(n, -1, SKIP_COLUMNS).sum(-1, dtype=torch.float64)]
+        if whole < width:
+            mass.append(size[:, whole:].sum(1, keepdim=True, dtype=torch.float64))
+        mass = torch.cat(mass, 1)  # m_ib [n, nb]
+        nb = mass.shape[1]
+        self.abs_sum += mass.sum(1)
+        self.sum += g.sum(1, dtype=torch.float64)
+        self.seen += width
+        lower = self.abs_sum + self.sum.abs()  # L ≤ ‖g‖₁
+        allowance = self.delta * lower * min(1.0, self.seen / self.vocab) - self.spent
+        allowance = torch.where(torch.isfinite(lower), allowance, torch.zeros_like(allowance)).clamp_min(0.0)
+        # Groups of `rows` rows (the last one padded with rows of no mass and an unlimited allowance).
+        groups = -(-n // self.rows)
+        pad = groups * self.rows - n
+        m = torch.nn.functional.pad(mass, (0, 0, 0, pad)).reshape(groups, self.rows, nb)
+        a = torch.nn.functional.pad(allowance, (0, pad), value=float("inf")).reshape(groups, self.rows, 1)
+        ratio = torch.where(m > 0, m / a.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(m))
+        order = ratio.amax(1).argsort(dim=1)  # [groups, nb]: cheapest blocks first (NaN last)
+        running = m.gather(2, order[:, None, :].expand_as(m)).cumsum(2)
+        fits = (running <= a).all(1)  # a prefix of each group's order: running sums only grow
+        skip = torch.zeros_like(fits).scatter_(1, order, fits)
+        skip = skip[:, None, :].expand(groups, self.rows, nb).reshape(groups * self.rows, nb)[:n]
+        self.spent += torch.where(skip, mass, torch.zeros_like(mass)).sum(1)
+        return ~skip
