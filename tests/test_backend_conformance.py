@@ -807,26 +807,28 @@ def test_opd_bf16_vs_naive_bf16(kind, gran, renorm, be):
 
 
 def check_fused_linear_dopd_bf16(be: Target, renorm: bool, v: int = 45, hdim: int = 20, k: int = 6,
-                                 grad_rtol: float = 2 ** -7, grad_atol: float = 2e-3) -> None:
+                                 grad_rtol: float = 2 ** -7, grad_atol: float = 2e-3, rows: int = 30,
+                                 topk_from: str = "student") -> None:
     """bf16 fused-linear DOPD judged like Cut Cross-Entropy: the error of loss and dH/dW/db against
     float64 truth (logits of the bf16 parameters) may not exceed a naive bf16 computation's by more than
     a small margin; `grad_rtol`/`grad_atol` (of the gradient's scale) bound the distance to the truth."""
-    t = linear_streams(30, hdim, v, dtype=torch.bfloat16)
-    y = random_tokens(30, v)
+    t = linear_streams(rows, hdim, v, dtype=torch.bfloat16)
+    y = random_tokens(rows, v)
     names = ("student_hidden", "student_weight", "student_bias")
     train = {n: leaf(t[n].to(be.device)) for n in names}
     out = fused_linear_dopd_loss(train["student_hidden"], train["student_weight"], t["teacher_hidden"].to(be.device),
                                  t["teacher_weight"].to(be.device), t["priv_student_hidden"].to(be.device),
                                  y.to(be.device), student_bias=train["student_bias"],
                                  teacher_bias=t["teacher_bias"].to(be.device),
-                                 config=DOPDConfig(top_k=k, topk_renorm=renorm), backend=be.backend)
+                                 config=DOPDConfig(top_k=k, topk_renorm=renorm, topk_from=topk_from),
+                                 backend=be.backend)
     out.loss.backward()
     # Truth: float64 logits of the bf16 parameters.
     t64 = {n: leaf(t[n], torch.float64) for n in names}
     zs = nv.linear_logits(t64["student_hidden"], t64["student_weight"], t64["student_bias"])
     zt = nv.linear_logits(t["teacher_hidden"], t["teacher_weight"], t["teacher_bias"])
     zp = nv.linear_logits(t["priv_student_hidden"], t["student_weight"], t["student_bias"])
-    per64, regime64, *_ = nv.dopd(zs, zt, zp, y, k=k, renorm=renorm)
+    per64, regime64, *_ = nv.dopd(zs, zt, zp, y, k=k, renorm=renorm, topk_from=topk_from)
     loss64 = nv.reduce(per64, y, "mean")
     loss64.backward()
     # Naive bf16: logits materialized in bf16 (matmul output rounded), then bf16 math.
@@ -834,7 +836,7 @@ def check_fused_linear_dopd_bf16(be: Target, renorm: bool, v: int = 45, hdim: in
     zs16 = t16["student_hidden"] @ t16["student_weight"].T + t16["student_bias"]
     zt16 = t["teacher_hidden"] @ t["teacher_weight"].T + t["teacher_bias"]
     zp16 = t["priv_student_hidden"] @ t["student_weight"].T + t["student_bias"]
-    per16, *_ = nv.dopd(zs16, zt16, zp16, y, k=k, renorm=renorm, dtype=torch.bfloat16,
+    per16, *_ = nv.dopd(zs16, zt16, zp16, y, k=k, renorm=renorm, topk_from=topk_from, dtype=torch.bfloat16,
                         thresholds=tuple(float(x) for x in out.thresholds))
     loss16 = nv.reduce(per16, y, "mean")
     loss16.backward()

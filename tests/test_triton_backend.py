@@ -15,9 +15,11 @@ columns at most: the interpreter is slow.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
+from typing import Sequence
 
 import pytest
 import torch
@@ -47,7 +49,10 @@ if not CUDA:
     else:
         os.environ["TRITON_INTERPRET"] = _saved
 
-from test_backend_conformance import Target, compare_dopd, fused_dopd_pair  # noqa: E402
+import triton_sm90  # noqa: E402
+from head_transform_checks import check_bf16_heads, check_opd_heads  # noqa: E402
+from test_backend_conformance import (Target, check_fused_linear_dopd_bf16, compare_dopd, compare_opd,  # noqa: E402
+                                      fused_dopd_pair)
 from test_memory import AllocationRecorder  # noqa: E402
 from conftest import IGNORE, assert_close, correlated_logits, distinct_logits, leaf, linear_streams, random_tokens  # noqa: E402
 from dopd_kernels import (DOPDConfig, LMHead, dopd_loss, fused_linear_dopd_loss, fused_linear_opd_loss,  # noqa: E402
@@ -116,6 +121,166 @@ def test_dopd_no_grad_does_no_gradient_work(device, monkeypatch):
     assert not out.loss.requires_grad
     ref = dopd_loss(zs.double(), zt.double(), zp.double(), y, config=DOPDConfig(top_k=8), backend="reference")
     assert_close(out.loss, ref.loss, rtol=RTOL, what="loss")
+
+
+# -- the CUDA tiles under the interpreter (issue 14 point 4) -----------------------------------------
+# `TritonBackend(cuda_tiles=True)` launches every kernel with the constexprs it uses on CUDA (the module
+# docstring's tile rules; only UPCAST_MASK differs: the interpreter multiplies bf16 operands in fp32),
+# so block-boundary and masking bugs of the GPU tiles show here. Shapes are a little over one row
+# block and one or two vocabulary tiles of those tiles, ragged everywhere: each test checks, from the
+# launch records, that every kernel it names ran with a partial last row block, a partial last
+# vocabulary tile and (fused-linear) a partial last hidden chunk.
+#   fused-linear fp32  stats 32×64×16 (a running top-K: 16×128×16, one per launch), tail 64×64×16,
+#                      value 16×64×16, grad 32×64×16, grad_dw 16×64×16          (N 70, H 40, V 150)
+#   fused-linear bf16  stats 64×128×32 (two top-Ks: 16×128×32, one launch), tail and value 64×128×32,
+#                      grad 32×128×32, grad_dw 32×64×32                          (N 70 / 40, H 40, V 150)
+#   logits             stats 8×512 (top-Ks: 128 or K_PAD wide, 4 rows at 256 keys), tail 8×256,
+#                      value and grad 8×512                                       (N 10, V 530)
+#   sparse             K_PAD × min(pow2(H), 4096 / K_PAD, 128): 8 × 64 at K = 6, H = 40
+# Logits-mode tiles do not depend on the dtype (bf16 logits are loaded and converted in registers), so
+# bf16 runs in fused-linear mode only, where its tiles differ.
+
+CUDA_TILES = TritonBackend(cuda_tiles=True)
+CUDA_TILES_DET = TritonBackend(cuda_tiles=True, deterministic=True)
+LIN_N, LIN_H, LIN_V = 70, 40, 150
+LOG_N, LOG_V = 10, 530
+TILED = {"stats_kernel", "tail_lse_kernel", "full_value_kernel", "grad_kernel", "grad_dw_kernel"}
+
+
+def _hidden(args: dict) -> int:
+    """Hidden size of a fused-linear launch's (first) stream; 0 in logits mode."""
+    if not args.get("LINEAR", True):
+        return 0
+    return next(args[h] for h in ("hdim", "hs", "h0") if h in args)
+
+
+@contextlib.contextmanager
+def ragged_launches(*kernels: str, rows: Sequence[str] = ()):
+    """Records the launches of the block (`triton_sm90.launches`, yielded); then checks that each of
+    `kernels` ran, every launch of them ending in a partial vocabulary tile and, in fused-linear mode,
+    a partial hidden chunk (the sparse kernels, one program per row, also in padded K lanes), and that
+    every launch of the kernels in `rows` spans several row blocks ending in a partial one (named where
+    the test fixes the number of rows a pass sees)."""
+    with triton_sm90.launches() as seen:
+        yield seen
+    ran = {la.kernel for la in seen}
+    assert set(kernels) <= ran, f"not launched: {sorted(set(kernels) - ran)} (launched: {sorted(ran)})"
+    for name in kernels:
+        mine = [la.args for la in seen if la.kernel == name]
+        assert all(_hidden(a) % a["BLOCK_H"] for a in mine if _hidden(a)), f"{name}: H is a multiple of BLOCK_H"
+        if name in TILED:
+            assert all(a["valid_vocab"] % a["BLOCK_V"] for a in mine), f"{name}: a vocabulary without a partial tile"
+        elif "K_PAD" in mine[0]:
+            assert all(a["K_PAD"] > a["k"] for a in mine), f"{name}: no padded K lanes"
+        if name in rows:
+            assert all(a["n_rows"] > a["BLOCK_N"] and a["n_rows"] % a["BLOCK_N"] for a in mine), \
+                f"{name}: rows {[a['n_rows'] for a in mine]} at BLOCK_N {mine[0]['BLOCK_N']}"
+
+
+def tokens_with_ignored(n: int, v: int, ignored: int) -> torch.Tensor:
+    """Random tokens [n] in [0, v) with exactly `ignored` of them (at random positions) ignored, so the
+    passes see a fixed number of rows."""
+    y = torch.randint(0, v, (n,))
+    y[torch.randperm(n)[:ignored]] = IGNORE
+    return y
+
+
+def test_cuda_tiles_option_selects_the_cuda_rules(monkeypatch):
+    """`cuda_tiles=True` under the interpreter gives the configuration the backend picks on CUDA, for
+    every role, mode, operand dtype and top-K width; without it the interpreter's tiles differ."""
+    v, hdim, n = 151936, 4096, 65536
+    groups = [[LinearSource(torch.empty(4, hdim, dtype=dt), torch.empty(v, hdim, dtype=dt))]
+              for dt in (torch.bfloat16, torch.float32)] + [[LogitsSource(torch.empty(4, v))]]
+    calls = [(g, k, role, n_topk) for g in groups for k in (0, 8, 128, 256) for n_topk in (1, 2)
+             for role in ("stats", "tail", "value", "grad", "grad_dw") if k * n_topk <= TB._topk_width(g)]
+    assert triton_backend._interpreting()
+    here = [CUDA_TILES._config(g, n, k, role=role, n_topk=m) for g, k, role, m in calls]
+    interpreted = [TB._config(g, n, k, role=role, n_topk=m) for g, k, role, m in calls]
+    monkeypatch.setattr(triton_backend, "_interpreting", lambda: False)
+    on_cuda = [TB._config(g, n, k, role=role, n_topk=m) for g, k, role, m in calls]
+    assert here == on_cuda
+    assert all(a != b for a, b in zip(interpreted, on_cuda) if a.block_n != b.block_n or a.block_v != b.block_v)
+    assert sum(a != b for a, b in zip(interpreted, on_cuda)) > len(calls) // 2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("source,renorm", [("student", True), ("target", False)],
+                         ids=["one-topk-renorm", "two-topks-tail"])
+def test_cuda_tiles_logits_dopd(source, renorm, device):
+    """Logits DOPD at the CUDA tiles, 18 valid rows: one running top-K (8 × 128) or two in one launch
+    (4 × 128), the HT rows' value and gradient (8 × 512), tail buckets (8 × 256) and their dense
+    gradient; a padded vocabulary (valid_vocab = 520 of 530) in the second."""
+    zs, zt, zp = correlated_logits(LOG_N * 2, LOG_V, noise=(0.8, 1.5))
+    y = tokens_with_ignored(LOG_N * 2, 520, 2)
+    kernels = ("stats_kernel", "grad_kernel") + (("tail_lse_kernel",) if not renorm else ())
+    with ragged_launches(*kernels, rows=("stats_kernel",)):
+        compare_dopd(Target(CUDA_TILES, device), zs, zt, zp, y, DOPDConfig(
+            top_k=6, topk_from=source, topk_renorm=renorm, valid_vocab=None if renorm else 520, trim=0.1))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("gran,k", [("full", 6), ("topk", 200)], ids=["full-js", "topk-K200-tail"])
+def test_cuda_tiles_logits_opd(gran, k, device):
+    """Logits OPD at the CUDA tiles, 10 rows: full-vocabulary JS (stats, value and gradient at 8 × 512),
+    and a top-K of 200 with a tail bucket (one running top-K of K_PAD 256: 4 × 256 tiles; tail 8 × 256;
+    the dense gradient 8 × 512)."""
+    v = LOG_V if gran == "full" else 300
+    zs, zt = correlated_logits(LOG_N, v, n_streams=2, noise=1.2)
+    y = tokens_with_ignored(LOG_N, v, 0)
+    kernels = ("stats_kernel", "grad_kernel") + (("full_value_kernel",) if gran == "full" else ("tail_lse_kernel",))
+    with ragged_launches(*kernels, rows=kernels):
+        compare_opd(Target(CUDA_TILES, device), zs, zt, y, divergence="js", granularity=gran, top_k=k,
+                    topk_renorm=False, temperature=0.9)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("source,renorm,backend", [("student", True, CUDA_TILES), ("target", False, CUDA_TILES_DET)],
+                         ids=["one-topk-renorm", "two-topks-tail-deterministic"])
+def test_cuda_tiles_fused_linear_dopd_fp32(source, renorm, backend, device):
+    """fp32 fused-linear DOPD at the CUDA tiles, 67 valid rows: a running top-K (16 × 128 × 16; two of
+    them take two launches), the HT rows' value (16 × 64) and gradient (32 × 64), sparse top-K gathers
+    and contractions; then tail buckets (64 × 64), the dense gradient with explicit columns, a padded
+    vocabulary (valid_vocab = 150 of 160) and the deterministic dW / db (grad_dw 16 × 64 × 16, sparse_dw)."""
+    v = LIN_V if renorm else LIN_V + 10
+    t = linear_streams(LIN_N, LIN_H, v)
+    y = tokens_with_ignored(LIN_N, LIN_V, 3)
+    cfg = DOPDConfig(top_k=6, topk_from=source, topk_renorm=renorm, temperature=1.2, trim=0.1,
+                     valid_vocab=None if renorm else LIN_V)
+    kernels = ("stats_kernel", "grad_kernel") + (
+        ("gather_kernel", "sparse_grad_kernel") if renorm else ("tail_lse_kernel", "grad_dw_kernel"))
+    with ragged_launches(*kernels, rows=("stats_kernel",)) as seen:
+        out, _ = fused_dopd_pair(Target(backend, device), t, y, cfg)
+    assert len(set(out.regime[y != IGNORE].tolist())) >= 3
+    # fp32 tiles keep one running top-K per launch (`_topk_width`): the teacher's in the launch of all
+    # three streams, the privileged student's in one of its own.
+    assert [la.args["TOPK_MASK"] for la in seen if la.kernel == "stats_kernel"] == ([1] if renorm else [2, 1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cuda_tiles_fused_linear_opd_heads_fp32(device):
+    """Full-vocabulary JS with soft-capped, scaled heads at the fp32 CUDA tiles: stats 32 × 64 × 16,
+    value 16 × 64 × 16, gradient 32 × 64 × 16 (the shared check masks a random ~20 % of the rows)."""
+    with ragged_launches("stats_kernel", "full_value_kernel", "grad_kernel"):
+        check_opd_heads(CUDA_TILES, "js", "full", device=device, n=LIN_N, hdim=LIN_H, v=LIN_V)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cuda_tiles_fused_linear_dopd_bf16(device):
+    """bf16 fused-linear DOPD at the CUDA tiles, judged like Cut Cross-Entropy: two running top-Ks in
+    one launch (16 × 128 × 32), tail buckets (64 × 128 × 32), gradient tiles (32 × 128 × 32) and the
+    deterministic dW / db (grad_dw 32 × 64 × 32)."""
+    with ragged_launches("stats_kernel", "tail_lse_kernel", "grad_kernel", "grad_dw_kernel") as seen:
+        check_fused_linear_dopd_bf16(Target(CUDA_TILES_DET, device), renorm=False, v=LIN_V, hdim=LIN_H, rows=LIN_N,
+                                     topk_from="target", grad_rtol=2 ** -6, grad_atol=1e-2)
+    assert [la.args["TOPK_MASK"] for la in seen if la.kernel == "stats_kernel"] == [6]  # teacher and priv student
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cuda_tiles_fused_linear_opd_heads_bf16(device):
+    """Full-vocabulary JS on bf16 operands with heads at the CUDA tiles, judged like Cut Cross-Entropy:
+    stats and value 64 × 128 × 32, gradient 32 × 128 × 32."""
+    with ragged_launches("stats_kernel", "full_value_kernel", "grad_kernel"):
+        check_bf16_heads(CUDA_TILES, "js", "full", device=device, n=LIN_N, hdim=LIN_H, v=LIN_V)
 
 
 # -- stats pass, registry, compile ------------------------------------------------------------------
