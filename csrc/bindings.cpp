@@ -34,9 +34,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("rest_lse_pass", &dopd::rest_lse_pass, py::arg("stream"), py::arg("rows"), py::arg("cols"), py::arg("tiling"),
         py::call_guard<py::gil_scoped_release>());
-  m.def("full_value_pass", &dopd::full_value_pass, py::arg("student"), py::arg("target"), py::arg("rows"),
-        py::arg("lse_s"), py::arg("lse_t"), py::arg("kind"), py::arg("beta"), py::arg("tiling"),
-        py::call_guard<py::gil_scoped_release>());
+  m.def("full_pass", &dopd::full_pass, py::arg("student"), py::arg("target"), py::arg("rows"), py::arg("lse_s"),
+        py::arg("lse_t"), py::arg("kind"), py::arg("beta"), py::arg("scale"), py::arg("tiling"), py::arg("grad_logits"),
+        py::arg("dh"), py::arg("dw"), py::arg("db"), py::call_guard<py::gil_scoped_release>());
   m.def("grad_pass", &dopd::grad_pass, py::arg("student"), py::arg("target"), py::arg("rows"), py::arg("lse_s"),
         py::arg("lse_t"), py::arg("c"), py::arg("dense"), py::arg("cols"), py::arg("sparse"), py::arg("overwrite"), py::arg("scale"),
         py::arg("kind"), py::arg("beta"), py::arg("tiling"), py::arg("grad_logits"), py::arg("dh"), py::arg("dw"),
@@ -45,6 +45,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dh"), py::arg("dw"), py::arg("db"), py::call_guard<py::gil_scoped_release>());
   m.def("gather", &dopd::gather, py::arg("stream"), py::arg("rows"), py::arg("cols"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("matmul_flops", &dopd::matmul_flops);
+  m.def("reset_matmul_flops", &dopd::reset_matmul_flops);
   m.def("assign_regimes", &dopd::assign_regimes, py::arg("adv_gap"), py::arg("q_teacher"), py::arg("q_priv_student"),
         py::arg("valid"), py::arg("adv_bar"), py::arg("qt_bar"), py::arg("qp_bar"));
 

@@ -21,6 +21,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <stdexcept>
 #include <type_traits>
 #include <vector>
@@ -34,6 +35,35 @@ namespace {
 using at::Tensor;
 
 int num_threads() { return std::max(1, at::get_num_threads()); }
+
+// -- matmul FLOP counter ---------------------------------------------------------------------------
+
+// FLOPs of the tile GEMMs and dot products the passes perform (2·m·n·k per product), for
+// tests/test_matmul_floor.py to check the pass plan against the matmul floor. One relaxed atomic add per
+// GEMM (and one per pass for the K-column dot products): free next to the work it counts, so always on.
+std::atomic<int64_t> matmul_flops_counted{0};
+
+void count_flops(int64_t flops) { matmul_flops_counted.fetch_add(flops, std::memory_order_relaxed); }
+
+// linear_tile and contract_into (linear_tiles.h, shared with the CUDA glue), counted.
+Tensor counted_tile(const Stream& s, const Tensor& h, int64_t c0, int64_t len, Tensor& buf) {
+  count_flops(2 * h.size(0) * len * h.size(1));
+  return linear_tile(s, h, c0, len, buf);
+}
+
+void counted_contract(const Stream& s, const Tensor& acc, const Tensor& a, const Tensor& b) {
+  count_flops(2 * a.size(0) * a.size(1) * b.size(1));
+  contract_into(s, acc, a, b);
+}
+
+// A gradient tile G [r, len] of columns [c0, c0 + len), with respect to the raw logits, contracted at once:
+// dH += G·W (into dh_rows [r, H], when defined), dW += Gᵀ·H, db += Σ_rows G.
+void contract_tile(const Stream& s, const Tensor& g, const Tensor& h, int64_t c0, int64_t len, const Tensor& dh_rows,
+                   const std::optional<Tensor>& dw, const std::optional<Tensor>& db) {
+  if (dh_rows.defined()) counted_contract(s, dh_rows, g, weight_block(s, c0, len));
+  if (dw.has_value() && dw->defined()) counted_contract(s, dw->narrow(0, c0, len), g.t(), h);
+  if (db.has_value() && db->defined()) db->narrow(0, c0, len).add_(g.sum(0));
+}
 
 // -- element access ------------------------------------------------------------------------------
 
@@ -253,7 +283,7 @@ std::tuple<Tensor, Tensor, Tensor> stats_impl(const Stream& s, const Tensor& row
       const Tensor h = hidden_rows(s, rows.narrow(0, r0, r));
       for (int64_t c0 = 0; c0 < vv; c0 += plan.block) {
         const int64_t len = std::min(plan.block, vv - c0);
-        A* tile = linear_tile(s, h, c0, len, buf).data_ptr<A>();
+        A* tile = counted_tile(s, h, c0, len, buf).data_ptr<A>();
 #pragma omp parallel for num_threads(num_threads()) schedule(static)
         for (int64_t i = 0; i < r; ++i) {
           A* z = tile + i * len;  // this row's part of the tile buffer: transformed and masked in place
@@ -298,57 +328,57 @@ void value_segment(const A* zs, const A* zt, int64_t len, A inv_tau, A ls, A ls2
   c += cs;
 }
 
+struct NoBlockHook {
+  void operator()(const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t) const {}
+};
+
+// Fused-linear sweep over both streams' logit tiles (two projections per row): for each chunk of rows and
+// vocabulary block, the transformed tiles of s and t, then f(q, zs, zt, len) for each row q of the chunk
+// (an index into `rows`; zs may be overwritten), rows in parallel, then after(rows of the chunk, their
+// student hidden states, the student tile [r, len], c0, len).
+template <typename A, typename F, typename G = NoBlockHook>
+void linear_pair_sweep(const Stream& s, const Stream& t, const Tensor& rows, Tiling tl, F&& f, G&& after = G()) {
+  const int64_t n = rows.size(0), vv = s.valid_vocab;
+  const Head<A> head_s = head_of<A>(s), head_t = head_of<A>(t);
+  const LinearPlan plan(n, vv, tl);
+  Tensor buf_s = at::empty({plan.buffer()}, rows.options().dtype(s.acc()));
+  Tensor buf_t = at::empty({plan.buffer()}, rows.options().dtype(s.acc()));
+  for (int64_t r0 = 0; r0 < n; r0 += plan.rows_per_chunk) {
+    const int64_t r = std::min(plan.rows_per_chunk, n - r0);
+    const Tensor rr = rows.narrow(0, r0, r);
+    const Tensor hs = hidden_rows(s, rr), ht = hidden_rows(t, rr);
+    for (int64_t c0 = 0; c0 < vv; c0 += plan.block) {
+      const int64_t len = std::min(plan.block, vv - c0);
+      const Tensor tile = counted_tile(s, hs, c0, len, buf_s);
+      A* ts = tile.data_ptr<A>();
+      A* tt = counted_tile(t, ht, c0, len, buf_t).data_ptr<A>();
+#pragma omp parallel for num_threads(num_threads()) schedule(static)
+      for (int64_t i = 0; i < r; ++i) {
+        head_transform(ts + i * len, len, head_s);
+        head_transform(tt + i * len, len, head_t);
+        f(r0 + i, ts + i * len, tt + i * len, len);
+      }
+      after(rr, hs, tile, c0, len);
+    }
+  }
+}
+
+// Value and gradient constant of fused-linear full-vocabulary rows from given log-sum-exps (hi, lo) [2, n]:
+// one sweep of both streams' tiles (rows wider than one tile; see full_impl).
 template <int KIND, typename A>
 std::tuple<Tensor, Tensor> value_impl(const Stream& s, const Stream& t, const Tensor& rows, const Tensor& lse_s,
                                       const Tensor& lse_t, double beta, Tiling tl) {
-  const int64_t n = rows.size(0), vv = s.valid_vocab;
+  const int64_t n = rows.size(0);
   const A inv_tau = static_cast<A>(s.inv_tau);
   const DivParams<A> P = div_params<A>(KIND, beta);
-  const int64_t* rp = rows.data_ptr<int64_t>();
   const SplitLse<A> ls(lse_s, s.acc(), n), lt(lse_t, s.acc(), n);
   Tensor value = at::zeros({n}, rows.options().dtype(at::kDouble));
   Tensor c = at::zeros({n}, rows.options().dtype(at::kDouble));
   double* vp = value.data_ptr<double>();
   double* cp = c.data_ptr<double>();
-
-  if (!s.linear()) {
-    const Rows<A> xs(s.x), xt(t.x);
-    const int64_t block = std::max<int64_t>(1, std::min(tl.vocab_chunk, vv));
-#pragma omp parallel num_threads(num_threads())
-    {
-      Scratch<A> scr(block);
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t c0 = 0; c0 < vv; c0 += block) {
-          const int64_t len = std::min(block, vv - c0);
-          value_segment<KIND>(xs.segment(rp[i], c0, len, scr.s.data()), xt.segment(rp[i], c0, len, scr.t.data()), len,
-                              inv_tau, ls.hi[i], ls.lo[i], lt.hi[i], lt.lo[i], P, vp[i], cp[i]);
-        }
-    }
-  } else {
-    const Head<A> head_s = head_of<A>(s), head_t = head_of<A>(t);
-    const LinearPlan plan(n, vv, tl);
-    Tensor buf_s = at::empty({plan.buffer()}, rows.options().dtype(s.acc()));
-    Tensor buf_t = at::empty({plan.buffer()}, rows.options().dtype(s.acc()));
-    for (int64_t r0 = 0; r0 < n; r0 += plan.rows_per_chunk) {
-      const int64_t r = std::min(plan.rows_per_chunk, n - r0);
-      const Tensor rr = rows.narrow(0, r0, r);
-      const Tensor hs = hidden_rows(s, rr), ht = hidden_rows(t, rr);
-      for (int64_t c0 = 0; c0 < vv; c0 += plan.block) {
-        const int64_t len = std::min(plan.block, vv - c0);
-        A* ts = linear_tile(s, hs, c0, len, buf_s).data_ptr<A>();
-        A* tt = linear_tile(t, ht, c0, len, buf_t).data_ptr<A>();
-#pragma omp parallel for num_threads(num_threads()) schedule(static)
-        for (int64_t i = 0; i < r; ++i) {
-          const int64_t q = r0 + i;
-          head_transform(ts + i * len, len, head_s);
-          head_transform(tt + i * len, len, head_t);
-          value_segment<KIND>(ts + i * len, tt + i * len, len, inv_tau, ls.hi[q], ls.lo[q], lt.hi[q], lt.lo[q], P, vp[q],
-                              cp[q]);
-        }
-      }
-    }
-  }
+  linear_pair_sweep<A>(s, t, rows, tl, [&](int64_t q, A* zs, const A* zt, int64_t len) {
+    value_segment<KIND>(zs, zt, len, inv_tau, ls.hi[q], ls.lo[q], lt.hi[q], lt.lo[q], P, vp[q], cp[q]);
+  });
   if (KIND == REVERSE_KL) c.copy_(value);
   return {value, c};
 }
@@ -411,6 +441,32 @@ const A* data_or_null(const std::optional<Tensor>& t) {
   return t.has_value() && t->defined() ? t->data_ptr<A>() : nullptr;
 }
 
+// The logits-mode gradient [N, V] a pass writes rows of (written once per element): in place when its dtype
+// is the compute dtype and its columns contiguous, else through per-thread scratch converted on store.
+template <typename A>
+struct LogitsGrad {
+  void* base;
+  int64_t stride, step;
+  bool direct;
+  StoreFn<A> store;
+
+  LogitsGrad(const std::optional<Tensor>& gl, at::ScalarType acc) {
+    TORCH_CHECK(gl.has_value() && gl->defined() && gl->dim() == 2, "dopd cpu: logits mode needs grad_logits [N, V]");
+    base = gl->data_ptr();
+    stride = gl->stride(0);
+    step = gl->stride(1);
+    direct = gl->scalar_type() == acc && step == 1;
+    store = storer<A>(gl->scalar_type());
+  }
+  // Where the gradient of columns [c0, c0 + len) of `row` is formed; commit() stores it.
+  A* target(int64_t row, int64_t c0, A* scratch) const {
+    return direct ? static_cast<A*>(base) + row * stride + c0 * step : scratch;
+  }
+  void commit(int64_t row, int64_t c0, const A* g, int64_t len) const {
+    if (!direct) store(base, row * stride + c0 * step, step, g, len);
+  }
+};
+
 template <int KIND, bool FULL, typename A>
 void grad_impl(const Stream& s, const Stream* t, const Tensor& rows, const Tensor& lse_s, const std::optional<Tensor>& lse_t,
                const std::optional<Tensor>& c, const std::optional<Tensor>& dense, const std::optional<Tensor>& cols,
@@ -442,16 +498,9 @@ void grad_impl(const Stream& s, const Stream* t, const Tensor& rows, const Tenso
   };
 
   if (!s.linear()) {
-    TORCH_CHECK(grad_logits.has_value() && grad_logits->defined() && grad_logits->dim() == 2,
-                "dopd cpu: logits mode needs grad_logits [N, V]");
-    const Tensor& gl = *grad_logits;
+    const LogitsGrad<A> out(grad_logits, s.acc());
     const Rows<A> xs(s.x);
     const std::optional<Rows<A>> xt = FULL ? std::optional<Rows<A>>(Rows<A>(t->x)) : std::nullopt;
-    const StoreFn<A> store = storer<A>(gl.scalar_type());
-    void* gbase = gl.data_ptr();
-    const int64_t gstride = gl.stride(0), gstep = gl.stride(1);
-    // Write the gradient in place when its dtype is the compute dtype and its columns contiguous.
-    const bool direct = gl.scalar_type() == s.acc() && gstep == 1;
     const int64_t block = std::max<int64_t>(1, std::min(tl.vocab_chunk, vv));
     const Head<A> none = make_head<A>(1.0, 0.0);
 #pragma omp parallel num_threads(num_threads())
@@ -463,20 +512,18 @@ void grad_impl(const Stream& s, const Stream* t, const Tensor& rows, const Tenso
         const GradRow<A> r = row_of(i);
         for (int64_t c0 = 0; c0 < vv; c0 += block) {
           const int64_t len = std::min(block, vv - c0);
-          const int64_t off = rp[i] * gstride + c0 * gstep;
-          A* g = direct ? static_cast<A*>(gbase) + off : scr.g.data();
+          A* g = out.target(rp[i], c0, scr.g.data());
           const A* zs = xs.segment(rp[i], c0, len, scr.s.data());
           const A* zt = FULL ? xt->segment(rp[i], c0, len, scr.t.data()) : nullptr;
           grad_segment<KIND, FULL>(zs, zt, g, c0, len, k, inv_tau, r, P, none, jac.data());
-          if (!direct) store(gbase, off, gstep, g, len);
+          out.commit(rp[i], c0, g, len);
         }
       }
     }
     return;
   }
 
-  const bool want_dh = dh.has_value() && dh->defined(), want_dw = dw.has_value() && dw->defined(),
-             want_db = db.has_value() && db->defined();
+  const bool want_dh = dh.has_value() && dh->defined();
   const Head<A> head_s = head_of<A>(s), head_t = FULL ? head_of<A>(*t) : head_s;
   const LinearPlan plan(n, vv, tl);
   Tensor buf_s = at::empty({plan.buffer()}, rows.options().dtype(s.acc()));
@@ -489,9 +536,9 @@ void grad_impl(const Stream& s, const Stream* t, const Tensor& rows, const Tenso
     Tensor dh_rows = want_dh ? at::zeros({r, s.x.size(1)}, rows.options().dtype(s.acc())) : Tensor();
     for (int64_t c0 = 0; c0 < vv; c0 += plan.block) {
       const int64_t len = std::min(plan.block, vv - c0);
-      Tensor tile = linear_tile(s, hs, c0, len, buf_s);
+      Tensor tile = counted_tile(s, hs, c0, len, buf_s);
       A* ts = tile.data_ptr<A>();
-      A* tt = FULL ? linear_tile(*t, ht, c0, len, buf_t).data_ptr<A>() : nullptr;
+      A* tt = FULL ? counted_tile(*t, ht, c0, len, buf_t).data_ptr<A>() : nullptr;
 #pragma omp parallel num_threads(num_threads())
       {
         std::vector<A> jac(k);
@@ -503,13 +550,239 @@ void grad_impl(const Stream& s, const Stream* t, const Tensor& rows, const Tenso
                                    row_of(r0 + i), P, head_s, jac.data());
         }
       }
-      // The gradient tile G [r, len] (now in `tile`) is contracted at once: dH += G·W, dW += Gᵀ·H, db += Σ G.
-      if (want_dh) contract_into(s, dh_rows, tile, weight_block(s, c0, len));
-      if (want_dw) contract_into(s, dw->narrow(0, c0, len), tile.t(), hs);
-      if (want_db) db->narrow(0, c0, len).add_(tile.sum(0));
+      contract_tile(s, tile, hs, c0, len, dh_rows, dw, db);  // the gradient tile, now in `tile`
     }
     if (want_dh) dh->index_add_(0, rr, dh_rows);
   }
+}
+
+// -- full-vocabulary rows in the fewest sweeps ------------------------------------------------------
+//
+// The value of a row needs both log-sum-exps; its gradient p_v(… − c) needs the row constant c (reverse KL:
+// the KL; JS: β KL(p‖m)), known only once the whole row is summed. So a row that fits one tile is done in one
+// pass over its logits (log-sum-exps when not given, value, c, gradient), and a fused-linear row wider than a
+// tile takes one sweep per quantity that needs the previous one complete: reverse / forward KL without given
+// log-sum-exps compute them and the value online in one sweep (KlState), JS computes them first (log m_v is
+// not separable), and the gradient follows in a last sweep that recomputes the tiles.
+
+template <typename F>
+void for_blocks(int64_t vv, int64_t block, F&& f) {
+  for (int64_t c0 = 0; c0 < vv; c0 += block) f(c0, std::min(block, vv - c0));
+}
+
+// Merge one block of both streams (logits zs, zt, scaled by inv_tau) into a row's KlState: the two
+// log-sum-exps and, for reverse / forward KL, W (row_math.h). JS keeps only the log-sum-exps: its log m_v =
+// log(β p_v + (1−β) q_v) mixes the normalised distributions, so no running sum rescales into Σ p log(p/m).
+template <int KIND, typename A>
+void online_segment(const A* zs, const A* zt, int64_t len, A inv_tau, KlState<A>& st) {
+  const A* za = KIND == FORWARD_KL ? zt : zs;  // the weighting stream a of KL(a‖b)
+  const A* zb = KIND == FORWARD_KL ? zs : zt;
+  A ma = neg_inf<A>(), mb = neg_inf<A>(), sa = 0, sb = 0;
+  int nans = 0, nbns = 0;
+#pragma omp simd reduction(max : ma, mb) reduction(+ : nans, nbns)
+  for (int64_t j = 0; j < len; ++j) {
+    ma = std::max(ma, za[j] * inv_tau);
+    mb = std::max(mb, zb[j] * inv_tau);
+    nans += za[j] != za[j];
+    nbns += zb[j] != zb[j];
+  }
+  if (ma > neg_inf<A>()) {
+#pragma omp simd reduction(+ : sa)
+    for (int64_t j = 0; j < len; ++j) sa += fexp(za[j] * inv_tau - ma);
+  }
+  if (mb > neg_inf<A>()) {
+#pragma omp simd reduction(+ : sb)
+    for (int64_t j = 0; j < len; ++j) sb += fexp(zb[j] * inv_tau - mb);
+  }
+  // A NaN logit makes its stream's sum NaN for good (see lse_merge), as in stats_segment.
+  KlState<A> seg{{ma, nans ? std::numeric_limits<A>::quiet_NaN() : sa},
+                 {mb, nbns ? std::numeric_limits<A>::quiet_NaN() : sb}, 0.0};
+  if constexpr (KIND != JS) {
+    if (ma > neg_inf<A>() && mb == neg_inf<A>()) {
+      seg.w = HUGE_VAL;  // b has no mass where a has some: KL = +inf, as value_term gives
+    } else if (ma > neg_inf<A>()) {
+      double w = 0;
+#pragma omp simd reduction(+ : w)
+      for (int64_t j = 0; j < len; ++j) {
+        const A x = za[j] * inv_tau - ma;
+        w += x > neg_inf<A>() ? double(fexp(x) * (x - (zb[j] * inv_tau - mb))) : 0.0;
+      }
+      seg.w = w;
+    }
+  }
+  st = kl_merge(st, seg);
+}
+
+// A log-sum-exp state as split_lse's (hi, lo): max + log Σ added in float64 (Stats.lse), then split.
+template <typename A>
+void split_state(const LseState<A>& st, A& hi, A& lo) {
+  const double l = double(st.m) + double(lse_log_sum(st));
+  hi = static_cast<A>(l);
+  lo = static_cast<A>(l - double(hi));
+}
+
+// What full_pass returns for one row: the log-sum-exps it computed (when not given), value and constant.
+template <typename A>
+struct FullRow {
+  LseState<A> s, t;
+  double value = 0, c = 0;
+};
+
+// The end of phase 1: a row's log-sum-exps (also into r's (hi, lo) pairs) and, for reverse / forward KL, its value.
+template <int KIND, typename A>
+FullRow<A> finish_online(const KlState<A>& st, GradRow<A>& r) {
+  FullRow<A> out;
+  out.s = KIND == FORWARD_KL ? st.b : st.a;
+  out.t = KIND == FORWARD_KL ? st.a : st.b;
+  split_state(out.s, r.ls, r.ls2);
+  split_state(out.t, r.lt, r.lt2);
+  if constexpr (KIND != JS) out.value = kl_value(st);
+  return out;
+}
+
+// One full-vocabulary row in the fewest passes over its columns, read in blocks by load(c0, len, zs, zt):
+// phase 1 without given log-sum-exps (online_segment), phase 2 for JS or given log-sum-exps (value_segment),
+// then with `grad` the gradient, emit(c0, len, zs, zt, r) (grad_segment). r holds the given (hi, lo) pairs and
+// the scale.
+template <int KIND, typename A, typename Load, typename Emit>
+FullRow<A> full_row(int64_t vv, int64_t block, A inv_tau, const DivParams<A> P, GradRow<A> r, bool given, bool grad,
+                    Load&& load, Emit&& emit) {
+  const A *zs, *zt;
+  FullRow<A> out;
+  if (!given) {
+    KlState<A> st = kl_empty<A>();
+    for_blocks(vv, block, [&](int64_t c0, int64_t len) {
+      load(c0, len, zs, zt);
+      online_segment<KIND>(zs, zt, len, inv_tau, st);
+    });
+    out = finish_online<KIND>(st, r);
+  }
+  if (given || KIND == JS) {
+    for_blocks(vv, block, [&](int64_t c0, int64_t len) {
+      load(c0, len, zs, zt);
+      value_segment<KIND>(zs, zt, len, inv_tau, r.ls, r.ls2, r.lt, r.lt2, P, out.value, out.c);
+    });
+  }
+  if (KIND == REVERSE_KL) out.c = out.value;
+  if (grad) {
+    r.c = static_cast<A>(out.c);
+    for_blocks(vv, block, [&](int64_t c0, int64_t len) {
+      load(c0, len, zs, zt);
+      emit(c0, len, zs, zt, r);
+    });
+  }
+  return out;
+}
+
+// full_pass: the log-sum-exp parts [4, n] (max_s, log Σ_s, max_t, log Σ_t; undefined when given), value and c.
+template <int KIND, typename A>
+std::tuple<Tensor, Tensor, Tensor> full_impl(const Stream& s, const Stream& t, const Tensor& rows,
+                                             const std::optional<Tensor>& lse_s, const std::optional<Tensor>& lse_t,
+                                             double beta, const std::optional<Tensor>& scale, Tiling tl,
+                                             const std::optional<Tensor>& grad_logits, const std::optional<Tensor>& dh,
+                                             const std::optional<Tensor>& dw, const std::optional<Tensor>& db) {
+  const int64_t n = rows.size(0), vv = s.valid_vocab;
+  const bool given = lse_s.has_value() && lse_s->defined(), grad = scale.has_value() && scale->defined();
+  const A inv_tau = static_cast<A>(s.inv_tau);
+  const DivParams<A> P = div_params<A>(KIND, beta);
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  Tensor value = at::zeros({n}, rows.options().dtype(at::kDouble)), c = at::zeros_like(value);
+  Tensor parts = given ? Tensor() : at::empty({4, n}, rows.options().dtype(s.acc()));
+  double *vp = value.data_ptr<double>(), *cp = c.data_ptr<double>();
+  A* pp = given ? nullptr : parts.data_ptr<A>();
+  auto keep = [&](int64_t q, const FullRow<A>& o) {
+    vp[q] = o.value;
+    cp[q] = o.c;
+    if (given) return;
+    pp[q] = o.s.m;
+    pp[n + q] = lse_log_sum(o.s);
+    pp[2 * n + q] = o.t.m;
+    pp[3 * n + q] = lse_log_sum(o.t);
+  };
+
+  if (s.linear() && vv > tl.vocab_chunk) {
+    // Rows wider than one tile: sweeps over row-chunk tiles (no [chunk, V] buffer).
+    Tensor l2s = given ? *lse_s : at::empty({2, n}, rows.options().dtype(s.acc()));
+    Tensor l2t = given ? *lse_t : at::empty_like(l2s);
+    if (!given) {
+      std::vector<KlState<A>> st(n, kl_empty<A>());
+      linear_pair_sweep<A>(s, t, rows, tl, [&](int64_t q, A* zs, const A* zt, int64_t len) {
+        online_segment<KIND>(zs, zt, len, inv_tau, st[q]);
+      });
+      A *hs = l2s.data_ptr<A>(), *ht = l2t.data_ptr<A>();
+      for (int64_t q = 0; q < n; ++q) {
+        GradRow<A> r{};
+        keep(q, finish_online<KIND>(st[q], r));
+        hs[q] = r.ls, hs[n + q] = r.ls2, ht[q] = r.lt, ht[n + q] = r.lt2;
+      }
+    }
+    if (given || KIND == JS) std::tie(value, c) = value_impl<KIND, A>(s, t, rows, l2s, l2t, beta, tl);
+    if (KIND == REVERSE_KL) c.copy_(value);
+    if (grad)
+      grad_impl<KIND, true, A>(s, &t, rows, l2s, l2t, c, std::nullopt, std::nullopt, std::nullopt, false, *scale, beta, tl,
+                               grad_logits, dh, dw, db);
+    return {parts, value, c};
+  }
+
+  // One pass over each row: logits mode (a row's logits are read in place, each phase re-reads them from
+  // cache) and fused-linear rows that fit one tile (both streams' tiles hold whole rows).
+  const std::optional<SplitLse<A>> ls = given ? std::optional<SplitLse<A>>(SplitLse<A>(*lse_s, s.acc(), n)) : std::nullopt;
+  const std::optional<SplitLse<A>> lt = given ? std::optional<SplitLse<A>>(SplitLse<A>(*lse_t, s.acc(), n)) : std::nullopt;
+  const Tensor sc = grad ? scale->to(s.acc()).contiguous() : Tensor();
+  auto row_in = [&](int64_t q) {
+    GradRow<A> r{};
+    if (given) r.ls = ls->hi[q], r.ls2 = ls->lo[q], r.lt = lt->hi[q], r.lt2 = lt->lo[q];
+    if (grad) r.scale = sc.data_ptr<A>()[q];
+    return r;
+  };
+
+  if (!s.linear()) {
+    const Rows<A> xs(s.x), xt(t.x);
+    const std::optional<LogitsGrad<A>> out = grad ? std::optional<LogitsGrad<A>>(LogitsGrad<A>(grad_logits, s.acc())) : std::nullopt;
+    const int64_t block = std::max<int64_t>(1, std::min(tl.vocab_chunk, vv));
+    const Head<A> none = make_head<A>(1.0, 0.0);
+#pragma omp parallel num_threads(num_threads())
+    {
+      Scratch<A> scr(block);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t i = 0; i < n; ++i) {
+        auto load = [&](int64_t c0, int64_t len, const A*& zs, const A*& zt) {
+          zs = xs.segment(rp[i], c0, len, scr.s.data());
+          zt = xt.segment(rp[i], c0, len, scr.t.data());
+        };
+        auto emit = [&](int64_t c0, int64_t len, const A* zs, const A* zt, const GradRow<A>& r) {
+          A* g = out->target(rp[i], c0, scr.g.data());
+          grad_segment<KIND, true>(zs, zt, g, c0, len, 0, inv_tau, r, P, none, static_cast<A*>(nullptr));
+          out->commit(rp[i], c0, g, len);
+        };
+        keep(i, full_row<KIND>(vv, block, inv_tau, P, row_in(i), given, grad, load, emit));
+      }
+    }
+    return {parts, value, c};
+  }
+
+  // Fused-linear rows that fit one tile: each row chunk's tiles hold whole rows (one block); the gradient
+  // overwrites the student tile in place and is contracted at once.
+  const Head<A> head_s = head_of<A>(s);
+  const bool want_dh = dh.has_value() && dh->defined();
+  auto row = [&](int64_t q, A* zs_q, const A* zt_q, int64_t) {
+    auto load = [&](int64_t, int64_t, const A*& zs, const A*& zt) {
+      zs = zs_q;
+      zt = zt_q;
+    };
+    auto emit = [&](int64_t c0, int64_t len, const A* zs, const A* zt, const GradRow<A>& r) {
+      grad_segment<KIND, true>(zs, zt, zs_q, c0, len, 0, inv_tau, r, P, head_s, static_cast<A*>(nullptr));
+    };
+    keep(q, full_row<KIND>(vv, vv, inv_tau, P, row_in(q), given, grad, load, emit));
+  };
+  auto contract = [&](const Tensor& rr, const Tensor& hs, const Tensor& tile, int64_t c0, int64_t len) {
+    if (!grad) return;
+    const Tensor dh_rows = want_dh ? at::zeros({rr.size(0), s.x.size(1)}, rows.options().dtype(s.acc())) : Tensor();
+    contract_tile(s, tile, hs, c0, len, dh_rows, dw, db);
+    if (want_dh) dh->index_add_(0, rr, dh_rows);
+  };
+  linear_pair_sweep<A>(s, t, rows, tl, row, contract);
+  return {parts, value, c};
 }
 
 template <typename F>
@@ -558,15 +831,25 @@ std::tuple<Tensor, Tensor> rest_lse_pass(const Stream& s, const Tensor& rows, co
   return out;
 }
 
-std::tuple<Tensor, Tensor> full_value_pass(const Stream& s, const Stream& t, const Tensor& rows, const Tensor& lse_s,
-                                           const Tensor& lse_t, int64_t kind, double beta, Tiling tiling) {
+std::tuple<Tensor, Tensor, Tensor> full_pass(const Stream& s, const Stream& t, const Tensor& rows,
+                                             const std::optional<Tensor>& lse_s, const std::optional<Tensor>& lse_t,
+                                             int64_t kind, double beta, const std::optional<Tensor>& scale, Tiling tiling,
+                                             const std::optional<Tensor>& grad_logits, const std::optional<Tensor>& dh,
+                                             const std::optional<Tensor>& dw, const std::optional<Tensor>& db) {
   check_rows(rows);
-  std::tuple<Tensor, Tensor> out;
+  TORCH_CHECK(lse_s.has_value() == lse_t.has_value(), "dopd cpu: full_pass takes both log-sum-exps or neither");
+  std::tuple<Tensor, Tensor, Tensor> out;
   with_acc(s.acc(), [&](auto a) {
-    with_kind(kind, [&](auto kc) { out = value_impl<decltype(kc)::value, decltype(a)>(s, t, rows, lse_s, lse_t, beta, tiling); });
+    with_kind(kind, [&](auto kc) {
+      out = full_impl<decltype(kc)::value, decltype(a)>(s, t, rows, lse_s, lse_t, beta, scale, tiling, grad_logits, dh, dw, db);
+    });
   });
   return out;
 }
+
+int64_t matmul_flops() { return matmul_flops_counted.load(std::memory_order_relaxed); }
+
+void reset_matmul_flops() { matmul_flops_counted.store(0, std::memory_order_relaxed); }
 
 void grad_pass(const Stream& s, const std::optional<Stream>& t, const Tensor& rows, const Tensor& lse_s,
                const std::optional<Tensor>& lse_t, const std::optional<Tensor>& c, const std::optional<Tensor>& dense,
@@ -615,16 +898,19 @@ Tensor gather(const Stream& s, const Tensor& rows, const Tensor& cols_in) {
     // K dot products per row against weight rows read in place, then the head transform.
     const ColumnDots<A> dots(s, rows);
     const Head<A> head = head_of<A>(s);
+    int64_t count = 0;
 #pragma omp parallel num_threads(num_threads())
     {
       std::vector<A> scratch(dots.hd);
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) reduction(+ : count)
       for (int64_t i = 0; i < n; ++i)
         for (int64_t q = 0; q < k; ++q) {
           const int64_t col = cp[i * k + q];
+          count += col < vv;
           op[i * k + q] = col < vv ? head.logit(dots.raw(i, col, scratch.data())) * inv_tau : neg_inf<A>();
         }
     }
+    count_flops(2 * dots.hd * count);
   });
   return out;
 }
@@ -647,6 +933,11 @@ void sparse_grad(const Stream& s, const Tensor& rows, const Tensor& cols_in, con
     Tensor coef = at::empty({n, k}, cols.options().dtype(s.acc()));
     coef.copy_(coef_in);
     A* cf = coef.data_ptr<A>();
+    // Each nonzero coefficient costs one H-long dot product for its jacobian (with a head transform) and one
+    // axpy each into dH and dW.
+    const bool want_dh = dh.has_value() && dh->defined(), want_dw = dw.has_value() && dw->defined();
+    const int64_t nonzero = (coef != 0).sum().item<int64_t>();
+    count_flops(2 * hd * nonzero * (int64_t(!head.identity()) + want_dh + want_dw));
     if (!head.identity()) {
 #pragma omp parallel num_threads(num_threads())
       {
@@ -657,7 +948,7 @@ void sparse_grad(const Stream& s, const Tensor& rows, const Tensor& cols_in, con
             if (cf[i * k + q] != A(0)) cf[i * k + q] *= head.jacobian(head.logit(dots.raw(i, cp[i * k + q], scratch.data())));
       }
     }
-    if (dh.has_value() && dh->defined()) {
+    if (want_dh) {
       // dH[row] += Σ_q coef · W[col]: one writer per row; weight rows read in place (or converted).
       TORCH_CHECK(dh->is_contiguous() && dh->scalar_type() == s.acc(), "dopd cpu: dh must be contiguous in the compute dtype");
       A* out = dh->data_ptr<A>();
@@ -677,7 +968,7 @@ void sparse_grad(const Stream& s, const Tensor& rows, const Tensor& cols_in, con
         }
       }
     }
-    const bool want_dw = dw.has_value() && dw->defined(), want_db = db.has_value() && db->defined();
+    const bool want_db = db.has_value() && db->defined();
     if (!want_dw && !want_db) return;  // a frozen head: no dW work
     // dW[col] += Σ coef · H[row] and db[col] += Σ coef over the entries sorted by column: each
     // column's run has one writer, so threads never share an output row.

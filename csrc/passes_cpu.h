@@ -46,11 +46,22 @@ std::tuple<at::Tensor, at::Tensor> rest_lse_pass(const Stream& s, const at::Tens
 // Log-sum-exps passed to the passes below (lse_s, lse_t) are [2, n]: the rows (hi, lo) of
 // dopd_kernels.engine.split_lse, so that log p = (z − hi) − lo keeps fp32 precision at large logits.
 
-// Σ_v of a full-vocabulary divergence per row [n] (float64) and the gradient constant c [n]:
-// reverse KL the KL itself, JS β·KL(p‖m), forward KL 0. kind: 0 reverse KL, 1 forward KL, 2 JS.
-std::tuple<at::Tensor, at::Tensor> full_value_pass(const Stream& s, const Stream& t, const at::Tensor& rows,
-                                                   const at::Tensor& lse_s, const at::Tensor& lse_t, int64_t kind,
-                                                   double beta, Tiling tiling);
+// Full-vocabulary rows (kind: 0 reverse KL, 1 forward KL, 2 JS) in the fewest sweeps: Σ_v of the divergence
+// per row [n] (float64) and the gradient constant c [n] (reverse KL the KL itself, JS β·KL(p‖m), forward KL 0);
+// without lse_s / lse_t (both absent) also the log-sum-exps, returned as parts [4, n] in the compute dtype
+// (max_s, log Σ exp(z_s − max_s), max_t, log Σ_t) for the caller to add in float64 (undefined when given);
+// with `scale` also the gradient, into the buffers of grad_pass. A row that fits one tile (logits mode, or
+// valid_vocab <= vocab_chunk) is done in one pass over its logits; wider fused-linear rows take a sweep for the
+// log-sum-exps and (reverse / forward KL) the value online, a value sweep (JS, or log-sum-exps given) and a
+// gradient sweep. No buffer has a full vocabulary axis beyond one tile.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> full_pass(const Stream& s, const Stream& t, const at::Tensor& rows,
+                                                         const std::optional<at::Tensor>& lse_s,
+                                                         const std::optional<at::Tensor>& lse_t, int64_t kind,
+                                                         double beta, const std::optional<at::Tensor>& scale,
+                                                         Tiling tiling, const std::optional<at::Tensor>& grad_logits,
+                                                         const std::optional<at::Tensor>& dh,
+                                                         const std::optional<at::Tensor>& dw,
+                                                         const std::optional<at::Tensor>& db);
 
 // Gradient of Σ_rows scale_r · D_r with respect to the unscaled student logits (scale includes 1/τ;
 // in fused-linear mode the raw logits h·Wᵀ + b, through the head's jacobian).
@@ -76,6 +87,11 @@ void sparse_grad(const Stream& s, const at::Tensor& rows, const at::Tensor& cols
 // Scaled logits [n, K] of `rows` at columns `cols` [n, K] (K dot products per row in fused-linear
 // mode, no [n, K, H] gather, then the head transform); -inf at padding columns.
 at::Tensor gather(const Stream& s, const at::Tensor& rows, const at::Tensor& cols);
+
+// Matmul FLOPs (2·m·n·k per product) of the fused-linear tile GEMMs, contractions and K-column dot products
+// the passes above performed since the last reset, in this process (thread-safe; always counted).
+int64_t matmul_flops();
+void reset_matmul_flops();
 
 // DOPD regime codes (int8) of valid tokens from float64 statistics; -1 where not valid.
 at::Tensor assign_regimes(const at::Tensor& adv, const at::Tensor& q_t, const at::Tensor& q_p,

@@ -193,6 +193,45 @@ DOPD_HD A lse_log_sum(LseState<A> a) {
   return a.m == neg_inf<A>() ? A(0) : flog(a.s);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Online KL(a‖b) of a row whose log-sum-exps are not known yet (full-vocabulary OPD: no stats pass ran).
+// With running maxima M_a, M_b and sums S_a = Σ e^{a_v − M_a}, S_b = Σ e^{b_v − M_b}, log p_v − log q_v =
+// (a_v − M_a − log S_a) − (b_v − M_b − log S_b), so
+//   KL = W / S_a − log S_a + log S_b,   W = Σ_v e^{a_v − M_a} ((a_v − M_a) − (b_v − M_b)).
+// Every difference is taken to a running maximum (exact near it, Sterbenz), so KL keeps fp32's precision
+// at logits of 1e4 like the (hi, lo) log-sum-exps of the value pass. W sums in double (see value_segment).
+// a is the weighting stream: the student for reverse KL, the target for forward KL.
+
+template <typename A>
+struct KlState {
+  LseState<A> a, b;
+  double w;  // W relative to (a.m, b.m)
+};
+
+template <typename A>
+DOPD_HD KlState<A> kl_empty() { return {lse_empty<A>(), lse_empty<A>(), 0.0}; }
+
+// W of a part relative to larger maxima (ma, mb): each term's weight is rescaled by e^{x.a.m − ma} and its
+// log-ratio shifted by the change of reference, (x.a.m − ma) − (x.b.m − mb). A part without a-mass adds 0.
+template <typename A>
+DOPD_HD double kl_rebased(const KlState<A>& x, A ma, A mb) {
+  if (x.a.m == neg_inf<A>()) return 0.0;
+  const A da = x.a.m - ma;
+  return double(fexp(da)) * (x.w + double(da - (x.b.m - mb)) * double(x.a.s));
+}
+
+template <typename A>
+DOPD_HD KlState<A> kl_merge(const KlState<A>& x, const KlState<A>& y) {
+  KlState<A> out{lse_merge(x.a, y.a), lse_merge(x.b, y.b), 0.0};
+  out.w = kl_rebased(x, out.a.m, out.b.m) + kl_rebased(y, out.a.m, out.b.m);
+  return out;
+}
+
+template <typename A>
+DOPD_HD double kl_value(const KlState<A>& x) {
+  return x.w / double(x.a.s) - log(double(x.a.s)) + log(double(x.b.s));
+}
+
 // log p of a scaled logit x from a row's log-sum-exp given as hi + lo (split_lse): x − hi is exact
 // near the row's maximum, so log p keeps the precision of fp32 whatever the logits' magnitude.
 template <typename A>

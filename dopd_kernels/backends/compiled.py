@@ -96,9 +96,37 @@ class CompiledBackend(PassBackend):
     @torch.no_grad()
     def full_value_pass(self, student, target, rows, lse_s, lse_t, kind: str, beta: float):
         """Σ_v of the divergence per row and the gradient constant c (see the torch backend)."""
+        if self._cpu_only_passes:
+            return self.full_pass(student, target, rows, lse_s, lse_t, kind, beta, None, None)[2:]
         dt = student.dtype
         return self._ops.full_value_pass(self._stream(student), self._stream(target), rows.contiguous(),
                                          self._split(lse_s, dt), self._split(lse_t, dt), KIND_CODES[kind], beta, self._tiling)
+
+    @torch.no_grad()
+    def full_pass(self, student, target, rows, lse_s, lse_t, kind: str, beta: float, scale, grads):
+        """`passes.Passes.full_pass` in the CPU extension's fewest sweeps (csrc/passes_cpu.h `full_pass`): one
+        pass over each row in logits mode or when a row's valid vocabulary fits one tile (V <= `vocab_chunk`);
+        wider fused-linear rows without given log-sum-exps compute them with the reverse / forward KL value
+        online in one sweep (JS: its log-mixture needs them first, so a value sweep follows), then the gradient
+        sweep. The `cuda` backend composes the separate passes (`PassBackend.full_pass`)."""
+        if not self._cpu_only_passes:
+            return super().full_pass(student, target, rows, lse_s, lse_t, kind, beta, scale, grads)
+        dt, given = student.dtype, lse_s is not None
+        parts, value, c = self._ops.full_pass(
+            self._stream(student), self._stream(target), rows.contiguous(), self._split(lse_s, dt) if given else None,
+            self._split(lse_t, dt) if given else None, scale=scale,
+            **self._grad_args(kind, beta, grads if scale is not None else Grads()))
+        if not given:  # (max, log-sum) pairs added in float64, as the stats pass does (Stats.lse)
+            lse_s, lse_t = parts[0].double() + parts[1].double(), parts[2].double() + parts[3].double()
+        return lse_s, lse_t, value, c
+
+    def matmul_flops(self) -> int:
+        """Matmul FLOPs the extension's passes performed since `reset_matmul_flops` (all CPU extension calls of
+        this process: tile GEMMs, dH/dW contractions, K-column dot products); the `cuda` backend counts none."""
+        return int(self._ext.matmul_flops())
+
+    def reset_matmul_flops(self) -> None:
+        self._ext.reset_matmul_flops()
 
     @torch.no_grad()
     def full_grad_pass(self, student, target, rows, lse_s, lse_t, c, kind: str, beta: float, scale: torch.Tensor,
