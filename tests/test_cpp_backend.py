@@ -59,6 +59,36 @@ def test_rest_logsumexp_matches_float64(mode, dtype, cpp):
     assert_close(got.double(), want, rtol=1e-5, atol=1e-5, what=f"rest log-sum-exp ({mode}, {dtype})")
 
 
+# -- full_pass: one pass over a row that fits a tile, online statistics for a wider one ----------------
+
+
+@pytest.mark.parametrize("kind", DIVS)
+def test_full_pass_repeats_bitwise_on_two_threads(kind, cpp):
+    """Full-vocabulary OPD (the engine runs no stats pass, so `full_pass` computes the log-sum-exps too) gives
+    bitwise the same loss and gradients call after call with two threads: every row's sums run in one thread
+    in a fixed order, and the dH/dW contractions are the same GEMMs in the same order. V = 37 fits the
+    default tile (one sweep) and spans six 7-column blocks (the online sweeps)."""
+    from dopd_kernels import fused_linear_opd_loss
+    from conftest import linear_streams
+
+    t = linear_streams(40, 12, 37)
+    y = random_tokens(40, 37)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runs = []
+        for _ in range(2):
+            h, w = leaf(t["student_hidden"]), leaf(t["student_weight"])
+            out = fused_linear_opd_loss(h, w, t["teacher_hidden"], t["teacher_weight"], y, divergence=kind,
+                                        granularity="full", backend=cpp)
+            out.loss.backward()
+            runs.append((out.per_token_loss, h.grad, w.grad))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
 # -- selection -------------------------------------------------------------------------------------
 
 
