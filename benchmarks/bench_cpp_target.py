@@ -1,15 +1,19 @@
-"""Issue 4's CPU target: fp32 fused-linear DOPD forward+backward, N=2048, H=1024, V=151936.
+"""Issue 4's and issue 14's CPU targets: fp32 fused-linear forward+backward at H=1024, V=151936, for DOPD
+(N=2048, the default) or full-vocabulary OPD (`--workload opd-js`, the issue 14 headline, or `opd-kl`,
+reverse KL).
 
 Each measurement runs in its own subprocess (time, and peak extra RSS = peak RSS (VmHWM, reset once the inputs
 exist) − RSS at that point, so gradients such as dW count as extra):
 
-    naive   materialized PyTorch: three [N, V] logit tensors, log-softmax, routing, top-K, JS; autograd
+    naive   materialized PyTorch: the [N, V] logit tensors, log-softmax, (routing, top-K,) the divergence; autograd
     torch   the library's vocabulary-chunked `torch` backend
-    cpp     the compiled `cpp` backend; afterwards, in the same process, the matmuls its passes
-            perform (same tile shapes and counts, the epilogues left out) are timed alone
+    cpp     the compiled `cpp` backend, with the matmul FLOPs its extension counted (`matmul_flops`) against the
+            floor; afterwards, in the same process, the matmuls of its pass plan (same tile shapes and
+            sweeps, the epilogues left out) are timed alone
 
-    python benchmarks/bench_cpp_target.py                 # all three, default sizes, 2 threads
+    python benchmarks/bench_cpp_target.py                 # DOPD, all three, default sizes, 2 threads
     python benchmarks/bench_cpp_target.py --n 512 --modes cpp torch
+    python benchmarks/bench_cpp_target.py --workload opd-js --n 1024 --modes cpp
 
 Prints one JSON line per run and a summary.
 """
@@ -89,41 +93,61 @@ def naive_dopd(hs, ws, ht, wt, hp, y, k=128, beta_l=0.6, beta_w=0.3, trim=0.05):
     return per.mean(), regime
 
 
-def own_matmuls(backend, hs, ws, ht, wt, hp, n_full):
-    """The matmuls of the cpp passes alone: stats (3 streams × all rows), value pass (student and
-    teacher tiles of the full-vocabulary rows), gradient pass (both tiles again, then dH += G·W and
-    dW += Gᵀ·H), with the backend's tile sizes."""
+def naive_opd(hs, ws, ht, wt, kind):
+    """Materialized fp32 full-vocabulary OPD (JS with β = 0.5, or reverse KL), mean over tokens."""
     import torch
 
-    v, rc, vc = ws.shape[0], backend.row_chunk, backend.vocab_chunk
+    ls = torch.log_softmax(hs @ ws.T, dim=-1)
+    with torch.no_grad():
+        lt = torch.log_softmax(ht @ wt.T, dim=-1)
+    if kind == "reverse_kl":
+        return (ls.exp() * (ls - lt)).sum(-1).mean()
+    lm = torch.logaddexp(ls + math.log(0.5), lt + math.log(0.5))
+    return (0.5 * (ls.exp() * (ls - lm)).sum(-1) + 0.5 * (lt.exp() * (lt - lm)).sum(-1)).mean()
+
+
+def plan_sweeps(workload, fits, hs, ws, ht, wt, hp, n_full):
+    """The cpp pass plan as sweeps (hidden, weight, contract): every stream's tiles of a set of rows, the
+    student's gradient tiles contracted into dH and dW. DOPD: stats of all three streams, then for the
+    full-vocabulary (HT) rows a value sweep and a gradient sweep (its log-sum-exps are given; the JS
+    constant needs the whole row). Full-vocabulary OPD: one sweep when a row fits one tile; otherwise the
+    statistics with (reverse KL) the value online, (JS) a value sweep, then the gradient sweep."""
+    full = slice(0, n_full)
+    both = [(ht[full], wt, False), (hs[full], ws, False)]
+    grad = [(ht[full], wt, False), (hs[full], ws, True)]
+    if workload == "dopd":
+        return [(hs, ws, False), (ht, wt, False), (hp, ws, False)] + both + grad
+    if fits:
+        return grad
+    return both + (both if workload == "opd-js" else []) + grad
+
+
+def own_matmuls(backend, sweeps, v):
+    """Time the matmuls of `sweeps` alone, with the backend's tile sizes; returns (seconds, FLOPs)."""
+    import torch
+
+    rc, vc = backend.row_chunk, backend.vocab_chunk
     buf = torch.empty(rc * vc)
-    dw = torch.zeros_like(ws)
-
-    def sweep(h, w, contract=False):
-        for r0 in range(0, h.shape[0], rc):
-            hr = h[r0:r0 + rc]
-            dh = torch.zeros_like(hr)
-            for c0 in range(0, v, vc):
-                wb = w[c0:c0 + vc]
-                out = buf[: hr.shape[0] * wb.shape[0]].view(hr.shape[0], wb.shape[0])
-                torch.mm(hr, wb.T, out=out)
-                if contract:
-                    dh.addmm_(out, wb)
-                    dw[c0:c0 + vc].addmm_(out.T, hr)
-
+    flops = 0
     with torch.no_grad():
         t0 = time.perf_counter()
-        for h, w in ((hs, ws), (ht, wt), (hp, ws)):  # stats pass
-            sweep(h, w)
-        full = slice(0, n_full)
-        sweep(hs[full], ws)  # value pass
-        sweep(ht[full], wt)
-        sweep(ht[full], wt)  # gradient pass
-        sweep(hs[full], ws, contract=True)
-        return time.perf_counter() - t0
+        for h, w, contract in sweeps:
+            dw = torch.zeros_like(w) if contract else None
+            for r0 in range(0, h.shape[0], rc):
+                hr = h[r0:r0 + rc]
+                dh = torch.zeros_like(hr)
+                for c0 in range(0, v, vc):
+                    wb = w[c0:c0 + vc]
+                    out = buf[: hr.shape[0] * wb.shape[0]].view(hr.shape[0], wb.shape[0])
+                    torch.mm(hr, wb.T, out=out)
+                    flops += 2 * out.numel() * hr.shape[1] * (3 if contract else 1)
+                    if contract:
+                        dh.addmm_(out, wb)
+                        dw[c0:c0 + vc].addmm_(out.T, hr)
+        return time.perf_counter() - t0, flops
 
 
-def child(mode, n, h, v, threads, tiles):
+def child(mode, workload, n, h, v, threads, tiles):
     import torch
 
     torch.set_num_threads(threads)
@@ -133,40 +157,57 @@ def child(mode, n, h, v, threads, tiles):
     from dopd_kernels.backends.compiled import CppBackend
 
     cpp = CppBackend(*tiles) if tiles else CppBackend()
+    backend = cpp if mode == "cpp" else "torch"
+    kind = "reverse_kl" if workload == "opd-kl" else "js"
+
+    def run(hs, ws, ht, wt, hp, y):
+        """(loss, regime or None) of the workload; regime 2 = HT."""
+        if workload == "dopd":
+            if mode == "naive":
+                return naive_dopd(hs, ws, ht, wt, hp, y)
+            out = dk.fused_linear_dopd_loss(hs, ws, ht, wt, hp, y, config=DOPDConfig(), backend=backend)
+            return out.loss, out.regime
+        if mode == "naive":
+            return naive_opd(hs, ws, ht, wt, kind), None
+        return dk.fused_linear_opd_loss(hs, ws, ht, wt, y, divergence=kind, granularity="full", backend=backend).loss, None
+
     if mode == "cpp":  # load the extension (and warm MKL) outside the measurement
-        b = cpp
-        x = make_inputs(16, 32, 300)
-        dk.fused_linear_dopd_loss(x[0], x[1], x[2], x[3], x[4], x[5], backend=b).loss.backward()
+        run(*make_inputs(16, 32, 300))[0].backward()
+        cpp.reset_matmul_flops()
     hs, ws, ht, wt, hp, y = make_inputs(n, h, v)
     reset_peak_rss()
     base = status_bytes("VmRSS")
     c0, t0 = cpu_seconds(), time.perf_counter()
-    if mode == "naive":
-        loss, regime = naive_dopd(hs, ws, ht, wt, hp, y)
-    else:
-        out = dk.fused_linear_dopd_loss(hs, ws, ht, wt, hp, y, config=DOPDConfig(),
-                                        backend=cpp if mode == "cpp" else "torch")
-        loss, regime = out.loss, out.regime
+    loss, regime = run(hs, ws, ht, wt, hp, y)
     loss.backward()
     elapsed, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     peak = status_bytes("VmHWM")
-    res = dict(mode=mode, n=n, h=h, v=v, threads=threads, tiles=[cpp.row_chunk, cpp.vocab_chunk] if mode == "cpp" else None, seconds=round(elapsed, 3), cpu_seconds=round(cpu, 3), loss=float(loss),
-               peak_extra_mib=round((peak - base) / 2**20, 1), base_rss_mib=round(base / 2**20, 1),
-               ht_fraction=round(float((regime == 2).float().mean()), 4))
+    n_full = int((regime == 2).sum()) if regime is not None else n
+    res = dict(mode=mode, workload=workload, n=n, h=h, v=v, threads=threads,
+               tiles=[cpp.row_chunk, cpp.vocab_chunk] if mode == "cpp" else None, seconds=round(elapsed, 3),
+               cpu_seconds=round(cpu, 3), loss=float(loss), peak_extra_mib=round((peak - base) / 2**20, 1),
+               base_rss_mib=round(base / 2**20, 1), full_rows=n_full)
     if mode == "cpp":
-        n_full = int((regime == 2).sum())
+        res["counted_gflop"] = round(cpp.matmul_flops() / 1e9, 3)
+        # The README's floor: one projection per stream per row (3 streams for DOPD, 2 for OPD), plus the dH / dW
+        # contractions of the full-vocabulary rows (DOPD's HT rows also need one recomputation of both streams).
+        proj = 2 * v * h
+        floor = proj * (3 * n + 4 * n_full) if workload == "dopd" else proj * 4 * n
+        res["floor_gflop"] = round(floor / 1e9, 3)
+        res["counted_over_floor"] = round(cpp.matmul_flops() / floor, 3)
         hs.grad = ws.grad = None
+        sweeps = plan_sweeps(workload, v <= cpp.vocab_chunk, hs.detach(), ws.detach(), ht, wt, hp, n_full)
         c0 = cpu_seconds()
-        res["own_matmuls_seconds"] = round(own_matmuls(cpp, hs.detach(), ws.detach(), ht, wt, hp, n_full), 3)
+        secs, flops = own_matmuls(cpp, sweeps, v)
+        res["own_matmuls_seconds"] = round(secs, 3)
         res["own_matmuls_cpu_seconds"] = round(cpu_seconds() - c0, 3)
-        # The DESIGN.md floor: the stats pass and the dH / dW contractions of the full-vocabulary rows.
-        flops = 2 * n * v * 3 * h + 4 * n_full * v * h
-        res["floor_tflop"] = round(flops / 1e12, 3)
+        res["plan_gflop"] = round(flops / 1e9, 3)  # the sweeps timed: counted_gflop less the K-column dot products
     print(json.dumps(res), flush=True)
 
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--workload", choices=["dopd", "opd-js", "opd-kl"], default="dopd")
     ap.add_argument("--n", type=int, default=2048)
     ap.add_argument("--h", type=int, default=1024)
     ap.add_argument("--v", type=int, default=151936)
@@ -176,11 +217,11 @@ def main():
     ap.add_argument("--child", default=None)
     a = ap.parse_args()
     if a.child:
-        child(a.child, a.n, a.h, a.v, a.threads, a.tiles)
+        child(a.child, a.workload, a.n, a.h, a.v, a.threads, a.tiles)
         return
     results = {}
     for mode in a.modes:
-        cmd = [sys.executable, __file__, "--child", mode, "--n", str(a.n), "--h", str(a.h), "--v", str(a.v),
+        cmd = [sys.executable, __file__, "--child", mode, "--workload", a.workload, "--n", str(a.n), "--h", str(a.h), "--v", str(a.v),
                "--threads", str(a.threads)] + (["--tiles", *map(str, a.tiles)] if a.tiles else [])
         p = subprocess.run(cmd, capture_output=True, text=True)
         line = (p.stdout.strip().splitlines() or [""])[-1]
@@ -194,6 +235,7 @@ def main():
         print(f"cpp: {c['seconds']:.2f} s wall / {c['cpu_seconds']:.2f} s CPU; its matmuls alone "
               f"{c['own_matmuls_seconds']:.2f} s / {c['own_matmuls_cpu_seconds']:.2f} s (ratio "
               f"{c['seconds'] / c['own_matmuls_seconds']:.2f} wall, {c['cpu_seconds'] / c['own_matmuls_cpu_seconds']:.2f} CPU); "
+              f"counted {c['counted_gflop']:.1f} GFLOP = {c['counted_over_floor']:.2f}x the floor; "
               f"peak extra {c['peak_extra_mib']:.0f} MiB")
         for other in ("torch", "naive"):
             if other in results:
