@@ -4,40 +4,49 @@ Shapes: `N` tokens (or `B, T` sequences × positions), `V` vocabulary, `H` hidde
 (or hidden states) at position n are the distribution that produced `tokens[n]`: shift before
 calling, as for a causal-LM cross-entropy.
 
-Under `torch.compile` each call of a public function here is one deliberate graph break
-(`torch.compiler.disable`): the computation validates and routes on data (token ranges, `nonzero`,
-trimmed means) and launches kernels, which Dynamo would otherwise cut into dozens of small graphs.
-The model before the loss and the code after it still compile; autograd runs across the break.
+Each function checks its arguments' kinds, dtypes and shapes here, in Python, without reading tensor
+data (a bad argument is a ValueError/TypeError naming it, before any kernel), then calls a
+`torch.library` custom op (`ops.py`) whose implementation reads the data (token range, `check_finite`,
+the values of thresholds and normalizer) before running the engine. Under `torch.compile` the whole
+function therefore traces into the graph, `fullgraph=True` included; the op's autograd formula gives
+the gradient (`ops.py`).
+
+What an op cannot take keeps a deliberate graph break (`torch.compiler.disable`) around the same engine,
+differentiated by its autograd Functions (`engine.run`): a backend given as an object (e.g.
+`TorchBackend(row_chunk=...)`) or as "reference" (float64 autograd, second derivatives), and the process
+groups `vocab_parallel_group`/`routing_group` (collectives). The model before the loss and the code after
+it still compile then; autograd runs across the break.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Union
 
 import torch
 
-from . import engine
+from . import engine, ops
 from .backends import resolve_backend
-from .passes import Passes
 from .config import DOPDConfig, DOPDOutput, OPDConfig, OPDOutput, Thresholds
 from .heads import LMHead
+from .ops import DOPD, OPD, Streams
 from .parallel import VocabShard
+from .passes import Passes
 from .reductions import Reduction
-from .sources import LinearSource, LogitsSource
 from .validation import (
-    check_finite_logits,
-    check_finite_rows,
+    check_config,
     check_float_tensor,
     check_head_transform,
     check_linear,
     check_normalizer,
-    check_config,
     check_same_device,
     check_seq_mean,
+    check_thresholds,
     check_tokens,
     check_valid_vocab,
-    coerce_thresholds,
     common_vocab,
+    normalizer_value,
+    thresholds_tensor,
 )
 
 BackendArg = Union[str, object]
@@ -45,27 +54,8 @@ HeadArg = Union[torch.Tensor, LMHead]
 LOGITS_SHAPE = "[N, V] or [B, T, V]"
 
 
-def _prepare_tokens(tokens, token_shape, local_vocab, cfg, lead_name, vocab_parallel_group):
-    """Validated flat tokens [N] (int64), valid mask [N], the vocabulary shard (None when the
-    vocabulary is whole) and the `valid_vocab` the local sources use."""
-    shard = None
-    vocab = local_vocab
-    if vocab_parallel_group is not None:
-        device = tokens.device if isinstance(tokens, torch.Tensor) else torch.device("cpu")
-        shard = VocabShard.create(vocab_parallel_group, local_vocab, device)
-        vocab = shard.vocab
-    v_eff = check_valid_vocab(cfg.valid_vocab, vocab)
-    check_tokens(tokens, token_shape, v_eff, cfg.ignore_index, lead_name)
-    check_seq_mean(cfg.reduction, tokens)
-    flat = tokens.reshape(-1).long()
-    if shard is None:
-        return flat, flat != cfg.ignore_index, None, cfg.valid_vocab
-    shard = shard.with_valid_vocab(cfg.valid_vocab)
-    return flat, flat != cfg.ignore_index, shard, shard.local_valid_vocab()
-
-
-def _logits_sources(named: dict, tokens, cfg, check_finite: bool, vocab_parallel_group=None):
-    """Validate logits streams (first one is the student) and wrap them as flat sources."""
+def _logits_streams(named: dict, tokens, cfg) -> Streams:
+    """Static checks of logits streams (the first one is the student) and their flat `[N, V]` views."""
     for name, t in named.items():
         check_float_tensor(name, t, (2, 3), LOGITS_SHAPE)
     first_name, first = next(iter(named.items()))
@@ -75,15 +65,11 @@ def _logits_sources(named: dict, tokens, cfg, check_finite: bool, vocab_parallel
     if first.shape[-1] == 0:
         raise ValueError(f"{first_name} must have a vocabulary V >= 1, got shape {list(first.shape)}")
     check_same_device({**named, "tokens": tokens} if isinstance(tokens, torch.Tensor) else named)
-    flat_tokens, valid, shard, valid_vocab = _prepare_tokens(tokens, first.shape[:-1], first.shape[-1], cfg, first_name,
-                                                             vocab_parallel_group)
-    if check_finite:
-        for name, t in named.items():
-            check_finite_logits(name, t, valid_vocab, whole_rows=shard is None)
+    check_tokens(tokens, first.shape[:-1], first_name)
+    check_seq_mean(cfg.reduction, tokens)
     v = first.shape[-1]
-    sources = [LogitsSource(t.reshape(-1, v) if i == 0 else t.detach().reshape(-1, v), cfg.temperature, valid_vocab)
-               for i, t in enumerate(named.values())]
-    return sources, flat_tokens, valid, first.shape[:-1], shard
+    tensors = tuple((t.reshape(-1, v) if i == 0 else t.detach().reshape(-1, v),) for i, t in enumerate(named.values()))
+    return Streams(tensors, None, tokens)
 
 
 def _as_head(prefix: str, weight: HeadArg, bias: Optional[torch.Tensor]) -> LMHead:
@@ -96,8 +82,8 @@ def _as_head(prefix: str, weight: HeadArg, bias: Optional[torch.Tensor]) -> LMHe
     return LMHead(weight, bias)
 
 
-def _linear_sources(streams: list, tokens, cfg, check_finite: bool, vocab_parallel_group=None):
-    """streams: [(prefix, hidden, LMHead)], the student first. Returns flat sources.
+def _linear_streams(streams: list, tokens, cfg, sharded: bool) -> Streams:
+    """streams: [(prefix, hidden, LMHead)], the student first. Static checks and the flat streams.
 
     Vocabulary (see `validation.common_vocab`): the streams share the student's real vocabulary;
     rows of any head past it are padding and are sliced off (views, no copy), so no softmax sees them.
@@ -106,7 +92,7 @@ def _linear_sources(streams: list, tokens, cfg, check_finite: bool, vocab_parall
     for prefix, h, head in streams:
         check_linear(prefix, h, head.weight, head.bias, None if prefix == streams[0][0] else h0.shape[:-1])
         check_head_transform(prefix, head.scale, head.softcap)
-    if vocab_parallel_group is None:
+    if not sharded:
         vocab = common_vocab([(p, head.weight.shape[0], head.vocab_size) for p, _, head in streams])
     else:  # each rank holds a shard of rows: padding is declared through config.valid_vocab instead
         vocab = streams[0][2].weight.shape[0]
@@ -120,53 +106,84 @@ def _linear_sources(streams: list, tokens, cfg, check_finite: bool, vocab_parall
     named = {f"{p}_{k}": t for p, h, head in streams
              for k, t in (("hidden", h), ("weight", head.weight), ("bias", head.bias)) if t is not None}
     check_same_device({**named, "tokens": tokens} if isinstance(tokens, torch.Tensor) else named)
-    flat_tokens, valid, shard, valid_vocab = _prepare_tokens(tokens, h0.shape[:-1], vocab, cfg, "student_hidden",
-                                                             vocab_parallel_group)
-    if check_finite:
-        for name, t in named.items():
-            check_finite_rows(name, t)
-    sources = []
+    check_tokens(tokens, h0.shape[:-1], "student_hidden")
+    check_seq_mean(cfg.reduction, tokens)
+    tensors, heads = [], []
     for i, (_, h, head) in enumerate(streams):
-        w, b = head.weight[:vocab], (head.bias[:vocab] if head.bias is not None else None)
-        if i:  # frozen streams never receive a gradient
-            h, w, b = h.detach(), w.detach(), (b.detach() if b is not None else None)
-        sources.append(LinearSource(h.reshape(-1, h.shape[-1]), w, b, cfg.temperature, valid_vocab,
-                                    float(head.scale), None if head.softcap is None else float(head.softcap)))
-    return sources, flat_tokens, valid, h0.shape[:-1], shard
+        ts = [h.reshape(-1, h.shape[-1]), head.weight[:vocab]]
+        if head.bias is not None:
+            ts.append(head.bias[:vocab])
+        tensors.append(tuple(t.detach() if i else t for t in ts))  # frozen streams never receive a gradient
+        heads.append((float(head.scale), None if head.softcap is None else float(head.softcap)))
+    return Streams(tuple(tensors), tuple(heads), tokens)
+
+
+def _as_op(backend: BackendArg, *groups) -> bool:
+    """Whether a call runs as a custom op: a pass backend by name and no process group."""
+    return isinstance(backend, str) and backend != "reference" and all(g is None for g in groups)
+
+
+def _traceable(fn):
+    """A public function that `torch.compile` traces into its graph when the call runs as an op
+    (`_as_op`), and treats as one deliberate graph break otherwise (`backend`, `vocab_parallel_group` and
+    `routing_group` are keyword-only arguments)."""
+    direct = torch.compiler.disable(fn)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        groups = (kwargs.get("vocab_parallel_group"), kwargs.get("routing_group"))
+        return (fn if _as_op(kwargs.get("backend", "auto"), *groups) else direct)(*args, **kwargs)
+
+    return call
+
+
+def _prepare(names, streams: Streams, cfg, check_finite: bool, vocab_parallel_group):
+    """`ops.prepare` for a call outside the ops, where the vocabulary may be sharded over a group."""
+    shard = None
+    if vocab_parallel_group is not None:
+        shard = VocabShard.create(vocab_parallel_group, ops.local_vocab(streams), streams.tokens.device)
+    return ops.prepare(names, streams, cfg, check_finite, shard)
 
 
 def _detached(t):
     return t.detach() if isinstance(t, torch.Tensor) else t
 
 
-def _dopd(prepared, cfg: DOPDConfig, thresholds, backend, normalizer, routing_group) -> DOPDOutput:
-    sources, tokens, valid, token_shape, shard = prepared
+def _dopd(streams: Streams, cfg: DOPDConfig, thresholds, backend, normalizer, check_finite, vocab_parallel_group,
+          routing_group) -> DOPDOutput:
     normalizer = check_normalizer(normalizer, cfg.reduction)
-    thresholds = coerce_thresholds(thresholds)
+    thresholds = thresholds_tensor(thresholds)
+    if _as_op(backend, vocab_parallel_group, routing_group):
+        check_valid_vocab(cfg.valid_vocab, ops.local_vocab(streams))
+        loss, per_token, _, *routing = ops.loss_op(DOPD, streams, cfg, backend, check_finite, thresholds, normalizer)
+    else:
+        loss, per_token, *routing = _dopd_autograd(streams, cfg, thresholds, backend, normalizer, check_finite,
+                                                   vocab_parallel_group, routing_group)
+    shape = streams.tokens.shape
+    regime, adv_gap, q_teacher, q_priv_student = (t.detach().reshape(shape) for t in routing[:4])
+    return DOPDOutput(loss=loss, per_token_loss=per_token.detach().reshape(shape), regime=regime, adv_gap=adv_gap,
+                      q_teacher=q_teacher, q_priv_student=q_priv_student, thresholds=Thresholds(*routing[4].unbind()))
+
+
+def _dopd_autograd(streams: Streams, cfg: DOPDConfig, thresholds, backend, normalizer, check_finite,
+                   vocab_parallel_group, routing_group) -> tuple:
+    """The `dopd` op's outputs (less its gradients) for a call no op can take, differentiable through the
+    engine's autograd Functions (a graph break under torch.compile: `_traceable`)."""
+    sources, tokens, valid, token_shape, shard = _prepare(DOPD.streams, streams, cfg, check_finite,
+                                                          vocab_parallel_group)
+    thresholds = check_thresholds(thresholds)
+    reduction = Reduction(valid, cfg.reduction, token_shape, normalizer_value(normalizer))
     impl = resolve_backend(backend, tokens.device)
-    reduction = Reduction(valid, cfg.reduction, token_shape, normalizer)
     if isinstance(impl, Passes):
         loss, per_token, routing = engine.dopd(impl, *sources, tokens, valid, cfg, thresholds, reduction, shard,
                                                routing_group)
     else:
         per_token, routing = impl.dopd(*sources, tokens, valid, cfg, thresholds, shard=shard, routing_group=routing_group)
         loss = reduction.value(per_token)
-
-    def shape(t: torch.Tensor) -> torch.Tensor:
-        return t.detach().reshape(token_shape)
-
-    return DOPDOutput(
-        loss=loss,
-        per_token_loss=shape(per_token),
-        regime=shape(routing.regime),
-        adv_gap=shape(routing.adv_gap),
-        q_teacher=shape(routing.q_teacher),
-        q_priv_student=shape(routing.q_priv_student),
-        thresholds=routing.thresholds,
-    )
+    return (loss, per_token, *ops.routing_outputs(routing, token_shape))
 
 
-@torch.compiler.disable
+@_traceable
 def dopd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -215,13 +232,13 @@ def dopd_loss(
         all tokens in regime IGNORED.
     """
     cfg = check_config(config, DOPDConfig)
-    prepared = _logits_sources(
+    streams = _logits_streams(
         {"student_logits": student_logits, "teacher_logits": teacher_logits, "priv_student_logits": priv_student_logits},
-        tokens, cfg, check_finite, vocab_parallel_group)
-    return _dopd(prepared, cfg, thresholds, backend, normalizer, routing_group)
+        tokens, cfg)
+    return _dopd(streams, cfg, thresholds, backend, normalizer, check_finite, vocab_parallel_group, routing_group)
 
 
-@torch.compiler.disable
+@_traceable
 def fused_linear_dopd_loss(
     student_hidden: torch.Tensor,
     student_weight: HeadArg,
@@ -281,24 +298,32 @@ def fused_linear_dopd_loss(
     streams = [("student", student_hidden, student),
                ("teacher", teacher_hidden, _as_head("teacher", teacher_weight, teacher_bias)),
                ("priv_student", priv_student_hidden, priv)]
-    prepared = _linear_sources(streams, tokens, cfg, check_finite, vocab_parallel_group)
-    return _dopd(prepared, cfg, thresholds, backend, normalizer, routing_group)
+    return _dopd(_linear_streams(streams, tokens, cfg, vocab_parallel_group is not None), cfg, thresholds, backend,
+                 normalizer, check_finite, vocab_parallel_group, routing_group)
 
 
-def _opd(prepared, cfg: OPDConfig, backend, normalizer) -> OPDOutput:
-    sources, tokens, valid, token_shape, shard = prepared
+def _opd(streams: Streams, cfg: OPDConfig, backend, normalizer, check_finite, vocab_parallel_group) -> OPDOutput:
     normalizer = check_normalizer(normalizer, cfg.reduction)
-    impl = resolve_backend(backend, tokens.device)
-    reduction = Reduction(valid, cfg.reduction, token_shape, normalizer)
-    if isinstance(impl, Passes):
-        loss, per_token = engine.opd(impl, *sources, tokens, valid, cfg, reduction, shard)
+    if _as_op(backend, vocab_parallel_group):
+        check_valid_vocab(cfg.valid_vocab, ops.local_vocab(streams))
+        loss, per_token, _ = ops.loss_op(OPD, streams, cfg, backend, check_finite, normalizer=normalizer)
     else:
-        per_token = impl.opd(*sources, tokens, valid, cfg, shard=shard)
-        loss = reduction.value(per_token)
-    return OPDOutput(loss, per_token.detach().reshape(token_shape))
+        loss, per_token = _opd_autograd(streams, cfg, backend, normalizer, check_finite, vocab_parallel_group)
+    return OPDOutput(loss, per_token.detach().reshape(streams.tokens.shape))
 
 
-@torch.compiler.disable
+def _opd_autograd(streams: Streams, cfg: OPDConfig, backend, normalizer, check_finite, vocab_parallel_group) -> tuple:
+    """(loss, per-token loss) of a call no op can take (see `_dopd_autograd`)."""
+    sources, tokens, valid, token_shape, shard = _prepare(OPD.streams, streams, cfg, check_finite, vocab_parallel_group)
+    reduction = Reduction(valid, cfg.reduction, token_shape, normalizer_value(normalizer))
+    impl = resolve_backend(backend, tokens.device)
+    if isinstance(impl, Passes):
+        return engine.opd(impl, *sources, tokens, valid, cfg, reduction, shard)
+    per_token = impl.opd(*sources, tokens, valid, cfg, shard=shard)
+    return reduction.value(per_token), per_token
+
+
+@_traceable
 def opd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -335,12 +360,11 @@ def opd_loss(
     """
     cfg = OPDConfig(divergence, granularity, top_k, js_beta, temperature, topk_from, topk_renorm,
                     ignore_index, reduction, valid_vocab)
-    prepared = _logits_sources({"student_logits": student_logits, "teacher_logits": teacher_logits}, tokens, cfg,
-                               check_finite, vocab_parallel_group)
-    return _opd(prepared, cfg, backend, normalizer)
+    streams = _logits_streams({"student_logits": student_logits, "teacher_logits": teacher_logits}, tokens, cfg)
+    return _opd(streams, cfg, backend, normalizer, check_finite, vocab_parallel_group)
 
 
-@torch.compiler.disable
+@_traceable
 def fused_linear_opd_loss(
     student_hidden: torch.Tensor,
     student_weight: HeadArg,
@@ -373,11 +397,11 @@ def fused_linear_opd_loss(
                     ignore_index, reduction, valid_vocab)
     streams = [("student", student_hidden, _as_head("student", student_weight, student_bias)),
                ("teacher", teacher_hidden, _as_head("teacher", teacher_weight, teacher_bias))]
-    prepared = _linear_sources(streams, tokens, cfg, check_finite, vocab_parallel_group)
-    return _opd(prepared, cfg, backend, normalizer)
+    return _opd(_linear_streams(streams, tokens, cfg, vocab_parallel_group is not None), cfg, backend, normalizer,
+                check_finite, vocab_parallel_group)
 
 
-@torch.compiler.disable
+@_traceable
 def token_logprobs(
     logits_or_hidden: torch.Tensor,
     tokens: torch.Tensor,
@@ -402,11 +426,19 @@ def token_logprobs(
     """
     cfg = OPDConfig(temperature=temperature, ignore_index=ignore_index, valid_vocab=valid_vocab)
     if weight is None:
-        (source,), flat, valid, token_shape, shard = _logits_sources({"logits": logits_or_hidden}, tokens, cfg, False,
-                                                                     vocab_parallel_group)
+        streams = _logits_streams({"logits": logits_or_hidden}, tokens, cfg)
     else:
-        (source,), flat, valid, token_shape, shard = _linear_sources(
-            [("student", logits_or_hidden, _as_head("student", weight, bias))], tokens, cfg, False, vocab_parallel_group)
+        streams = _linear_streams([("student", logits_or_hidden, _as_head("student", weight, bias))], tokens, cfg,
+                                  vocab_parallel_group is not None)
+    if not _as_op(backend, vocab_parallel_group):
+        return _token_logprobs_direct(streams, cfg, backend, vocab_parallel_group)
+    check_valid_vocab(cfg.valid_vocab, ops.local_vocab(streams))
+    return ops.logprobs_op(streams, cfg, backend)
+
+
+def _token_logprobs_direct(streams: Streams, cfg: OPDConfig, backend, vocab_parallel_group) -> torch.Tensor:
+    """`token_logprobs` for a call no op can take (a backend object or "reference", a vocabulary group)."""
+    (source,), flat, valid, token_shape, shard = _prepare(("student",), streams, cfg, False, vocab_parallel_group)
     impl = resolve_backend(backend, flat.device)
     if isinstance(impl, Passes):
         out = engine.token_logprobs(impl, source, flat, valid, shard)

@@ -29,7 +29,7 @@ from .parallel import VocabShard
 from .passes import STUDENT, Grads, Passes, Stats
 from .plan import Group, Plan, dopd_plan, dopd_topk_streams, opd_plan, opd_topk_streams
 from .reductions import Reduction
-from .routing import nan_routed
+from .routing import Routing, nan_routed
 from .row_terms import RowTerm, sampled_term, topk_term
 
 DOUBLE_BACKWARD_ERROR = (
@@ -305,15 +305,7 @@ class EagerFusedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, engine: LossEngine, reduction: Reduction, finish: Finish, *tensors):
         needs = ctx.needs_input_grad[3:]
-        grads = gradients.allocate(engine.student, needs)
-
-        def weights() -> torch.Tensor:  # read once the rows are planned (routing decides what is dropped)
-            dropped = finish.dropped()
-            w = reduction.weights()
-            return w if dropped is None else w.masked_fill(dropped, 0.0)  # overwritten (NaN) tokens: no gradient
-
-        per_token = finish(engine.forward(eager=(weights, grads)))
-        out = gradients.results(grads, engine.student)
+        per_token, out = with_gradients(engine, finish, reduction.weights, needs)
         ctx.present = [g is not None and need for g, need in zip(out, needs)]
         ctx.save_for_backward(*(g for g, keep in zip(out, ctx.present) if keep))
         ctx.mark_non_differentiable(per_token)
@@ -324,10 +316,16 @@ class EagerFusedLoss(torch.autograd.Function):
         if torch.is_grad_enabled():
             raise RuntimeError(DOUBLE_BACKWARD_ERROR)
         saved = iter(ctx.saved_tensors)
-        unit = bool(grad_loss == 1)  # the usual loss.backward(): hand over the saved gradients, no copy
-        grads = [(g if unit else g * grad_loss.to(g.dtype)) if keep else None
-                 for keep, g in ((keep, next(saved) if keep else None) for keep in ctx.present)]
-        return (None, None, None, *grads)
+        return (None, None, None, *scale_eager(grad_loss, [next(saved) if keep else None for keep in ctx.present]))
+
+
+def scale_eager(grad_loss: torch.Tensor, grads: Sequence[Optional[torch.Tensor]]) -> list:
+    """Eager gradients (None: not formed) times the upstream gradient of the scalar loss. The usual
+    `loss.backward()` in eager mode (upstream 1) hands them over as they are, no copy of a [V, H] dW;
+    a trace (torch.compile, export) cannot read the upstream value and always multiplies."""
+    traced = type(grad_loss) is not torch.Tensor or torch.compiler.is_compiling()
+    unit = not traced and bool(grad_loss == 1)
+    return [g if g is None or unit else g * grad_loss.to(g.dtype) for g in grads]
 
 
 class Finish:
@@ -340,6 +338,23 @@ class Finish:
     def __call__(self, per_token: torch.Tensor) -> torch.Tensor:
         bad = self.dropped()
         return per_token if bad is None else torch.where(bad, torch.full_like(per_token, float("nan")), per_token)
+
+
+def with_gradients(engine: LossEngine, finish: Finish, weights: Callable[[], torch.Tensor],
+                   needs: Sequence[bool]) -> Tuple[torch.Tensor, tuple]:
+    """One forward that also forms d(Σ_n w_n · loss_n)/d(student): `(per-token loss [N], gradients of
+    `gradients.student_tensors` (None where `needs` is False))`. `weights()` [N] is read once the rows are
+    planned (routing decides which tokens `finish` overwrites: those get no gradient). A scalar reduction
+    passes its own weights (`EagerFusedLoss`, the `dopd`/`opd` custom ops); the deferred backward of
+    reduction="none" passes the upstream gradient (`ops`)."""
+    grads = gradients.allocate(engine.student, needs)
+
+    def masked() -> torch.Tensor:
+        dropped, w = finish.dropped(), weights()
+        return w if dropped is None else w.masked_fill(dropped, 0.0)  # overwritten (NaN) tokens: no gradient
+
+    per_token = finish(engine.forward(eager=(masked, grads)))
+    return per_token, gradients.results(grads, engine.student)
 
 
 def run(engine: LossEngine, reduction: Reduction, finish: Finish) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -360,28 +375,43 @@ def run(engine: LossEngine, reduction: Reduction, finish: Finish) -> Tuple[torch
 # -- entry points ------------------------------------------------------------------------------------------
 
 
-def dopd(passes: Passes, student, teacher, priv, tokens: torch.Tensor, valid: torch.Tensor, cfg, thresholds,
-         reduction: Reduction, shard: Optional[VocabShard] = None, routing_group=None):
-    """(reduced loss, per-token DOPD loss [N], routing) over the sources of the valid and masked rows."""
+def dopd_call(passes: Passes, student, teacher, priv, tokens: torch.Tensor, valid: torch.Tensor, cfg, thresholds,
+              shard: Optional[VocabShard] = None, routing_group=None) -> Tuple[LossEngine, Finish, Routing]:
+    """A DOPD call over the sources of the valid and masked rows, ready to run: its engine, the `Finish`
+    that overwrites the tokens with NaN routing statistics, and the routing the plan fills as it runs."""
     sources = (student, teacher, priv)
     passes = passes.select(sources, cfg.top_k)
     rows = valid.nonzero()[:, 0]
     plan, routing = dopd_plan(cfg, rows, valid, thresholds, routing_group)
     engine = LossEngine(passes, sources, tokens, valid, settings_of(cfg), dopd_topk_streams(cfg), plan, shard)
-
-    loss, per_token = run(engine, reduction, Finish(lambda: nan_routed(routing)))
-    return loss, per_token, routing
+    return engine, Finish(lambda: nan_routed(routing)), routing
 
 
-def opd(passes: Passes, student, teacher, tokens: torch.Tensor, valid: torch.Tensor, cfg, reduction: Reduction,
-        shard: Optional[VocabShard] = None):
-    """(reduced loss, per-token OPD loss [N])."""
+def opd_call(passes: Passes, student, teacher, tokens: torch.Tensor, valid: torch.Tensor, cfg,
+             shard: Optional[VocabShard] = None) -> Tuple[LossEngine, Finish]:
+    """A vanilla OPD call, ready to run: its engine and (trivial) `Finish`."""
     sources = (student, teacher)
     passes = passes.select(sources, cfg.top_k if cfg.granularity == "topk" else 1)
     rows = valid.nonzero()[:, 0]
     engine = LossEngine(passes, sources, tokens, valid, settings_of(cfg), opd_topk_streams(cfg), opd_plan(cfg, rows), shard,
                         stats_in_sweep=cfg.granularity == "full")
-    return run(engine, reduction, Finish())
+    return engine, Finish()
+
+
+def dopd(passes: Passes, student, teacher, priv, tokens: torch.Tensor, valid: torch.Tensor, cfg, thresholds,
+         reduction: Reduction, shard: Optional[VocabShard] = None, routing_group=None):
+    """(reduced loss, per-token DOPD loss [N], routing), differentiable through the autograd Functions."""
+    engine, finish, routing = dopd_call(passes, student, teacher, priv, tokens, valid, cfg, thresholds, shard,
+                                        routing_group)
+    loss, per_token = run(engine, reduction, finish)
+    return loss, per_token, routing
+
+
+def opd(passes: Passes, student, teacher, tokens: torch.Tensor, valid: torch.Tensor, cfg, reduction: Reduction,
+        shard: Optional[VocabShard] = None):
+    """(reduced loss, per-token OPD loss [N]), differentiable through the autograd Functions."""
+    engine, finish = opd_call(passes, student, teacher, tokens, valid, cfg, shard)
+    return run(engine, reduction, finish)
 
 
 def token_logprobs(passes: Passes, source, tokens: torch.Tensor, valid: torch.Tensor,

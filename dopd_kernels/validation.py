@@ -35,8 +35,8 @@ def check_same_device(named: dict) -> None:
             raise ValueError(f"{n} is on {d} but {first_name} is on {first}; all inputs must share a device")
 
 
-def check_tokens(tokens, token_shape: torch.Size, vocab: int, ignore_index: int, logits_name: str) -> None:
-    """`tokens` must be an integer tensor shaped like `token_shape`, each entry in [0, vocab) or ignore_index."""
+def check_tokens(tokens, token_shape: torch.Size, logits_name: str) -> None:
+    """`tokens` must be an integer tensor shaped like `token_shape` (its values: `check_token_range`)."""
     if not isinstance(tokens, torch.Tensor):
         raise TypeError(f"tokens must be a torch.Tensor of shape {list(token_shape)}, got {type(tokens).__name__}")
     if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
@@ -45,6 +45,10 @@ def check_tokens(tokens, token_shape: torch.Size, vocab: int, ignore_index: int,
         raise ValueError(
             f"tokens must have shape {list(token_shape)} (the leading dims of {logits_name}), got {list(tokens.shape)}"
         )
+
+
+def check_token_range(tokens: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """Each entry of `tokens` in [0, vocab) or equal to ignore_index (reads the tokens)."""
     valid = tokens != ignore_index
     bad = valid & ((tokens < 0) | (tokens >= vocab))
     if bool(bad.any()):
@@ -106,8 +110,10 @@ def check_seq_mean(reduction: str, tokens: torch.Tensor) -> None:
         raise ValueError(f'reduction="seq_mean" needs tokens shaped [B, T], got {list(tokens.shape)}')
 
 
-def check_normalizer(normalizer, reduction: str):
-    """`normalizer` divides the summed loss; only meaningful for "mean" and "sum" reductions."""
+def check_normalizer(normalizer, reduction: str) -> Optional[torch.Tensor]:
+    """`normalizer` divides the summed loss; only meaningful for "mean" and "sum" reductions. Returns it
+    as a 0-d tensor (a number becomes a float64 one, its value checked here); a tensor's value is
+    checked by `normalizer_value`, which reads it."""
     if normalizer is None:
         return None
     if reduction not in ("mean", "sum"):
@@ -118,36 +124,65 @@ def check_normalizer(normalizer, reduction: str):
                              "(pass normalizer.detach() or a number)")
         if normalizer.numel() != 1:
             raise ValueError(f"normalizer must be a scalar, got a tensor of shape {list(normalizer.shape)}")
-        value = float(normalizer)
-    elif isinstance(normalizer, (int, float)) and not isinstance(normalizer, bool):
-        value = float(normalizer)
-    else:
-        raise TypeError(f"normalizer must be a positive number or 0-d tensor, got {type(normalizer).__name__}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"normalizer must be positive and finite, got {value}")
+        return normalizer.reshape(())
+    if isinstance(normalizer, (int, float)) and not isinstance(normalizer, bool):
+        _check_normalizer_value(float(normalizer))
+        return torch.tensor(float(normalizer), dtype=torch.float64)
+    raise TypeError(f"normalizer must be a positive number or 0-d tensor, got {type(normalizer).__name__}")
+
+
+def normalizer_value(normalizer: Optional[torch.Tensor]) -> Optional[float]:
+    """The value of a normalizer `check_normalizer` returned (reads it: positive and finite)."""
+    if normalizer is None:
+        return None
+    value = float(normalizer)
+    _check_normalizer_value(value)
     return value
 
 
-def coerce_thresholds(thresholds) -> Optional[Thresholds]:
-    """Accept a `Thresholds`, a 3-sequence of numbers or a tensor of shape [3] (Ā, q̄_T, q̄_P)."""
+def _check_normalizer_value(value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"normalizer must be positive and finite, got {value}")
+
+
+def thresholds_tensor(thresholds) -> Optional[torch.Tensor]:
+    """A `thresholds=` argument (a `Thresholds`, a 3-sequence of numbers or of 1-element tensors, or a
+    tensor of shape [3]: Ā, q̄_T, q̄_P) as a [3] float64 CPU tensor; its values are checked by
+    `check_thresholds`, which reads them."""
     if thresholds is None:
         return None
     if isinstance(thresholds, torch.Tensor):
         if thresholds.shape != (3,):
             raise ValueError(f"thresholds tensor must have shape [3] (adv_gap, q_teacher, q_priv_student), got {list(thresholds.shape)}")
-        values = [float(v) for v in thresholds]
-    elif isinstance(thresholds, (str, bytes)) or not hasattr(thresholds, "__len__"):
+        return thresholds.detach().to("cpu", torch.float64)
+    if isinstance(thresholds, (str, bytes)) or not hasattr(thresholds, "__len__"):
         raise TypeError(f"thresholds must be a Thresholds, a 3-tuple of numbers or a [3] tensor, got {type(thresholds).__name__}")
-    else:
-        try:
-            values = [float(v) for v in thresholds]
-        except (TypeError, ValueError):
-            raise TypeError(f"thresholds must be a Thresholds, a 3-tuple or a [3] tensor, got {type(thresholds).__name__}") from None
-        if len(values) != 3:
-            raise ValueError(f"thresholds must have 3 entries (adv_gap, q_teacher, q_priv_student), got {len(values)}")
-    if not all(math.isfinite(v) for v in values):
-        raise ValueError(f"thresholds must be finite, got {values}")
-    return Thresholds(*(torch.tensor(v, dtype=torch.float64) for v in values))
+    values = []
+    for v in thresholds:
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            values.append(v.detach().reshape(()).to("cpu", torch.float64))
+        elif isinstance(v, (int, float)):
+            values.append(torch.tensor(float(v), dtype=torch.float64))
+        else:
+            raise TypeError(f"thresholds must be a Thresholds, a 3-tuple or a [3] tensor, got {type(thresholds).__name__} "
+                            f"holding a {type(v).__name__}")
+    if len(values) != 3:
+        raise ValueError(f"thresholds must have 3 entries (adv_gap, q_teacher, q_priv_student), got {len(values)}")
+    return torch.stack(values)
+
+
+def check_thresholds(thresholds: Optional[torch.Tensor]) -> Optional[Thresholds]:
+    """The `Thresholds` of a [3] tensor from `thresholds_tensor` (reads it: the values must be finite)."""
+    if thresholds is None:
+        return None
+    if not bool(torch.isfinite(thresholds).all()):
+        raise ValueError(f"thresholds must be finite, got {thresholds.tolist()}")
+    return Thresholds(*thresholds.unbind())
+
+
+def coerce_thresholds(thresholds) -> Optional[Thresholds]:
+    """Accept a `Thresholds`, a 3-sequence of numbers or a tensor of shape [3] (Ā, q̄_T, q̄_P)."""
+    return check_thresholds(thresholds_tensor(thresholds))
 
 
 def check_linear(prefix: str, hidden, weight, bias, n_rows_shape: Optional[torch.Size]) -> None:

@@ -266,10 +266,10 @@ def test_token_dtypes_custom_ignore_index_and_non_contiguous_inputs():
 
 @pytest.mark.parametrize("backend", [b for b in ("reference", "torch", "cpp") if b in available_backends()])
 def test_torch_compile_step_breaks_once_around_the_loss(backend):
-    """A compiled step with work before and after the loss: the public function is one deliberate
-    graph break, so Dynamo builds exactly two graphs (without it, the validation, routing and passes
-    cut this step into 13 to 30 graphs, depending on the backend), and the compiled step matches
-    eager, gradients through the break included."""
+    """A compiled step with work before and after the loss: a backend that runs as a custom op (`ops.py`)
+    traces into one graph; "reference" is one deliberate graph break, so Dynamo builds exactly two graphs
+    (without it, the validation, routing and passes cut this step into 13 to 30 graphs), and the
+    compiled step matches eager, gradients through the loss included."""
     from torch._dynamo.testing import CompileCounter
 
     t = linear_streams(20, 24, 90)
@@ -290,7 +290,7 @@ def test_torch_compile_step_breaks_once_around_the_loss(backend):
     counter = CompileCounter()
     compiled = torch.compile(step, backend=counter)(a, w)
     compiled.backward()
-    assert counter.frame_count == 2
+    assert counter.frame_count == (2 if backend == "reference" else 1)
     assert_close(compiled, eager, rtol=1e-6, what="loss")
     assert_close(a.grad, ga, rtol=1e-6, what="d(step)/da through the loss")
     assert_close(w.grad, gw, rtol=1e-6, what="dW")
