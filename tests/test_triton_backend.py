@@ -1,16 +1,17 @@
-"""What is specific to the `triton` backend: the tiles it chooses (the CUDA tile rules for every top-K,
-the interpreter's defaults), its launch records (stats launches per running top-K, device guards,
-deterministic mode without float atomics), pass-level kernels (stats pass, dense gradient tiles,
+"""What is specific to the `triton` backend: the tiles it chooses (the CUDA tile rules for every top-K, the
+interpreter's defaults, and DOPD/OPD losses run at the exact CUDA tiles under the interpreter against
+float64: `TritonBackend(cuda_tiles=True)`), its launch records (stats launches per running top-K, device
+guards, deterministic mode without float atomics), pass-level kernels (stats pass, dense gradient tiles,
 int64 top-K offsets), the fallback to torch above MAX_TOPK, the registry, a compiled step, allocation
 traces, and a peer (Liger's fused-linear JSD). Its DOPD/OPD matrix against the float64 `reference`
-(values, regimes, gradients, dtypes, odd sizes, head transforms, large logits, non-finite values)
-runs in tests/test_backend_conformance.py: interpreted at small tiles without CUDA, compiled with it.
+(values, regimes, gradients, dtypes, odd sizes, head transforms, large logits, non-finite values) runs
+in tests/test_backend_conformance.py: interpreted at small tiles without CUDA, compiled with it.
 
 Without CUDA the kernels run on CPU tensors in the Triton interpreter: this module sets
-`TRITON_INTERPRET=1` before the kernels are first imported (they read it when decorated) and keeps
-it set during its own tests only, so other modules' `backend="auto"` is unaffected. With CUDA the
-same cases run compiled on the GPU and the interpreter variants skip. Shapes stay at a few hundred
-columns at most: the interpreter is slow.
+`TRITON_INTERPRET=1` before the kernels are first imported (they read it when decorated) and keeps it
+set during its own tests only, so other modules' `backend="auto"` is unaffected. With CUDA the same
+cases run compiled on the GPU and the interpreter variants skip. Shapes stay at a few hundred columns at
+most: the interpreter is slow.
 """
 
 from __future__ import annotations
@@ -128,12 +129,13 @@ def test_dopd_no_grad_does_no_gradient_work(device, monkeypatch):
 # docstring's tile rules; only UPCAST_MASK differs: the interpreter multiplies bf16 operands in fp32),
 # so block-boundary and masking bugs of the GPU tiles show here. Shapes are a little over one row
 # block and one or two vocabulary tiles of those tiles, ragged everywhere: each test checks, from the
-# launch records, that every kernel it names ran with a partial last row block, a partial last
-# vocabulary tile and (fused-linear) a partial last hidden chunk.
+# launch records, that every kernel it names ran with a partial last vocabulary tile and (fused-linear)
+# a partial last hidden chunk, and where it fixes the rows a pass sees, with several row blocks ending
+# in a partial one.
 #   fused-linear fp32  stats 32×64×16 (a running top-K: 16×128×16, one per launch), tail 64×64×16,
 #                      value 16×64×16, grad 32×64×16, grad_dw 16×64×16          (N 70, H 40, V 150)
 #   fused-linear bf16  stats 64×128×32 (two top-Ks: 16×128×32, one launch), tail and value 64×128×32,
-#                      grad 32×128×32, grad_dw 32×64×32                          (N 70 / 40, H 40, V 150)
+#                      grad 32×128×32, grad_dw 32×64×32                          (N 70, H 40, V 150)
 #   logits             stats 8×512 (top-Ks: 128 or K_PAD wide, 4 rows at 256 keys), tail 8×256,
 #                      value and grad 8×512                                       (N 10, V 530)
 #   sparse             K_PAD × min(pow2(H), 4096 / K_PAD, 128): 8 × 64 at K = 6, H = 40
@@ -185,6 +187,7 @@ def tokens_with_ignored(n: int, v: int, ignored: int) -> torch.Tensor:
     return y
 
 
+@pytest.mark.skipif(CUDA, reason="compares with the interpreter's tiles; with CUDA the option changes nothing")
 def test_cuda_tiles_option_selects_the_cuda_rules(monkeypatch):
     """`cuda_tiles=True` under the interpreter gives the configuration the backend picks on CUDA, for
     every role, mode, operand dtype and top-K width; without it the interpreter's tiles differ."""
@@ -199,7 +202,6 @@ def test_cuda_tiles_option_selects_the_cuda_rules(monkeypatch):
     monkeypatch.setattr(triton_backend, "_interpreting", lambda: False)
     on_cuda = [TB._config(g, n, k, role=role, n_topk=m) for g, k, role, m in calls]
     assert here == on_cuda
-    assert all(a != b for a, b in zip(interpreted, on_cuda) if a.block_n != b.block_n or a.block_v != b.block_v)
     assert sum(a != b for a, b in zip(interpreted, on_cuda)) > len(calls) // 2
 
 

@@ -287,7 +287,8 @@ def backend_kernels() -> List[tuple]:
     out = []
     for mod_name in KERNEL_MODULES:
         mod = importlib.import_module(f"dopd_kernels.kernels.{mod_name}")
-        out += [(mod_name, attr, obj) for attr, obj in vars(mod).items() if attr.endswith("_kernel") and hasattr(obj, "run")]
+        out += [(mod_name, attr, obj) for attr, obj in vars(mod).items()
+                if attr.endswith("_kernel") and hasattr(obj, "run")]
     return out
 
 
