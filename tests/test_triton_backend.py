@@ -140,7 +140,9 @@ def test_dopd_no_grad_does_no_gradient_work(device, monkeypatch):
 #                      value and grad 8×512                                       (N 10, V 530)
 #   sparse             K_PAD × min(pow2(H), 4096 / K_PAD, 128): 8 × 64 at K = 6, H = 40
 # Logits-mode tiles do not depend on the dtype (bf16 logits are loaded and converted in registers), so
-# bf16 runs in fused-linear mode only, where its tiles differ.
+# bf16 runs in fused-linear mode only, where its tiles differ. The fused-linear gradient grid keeps the
+# interpreter's 2 vocabulary splits (a GPU takes ~4 programs per SM: one tile each at these sizes); both
+# go through the per-split dH scratch.
 
 CUDA_TILES = TritonBackend(cuda_tiles=True)
 CUDA_TILES_DET = TritonBackend(cuda_tiles=True, deterministic=True)

@@ -228,8 +228,9 @@ class TritonBackend(PassBackend):
         return device.type == "cuda" or (device.type == "cpu" and _interpreting())
 
     def __repr__(self) -> str:
+        tiles = ", cuda_tiles=True" if self.cuda_tiles else ""
         return (f"TritonBackend(block_n={self.block_n}, block_v={self.block_v}, block_h={self.block_h}, "
-                f"deterministic={self.deterministic}" + (", cuda_tiles=True)" if self.cuda_tiles else ")"))
+                f"deterministic={self.deterministic}{tiles})")
 
     # -- delegation (float64 inputs and top-K > MAX_TOPK: the torch backend) -------------------------
 
