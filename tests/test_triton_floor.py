@@ -70,7 +70,7 @@ DETERMINISTIC = TritonBackend(cuda_tiles=True, deterministic=True)  # dW / db by
 
 @pytest.fixture(autouse=True)
 def _interpret(monkeypatch):
-    if not CUDA:  # conftest decorated the kernels interpreted; the backend runs them on CPU tensors only so
+    if not CUDA:  # the backend takes CPU tensors only under it (conftest decorated the kernels interpreted)
         monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
