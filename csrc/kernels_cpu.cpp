@@ -7,7 +7,9 @@
 // H[rows] · W[block]ᵀ (+ b) into a fixed-size buffer, the rows of the tile are processed in parallel
 // (the output-head transform, scale and soft-cap, is their first step: the tile epilogue); in the
 // gradient pass the gradient tile, times the head's jacobian, overwrites the logit tile and is
-// contracted at once into dH and dW. No buffer has a full vocabulary axis.
+// contracted at once into dH and dW. No buffer has a full vocabulary axis. Full-vocabulary rows take
+// the fewest sweeps their math allows (full_pass, see "full-vocabulary rows" below), and every GEMM and
+// dot product is counted (matmul_flops).
 //
 // Inputs of any strides: logits, gradients, hidden states and weights are read (and written) through
 // their strides; a non-unit column stride costs a copy of one block into per-thread scratch.

@@ -6,7 +6,9 @@ folded in, and in fused-linear mode the tile matmuls and the dH/dW contraction â
 the K-column gathers, and on CPU the fused-linear contraction of renormalized top-K gradients and
 the tail-bucket pass `rest_logsumexp` (sampled forward KL / JS, top-K with `topk_renorm=False`; the
 `cuda` backend inherits the tiled PyTorch pass of `backends/base.py` for it). The O(NÂ·K) work
-(`row_terms.py`, routing) stays in the shared Python code.
+(`row_terms.py`, routing) stays in the shared Python code. On CPU, full-vocabulary rows take the
+fewest sweeps exactness allows without a `[chunk, V]` buffer (`full_pass`), and the extension counts
+the matmul FLOPs it performs (`matmul_flops`, for tests/test_matmul_floor.py).
 
 Fused-linear streams carry their output-head transform (`LinearSource.scale`, `.softcap`) into the
 kernels, which apply it in the tile epilogue and multiply gradient tiles by its jacobian. The stats
