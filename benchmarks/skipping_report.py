@@ -32,7 +32,7 @@ from .inputs import Case, make_inputs
 def peaked_streams(n: int, h: int, v: int, gap: float = 1.0, dtype=torch.float32, candidates: int = 8) -> dict:
     """Fused-linear streams whose softmax looks like an LLM's: each row puts its mass on `candidates`
     tokens (random ids) with logits spread by ~1.5 nats (entropy ~1–2 nats) and a Gaussian floor over
-    the rest of the vocabulary whose 256-column block maxima sit ~25·`gap` nats below them. Unit-norm
+    the rest of the vocabulary whose 256-column block maxima sit ~25·`gap` nats below them (h ≥ 32·candidates). Unit-norm
     weight rows; each hidden state is s · the least-norm solution of W[cand]·h = preferences, so the
     candidates' logits are exact and the floor is s·W_v·h ~ N(0, s²·|h|²). Teacher and privileged
     student: the same candidates with their own preferences (±1 nat); the teacher's head is the
@@ -42,7 +42,9 @@ def peaked_streams(n: int, h: int, v: int, gap: float = 1.0, dtype=torch.float32
     w /= w.norm(dim=1, keepdim=True)
     cand = torch.stack([torch.randperm(v)[:candidates] for _ in range(n)])
     pinv = torch.linalg.pinv(w[cand])  # [n, h, candidates]
-    s = 45.0 * gap  # at h = 256 the floor's std is ≈ 0.18·s: its block maxima stay ~0.5·s below the candidates
+    # The floor's std is ≈ s·sqrt(candidates / h) (near-orthogonal unit rows): a 256-column block's maximum
+    # (≈ 2.7 std) sits 25·gap nats below the candidates' logits (≈ s) for this s.
+    s = 25.0 * gap / (1.0 - 2.7 * (candidates / h) ** 0.5)
     pref = 1.0 + 0.03 * torch.randn(n, candidates, dtype=f64)
 
     def hidden(p):

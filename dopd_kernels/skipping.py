@@ -1,50 +1,54 @@
 """Skipping gradient tiles whose contribution is provably negligible (issue 14, "below the floor").
 
 In fused-linear mode a gradient tile G [rows, block] (w.r.t. the logits) costs two contractions,
-dH += G·J·W[block] and dW[block] += (G·J)ᵀ·H (J: the head's Jacobian, |J| ≤ `LinearSource.scale`).
-Cut Cross-Entropy skips blocks of cross-entropy's gradient whose entries all fall below a threshold
-tied to the dtype. Here the same idea, for any gradient w.r.t. logits that enter through a softmax
-(reverse KL p_v(log p_v − log q_v − KL), forward KL p_v − q_v, JS β p_v(log p_v/m_v − KL(p‖m)), and the
-few-column terms p_v·dense + corrections), with a budget that makes the error provably small.
+dH += (G·J)·W[block] and dW[block] += (G·J)ᵀ·H (J: the head's Jacobian, |J| ≤ |J|max = `LinearSource.scale`).
+Cut Cross-Entropy skips blocks of cross-entropy's gradient whose entries all fall below a threshold tied
+to the dtype. The same idea here, for any gradient w.r.t. logits that enter through a softmax (reverse
+KL p_v(log p_v − log q_v − KL), forward KL p_v − q_v, JS β p_v(log p_v/m_v − KL(p‖m)), the few-column
+terms p_v·dense + corrections), with a budget that makes the error provably small.
 
-The bound. For one row i, let g = g_i (the row's gradient times its scale, before the head's
-Jacobian) and S the columns whose contraction is skipped. Skipping adds, exactly,
+The bound. For a row i with gradient g (times its scale, before the head's Jacobian) and skipped
+columns S, skipping changes the results by exactly
 
     ΔdH_i = −Σ_{v∈S} g_v J_v W_v,        ΔdW_v = −Σ_{i: v∈S_i} g_iv J_iv h_i,
 
-so, componentwise, |ΔdH_ik| ≤ |J|max · max_v|W_vk| · ‖g_S‖₁ and Σ_v |ΔdW_vk| ≤ |J|max · Σ_i |h_ik| ‖g_{i,S_i}‖₁.
-The rule keeps ‖g_S‖₁ ≤ δ·‖g‖₁ for every row (δ = `TOLERANCE[dtype]`): the returned gradients are the
-exact contractions of a logit gradient G̃ with ‖G̃_i − G_i‖₁ ≤ δ‖G_i‖₁ row by row (a backward error of δ),
-and the forward errors above are at most δ times |J|max · Σ_v |g_v| · max|W| (dH) and
-|J|max · Σ_i ‖g_i‖₁ |h_ik| (dW, summed over the vocabulary): the expressions that bound the dense
-fp32 contraction's own rounding error, with γ_n = n·u/(1 − n·u) in place of δ. δ = 2^-20 = 16·u for
-fp32 storage is γ of a 16-term sum (a dense row contracts ~1e5 terms): what fp32 accumulation may
-round away anyway, and 16× below the suite's 1e-5 relative tolerance. bf16 and fp16 storage is
-judged against a naive same-dtype computation (error ≥ its unit roundoff u = 2^-8, 2^-11 in every
-logit): δ = u/16. float64: no skipping.
+so |ΔdH_ik| ≤ |J|max · max_v|W_vk| · ‖g_S‖₁ and Σ_v |ΔdW_vk| ≤ |J|max · Σ_i |h_ik| · ‖g_{i,S_i}‖₁.
+The rule keeps ‖g_S‖₁ ≤ δ·‖g‖₁ for every row (δ = `TOLERANCE[dtype]`): the gradients returned are the
+exact contractions of a logit gradient G̃ with ‖G̃_i − G_i‖₁ ≤ δ‖G_i‖₁ row by row (a backward error δ),
+and the forward errors are at most δ · |J|max · ‖g_i‖₁ · max_v|W_vk| (dH) and
+δ · |J|max · Σ_i ‖g_i‖₁ |h_ik| (dW, summed over the vocabulary): the expressions that bound the dense
+contraction's own rounding error, with γ_n = n·u/(1 − n·u) in place of δ. δ = 2^-20 = 16·u for fp32
+storage is γ of a 16-term sum (a dense row contracts V ~ 1e5 terms): what fp32 accumulation may round
+away anyway, and 16× below the suite's 1e-5 relative tolerance. bf16 and fp16 storage is judged
+against a naive same-dtype computation, whose error is at least the unit roundoff u (2^-8, 2^-11) of
+every logit: δ = u/16. float64: no skipping.
 
-‖g‖₁ is not known when a tile is formed (the sweep has not seen the other columns), but a lower
-bound is: a gradient through a softmax sums to zero over the vocabulary (Σ_v ∂D/∂z_v = 0, as D is
-invariant to z + const), so its positive and negative parts carry equal mass ‖g‖₁/2, and for the
-columns seen so far
+‖g‖₁ is not known when a tile is formed (the sweep has not seen the other columns), but a lower bound
+is: a gradient through a softmax sums to zero over the vocabulary (D is invariant to z + const), so its
+positive and negative parts each carry ‖g‖₁/2, and over the columns seen so far
 
     ‖g‖₁ ≥ 2·max(Σ_seen g⁺, Σ_seen g⁻) = Σ_seen |g_v| + |Σ_seen g_v| =: L,
 
-exact once every column is seen (a row that fits one tile), and valid on any subset of the columns.
-A skipped block spends budget only up to δ·L(now) ≤ δ‖g‖₁, so the guarantee holds whatever comes later.
+exact once every column is seen (a row that fits one tile), valid on any subset of the columns (up to
+the rounding of the computed g's sum). A skip spends budget only up to δ·L(now) ≤ δ‖g‖₁, so the
+guarantee holds whatever the later tiles hold.
 
-The rule (per row chunk of a gradient sweep, one `RowBudget`; per tile, `RowBudget.keep`):
-  1. Split the tile's columns into blocks of `SKIP_COLUMNS`; m_ib = Σ_{v∈b} |g_iv| (float64).
-  2. Update L_i with the tile; the allowance of row i is a_i = δ·L_i·(columns seen / vocabulary) − spent_i
-     (the budget is released in proportion to the vocabulary swept, so an early tile cannot use up what
-     the later tiles' blocks need; unspent allowance carries forward); 0 when L_i is not finite.
-  3. Within a group of `rows` consecutive rows (1 in the torch backend, which compacts the kept rows of
-     each block; a GPU kernel would take its row tile), order the blocks by max_i m_ib / a_i and skip the
-     longest prefix whose running sums stay ≤ a_i for every row of the group; spent_i grows by them.
-A NaN or inf gradient never fits an allowance, so non-finite values still reach the gradients. A row
-whose gradient is zero (zero scale) skips every block. The bias gradient db += Σ_i g_i is O(rows ×
-block) and stays exact. With the vocabulary sharded over P ranks each shard spends its own budget:
-the guarantee becomes P·δ.
+The rule (one `RowBudget` per row chunk of a gradient sweep; `RowBudget.keep` per tile):
+  1. Cut the tile's columns into blocks of `SKIP_COLUMNS`; m_ib = Σ_{v∈b} |g_iv| (float64).
+  2. Add the tile to L_i. Row i's allowance is a_i = δ·L_i·(columns seen / vocabulary) − spent_i: the
+     budget is released in proportion to the vocabulary swept, so an early tile cannot spend what the
+     later tiles' blocks need; unspent allowance carries forward. a_i = 0 when L_i is not finite.
+  3. Per group of `rows` consecutive rows, order the blocks by max_i m_ib / a_i and skip the longest
+     prefix whose running sums stay ≤ a_i for every row of the group; spent_i grows by what was skipped.
+A NaN or inf gradient never fits an allowance, so non-finite values still reach the gradients; a row
+whose gradient is zero (zero scale) skips every block. db += Σ_i g_i costs O(rows × block) and stays
+exact. With the vocabulary sharded over P ranks each shard spends its own budget: the guarantee
+becomes P·δ.
+
+Row granularity matters: a block can be skipped only where every row of its group has a negligible
+gradient there, and rows peak on different tokens. The torch backend decides row by row (`rows=1`) and
+contracts each column block for the rows that keep it (`gradients.add_tile`); groups of 16 rows skip
+next to nothing on randomly placed peaks (`benchmarks/skipping_report.py`).
 
 Logits mode has no contraction to save (the gradient tile is the output): the rule is not applied.
 """
