@@ -561,9 +561,10 @@ void grad_impl(const Stream& s, const Stream* t, const Tensor& rows, const Tenso
 // -- full-vocabulary rows in the fewest sweeps ------------------------------------------------------
 //
 // The value of a row needs both log-sum-exps; its gradient p_v(… − c) needs the row constant c (reverse KL:
-// the KL; JS: β KL(p‖m)), known only once the whole row is summed. So a row that fits one tile is done in one
-// pass over its logits (log-sum-exps when not given, value, c, gradient), and a fused-linear row wider than a
-// tile takes one sweep per quantity that needs the previous one complete: reverse / forward KL without given
+// the KL; JS: β KL(p‖m)), known only once the whole row is summed. A fused-linear row that fits one tile is
+// done in one sweep (its logits computed once: log-sum-exps when not given, value, c, gradient); in logits
+// mode a thread runs a row's phases one after the other (full_row); a fused-linear row wider than a tile takes
+// one sweep per quantity that needs the previous one complete: reverse / forward KL without given
 // log-sum-exps compute them and the value online in one sweep (KlState), JS computes them first (log m_v is
 // not separable), and the gradient follows in a last sweep that recomputes the tiles.
 
@@ -580,13 +581,13 @@ void online_segment(const A* zs, const A* zt, int64_t len, A inv_tau, KlState<A>
   const A* za = KIND == FORWARD_KL ? zt : zs;  // the weighting stream a of KL(a‖b)
   const A* zb = KIND == FORWARD_KL ? zs : zt;
   A ma = neg_inf<A>(), mb = neg_inf<A>(), sa = 0, sb = 0;
-  int nans = 0, nbns = 0;
-#pragma omp simd reduction(max : ma, mb) reduction(+ : nans, nbns)
+  int nan_a = 0, nan_b = 0;
+#pragma omp simd reduction(max : ma, mb) reduction(+ : nan_a, nan_b)
   for (int64_t j = 0; j < len; ++j) {
     ma = std::max(ma, za[j] * inv_tau);
     mb = std::max(mb, zb[j] * inv_tau);
-    nans += za[j] != za[j];
-    nbns += zb[j] != zb[j];
+    nan_a += za[j] != za[j];
+    nan_b += zb[j] != zb[j];
   }
   if (ma > neg_inf<A>()) {
 #pragma omp simd reduction(+ : sa)
@@ -597,8 +598,8 @@ void online_segment(const A* zs, const A* zt, int64_t len, A inv_tau, KlState<A>
     for (int64_t j = 0; j < len; ++j) sb += fexp(zb[j] * inv_tau - mb);
   }
   // A NaN logit makes its stream's sum NaN for good (see lse_merge), as in stats_segment.
-  KlState<A> seg{{ma, nans ? std::numeric_limits<A>::quiet_NaN() : sa},
-                 {mb, nbns ? std::numeric_limits<A>::quiet_NaN() : sb}, 0.0};
+  KlState<A> seg{{ma, nan_a ? std::numeric_limits<A>::quiet_NaN() : sa},
+                 {mb, nan_b ? std::numeric_limits<A>::quiet_NaN() : sb}, 0.0};
   if constexpr (KIND != JS) {
     if (ma > neg_inf<A>() && mb == neg_inf<A>()) {
       seg.w = HUGE_VAL;  // b has no mass where a has some: KL = +inf, as value_term gives

@@ -50,10 +50,11 @@ std::tuple<at::Tensor, at::Tensor> rest_lse_pass(const Stream& s, const at::Tens
 // per row [n] (float64) and the gradient constant c [n] (reverse KL the KL itself, JS β·KL(p‖m), forward KL 0);
 // without lse_s / lse_t (both absent) also the log-sum-exps, returned as parts [4, n] in the compute dtype
 // (max_s, log Σ exp(z_s − max_s), max_t, log Σ_t) for the caller to add in float64 (undefined when given);
-// with `scale` also the gradient, into the buffers of grad_pass. A row that fits one tile (logits mode, or
-// valid_vocab <= vocab_chunk) is done in one pass over its logits; wider fused-linear rows take a sweep for the
-// log-sum-exps and (reverse / forward KL) the value online, a value sweep (JS, or log-sum-exps given) and a
-// gradient sweep. No buffer has a full vocabulary axis beyond one tile.
+// with `scale` also the gradient, into the buffers of grad_pass. A fused-linear row that fits one tile
+// (valid_vocab <= vocab_chunk) takes one sweep, and in logits mode each row runs its phases in one thread;
+// wider fused-linear rows take a sweep for the log-sum-exps and (reverse / forward KL) the value online, a
+// value sweep (JS, or log-sum-exps given) and a gradient sweep. No buffer has a full vocabulary axis beyond
+// one tile.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> full_pass(const Stream& s, const Stream& t, const at::Tensor& rows,
                                                          const std::optional<at::Tensor>& lse_s,
                                                          const std::optional<at::Tensor>& lse_t, int64_t kind,

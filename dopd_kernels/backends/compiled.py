@@ -107,10 +107,11 @@ class CompiledBackend(PassBackend):
     @torch.no_grad()
     def full_pass(self, student, target, rows, lse_s, lse_t, kind: str, beta: float, scale, grads):
         """`passes.Passes.full_pass` in the CPU extension's fewest sweeps (csrc/passes_cpu.h `full_pass`): one
-        pass over each row in logits mode or when a row's valid vocabulary fits one tile (V <= `vocab_chunk`);
-        wider fused-linear rows without given log-sum-exps compute them with the reverse / forward KL value
-        online in one sweep (JS: its log-mixture needs them first, so a value sweep follows), then the gradient
-        sweep. The `cuda` backend composes the separate passes (`PassBackend.full_pass`)."""
+        sweep when a row's valid vocabulary fits one tile (V <= `vocab_chunk`), a row's phases in one thread
+        in logits mode; wider fused-linear rows without given log-sum-exps compute them with the reverse /
+        forward KL value online in one sweep (JS: its log-mixture needs them first, so a value sweep
+        follows), then the gradient sweep. The `cuda` backend composes the separate passes
+        (`PassBackend.full_pass`)."""
         if not self._cpu_only_passes:
             return super().full_pass(student, target, rows, lse_s, lse_t, kind, beta, scale, grads)
         dt, given = student.dtype, lse_s is not None
