@@ -8,6 +8,9 @@ Public API:
     DOPDLoss, FusedLinearDOPDLoss, OPDLoss, FusedLinearOPDLoss   — nn.Module faces
     LMHead                                    — a model's output head (weight, bias, scale, soft-cap, vocab_size)
     available_backends, TorchBackend
+
+Importing the package registers the losses as `torch.library` custom ops (`torch.ops.dopd_kernels.*`,
+see `ops.py`), so a `torch.compile(fullgraph=True)` step can include them.
 """
 
 from .api import dopd_loss, fused_linear_dopd_loss, fused_linear_opd_loss, opd_loss, token_logprobs

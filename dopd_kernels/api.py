@@ -207,7 +207,9 @@ def dopd_loss(
         tokens: `[N]` or `[B, T]` sampled tokens; `config.ignore_index` marks masked positions.
         config: `DOPDConfig` (paper defaults when None).
         thresholds: routing thresholds (Ā, q̄_T, q̄_P) to use instead of this batch's trimmed means.
-        backend: "auto", a backend name (see `available_backends()`) or a backend object.
+        backend: "auto", a backend name (see `available_backends()`) or a backend object. A name other
+            than "reference" runs the loss as a custom op that `torch.compile` traces into its graph; an
+            object, "reference", `vocab_parallel_group` or `routing_group` makes the call one graph break.
         normalizer: with reduction "mean"/"sum", divide the summed loss by this token count instead.
         check_finite: raise ValueError (naming the stream and the row) if a row has a NaN or +inf
             logit, or no finite logit in the valid vocabulary; a single -inf logit is allowed (an
@@ -280,7 +282,8 @@ def fused_linear_dopd_loss(
     belongs to another tokenizer and is refused (ValueError naming both sizes).
 
         config, thresholds, backend, normalizer, check_finite, routing_group: as in `dopd_loss`
-            (check_finite checks hidden states, weights and biases for NaN/inf).
+            (check_finite checks hidden states, weights and biases for NaN/inf; a head's padding rows,
+            which no softmax reads, are not checked).
         vocab_parallel_group: each rank holds the rows [offset_r, offset_r + V_r) of every
             `lm_head` (weights `[V_r, H]`, biases `[V_r]`) and the full hidden states; the hidden-state
             gradient is summed over the group, as a column-parallel linear's backward does.

@@ -49,7 +49,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from . import engine, gradients
+from . import engine
 from .backends import resolve_backend
 from .config import DOPDConfig, OPDConfig
 from .parallel import VocabShard
@@ -301,15 +301,22 @@ def _head_args(streams: Streams) -> dict:
     return dict(scale=[float(scale) for scale, _ in heads], softcap=[float(cap or 0.0) for _, cap in heads])
 
 
-def loss_op(kind: Kind, streams: Streams, cfg, backend: str, check_finite: bool,
-            thresholds: Optional[torch.Tensor] = None, normalizer: Optional[torch.Tensor] = None) -> tuple:
-    """Run `kind`'s forward op on statically checked `streams`; returns its outputs (module docstring)."""
+def op_arguments(kind: Kind, streams: Streams, cfg, backend: str, check_finite: bool,
+                 thresholds: Optional[torch.Tensor] = None, normalizer: Optional[torch.Tensor] = None) -> dict:
+    """The arguments of `kind`'s forward op for statically checked `streams`, by name; `needs_grad` from
+    the student tensors' `requires_grad` and the grad mode."""
     args = dict(zip(kind.streams, (list(t) for t in streams.tensors)), **_head_args(streams), tokens=streams.tokens,
                 normalizer=normalizer, backend=backend, check_finite=check_finite,
                 needs_grad=[torch.is_grad_enabled() and t.requires_grad for t in streams.tensors[0]])
     if kind.routed:
         args["thresholds"] = thresholds
-    return OPS[kind](**args, **{f: getattr(cfg, f) for f in kind.fields})
+    return dict(args, **{f: getattr(cfg, f) for f in kind.fields})
+
+
+def loss_op(kind: Kind, streams: Streams, cfg, backend: str, check_finite: bool,
+            thresholds: Optional[torch.Tensor] = None, normalizer: Optional[torch.Tensor] = None) -> tuple:
+    """Run `kind`'s forward op on statically checked `streams`; returns its outputs (module docstring)."""
+    return OPS[kind](**op_arguments(kind, streams, cfg, backend, check_finite, thresholds, normalizer))
 
 
 def logprobs_op(streams: Streams, cfg: OPDConfig, backend: str) -> torch.Tensor:
