@@ -47,8 +47,9 @@ becomes P·δ.
 
 Row granularity matters: a block can be skipped only where every row of its group has a negligible
 gradient there, and rows peak on different tokens. The torch backend decides row by row (`rows=1`) and
-contracts each column block for the rows that keep it (`gradients.add_tile`); groups of 16 rows skip
-next to nothing on randomly placed peaks (`benchmarks/skipping_report.py`).
+contracts each column block for the rows that keep it (`gradients.add_tile`). Deciding for groups of 16
+rows skips far less (`benchmarks/skipping_report.py`: 31–57% of the blocks against 90–92% row by row on
+its peaked inputs, none against 2–3% on the benchmark suite's).
 
 Logits mode has no contraction to save (the gradient tile is the output): the rule is not applied.
 """

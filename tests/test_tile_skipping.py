@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import pytest
 import torch
@@ -45,29 +45,39 @@ def test_generator_is_llm_like():
     assert 0.2 < float(ent.median()) < 3.0, f"median entropy {float(ent.median()):.2f} nats"
 
 
-def test_budget_bound_holds_per_row():
+@pytest.mark.parametrize("rows", [1, 4])
+def test_budget_bound_holds_per_row(rows):
     """RowBudget on gradient tiles of softmax differences (Σ_v g_v = 0) split into tiles: each row's
-    skipped L1 mass ≤ δ‖g‖₁; a row with a NaN keeps every block it is in, a zero row skips all."""
+    skipped L1 mass ≤ δ‖g‖₁; a row with a NaN keeps the block that holds it; a zero row skips every
+    block (row by row); a group of `rows` rows decides each block together."""
     n, v, delta = 12, 3000, 2.0 ** -20
     z = 30 * torch.randn(n, v, dtype=torch.float64)
     g = torch.softmax(z, -1) - torch.softmax(z + 3 * torch.randn_like(z), -1)
     g[1] = 0.0
     g[2, 5] = float("nan")
-    budget, kept = RowBudget(n, v, delta, g.device), []
+    budget, kept = RowBudget(n, v, delta, g.device, rows=rows), []
     for c0 in range(0, v, 1100):  # tiles that do not align with the blocks
         tile = g[:, c0:c0 + 1100].float()
         keep = budget.keep(tile)
         assert keep.shape == (n, -(-tile.shape[1] // SKIP_COLUMNS))
+        assert bool((keep.reshape(n // rows, rows, -1) == keep[::rows, None, :]).all()), "a group decided apart"
         kept.append(keep.repeat_interleave(SKIP_COLUMNS, dim=1)[:, :tile.shape[1]])
     kept = torch.cat(kept, 1)
     skipped = torch.where(kept, torch.zeros_like(g), g.abs()).sum(1)
     ok = torch.isfinite(g).all(1)
     assert bool((skipped[ok] <= delta * g[ok].abs().sum(1)).all())
-    assert bool((~kept[1]).all()) and bool(kept[2, :SKIP_COLUMNS].all())
+    assert bool(kept[2, :SKIP_COLUMNS].all())
     assert bool((~kept[ok]).any()), "nothing skipped on rows with ~e^-30 tails"
+    if rows == 1:
+        assert bool((~kept[1]).all())
 
 
 STUDENT = ("student_hidden", "student_weight", "student_bias")
+
+
+def torch_backend(row_chunk: int, vocab_chunk: int) -> Callable[[bool], TorchBackend]:
+    """`check_skipping`'s factory for the torch backend at these tiles."""
+    return lambda skip: TorchBackend(row_chunk, vocab_chunk, skip_negligible=skip)
 
 
 def _grads(t: dict, y: torch.Tensor, backend, cfg: Optional[DOPDConfig] = None, upstream=None, **kw):
@@ -85,14 +95,15 @@ def _grads(t: dict, y: torch.Tensor, backend, cfg: Optional[DOPDConfig] = None, 
     return out, [tr[k].grad for k in STUDENT]
 
 
-def check_skipping(t: dict, y: torch.Tensor, row_chunk: int, vocab_chunk: int, **kw) -> tuple:
-    """Gradients with skipping on and off against the float64 reference (on float64 copies of the same
-    values): with skipping, each of dH, dW, db is off the reference by at most the error without it plus
-    4·δ of its scale (the bound of skipping.py, with max|W|/max|dH| ≤ 4 to spare), and they route alike.
+def check_skipping(t: dict, y: torch.Tensor, make: Callable[[bool], object], **kw) -> tuple:
+    """Gradients from the backends `make(skip_negligible)` with skipping off and on against the float64
+    reference (on float64 copies of the same values): with skipping, each of dH, dW, db is off the
+    reference by at most the error without it plus 4·δ of its scale (skipping.py bounds the change by
+    δ·‖g_i‖₁·max|W|, and max|dH| ≥ ‖g_i‖₁·max|W| / 4 on these inputs), and DOPD routes alike.
     Returns the share of contractions skipped and the output with skipping."""
     dtype = t["student_hidden"].dtype
     ref_out, ref = _grads({k: x.double() for k, x in t.items()}, y, "reference", **kw)
-    backends = [TorchBackend(row_chunk, vocab_chunk, skip_negligible=s) for s in (False, True)]
+    backends = [make(False), make(True)]
     (off_out, off), (on_out, on) = (_grads(t, y, b, **kw) for b in backends)
     assert torch.equal(on_out.per_token_loss, off_out.per_token_loss)  # the forward values are untouched
     if kw.get("cfg") is not None:
@@ -114,16 +125,16 @@ def check_skipping(t: dict, y: torch.Tensor, row_chunk: int, vocab_chunk: int, *
 @pytest.mark.parametrize("vocab_chunk,reduction", [(1024, "none"), (8192, "mean")], ids=["tiles-deferred", "one-sweep-eager"])
 def test_full_opd_peaked(kind, vocab_chunk, reduction):
     upstream = torch.rand(N, dtype=torch.float64) + 0.5 if reduction == "none" else None
-    fraction, _ = check_skipping(peaked_streams(N, H, V), random_tokens(N, V), 32, vocab_chunk, upstream=upstream,
-                              divergence=kind, granularity="full", js_beta=0.4, reduction=reduction)
+    fraction, _ = check_skipping(peaked_streams(N, H, V), random_tokens(N, V), torch_backend(32, vocab_chunk),
+                                 upstream=upstream, divergence=kind, granularity="full", js_beta=0.4, reduction=reduction)
     assert fraction > 0.4, f"skipped {fraction:.2f} of the contractions"
 
 
 def test_large_logits():
-    """Floor ~250 nats below the candidates (logits of several hundred): every block without a candidate
-    (~60% of them: 8 candidates over 16 blocks) is skipped."""
-    fraction, _ = check_skipping(peaked_streams(N, H, V, gap=10.0), random_tokens(N, V), 32, 1024, divergence="js",
-                              granularity="full")
+    """Floor ~250 nats below the candidates, logits of several hundred: the blocks without a candidate
+    (~60% of them: 8 candidates over 16 blocks) and more are skipped."""
+    fraction, _ = check_skipping(peaked_streams(N, H, V, gap=10.0), random_tokens(N, V), torch_backend(32, 1024),
+                                 divergence="js", granularity="full")
     assert fraction > 0.5, f"skipped {fraction:.2f} of the contractions"
 
 
@@ -140,7 +151,8 @@ def test_flat_inputs_skip_nothing():
 def test_dopd_peaked(renorm):
     """HT rows (full-vocabulary JS after routing) and, with a tail bucket, the top-K rows' dense part."""
     t = peaked_streams(N, H, V)
-    fraction, out = check_skipping(t, random_tokens(N, V), 16, 2048, cfg=DOPDConfig(top_k=8, topk_renorm=renorm, trim=0.1))
+    fraction, out = check_skipping(t, random_tokens(N, V), torch_backend(16, 2048),
+                                   cfg=DOPDConfig(top_k=8, topk_renorm=renorm, trim=0.1))
     assert int((out.regime == 2).sum()) > 0, "no HT rows"
     assert fraction > 0.3, f"skipped {fraction:.2f} of the contractions"
 
@@ -148,8 +160,8 @@ def test_dopd_peaked(renorm):
 def test_bf16():
     """bf16 storage (δ = 2^-12): the suite's bf16 gradient tolerance, and no more than 4δ above the error
     of the same backend without skipping."""
-    fraction, _ = check_skipping(peaked_streams(N, H, V, dtype=torch.bfloat16), random_tokens(N, V), 32, 2048,
-                              divergence="js", granularity="full")
+    fraction, _ = check_skipping(peaked_streams(N, H, V, dtype=torch.bfloat16), random_tokens(N, V),
+                                 torch_backend(32, 2048), divergence="js", granularity="full")
     assert fraction > 0.4, f"skipped {fraction:.2f} of the contractions"
 
 
