@@ -73,7 +73,7 @@ def tolerance(dtype: torch.dtype) -> float:
 @dataclass
 class SkipCounter:
     """Gradient entries (row × column) offered to the contractions and those skipped; every entry
-    costs the same 4·H FLOPs (dH and dW), so `fraction` is the share of contraction FLOPs saved."""
+    costs the same 2·H FLOPs in each of dH and dW, so `fraction` is the share of contraction FLOPs saved."""
 
     entries: int = 0
     skipped: int = 0
