@@ -89,9 +89,6 @@ class SkipCounter:
         self.entries += keep.shape[0] * width
         self.skipped += int(((~keep).long() * widths).sum())
 
-    def reset(self) -> None:
-        self.entries = self.skipped = 0
-
 
 class RowBudget:
     """The skip budget of `n` rows over one sweep of a `vocab`-column vocabulary (module docstring)."""
