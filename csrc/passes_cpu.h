@@ -68,7 +68,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> full_pass(const Stream& s, const 
 // in fused-linear mode the raw logits h·Wᵀ + b, through the head's jacobian).
 // With a target `t`: full-vocabulary term (lse_t, c). Without: few-column term, p·dense on every
 // column plus `sparse` [n, K] at `cols` — added, or with `overwrite` written as the columns' whole
-// gradient (RowTerm.explicit). The gradient goes to `grad_logits` [N, V] (logits mode, written once,
+// gradient (RowTerm.explicit). p·dense is formed as exp(log p)·dense in the compute dtype: a coefficient
+// too large for that (forward KL's tail) comes as ±1 with its log-magnitude taken off lse_s
+// (RowTerm.dense_normalizer). The gradient goes to `grad_logits` [N, V] (logits mode, written once,
 // rows disjoint from earlier calls) or is contracted into dh [N, H], dw [V, H], db [V].
 void grad_pass(const Stream& s, const std::optional<Stream>& t, const at::Tensor& rows, const at::Tensor& lse_s,
                const std::optional<at::Tensor>& lse_t, const std::optional<at::Tensor>& c,

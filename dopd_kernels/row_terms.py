@@ -12,17 +12,28 @@ coefficient and the per-column `sparse` coefficients; backends apply them (the d
 one pass over the vocabulary, the sparse part a scatter). For a renormalized top-K support there
 is no rest bucket and no dense part: the gradient touches the K logits only.
 
+The dense coefficient can be astronomically large: forward KL's e_rest = 1 − Q_rest/P_rest is
+−e^1000 for a student whose tail mass is e^-1000 and a teacher whose tail holds most of its mass,
+while the tail columns' gradient p_v·e_rest ≈ −Q_rest·p_v/P_rest is O(1). Neither factor of that
+product fits float64 (p_v ≈ e^-1000 underflows, e_rest overflows), so the product is never formed:
+`RowTerm.dense_log` keeps log|e_rest| and passes form the dense part as
+`sign · exp(z_v − (lse − log|dense|))` (`RowTerm.dense_normalizer`), a log-probability against a
+shifted normalizer, as accurate as any other log-probability of the compute dtype.
+
 All arithmetic is float64 on [rows, K] tensors.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
 from .divergences import divergence, log_mixture
+
+# |dense| above which passes form the dense part in log space (`RowTerm.dense_normalizer`).
+DENSE_FOLD = 2.0 ** 64
 
 
 @dataclass
@@ -39,6 +50,10 @@ class RowTerm:
             `dense` is huge and `p_v · dense + sparse` would cancel catastrophically on a column with
             p_v ≈ 1.
 
+    dense_log: [n] or None: log|dense| (float64), finite wherever the exact coefficient is finite and
+            nonzero, also where `dense` itself overflowed float64 to ±inf; None: log|dense| of `dense`
+            (a term whose coefficient cannot overflow).
+
     The three shapes: renormalized top-K (`sparse` only), tail-bucket terms (`dense` + `explicit`),
     sampled reverse KL (`dense` + `sparse`).
     """
@@ -48,6 +63,23 @@ class RowTerm:
     cols: torch.Tensor
     sparse: Optional[torch.Tensor]
     explicit: Optional[torch.Tensor] = None
+    dense_log: Optional[torch.Tensor] = None
+
+    def dense_normalizer(self, lse_s: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The dense part as `p_v · dense = unit · exp(z_v − lse)` for the student's log-sum-exp `lse_s`
+        [n] (float64): `(lse, unit)` [n] float64, with lse = lse_s − log|dense| and unit = sign(dense) on
+        the rows whose |dense| exceeds `DENSE_FOLD`, (lse_s, dense) on the others.
+
+        A pass that forms exp(z_v − lse) the way it forms a log-probability (`passes.split_lse`) keeps
+        the compute dtype's relative precision on every column however large dense is: the product of
+        an underflowed p_v and a huge dense (0, or 0·inf = NaN, where the exact value is O(1)) is never
+        formed. Below `DENSE_FOLD` the product p_v·dense is formed as it is: exact where p_v rounds
+        to 1 (sampled reverse KL's p_y·(−d) + d then cancels to 0 exactly), and where p_v underflows
+        the compute dtype (< 2^-149) it is below 2^-85. Rows whose dense is NaN or whose `lse_s` is not
+        finite (no distribution: the row's value is NaN) are left as they are. Requires `dense`."""
+        log_mag = self.dense.abs().log() if self.dense_log is None else self.dense_log
+        fold = (self.dense.abs() > DENSE_FOLD) & torch.isfinite(log_mag) & torch.isfinite(lse_s)
+        return torch.where(fold, lse_s - log_mag, lse_s), torch.where(fold, self.dense.sign(), self.dense)
 
 
 def bucket_coefficients(log_p: torch.Tensor, log_q: torch.Tensor, kind: str, js_beta: float) -> torch.Tensor:
@@ -67,6 +99,12 @@ def bucket_coefficients(log_p: torch.Tensor, log_q: torch.Tensor, kind: str, js_
     return torch.where(has_mass, e, torch.zeros_like(e))
 
 
+def _log_abs_one_minus_exp(d: torch.Tensor) -> torch.Tensor:
+    """log|1 − e^d| without overflow: d + log(1 − e^-d) for d > 0 (e^d may be past float64's range),
+    log(1 − e^d) for d ≤ 0; −inf at d = 0, NaN stays NaN."""
+    return torch.where(d > 0, d + torch.log(-torch.expm1(-d)), torch.log(-torch.expm1(d)))
+
+
 def bucket_term(log_p: torch.Tensor, log_q: torch.Tensor, cols: torch.Tensor, kind: str, js_beta: float, has_rest: bool) -> RowTerm:
     """Term over buckets `cols` [n, k] (+ a rest bucket as the last entry of log_p/log_q when `has_rest`)."""
     value = divergence(log_p, log_q, kind, js_beta)
@@ -80,7 +118,13 @@ def bucket_term(log_p: torch.Tensor, log_q: torch.Tensor, cols: torch.Tensor, ki
     if not has_rest:
         return RowTerm(value, None, cols, pe)
     k = cols.shape[1]
-    return RowTerm(value, e[:, k], cols, None, pe[:, :k])
+    dense_log = None  # reverse KL and JS: e_rest is a difference of log-probs, finite wherever log P_rest is
+    if kind == "forward_kl":
+        # log|e_rest| = log|1 − Q_rest/P_rest|, finite where e_rest itself overflowed (Q_rest/P_rest > e^709)
+        rest_p, rest_q = log_p[:, k], log_q[:, k]
+        dense_log = torch.where(rest_p != float("-inf"), _log_abs_one_minus_exp(rest_q - rest_p),
+                                torch.full_like(rest_p, float("-inf")))
+    return RowTerm(value, e[:, k], cols, None, pe[:, :k], dense_log)
 
 
 def tail_term(log_p_cols: torch.Tensor, log_q_cols: torch.Tensor, rest_p: torch.Tensor, rest_q: torch.Tensor,

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import IGNORE, assert_close, correlated_logits, leaf, linear_streams, random_tokens
-from dopd_kernels import DOPDConfig, dopd_loss, fused_linear_dopd_loss, opd_loss
+from dopd_kernels import DOPDConfig, dopd_loss, fused_linear_dopd_loss, fused_linear_opd_loss, opd_loss
 
 LOG2 = math.log(2.0)
 
@@ -85,6 +85,71 @@ def check_dopd_large_logits(backend, device: str = "cpu", n: int = 48, v: int = 
     assert err <= LOSS_RTOL * abs(float(ref.loss)) + LOSS_ATOL, f"relative loss error {err / abs(float(ref.loss)):.2e}"
     ht = out.regime.cpu() == 2
     assert float(out.per_token_loss.cpu()[ht].amax()) <= LOG2 if bool(ht.any()) else True
+
+
+# -- forward KL's tail bucket when the student's tail mass is far below the teacher's -------------------
+
+# Gaps (nats) between a row's explicit columns and the rest of its student logits, cycled over the rows:
+# none (an ordinary row), 60 (the tail coefficient 1 − Q_rest/P_rest ≈ −e^60 is past 2^64 while p_v of a
+# tail column is ~e^-60: in fp32 range only just), 1000 (Q_rest/P_rest ≈ e^1000 overflows float64, p_v
+# underflows it, while the tail's gradient −Q_rest·p_v/P_rest is O(1)).
+TAIL_GAPS = (0.0, 60.0, 1000.0)
+FLOAT64_GRAD_TOL = 1e-10
+
+
+def _tail_streams(n: int, v: int, k: int):
+    """(student, teacher) float64 logits [n, v] around 1e4 and the explicit columns [n, k]: the student's
+    k head columns stand `TAIL_GAPS[i % 3]` nats above its other columns; the teacher is flat (~N(1e4, 3²)),
+    so its tail holds ~(v − k)/v of its mass."""
+    head = torch.stack([torch.randperm(v)[:k] for _ in range(n)])
+    gap = torch.tensor([TAIL_GAPS[i % len(TAIL_GAPS)] for i in range(n)], dtype=torch.float64)
+    s = 1e4 + 3 * torch.randn(n, v, dtype=torch.float64) - gap[:, None]
+    s.scatter_(1, head, 1e4 + 3 * torch.randn(n, k, dtype=torch.float64))
+    t = 1e4 + 3 * torch.randn(n, v, dtype=torch.float64)
+    return s, t, head
+
+
+def check_forward_kl_tail(backend, gran: str, dtype: torch.dtype, mode: str = "logits", device: str = "cpu",
+                          n: int = 12, v: int = 64, k: int = 4):
+    """Forward KL with a tail bucket (top-K with topk_renorm=False; sampled: the buckets {y, not y} with y
+    the student's argmax) where the student's tail mass is e^-60 and e^-1000 of the teacher's, against the
+    float64 reference on the same `dtype` values: gradient within GRAD_TOL (fp32) or FLOAT64_GRAD_TOL of
+    its scale, loss within LOSS_RTOL. The product p_v · (1 − Q_rest/P_rest) of an underflowed p_v and an
+    overflowed coefficient came out 0 (torch) or inf (cpp) on the tail columns, whose exact gradient is
+    −Q_rest·p_v/P_rest = O(1). `mode="linear"`: the same logits from fused-linear streams (hidden = the
+    logits, weight = the identity, so h·Wᵀ is exact and the hidden gradient is the logits gradient)."""
+    k = 1 if gran == "sampled" else k
+    zs, zt, head = _tail_streams(n, v, k)
+    zs, zt = zs.to(dtype).double(), zt.to(dtype).double()  # the values the backend sees
+    y = head[:, 0]  # sampled: the student's argmax
+    kw = dict(divergence="forward_kl", granularity=gran, top_k=k, topk_renorm=False)
+    s, s64 = leaf(zs.to(dtype).to(device)), leaf(zs)
+    if mode == "linear":
+        eye = torch.eye(v, dtype=dtype, device=device)
+        out = fused_linear_opd_loss(s, eye, zt.to(dtype).to(device), eye, y.to(device), backend=backend, **kw)
+    else:
+        out = opd_loss(s, zt.to(dtype).to(device), y.to(device), backend=backend, **kw)
+    ref = opd_loss(s64, zt, y, backend="reference", **kw)
+    out.loss.backward()
+    ref.loss.backward()
+    # The case is there: on the rows with the widest gap, Q_rest/P_rest is past float64's range and the
+    # reference's gradient on their tail columns is a sizeable part of the whole gradient.
+    lp, lq = torch.log_softmax(zs, -1), torch.log_softmax(zt, -1)
+    tail = torch.ones_like(lp, dtype=torch.bool).scatter(1, head, False)
+    rest = [torch.logsumexp(x.masked_fill(~tail, float("-inf")), -1) for x in (lp, lq)]
+    wide = rest[1] - rest[0] > math.log(torch.finfo(torch.float64).max)
+    gscale = max(float(s64.grad.abs().max()), 1.0 / n)
+    assert bool(wide.any()) and float(s64.grad[wide][tail[wide]].abs().max()) > 0.1 * gscale
+    err = abs(float(out.loss.detach()) - float(ref.loss.detach()))
+    assert err <= LOSS_RTOL * float(ref.per_token_loss.abs().mean()) + LOSS_ATOL, f"{gran} {mode}: loss error {err:.2e}"
+    tol = GRAD_TOL if dtype != torch.float64 else FLOAT64_GRAD_TOL
+    g = s.grad.cpu().double()
+    gerr = (g - s64.grad).abs()
+    worst = int(gerr.max(1).values.argmax())
+    assert float(gerr.max()) <= tol * gscale, (
+        f"{gran} {mode} {str(dtype)[6:]}: gradient error {float(gerr.max()) / gscale:.2e} of its scale (tolerance {tol:g}); "
+        f"worst row gap {TAIL_GAPS[worst % len(TAIL_GAPS)]:g}, its tail gradient sums to "
+        f"{float(g[worst][tail[worst]].sum()):.6g} vs {float(s64.grad[worst][tail[worst]].sum()):.6g}")
 
 
 # -- non-finite values ---------------------------------------------------------------------------
