@@ -90,10 +90,11 @@ def check_dopd_large_logits(backend, device: str = "cpu", n: int = 48, v: int = 
 # -- forward KL's tail bucket when the student's tail mass is far below the teacher's -------------------
 
 # Gaps (nats) between a row's explicit columns and the rest of its student logits, cycled over the rows:
-# none (an ordinary row), 60 (the tail coefficient 1 − Q_rest/P_rest ≈ −e^60 is past 2^64 while p_v of a
-# tail column is ~e^-60: in fp32 range only just), 1000 (Q_rest/P_rest ≈ e^1000 overflows float64, p_v
-# underflows it, while the tail's gradient −Q_rest·p_v/P_rest is O(1)).
-TAIL_GAPS = (0.0, 60.0, 1000.0)
+# none (an ordinary row); 60 (the tail coefficient 1 − Q_rest/P_rest ≈ −e^60 is past 2^64, p_v of a tail
+# column ~e^-64); 95 (the coefficient overflows fp32 while p_v ~e^-99 is an fp32 subnormal: p_v·dense = inf
+# in fp32); 1000 (Q_rest/P_rest ≈ e^1000 overflows float64, p_v underflows it, while the tail's gradient
+# −Q_rest·p_v/P_rest is O(1)).
+TAIL_GAPS = (0.0, 60.0, 95.0, 1000.0)
 FLOAT64_GRAD_TOL = 1e-10
 
 
