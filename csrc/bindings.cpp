@@ -18,6 +18,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                              py::arg("JS") = int(dopd::JS));
   m.attr("REGIMES") = py::dict(py::arg("IGNORED") = int(dopd::IGNORED), py::arg("LH") = int(dopd::LH),
                                py::arg("LL") = int(dopd::LL), py::arg("HT") = int(dopd::HT), py::arg("HS") = int(dopd::HS));
+  // The skip rule's block width and δ per student dtype (dopd_kernels.skipping's SKIP_COLUMNS and TOLERANCE).
+  m.attr("SKIP_COLUMNS") = dopd::SKIP_COLUMNS;
+  m.attr("SKIP_TOLERANCE") = py::dict(py::arg("float32") = dopd::SKIP_TOLERANCE_FP32,
+                                      py::arg("bfloat16") = dopd::SKIP_TOLERANCE_BF16,
+                                      py::arg("float16") = dopd::SKIP_TOLERANCE_FP16);
 
   py::class_<dopd::Stream>(m, "Stream")
       .def(py::init([](at::Tensor x, std::optional<at::Tensor> w, std::optional<at::Tensor> b, double inv_tau,
@@ -36,11 +41,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("full_pass", &dopd::full_pass, py::arg("student"), py::arg("target"), py::arg("rows"), py::arg("lse_s"),
         py::arg("lse_t"), py::arg("kind"), py::arg("beta"), py::arg("scale"), py::arg("tiling"), py::arg("grad_logits"),
-        py::arg("dh"), py::arg("dw"), py::arg("db"), py::call_guard<py::gil_scoped_release>());
+        py::arg("dh"), py::arg("dw"), py::arg("db"), py::arg("skip") = false, py::call_guard<py::gil_scoped_release>());
   m.def("grad_pass", &dopd::grad_pass, py::arg("student"), py::arg("target"), py::arg("rows"), py::arg("lse_s"),
         py::arg("lse_t"), py::arg("c"), py::arg("dense"), py::arg("cols"), py::arg("sparse"), py::arg("overwrite"), py::arg("scale"),
         py::arg("kind"), py::arg("beta"), py::arg("tiling"), py::arg("grad_logits"), py::arg("dh"), py::arg("dw"),
-        py::arg("db"), py::call_guard<py::gil_scoped_release>());
+        py::arg("db"), py::arg("skip") = false, py::call_guard<py::gil_scoped_release>());
   m.def("sparse_grad", &dopd::sparse_grad, py::arg("stream"), py::arg("rows"), py::arg("cols"), py::arg("coef"),
         py::arg("dh"), py::arg("dw"), py::arg("db"), py::call_guard<py::gil_scoped_release>());
   m.def("gather", &dopd::gather, py::arg("stream"), py::arg("rows"), py::arg("cols"),

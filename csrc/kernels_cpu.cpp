@@ -7,7 +7,8 @@
 // H[rows] · W[block]ᵀ (+ b) into a fixed-size buffer, the rows of the tile are processed in parallel
 // (the output-head transform, scale and soft-cap, is their first step: the tile epilogue); in the
 // gradient pass the gradient tile, times the head's jacobian, overwrites the logit tile and is
-// contracted at once into dH and dW. No buffer has a full vocabulary axis. Full-vocabulary rows take
+// contracted at once into dH and dW, each row leaving out its provably negligible 256-column blocks when
+// asked to (BlockSkipper, the rule of dopd_kernels/skipping.py). No buffer has a full vocabulary axis. Full-vocabulary rows take
 // the fewest sweeps their math allows (full_pass, see "full-vocabulary rows" below), and every GEMM and
 // dot product is counted (matmul_flops).
 //
@@ -391,39 +392,61 @@ std::tuple<Tensor, Tensor> value_impl(const Stream& s, const Stream& t, const Te
 template <typename A>
 struct GradRow {
   A ls, ls2, lt, lt2, c, dense, scale;  // log-sum-exps as (hi, lo) pairs
+  double dense64;                       // the few-column term's dense coefficient as given (float64)
   const int64_t* cols;  // few-column term: explicit columns [K] and their coefficients
   const A* sparse;
   bool overwrite;       // coefficients are the columns' whole gradient (else added to p·dense)
 };
 
+struct NoSkipHook {
+  template <typename A>
+  void operator()(const A*, int64_t) const {}
+};
+
 // Gradient of one block (τ · ∂D/∂z times `scale`, times the head's jacobian: with respect to the raw
-// logits) into g; zs holds the transformed logits and g may alias it (element-wise in place).
-// `jac` is scratch for the jacobians of the k explicit columns, read before g overwrites zs.
-template <int KIND, bool FULL, typename A>
+// logits) into g; zs holds the transformed logits and g may alias it (element-wise in place). The block is
+// first formed before the jacobian, explicit columns included, and shown to before_jacobian(g, len) (the skip
+// rule's block masses, BlockSkipper); `jac` is scratch [len] for the jacobians, read before g overwrites zs
+// (unused, may be null, when the head is the identity).
+template <int KIND, bool FULL, typename A, typename Hook = NoSkipHook>
 void grad_segment(const A* zs, const A* zt, A* g, int64_t c0, int64_t len, int64_t k, A inv_tau, const GradRow<A> r,
-                  const DivParams<A> P, const Head<A> head, A* jac) {
+                  const DivParams<A> P, const Head<A> head, A* jac, Hook&& before_jacobian = Hook()) {
+  const bool transform = !head.identity();
+  if (transform) {
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) jac[j] = head.jacobian(zs[j]);
+  }
   if constexpr (FULL) {
 #pragma omp simd
     for (int64_t j = 0; j < len; ++j) {
       const A lp = log_prob(zs[j] * inv_tau, r.ls, r.ls2), lq = log_prob(zt[j] * inv_tau, r.lt, r.lt2);
-      g[j] = full_grad_term<KIND>(lp, lq, r.c, P) * r.scale * head.jacobian(zs[j]);
+      g[j] = full_grad_term<KIND>(lp, lq, r.c, P) * r.scale;
     }
   } else {
-    for (int64_t q = 0; q < k; ++q) {
-      const int64_t col = r.cols[q] - c0;
-      if (col >= 0 && col < len) jac[q] = head.jacobian(zs[col]);
-    }
-    // A huge dense coefficient arrives folded into the log-sum-exp (RowTerm.dense_normalizer: ls − log|dense|
-    // and dense = ±1), so p·dense never multiplies an underflowed p by an overflowing coefficient.
+    if (std::abs(r.dense64) > 0x1p64) {
+      // A dense coefficient past 2^64 (forward KL's 1 − Q_rest/P_rest when the student's tail mass is
+      // ~e^-100) multiplies a p_v that may have underflowed fp32 while the product is O(1): formed in
+      // float64 as sign · exp(log p_v + log|dense|), as the torch backend does.
+      const double la = std::log(std::abs(r.dense64));
+      for (int64_t j = 0; j < len; ++j) {
+        const double lp = (double(zs[j] * inv_tau) - double(r.ls)) - double(r.ls2);
+        const double v = lp > -HUGE_VAL ? std::copysign(std::exp(lp + la), r.dense64) : 0.0;
+        g[j] = A(v) * r.scale;
+      }
+    } else {
 #pragma omp simd
-    for (int64_t j = 0; j < len; ++j)
-      g[j] = dense_grad_term(log_prob(zs[j] * inv_tau, r.ls, r.ls2), r.dense) * r.scale * head.jacobian(zs[j]);
+      for (int64_t j = 0; j < len; ++j) g[j] = dense_grad_term(log_prob(zs[j] * inv_tau, r.ls, r.ls2), r.dense) * r.scale;
+    }
     // The explicit columns inside this block: their whole gradient, or a sparse part added.
     for (int64_t q = 0; q < k; ++q) {
       const int64_t col = r.cols[q] - c0;
-      if (col < 0 || col >= len) continue;
-      g[col] = (r.overwrite ? A(0) : g[col]) + r.sparse[q] * r.scale * jac[q];
+      if (col >= 0 && col < len) g[col] = (r.overwrite ? A(0) : g[col]) + r.sparse[q] * r.scale;
     }
+  }
+  before_jacobian(static_cast<const A*>(g), len);
+  if (transform) {
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) g[j] *= jac[j];
   }
 }
 
@@ -458,12 +481,145 @@ struct LogitsGrad {
   }
 };
 
+// -- skipping negligible gradient blocks --------------------------------------------------------------
+//
+// dopd_kernels/skipping.py's rule, row by row (RowBudget with rows=1), where a fused-linear gradient sweep
+// forms its tiles: a tile row's gradient u (times its scale, before the head's jacobian) is cut into blocks
+// of SKIP_COLUMNS columns with masses m_b = Σ|u_v|; L = Σ_seen |u_v| + |Σ_seen u_v| ≤ ‖u‖₁ (a gradient through
+// a softmax sums to zero); the allowance a = δ·L·(columns seen / V) − spent (0 when L is not finite) is spent
+// on the row's cheapest blocks while their running sum stays ≤ a. So each row's skipped mass is at most
+// δ‖u‖₁ (a backward error δ); a NaN or inf mass never fits, db stays exact. Per row of a chunk: three
+// doubles; per tile: the keep bits [rows, blocks]. Sweeps run their tiles in column order from 0, so a row's
+// state restarts at c0 = 0 and `c0 + len` columns have been seen after a tile.
+
+// How many gradient entries (row × column) were offered to the contractions and how many were skipped.
+struct SkipCount {
+  int64_t entries = 0, skipped = 0;
+};
+
+// δ for a student stored in `dtype` (0: never skip).
+double skip_tolerance(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return SKIP_TOLERANCE_FP32;
+    case at::kBFloat16: return SKIP_TOLERANCE_BF16;
+    case at::kHalf: return SKIP_TOLERANCE_FP16;
+    default: return 0.0;
+  }
+}
+
+// The skip state of one row chunk of a gradient sweep over `vocab` columns in tiles of at most `block`
+// columns. decide() runs for distinct rows in parallel; contract() runs once per tile, after them.
+struct BlockSkipper {
+  double delta;
+  int64_t vocab, chunk_rows, max_blocks;
+  std::vector<double> abs_sum, sum, spent, mass;  // [chunk_rows] each; mass [chunk_rows, max_blocks]
+  std::vector<int32_t> order;                     // [chunk_rows, max_blocks]: scratch of decide()
+  std::vector<uint8_t> keep;                      // [chunk_rows, max_blocks]: the current tile's blocks to contract
+  SkipCount count;
+
+  // Skipping is on with `want` (the caller's option), a dH or dW to contract and a dtype with δ > 0.
+  BlockSkipper(bool want, const Stream& s, bool contracts, int64_t chunk_rows_, int64_t block)
+      : delta(want && contracts && s.linear() ? skip_tolerance(s.x.scalar_type()) : 0.0), vocab(s.valid_vocab),
+        chunk_rows(chunk_rows_), max_blocks((block + SKIP_COLUMNS - 1) / SKIP_COLUMNS) {
+    if (!on()) return;
+    const size_t cells = static_cast<size_t>(chunk_rows) * max_blocks;
+    abs_sum.resize(chunk_rows);
+    sum.resize(chunk_rows);
+    spent.resize(chunk_rows);
+    mass.resize(cells);
+    order.resize(cells);
+    keep.resize(cells);
+  }
+  bool on() const { return delta > 0; }
+
+  // Row i (of the chunk) of the tile at columns [c0, c0 + len): u [len], its gradient before the jacobian.
+  template <typename A>
+  void decide(int64_t i, const A* u, int64_t c0, int64_t len) {
+    const int64_t nb = (len + SKIP_COLUMNS - 1) / SKIP_COLUMNS;
+    double* m = mass.data() + i * max_blocks;
+    int32_t* ord = order.data() + i * max_blocks;
+    uint8_t* kp = keep.data() + i * max_blocks;
+    if (c0 == 0) abs_sum[i] = sum[i] = spent[i] = 0.0;
+    double total = 0;
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t j0 = b * SKIP_COLUMNS, j1 = std::min(len, j0 + SKIP_COLUMNS);
+      double a = 0, t = 0;
+#pragma omp simd reduction(+ : a, t)
+      for (int64_t j = j0; j < j1; ++j) {
+        a += std::abs(double(u[j]));
+        t += double(u[j]);
+      }
+      m[b] = a;
+      abs_sum[i] += a;
+      total += t;
+      ord[b] = static_cast<int32_t>(b);
+      kp[b] = 1;
+    }
+    sum[i] += total;
+    const double lower = abs_sum[i] + std::abs(sum[i]);  // L ≤ ‖u‖₁
+    const double released = std::min(1.0, double(c0 + len) / double(vocab));
+    const double allowance = std::isfinite(lower) ? std::max(0.0, delta * lower * released - spent[i]) : 0.0;
+    // Cheapest blocks first, NaN masses last (ties to the lower block): the longest prefix within the allowance.
+    std::sort(ord, ord + nb, [m](int32_t x, int32_t y) {
+      if (std::isnan(m[x]) || std::isnan(m[y])) return !std::isnan(m[x]) && std::isnan(m[y]);
+      return m[x] < m[y] || (m[x] == m[y] && x < y);
+    });
+    double running = 0;
+    for (int64_t q = 0; q < nb; ++q) {
+      running += m[ord[q]];
+      if (!(running <= allowance)) break;
+      kp[ord[q]] = 0;
+      spent[i] += m[ord[q]];
+    }
+  }
+
+  // The gradient tile g [r, len] (the chunk's first r rows, with respect to the raw logits) contracted into
+  // dh_rows [r, H] and dw for the blocks each row keeps (h: the rows' hidden states [r, H]); db over the whole
+  // tile. Runs of consecutive blocks kept by the same rows contract at once, gathering those rows when they are
+  // not all of them: skipped entries cost no FLOPs. With skipping off, the whole tile (contract_tile).
+  void contract(const Stream& s, const Tensor& g, const Tensor& h, int64_t c0, int64_t len, const Tensor& dh_rows,
+                const std::optional<Tensor>& dw, const std::optional<Tensor>& db) {
+    if (!on()) return contract_tile(s, g, h, c0, len, dh_rows, dw, db);
+    if (db.has_value() && db->defined()) db->narrow(0, c0, len).add_(g.sum(0));
+    const int64_t r = g.size(0), nb = (len + SKIP_COLUMNS - 1) / SKIP_COLUMNS;
+    auto kept = [&](int64_t i, int64_t b) { return keep[i * max_blocks + b] != 0; };
+    auto same = [&](int64_t b, int64_t b2) {
+      for (int64_t i = 0; i < r; ++i)
+        if (kept(i, b) != kept(i, b2)) return false;
+      return true;
+    };
+    count.entries += r * len;
+    std::vector<int64_t> idx;
+    for (int64_t b0 = 0, b1; b0 < nb; b0 = b1) {
+      for (b1 = b0 + 1; b1 < nb && same(b0, b1);) ++b1;
+      const int64_t j0 = b0 * SKIP_COLUMNS, width = std::min(len, b1 * SKIP_COLUMNS) - j0;
+      idx.clear();
+      for (int64_t i = 0; i < r; ++i)
+        if (kept(i, b0)) idx.push_back(i);
+      const int64_t n_b = static_cast<int64_t>(idx.size());
+      count.skipped += (r - n_b) * width;
+      if (n_b == r) {
+        contract_tile(s, g.narrow(1, j0, width), h, c0 + j0, width, dh_rows, dw, std::nullopt);
+      } else if (n_b > 0) {
+        const Tensor at_rows = at::from_blob(idx.data(), {n_b}, at::TensorOptions().dtype(at::kLong));
+        const Tensor dh_part = dh_rows.defined() ? at::zeros({n_b, dh_rows.size(1)}, dh_rows.options()) : Tensor();
+        const Tensor h_b = dw.has_value() && dw->defined() ? h.index_select(0, at_rows) : Tensor();
+        contract_tile(s, g.narrow(1, j0, width).index_select(0, at_rows), h_b, c0 + j0, width, dh_part, dw, std::nullopt);
+        if (dh_rows.defined()) dh_rows.index_add_(0, at_rows, dh_part);
+      }
+    }
+  }
+};
+
+// grad_pass (see passes_cpu.h); with `skip`, fused-linear tiles leave out their negligible blocks (BlockSkipper),
+// counted in the result.
 template <int KIND, bool FULL, typename A>
-void grad_impl(const Stream& s, const Stream* t, const Tensor& rows, const Tensor& lse_s, const std::optional<Tensor>& lse_t,
-               const std::optional<Tensor>& c, const std::optional<Tensor>& dense, const std::optional<Tensor>& cols,
-               const std::optional<Tensor>& sparse, bool overwrite, const Tensor& scale, double beta, Tiling tl,
-               const std::optional<Tensor>& grad_logits, const std::optional<Tensor>& dh, const std::optional<Tensor>& dw,
-               const std::optional<Tensor>& db) {
+SkipCount grad_impl(const Stream& s, const Stream* t, const Tensor& rows, const Tensor& lse_s,
+                    const std::optional<Tensor>& lse_t, const std::optional<Tensor>& c, const std::optional<Tensor>& dense,
+                    const std::optional<Tensor>& cols, const std::optional<Tensor>& sparse, bool overwrite,
+                    const Tensor& scale, double beta, Tiling tl, const std::optional<Tensor>& grad_logits,
+                    const std::optional<Tensor>& dh, const std::optional<Tensor>& dw, const std::optional<Tensor>& db,
+                    bool skip) {
   const int64_t n = rows.size(0), vv = s.valid_vocab;
   const A inv_tau = static_cast<A>(s.inv_tau);
   const DivParams<A> P = div_params<A>(KIND, beta);
@@ -476,13 +632,15 @@ void grad_impl(const Stream& s, const Stream* t, const Tensor& rows, const Tenso
   const SplitLse<A> ls(lse_s, s.acc(), n);
   const std::optional<SplitLse<A>> lt = FULL ? std::optional<SplitLse<A>>(SplitLse<A>(*lse_t, s.acc(), n)) : std::nullopt;
   const std::optional<Tensor> c_c = as_acc(c), dense_c = as_acc(dense), sparse_c = as_acc(sparse);
+  const Tensor dense64 = dense.has_value() && dense->defined() ? dense->to(at::kDouble).contiguous() : Tensor();
+  const double* dn64 = dense64.defined() ? dense64.data_ptr<double>() : nullptr;
   const std::optional<Tensor> cols_c = cols.has_value() && cols->defined() ? std::optional<Tensor>(cols->contiguous()) : std::nullopt;
   const A *sc = sc_c.data_ptr<A>(), *cc = data_or_null<A>(c_c), *dn = data_or_null<A>(dense_c), *sp = data_or_null<A>(sparse_c);
   const int64_t* cl = cols_c ? cols_c->data_ptr<int64_t>() : nullptr;
   const int64_t k = cols_c ? cols_c->size(1) : 0;
   auto row_of = [&](int64_t i) {
     return GradRow<A>{ls.hi[i], ls.lo[i], FULL ? lt->hi[i] : A(0), FULL ? lt->lo[i] : A(0), (FULL && cc) ? cc[i] : A(0),
-                      FULL ? A(0) : dn[i], sc[i], FULL ? nullptr : cl + i * k,
+                      FULL ? A(0) : dn[i], sc[i], FULL ? 0.0 : dn64[i], FULL ? nullptr : cl + i * k,
                       FULL ? nullptr : sp + i * k, overwrite};
   };
 
@@ -495,7 +653,6 @@ void grad_impl(const Stream& s, const Stream* t, const Tensor& rows, const Tenso
 #pragma omp parallel num_threads(num_threads())
     {
       Scratch<A> scr(block);
-      std::vector<A> jac(k);
 #pragma omp for schedule(dynamic, 1)
       for (int64_t i = 0; i < n; ++i) {
         const GradRow<A> r = row_of(i);
@@ -504,19 +661,20 @@ void grad_impl(const Stream& s, const Stream* t, const Tensor& rows, const Tenso
           A* g = out.target(rp[i], c0, scr.g.data());
           const A* zs = xs.segment(rp[i], c0, len, scr.s.data());
           const A* zt = FULL ? xt->segment(rp[i], c0, len, scr.t.data()) : nullptr;
-          grad_segment<KIND, FULL>(zs, zt, g, c0, len, k, inv_tau, r, P, none, jac.data());
+          grad_segment<KIND, FULL>(zs, zt, g, c0, len, k, inv_tau, r, P, none, static_cast<A*>(nullptr));
           out.commit(rp[i], c0, g, len);
         }
       }
     }
-    return;
+    return {};  // logits mode: the gradient tile is the output, no contraction to skip
   }
 
-  const bool want_dh = dh.has_value() && dh->defined();
+  const bool want_dh = dh.has_value() && dh->defined(), want_dw = dw.has_value() && dw->defined();
   const Head<A> head_s = head_of<A>(s), head_t = FULL ? head_of<A>(*t) : head_s;
   const LinearPlan plan(n, vv, tl);
   Tensor buf_s = at::empty({plan.buffer()}, rows.options().dtype(s.acc()));
   Tensor buf_t = FULL ? at::empty({plan.buffer()}, rows.options().dtype(s.acc())) : Tensor();
+  BlockSkipper skipper(skip, s, want_dh || want_dw, plan.rows_per_chunk, plan.block);
   for (int64_t r0 = 0; r0 < n; r0 += plan.rows_per_chunk) {
     const int64_t r = std::min(plan.rows_per_chunk, n - r0);
     const Tensor rr = rows.narrow(0, r0, r);
@@ -530,19 +688,22 @@ void grad_impl(const Stream& s, const Stream* t, const Tensor& rows, const Tenso
       A* tt = FULL ? counted_tile(*t, ht, c0, len, buf_t).data_ptr<A>() : nullptr;
 #pragma omp parallel num_threads(num_threads())
       {
-        std::vector<A> jac(k);
+        std::vector<A> jac(head_s.identity() ? 0 : len);
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < r; ++i) {
           head_transform(ts + i * len, len, head_s);
           if (FULL) head_transform(tt + i * len, len, head_t);
           grad_segment<KIND, FULL>(ts + i * len, FULL ? tt + i * len : nullptr, ts + i * len, c0, len, k, inv_tau,
-                                   row_of(r0 + i), P, head_s, jac.data());
+                                   row_of(r0 + i), P, head_s, jac.data(), [&](const A* u, int64_t) {
+                                     if (skipper.on()) skipper.decide(i, u, c0, len);
+                                   });
         }
       }
-      contract_tile(s, tile, hs, c0, len, dh_rows, dw, db);  // the gradient tile, now in `tile`
+      skipper.contract(s, tile, hs, c0, len, dh_rows, dw, db);  // the gradient tile, now in `tile`
     }
     if (want_dh) dh->index_add_(0, rr, dh_rows);
   }
+  return skipper.count;
 }
 
 // -- full-vocabulary rows in the fewest sweeps ------------------------------------------------------
@@ -665,12 +826,17 @@ FullRow<A> full_row(int64_t vv, int64_t block, A inv_tau, const DivParams<A> P, 
 }
 
 // full_pass: the log-sum-exp parts [4, n] (max_s, log Σ_s, max_t, log Σ_t; undefined when given), value and c.
+// With `skip`, the fused-linear gradient tiles leave out their negligible blocks (BlockSkipper), counted in the
+// result.
 template <int KIND, typename A>
-std::tuple<Tensor, Tensor, Tensor> full_impl(const Stream& s, const Stream& t, const Tensor& rows,
-                                             const std::optional<Tensor>& lse_s, const std::optional<Tensor>& lse_t,
-                                             double beta, const std::optional<Tensor>& scale, Tiling tl,
-                                             const std::optional<Tensor>& grad_logits, const std::optional<Tensor>& dh,
-                                             const std::optional<Tensor>& dw, const std::optional<Tensor>& db) {
+std::tuple<Tensor, Tensor, Tensor, SkipCount> full_impl(const Stream& s, const Stream& t, const Tensor& rows,
+                                                        const std::optional<Tensor>& lse_s,
+                                                        const std::optional<Tensor>& lse_t, double beta,
+                                                        const std::optional<Tensor>& scale, Tiling tl,
+                                                        const std::optional<Tensor>& grad_logits,
+                                                        const std::optional<Tensor>& dh,
+                                                        const std::optional<Tensor>& dw,
+                                                        const std::optional<Tensor>& db, bool skip) {
   const int64_t n = rows.size(0), vv = s.valid_vocab;
   const bool given = lse_s.has_value() && lse_s->defined(), grad = scale.has_value() && scale->defined();
   const A inv_tau = static_cast<A>(s.inv_tau);
@@ -708,10 +874,11 @@ std::tuple<Tensor, Tensor, Tensor> full_impl(const Stream& s, const Stream& t, c
     }
     if (given || KIND == JS) std::tie(value, c) = value_impl<KIND, A>(s, t, rows, l2s, l2t, beta, tl);
     if (KIND == REVERSE_KL) c.copy_(value);
+    SkipCount count;
     if (grad)
-      grad_impl<KIND, true, A>(s, &t, rows, l2s, l2t, c, std::nullopt, std::nullopt, std::nullopt, false, *scale, beta, tl,
-                               grad_logits, dh, dw, db);
-    return {parts, value, c};
+      count = grad_impl<KIND, true, A>(s, &t, rows, l2s, l2t, c, std::nullopt, std::nullopt, std::nullopt, false, *scale,
+                                       beta, tl, grad_logits, dh, dw, db, skip);
+    return {parts, value, c, count};
   }
 
   // One pass over each row: logits mode (a row's logits are read in place, each phase re-reads them from
@@ -748,31 +915,39 @@ std::tuple<Tensor, Tensor, Tensor> full_impl(const Stream& s, const Stream& t, c
         keep(i, full_row<KIND>(vv, block, inv_tau, P, row_in(i), given, grad, load, emit));
       }
     }
-    return {parts, value, c};
+    return {parts, value, c, SkipCount{}};  // logits mode: no contraction to skip
   }
 
   // Fused-linear rows that fit one tile: each row chunk's tiles hold whole rows (one block); the gradient
-  // overwrites the student tile in place and is contracted at once.
+  // overwrites the student tile in place and is contracted at once. Chunks start at multiples of the plan's
+  // rows_per_chunk (linear_pair_sweep), so row q is row q % rows_per_chunk of its chunk for the skipper.
   const Head<A> head_s = head_of<A>(s);
-  const bool want_dh = dh.has_value() && dh->defined();
+  const bool want_dh = dh.has_value() && dh->defined(), want_dw = dw.has_value() && dw->defined();
+  const LinearPlan plan(n, vv, tl);
+  BlockSkipper skipper(skip && grad, s, want_dh || want_dw, plan.rows_per_chunk, plan.block);
+  // The head's jacobians of a row, per thread (linear_pair_sweep runs num_threads() threads).
+  std::vector<A> jac(head_s.identity() || !grad ? 0 : num_threads() * plan.block);
   auto row = [&](int64_t q, A* zs_q, const A* zt_q, int64_t) {
     auto load = [&](int64_t, int64_t, const A*& zs, const A*& zt) {
       zs = zs_q;
       zt = zt_q;
     };
     auto emit = [&](int64_t c0, int64_t len, const A* zs, const A* zt, const GradRow<A>& r) {
-      grad_segment<KIND, true>(zs, zt, zs_q, c0, len, 0, inv_tau, r, P, head_s, static_cast<A*>(nullptr));
+      A* jac_q = jac.empty() ? nullptr : jac.data() + omp_get_thread_num() * plan.block;
+      grad_segment<KIND, true>(zs, zt, zs_q, c0, len, 0, inv_tau, r, P, head_s, jac_q, [&](const A* u, int64_t) {
+        if (skipper.on()) skipper.decide(q % plan.rows_per_chunk, u, c0, len);
+      });
     };
     keep(q, full_row<KIND>(vv, vv, inv_tau, P, row_in(q), given, grad, load, emit));
   };
   auto contract = [&](const Tensor& rr, const Tensor& hs, const Tensor& tile, int64_t c0, int64_t len) {
     if (!grad) return;
     const Tensor dh_rows = want_dh ? at::zeros({rr.size(0), s.x.size(1)}, rows.options().dtype(s.acc())) : Tensor();
-    contract_tile(s, tile, hs, c0, len, dh_rows, dw, db);
+    skipper.contract(s, tile, hs, c0, len, dh_rows, dw, db);
     if (want_dh) dh->index_add_(0, rr, dh_rows);
   };
   linear_pair_sweep<A>(s, t, rows, tl, row, contract);
-  return {parts, value, c};
+  return {parts, value, c, skipper.count};
 }
 
 template <typename F>
@@ -821,46 +996,54 @@ std::tuple<Tensor, Tensor> rest_lse_pass(const Stream& s, const Tensor& rows, co
   return out;
 }
 
-std::tuple<Tensor, Tensor, Tensor> full_pass(const Stream& s, const Stream& t, const Tensor& rows,
-                                             const std::optional<Tensor>& lse_s, const std::optional<Tensor>& lse_t,
-                                             int64_t kind, double beta, const std::optional<Tensor>& scale, Tiling tiling,
-                                             const std::optional<Tensor>& grad_logits, const std::optional<Tensor>& dh,
-                                             const std::optional<Tensor>& dw, const std::optional<Tensor>& db) {
+std::tuple<Tensor, Tensor, Tensor, std::pair<int64_t, int64_t>> full_pass(
+    const Stream& s, const Stream& t, const Tensor& rows, const std::optional<Tensor>& lse_s,
+    const std::optional<Tensor>& lse_t, int64_t kind, double beta, const std::optional<Tensor>& scale, Tiling tiling,
+    const std::optional<Tensor>& grad_logits, const std::optional<Tensor>& dh, const std::optional<Tensor>& dw,
+    const std::optional<Tensor>& db, bool skip) {
   check_rows(rows);
   TORCH_CHECK(lse_s.has_value() == lse_t.has_value(), "dopd cpu: full_pass takes both log-sum-exps or neither");
-  std::tuple<Tensor, Tensor, Tensor> out;
+  std::tuple<Tensor, Tensor, Tensor, SkipCount> out;
   with_acc(s.acc(), [&](auto a) {
     with_kind(kind, [&](auto kc) {
-      out = full_impl<decltype(kc)::value, decltype(a)>(s, t, rows, lse_s, lse_t, beta, scale, tiling, grad_logits, dh, dw, db);
+      out = full_impl<decltype(kc)::value, decltype(a)>(s, t, rows, lse_s, lse_t, beta, scale, tiling, grad_logits, dh, dw,
+                                                        db, skip);
     });
   });
-  return out;
+  const SkipCount& n = std::get<3>(out);
+  return {std::get<0>(out), std::get<1>(out), std::get<2>(out), {n.entries, n.skipped}};
 }
 
 int64_t matmul_flops() { return matmul_flops_counted.load(std::memory_order_relaxed); }
 
 void reset_matmul_flops() { matmul_flops_counted.store(0, std::memory_order_relaxed); }
 
-void grad_pass(const Stream& s, const std::optional<Stream>& t, const Tensor& rows, const Tensor& lse_s,
-               const std::optional<Tensor>& lse_t, const std::optional<Tensor>& c, const std::optional<Tensor>& dense,
-               const std::optional<Tensor>& cols, const std::optional<Tensor>& sparse, bool overwrite, const Tensor& scale,
-               int64_t kind, double beta, Tiling tiling, const std::optional<Tensor>& grad_logits, const std::optional<Tensor>& dh,
-               const std::optional<Tensor>& dw, const std::optional<Tensor>& db) {
+std::pair<int64_t, int64_t> grad_pass(const Stream& s, const std::optional<Stream>& t, const Tensor& rows,
+                                      const Tensor& lse_s, const std::optional<Tensor>& lse_t,
+                                      const std::optional<Tensor>& c, const std::optional<Tensor>& dense,
+                                      const std::optional<Tensor>& cols, const std::optional<Tensor>& sparse,
+                                      bool overwrite, const Tensor& scale, int64_t kind, double beta, Tiling tiling,
+                                      const std::optional<Tensor>& grad_logits, const std::optional<Tensor>& dh,
+                                      const std::optional<Tensor>& dw, const std::optional<Tensor>& db, bool skip) {
   check_rows(rows);
   const bool full = t.has_value();
   TORCH_CHECK(full || (dense.has_value() && cols.has_value() && sparse.has_value()),
               "dopd cpu: grad_pass needs a target stream or dense/cols/sparse coefficients");
+  SkipCount n;
   with_acc(s.acc(), [&](auto a) {
     using A = decltype(a);
     with_kind(kind, [&](auto kc) {
       constexpr int K = decltype(kc)::value;
       if (full) {
-        grad_impl<K, true, A>(s, &*t, rows, lse_s, lse_t, c, dense, cols, sparse, overwrite, scale, beta, tiling, grad_logits, dh, dw, db);
+        n = grad_impl<K, true, A>(s, &*t, rows, lse_s, lse_t, c, dense, cols, sparse, overwrite, scale, beta, tiling,
+                                  grad_logits, dh, dw, db, skip);
       } else {
-        grad_impl<K, false, A>(s, nullptr, rows, lse_s, lse_t, c, dense, cols, sparse, overwrite, scale, beta, tiling, grad_logits, dh, dw, db);
+        n = grad_impl<K, false, A>(s, nullptr, rows, lse_s, lse_t, c, dense, cols, sparse, overwrite, scale, beta, tiling,
+                                   grad_logits, dh, dw, db, skip);
       }
     });
   });
+  return {n.entries, n.skipped};
 }
 
 Tensor gather(const Stream& s, const Tensor& rows, const Tensor& cols_in) {

@@ -28,6 +28,12 @@ enum Kind : int { REVERSE_KL = 0, FORWARD_KL = 1, JS = 2 };
 // Regime codes of dopd_kernels.codes.Regime (exposed as REGIMES).
 enum RegimeCode : int { IGNORED = -1, LH = 0, LL = 1, HT = 2, HS = 3 };
 
+// Skipping negligible gradient blocks (dopd_kernels/skipping.py: the bound, the rule and the source of
+// these values; exposed as SKIP_COLUMNS and SKIP_TOLERANCE, which tests/test_constants.py checks): the
+// width of a skippable column block and δ per storage dtype of the student's inputs (float64: never).
+constexpr int64_t SKIP_COLUMNS = 256;
+constexpr double SKIP_TOLERANCE_FP32 = 0x1p-20, SKIP_TOLERANCE_BF16 = 0x1p-12, SKIP_TOLERANCE_FP16 = 0x1p-15;
+
 template <typename A>
 DOPD_HD A neg_inf() { return static_cast<A>(-HUGE_VAL); }
 

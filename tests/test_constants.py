@@ -1,5 +1,6 @@
-"""The divergence and regime codes have one definition (`dopd_kernels.codes`); the C++/CUDA
-extension (`csrc/row_math.h`) and the Triton kernels (`kernels/divergence.py`) must agree with it."""
+"""The divergence and regime codes have one definition (`dopd_kernels.codes`), the skip rule's constants
+another (`dopd_kernels.skipping`); the C++/CUDA extension (`csrc/row_math.h`) and the Triton kernels
+(`kernels/divergence.py`) must agree with them."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import os
 import re
 
 import pytest
+import torch
 
 from dopd_kernels import Regime
 from dopd_kernels.codes import DIVERGENCES, Divergence
 from dopd_kernels.config import DIVERGENCES as CONFIG_DIVERGENCES
+from dopd_kernels.skipping import SKIP_COLUMNS, TOLERANCE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,6 +36,9 @@ def test_compiled_extension_codes_match():
     assert dict(ext.KINDS) == {d.name: d.value for d in Divergence}
     assert dict(ext.REGIMES) == {r.name: r.value for r in Regime}
     assert KIND_CODES == {d.key: d.value for d in Divergence}
+    # The skip rule's constants (dopd_kernels.skipping is their one definition; row_math.h mirrors them).
+    assert ext.SKIP_COLUMNS == SKIP_COLUMNS
+    assert {getattr(torch, name): delta for name, delta in ext.SKIP_TOLERANCE.items()} == TOLERANCE
 
 
 def test_triton_kernel_codes_match():

@@ -62,17 +62,11 @@ def test_rest_logsumexp_matches_float64(mode, dtype, cpp):
 # -- full_pass: one pass over a row that fits a tile, online statistics for a wider one ----------------
 
 
-@pytest.mark.parametrize("kind", DIVS)
-def test_full_pass_repeats_bitwise_on_two_threads(kind, cpp):
-    """Full-vocabulary OPD (the engine runs no stats pass, so `full_pass` computes the log-sum-exps too) gives
-    bitwise the same loss and gradients call after call with two threads: every row's sums run in one thread
-    in a fixed order, and the dH/dW contractions are the same GEMMs in the same order. V = 37 fits the
-    default tile (one sweep) and spans six 7-column blocks (the online sweeps)."""
+def check_repeats_on_two_threads(t: dict, y: torch.Tensor, backend, kind: str) -> None:
+    """Full-vocabulary fused-linear OPD on streams `t` (biases when `t` has them) twice with two threads:
+    bitwise the same per-token loss, dH and dW."""
     from dopd_kernels import fused_linear_opd_loss
-    from conftest import linear_streams
 
-    t = linear_streams(40, 12, 37)
-    y = random_tokens(40, 37)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -80,13 +74,37 @@ def test_full_pass_repeats_bitwise_on_two_threads(kind, cpp):
         for _ in range(2):
             h, w = leaf(t["student_hidden"]), leaf(t["student_weight"])
             out = fused_linear_opd_loss(h, w, t["teacher_hidden"], t["teacher_weight"], y, divergence=kind,
-                                        granularity="full", backend=cpp)
+                                        granularity="full", student_bias=t.get("student_bias"),
+                                        teacher_bias=t.get("teacher_bias"), backend=backend)
             out.loss.backward()
             runs.append((out.per_token_loss, h.grad, w.grad))
     finally:
         torch.set_num_threads(threads)
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", DIVS)
+def test_full_pass_repeats_bitwise_on_two_threads(kind, cpp):
+    """Full-vocabulary OPD (the engine runs no stats pass, so `full_pass` computes the log-sum-exps too) gives
+    bitwise the same loss and gradients call after call with two threads: every row's sums run in one thread
+    in a fixed order, and the dH/dW contractions are the same GEMMs in the same order. V = 37 fits the
+    default tile (one sweep) and spans six 7-column blocks (the online sweeps)."""
+    from conftest import linear_streams
+
+    check_repeats_on_two_threads(linear_streams(40, 12, 37), random_tokens(40, 37), cpp, kind)
+
+
+@pytest.mark.parametrize("vocab_chunk", [512, 2048], ids=["tiles", "one-sweep"])
+def test_skipping_repeats_bitwise_on_two_threads(vocab_chunk):
+    """With negligible blocks skipped (peaked inputs), loss and gradients repeat bitwise on two threads: each
+    row decides its blocks alone from its own float64 sums, and the kept rows of each block are gathered and
+    contracted in row order. V = 2048 in four 512-column tiles (grad_pass) or one (full_pass)."""
+    from test_tile_skipping import peaked_streams  # the skip report's inputs (its module sets up the import)
+
+    backend = _cpp(8, vocab_chunk)
+    check_repeats_on_two_threads(peaked_streams(24, 256, 2048), random_tokens(24, 2048), backend, "js")
+    assert backend.skip_counter.fraction > 0.2  # 8 candidates over 8 blocks per row: many blocks hold one
 
 
 # -- selection -------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Skipping negligible gradient blocks (`dopd_kernels/skipping.py`, issue 14 point 2) on the `torch` backend.
+"""Skipping negligible gradient blocks (`dopd_kernels/skipping.py`, issue 14 point 2) on the `torch` and `cpp`
+backends (the extension mirrors the rule where its gradient sweeps form their tiles, csrc/kernels_cpu.cpp).
 
 The rule keeps every row's skipped gradient mass within δ of its L1 norm; here: that guarantee on
 gradient tiles directly, the gradients of fused-linear OPD (reverse KL, forward KL, JS; eager and
@@ -80,6 +81,17 @@ def torch_backend(row_chunk: int, vocab_chunk: int) -> Callable[[bool], TorchBac
     return lambda skip: TorchBackend(row_chunk, vocab_chunk, skip_negligible=skip)
 
 
+def cpp_backend(row_chunk: int, vocab_chunk: int) -> Callable[[bool], object]:
+    """`check_skipping`'s factory for the cpp backend at these tiles (one sweep when V <= vocab_chunk)."""
+    from test_backend_conformance import _cpp  # skips when the extension build is disabled
+
+    return lambda skip: _cpp(row_chunk, vocab_chunk, skip)
+
+
+FAMILIES = {"torch": torch_backend, "cpp": cpp_backend}
+family = pytest.mark.parametrize("family", list(FAMILIES))
+
+
 def _grads(t: dict, y: torch.Tensor, backend, cfg: Optional[DOPDConfig] = None, upstream=None, **kw):
     """The loss on streams `t` (DOPD with `cfg`, else fused-linear OPD with `kw`) and the gradients of the
     student's hidden states, weight and bias; `upstream` [N] weights a reduction="none" loss."""
@@ -121,47 +133,52 @@ def check_skipping(t: dict, y: torch.Tensor, make: Callable[[bool], object], **k
 
 # vocab_chunk 1024: four tiles per row (separate value and gradient sweeps, deferred gradient);
 # 8192: a row's vocabulary in one sweep (full_pass, eager gradient).
+@family
 @pytest.mark.parametrize("kind", DIVS)
 @pytest.mark.parametrize("vocab_chunk,reduction", [(1024, "none"), (8192, "mean")], ids=["tiles-deferred", "one-sweep-eager"])
-def test_full_opd_peaked(kind, vocab_chunk, reduction):
+def test_full_opd_peaked(kind, vocab_chunk, reduction, family):
     upstream = torch.rand(N, dtype=torch.float64) + 0.5 if reduction == "none" else None
-    fraction, _ = check_skipping(peaked_streams(N, H, V), random_tokens(N, V), torch_backend(32, vocab_chunk),
+    fraction, _ = check_skipping(peaked_streams(N, H, V), random_tokens(N, V), FAMILIES[family](32, vocab_chunk),
                                  upstream=upstream, divergence=kind, granularity="full", js_beta=0.4, reduction=reduction)
     assert fraction > 0.4, f"skipped {fraction:.2f} of the contractions"
 
 
-def test_large_logits():
+@family
+def test_large_logits(family):
     """Floor ~250 nats below the candidates, logits of several hundred: the blocks without a candidate
     (~60% of them: 8 candidates over 16 blocks) and more are skipped."""
-    fraction, _ = check_skipping(peaked_streams(N, H, V, gap=10.0), random_tokens(N, V), torch_backend(32, 1024),
+    fraction, _ = check_skipping(peaked_streams(N, H, V, gap=10.0), random_tokens(N, V), FAMILIES[family](32, 1024),
                                  divergence="js", granularity="full")
     assert fraction > 0.5, f"skipped {fraction:.2f} of the contractions"
 
 
-def test_flat_inputs_skip_nothing():
+@family
+def test_flat_inputs_skip_nothing(family):
     """The suite's usual fused-linear inputs (softmax entropy near log V): nothing to skip, and the
     gradients within the suite's fp32 tolerance of the reference."""
-    backend = TorchBackend(row_chunk=32, vocab_chunk=1024)
+    backend = FAMILIES[family](32, 1024)(True)
     compare_fused_linear_opd(Target(backend), linear_streams(N, 32, V), random_tokens(N, V), divergence="reverse_kl",
                              granularity="full")
     assert backend.skip_counter.entries > 0 and backend.skip_counter.fraction < 0.01
 
 
+@family
 @pytest.mark.parametrize("renorm", [False, True])
-def test_dopd_peaked(renorm):
+def test_dopd_peaked(renorm, family):
     """HT rows (full-vocabulary JS after routing) and, with a tail bucket, the top-K rows' dense part."""
     t = peaked_streams(N, H, V)
-    fraction, out = check_skipping(t, random_tokens(N, V), torch_backend(16, 2048),
+    fraction, out = check_skipping(t, random_tokens(N, V), FAMILIES[family](16, 2048),
                                    cfg=DOPDConfig(top_k=8, topk_renorm=renorm, trim=0.1))
     assert int((out.regime == 2).sum()) > 0, "no HT rows"
     assert fraction > 0.3, f"skipped {fraction:.2f} of the contractions"
 
 
-def test_bf16():
+@family
+def test_bf16(family):
     """bf16 storage (δ = 2^-12): the suite's bf16 gradient tolerance, and no more than 4δ above the error
     of the same backend without skipping."""
     fraction, _ = check_skipping(peaked_streams(N, H, V, dtype=torch.bfloat16), random_tokens(N, V),
-                                 torch_backend(32, 2048), divergence="js", granularity="full")
+                                 FAMILIES[family](32, 2048), divergence="js", granularity="full")
     assert fraction > 0.4, f"skipped {fraction:.2f} of the contractions"
 
 
@@ -181,8 +198,9 @@ def test_skipped_contractions_are_not_computed():
     assert dense - fewer == 4 * H * on.skipped
 
 
-def test_logits_mode_skips_nothing():
-    backend = TorchBackend(row_chunk=16, vocab_chunk=512)
+@family
+def test_logits_mode_skips_nothing(family):
+    backend = FAMILIES[family](16, 512)(True)
     t = peaked_streams(8, H, 1024)
     z = (t["student_hidden"] @ t["student_weight"].T).requires_grad_(True)
     opd_loss(z, t["teacher_hidden"] @ t["teacher_weight"].T, random_tokens(8, 1024), divergence="js",
@@ -190,6 +208,33 @@ def test_logits_mode_skips_nothing():
     assert backend.skip_counter.entries == 0
 
 
-def test_skip_flag_is_checked():
+@family
+def test_skip_flag_is_checked(family):
     with pytest.raises(TypeError, match="skip_negligible"):
-        TorchBackend(skip_negligible="yes")
+        FAMILIES[family](16, 512)("yes")
+
+
+@pytest.mark.parametrize("vocab_chunk", [1024, 8192], ids=["tiles", "one-sweep"])
+def test_cpp_skipped_contractions_are_not_computed(vocab_chunk):
+    """The extension's FLOP counter: each skipped gradient entry saves exactly its dH and dW products (2·H
+    FLOPs each), in the gradient sweep over tiles (grad_pass) and in the one-sweep full_pass; the rest of
+    the counted work (forward projections, recomputation) is the same."""
+    t, y = peaked_streams(N, H, V), random_tokens(N, V, mask_frac=0.0)
+    flops = {}
+    for skip in (False, True):
+        backend = cpp_backend(32, vocab_chunk)(skip)
+        h, w = leaf(t["student_hidden"]), leaf(t["student_weight"])
+        backend.reset_matmul_flops()
+        fused_linear_opd_loss(h, w, t["teacher_hidden"], t["teacher_weight"], y, divergence="js", granularity="full",
+                              backend=backend).loss.backward()
+        flops[skip] = (backend.matmul_flops(), backend.skip_counter)
+    (dense, off), (fewer, on) = flops[False], flops[True]
+    assert off.entries == 0 and on.entries == N * V and on.fraction > 0.4
+    assert dense - fewer == 4 * H * on.skipped
+
+
+def test_cpp_float64_never_skips():
+    backend = cpp_backend(32, 1024)(True)
+    _grads({k: x.double() for k, x in peaked_streams(8, H, 2048).items()}, random_tokens(8, 2048), backend,
+           divergence="js", granularity="full")
+    assert backend.skip_counter.entries == 0

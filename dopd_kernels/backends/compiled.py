@@ -8,7 +8,9 @@ the tail-bucket pass `rest_logsumexp` (sampled forward KL / JS, top-K with `topk
 `cuda` backend inherits the tiled PyTorch pass of `backends/base.py` for it). The O(N·K) work
 (`row_terms.py`, routing) stays in the shared Python code. On CPU, full-vocabulary rows take the
 fewest sweeps exactness allows without a `[chunk, V]` buffer (`full_pass`), and the extension counts
-the matmul FLOPs it performs (`matmul_flops`, for tests/test_matmul_floor.py).
+the matmul FLOPs it performs (`matmul_flops`, for tests/test_matmul_floor.py). The `cpp` backend's fused-linear
+gradient tiles leave out the contractions of provably negligible column blocks, row by row, with the rule and
+constants of `skipping.py` (`CppBackend(skip_negligible=True)`, counted in `skip_counter`).
 
 Fused-linear streams carry their output-head transform (`LinearSource.scale`, `.softcap`) into the
 kernels, which apply it in the tile epilogue and multiply gradient tiles by its jacobian. The stats
@@ -24,7 +26,7 @@ from typing import Sequence
 import torch
 
 from .._build import load_extension
-from .. import gradients
+from .. import gradients, skipping
 from ..codes import Divergence
 from ..passes import STUDENT, Grads, Stats, split_lse
 from ..row_terms import RowTerm
@@ -45,6 +47,8 @@ class CompiledBackend(PassBackend):
     # one leaves both to the PyTorch defaults (`PassBackend.rest_logsumexp`, `gradients.add_sparse`).
     _cpu_only_passes = True
 
+    skip_negligible = False  # the CUDA passes contract every gradient tile whole
+
     def __init__(self, row_chunk: int = 2048, vocab_chunk: int = 1024):
         if row_chunk < 1 or vocab_chunk < 1:
             raise ValueError(f"row_chunk and vocab_chunk must be >= 1, got {row_chunk}, {vocab_chunk}")
@@ -52,6 +56,7 @@ class CompiledBackend(PassBackend):
         self._ext = load_extension(self._kind)
         self._ops = self._ext if self._kind == "cpu" else self._ext.cuda
         self._tiling = self._ext.Tiling(row_chunk, vocab_chunk)
+        self.skip_counter = skipping.SkipCounter()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(row_chunk={self.row_chunk}, vocab_chunk={self.vocab_chunk})"
@@ -115,10 +120,11 @@ class CompiledBackend(PassBackend):
         if not self._cpu_only_passes:
             return super().full_pass(student, target, rows, lse_s, lse_t, kind, beta, scale, grads)
         dt, given = student.dtype, lse_s is not None
-        parts, value, c = self._ops.full_pass(
+        parts, value, c, counts = self._ops.full_pass(
             self._stream(student), self._stream(target), rows.contiguous(), self._split(lse_s, dt) if given else None,
             self._split(lse_t, dt) if given else None, scale=scale,
             **self._grad_args(kind, beta, grads if scale is not None else Grads()))
+        self._count_skipped(counts)
         if not given:  # (max, log-sum) pairs added in float64, as the stats pass does (Stats.lse)
             lse_s, lse_t = parts[0].double() + parts[1].double(), parts[2].double() + parts[3].double()
         return lse_s, lse_t, value, c
@@ -135,9 +141,9 @@ class CompiledBackend(PassBackend):
     def full_grad_pass(self, student, target, rows, lse_s, lse_t, c, kind: str, beta: float, scale: torch.Tensor,
                        grads: Grads) -> None:
         dt = student.dtype
-        self._ops.grad_pass(self._stream(student), self._stream(target), rows.contiguous(), self._split(lse_s, dt),
-                            self._split(lse_t, dt), c, None, None, None, False, scale,
-                            **self._grad_args(kind, beta, grads))
+        self._count_skipped(self._ops.grad_pass(
+            self._stream(student), self._stream(target), rows.contiguous(), self._split(lse_s, dt),
+            self._split(lse_t, dt), c, None, None, None, False, scale, **self._grad_args(kind, beta, grads)))
 
     @torch.no_grad()
     def term_grad_pass(self, student, rows, lse_s, term: RowTerm, scale: torch.Tensor, grads: Grads) -> None:
@@ -149,20 +155,27 @@ class CompiledBackend(PassBackend):
             else:
                 gradients.add_sparse(grads, student, rows, term.cols, coef, self.sparse_rows(student, term.cols.shape[1]))
             return
-        # p·dense everywhere, formed as ±exp(z − lse) with |dense| folded into lse (RowTerm.dense_normalizer:
-        # exact where p_v underflows and dense overflows); on the explicit columns their whole gradient, or
-        # the sparse part added
+        # p·dense everywhere; on the explicit columns their whole gradient, or the sparse part added
         explicit = term.explicit is not None
-        lse, dense = term.dense_normalizer(lse_s)
-        self._ops.grad_pass(self._stream(student), None, rows, self._split(lse, student.dtype), None, None, dense,
-                            term.cols, term.explicit if explicit else term.sparse, explicit, scale,
-                            **self._grad_args("reverse_kl", 0.5, grads))  # kind and β: unused by dense terms
+        self._count_skipped(self._ops.grad_pass(
+            self._stream(student), None, rows, self._split(lse_s, student.dtype), None, None, term.dense, term.cols,
+            term.explicit if explicit else term.sparse, explicit, scale,
+            **self._grad_args("reverse_kl", 0.5, grads)))  # kind and β: unused by dense terms
 
     def _grad_args(self, kind: str, beta: float, grads: Grads) -> dict:
-        """Keyword arguments of the extension's `grad_pass`: the divergence code, β, the tiling and the
-        gradient buffers the kernels write into."""
-        return dict(kind=KIND_CODES[kind], beta=beta, tiling=self._tiling,
+        """Keyword arguments of the extension's `grad_pass`: the divergence code, β, the tiling, the
+        gradient buffers the kernels write into and (CPU) whether negligible blocks are skipped."""
+        args = dict(kind=KIND_CODES[kind], beta=beta, tiling=self._tiling,
                     grad_logits=grads.logits, dh=grads.dh, dw=grads.dw, db=grads.db)
+        if self._cpu_only_passes:
+            args["skip"] = self.skip_negligible
+        return args
+
+    def _count_skipped(self, counts) -> None:
+        """Add a CPU pass's (entries, skipped) to `skip_counter` (the CUDA passes return None)."""
+        if counts is not None:
+            self.skip_counter.entries += counts[0]
+            self.skip_counter.skipped += counts[1]
 
 
 class CppBackend(CompiledBackend):
@@ -170,6 +183,19 @@ class CppBackend(CompiledBackend):
 
     name = "cpp"
     _kind = "cpu"
+
+    def __init__(self, row_chunk: int = 2048, vocab_chunk: int = 1024, skip_negligible: bool = True):
+        """`skip_negligible`: skip the fused-linear contractions of negligible gradient blocks (`skipping.py`;
+        never for float64 inputs or in logits mode); `skip_counter` (a `skipping.SkipCounter`) counts them
+        across calls."""
+        if not isinstance(skip_negligible, bool):
+            raise TypeError(f"skip_negligible must be a bool, got {type(skip_negligible).__name__}")
+        super().__init__(row_chunk, vocab_chunk)
+        self.skip_negligible = skip_negligible
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(row_chunk={self.row_chunk}, vocab_chunk={self.vocab_chunk}, "
+                f"skip_negligible={self.skip_negligible})")
 
     def supports(self, device: torch.device) -> bool:
         return torch.device(device).type == "cpu"
