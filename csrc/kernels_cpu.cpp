@@ -392,7 +392,6 @@ std::tuple<Tensor, Tensor> value_impl(const Stream& s, const Stream& t, const Te
 template <typename A>
 struct GradRow {
   A ls, ls2, lt, lt2, c, dense, scale;  // log-sum-exps as (hi, lo) pairs
-  double dense64;                       // the few-column term's dense coefficient as given (float64)
   const int64_t* cols;  // few-column term: explicit columns [K] and their coefficients
   const A* sparse;
   bool overwrite;       // coefficients are the columns' whole gradient (else added to p·dense)
@@ -423,20 +422,10 @@ void grad_segment(const A* zs, const A* zt, A* g, int64_t c0, int64_t len, int64
       g[j] = full_grad_term<KIND>(lp, lq, r.c, P) * r.scale;
     }
   } else {
-    if (std::abs(r.dense64) > 0x1p64) {
-      // A dense coefficient past 2^64 (forward KL's 1 − Q_rest/P_rest when the student's tail mass is
-      // ~e^-100) multiplies a p_v that may have underflowed fp32 while the product is O(1): formed in
-      // float64 as sign · exp(log p_v + log|dense|), as the torch backend does.
-      const double la = std::log(std::abs(r.dense64));
-      for (int64_t j = 0; j < len; ++j) {
-        const double lp = (double(zs[j] * inv_tau) - double(r.ls)) - double(r.ls2);
-        const double v = lp > -HUGE_VAL ? std::copysign(std::exp(lp + la), r.dense64) : 0.0;
-        g[j] = A(v) * r.scale;
-      }
-    } else {
+    // A huge dense coefficient arrives folded into the log-sum-exp (RowTerm.dense_normalizer: ls − log|dense|
+    // and dense = ±1), so p·dense never multiplies an underflowed p by an overflowing coefficient.
 #pragma omp simd
-      for (int64_t j = 0; j < len; ++j) g[j] = dense_grad_term(log_prob(zs[j] * inv_tau, r.ls, r.ls2), r.dense) * r.scale;
-    }
+    for (int64_t j = 0; j < len; ++j) g[j] = dense_grad_term(log_prob(zs[j] * inv_tau, r.ls, r.ls2), r.dense) * r.scale;
     // The explicit columns inside this block: their whole gradient, or a sparse part added.
     for (int64_t q = 0; q < k; ++q) {
       const int64_t col = r.cols[q] - c0;
@@ -632,15 +621,13 @@ SkipCount grad_impl(const Stream& s, const Stream* t, const Tensor& rows, const 
   const SplitLse<A> ls(lse_s, s.acc(), n);
   const std::optional<SplitLse<A>> lt = FULL ? std::optional<SplitLse<A>>(SplitLse<A>(*lse_t, s.acc(), n)) : std::nullopt;
   const std::optional<Tensor> c_c = as_acc(c), dense_c = as_acc(dense), sparse_c = as_acc(sparse);
-  const Tensor dense64 = dense.has_value() && dense->defined() ? dense->to(at::kDouble).contiguous() : Tensor();
-  const double* dn64 = dense64.defined() ? dense64.data_ptr<double>() : nullptr;
   const std::optional<Tensor> cols_c = cols.has_value() && cols->defined() ? std::optional<Tensor>(cols->contiguous()) : std::nullopt;
   const A *sc = sc_c.data_ptr<A>(), *cc = data_or_null<A>(c_c), *dn = data_or_null<A>(dense_c), *sp = data_or_null<A>(sparse_c);
   const int64_t* cl = cols_c ? cols_c->data_ptr<int64_t>() : nullptr;
   const int64_t k = cols_c ? cols_c->size(1) : 0;
   auto row_of = [&](int64_t i) {
     return GradRow<A>{ls.hi[i], ls.lo[i], FULL ? lt->hi[i] : A(0), FULL ? lt->lo[i] : A(0), (FULL && cc) ? cc[i] : A(0),
-                      FULL ? A(0) : dn[i], sc[i], FULL ? 0.0 : dn64[i], FULL ? nullptr : cl + i * k,
+                      FULL ? A(0) : dn[i], sc[i], FULL ? nullptr : cl + i * k,
                       FULL ? nullptr : sp + i * k, overwrite};
   };
 

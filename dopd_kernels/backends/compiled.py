@@ -155,10 +155,13 @@ class CompiledBackend(PassBackend):
             else:
                 gradients.add_sparse(grads, student, rows, term.cols, coef, self.sparse_rows(student, term.cols.shape[1]))
             return
-        # p·dense everywhere; on the explicit columns their whole gradient, or the sparse part added
+        # p·dense everywhere, formed as ±exp(z − lse) with |dense| folded into lse (RowTerm.dense_normalizer:
+        # exact where p_v underflows and dense overflows); on the explicit columns their whole gradient, or
+        # the sparse part added
         explicit = term.explicit is not None
+        lse, dense = term.dense_normalizer(lse_s)
         self._count_skipped(self._ops.grad_pass(
-            self._stream(student), None, rows, self._split(lse_s, student.dtype), None, None, term.dense, term.cols,
+            self._stream(student), None, rows, self._split(lse, student.dtype), None, None, dense, term.cols,
             term.explicit if explicit else term.sparse, explicit, scale,
             **self._grad_args("reverse_kl", 0.5, grads)))  # kind and β: unused by dense terms
 
