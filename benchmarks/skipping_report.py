@@ -1,9 +1,12 @@
 """How much of the backward's contraction work the skip rule (`dopd_kernels/skipping.py`) saves on
 realistic inputs, and what it costs in accuracy: the skipped fraction and the max gradient error
 against the float64 reference, with and without skipping (full-vocabulary fused-linear OPD, `torch`
-backend, one forward+backward per case). Counts and errors, no timings.
+and `cpp` backends at their default tiles, one forward+backward per case). Counts and errors, no timings;
+for `cpp` also the matmul FLOPs its extension counts (forward projections, recomputations, contractions)
+over the dense floor (4 projections per row: two forward projections, dH and dW), with and without skipping.
 
     python -m benchmarks.skipping_report [--n 256] [--h 512] [--v 32000,151936] [--kinds js,reverse_kl]
+                                         [--inputs bench,peaked] [--backends torch,cpp]
 
 Two input generators:
 - `bench`: the benchmark suite's (`benchmarks/inputs.py`): a few Zipf-drawn candidates over a Gaussian
@@ -12,8 +15,9 @@ Two input generators:
 - `peaked` (`peaked_streams`): LLM-like entropies (~1–2 nats) on 8 candidates over a floor ~25 nats
   below them, as a trained LM's bulk of unlikely tokens.
 Besides the torch backend's own rule (row by row: each column block contracts the rows that keep it),
-the report gives the fraction the same rule leaves at coarser row granularity (the same block skipped
-for groups of 16 and 64 rows, as a GPU kernel's row tile would need), from the float64 logit gradient.
+the report gives (with the torch contender) the fraction the same rule leaves at coarser row granularity
+(the same block skipped for groups of 16 and 64 rows, as a GPU kernel's row tile would need), from the
+float64 logit gradient.
 """
 
 from __future__ import annotations
@@ -92,6 +96,34 @@ def group_fractions(t: dict, kind: str, vocab_chunk: int, groups=(1, 16, 64)) ->
     return out
 
 
+def _cpp(skip: bool):
+    from dopd_kernels.backends.compiled import CppBackend
+
+    return CppBackend(skip_negligible=skip)
+
+
+BACKENDS = {"torch": lambda skip: TorchBackend(skip_negligible=skip), "cpp": _cpp}
+PREFIX = {"torch": "", "cpp": "cpp_"}  # the torch contender's keys keep their names in results/cpu/skipping.json
+
+
+def contend(row: dict, name: str, t: dict, ref: tuple, kind: str) -> None:
+    """Errors of backend `name` with skipping off and on into `row`, its skipped fraction and (cpp) its counted
+    matmul FLOPs over the dense floor (`flops_dense_floor` = 4 projections of 2·n·V·H FLOPs)."""
+    p = PREFIX[name]
+    for skip in (False, True):
+        backend = BACKENDS[name](skip)
+        if name == "cpp":
+            backend.reset_matmul_flops()
+        got = _grads(t, backend, kind)
+        for grad, a, r in zip(("dH", "dW"), got, ref):
+            row[f"{p}{grad}_err_{'skip' if skip else 'dense'}"] = float((a.double() - r).abs().max() / r.abs().max())
+        if skip:
+            row[f"{p}skipped"] = backend.skip_counter.fraction
+        if name == "cpp":
+            floor = 4 * 2 * row["n"] * row["v"] * row["h"]
+            row[f"cpp_flops_{'skip' if skip else 'dense'}_over_floor"] = backend.matmul_flops() / floor
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=256)
@@ -99,9 +131,11 @@ def main() -> None:
     ap.add_argument("--v", default="32000")
     ap.add_argument("--kinds", default="js,reverse_kl")
     ap.add_argument("--inputs", default="bench,peaked")
+    ap.add_argument("--backends", default="torch,cpp")
     ap.add_argument("--json", default=None, help="also write the rows here")
     args = ap.parse_args()
     torch.manual_seed(0)
+    backends = args.backends.split(",")
     rows = []
     for v in map(int, args.v.split(",")):
         for inputs in args.inputs.split(","):
@@ -110,21 +144,26 @@ def main() -> None:
             for kind in args.kinds.split(","):
                 ref = _grads(t64, "reference", kind)
                 row = dict(inputs=inputs, kind=kind, n=args.n, h=args.h, v=v)
-                for skip in (False, True):
-                    backend = TorchBackend(skip_negligible=skip)
-                    got = _grads(t, backend, kind)
-                    for name, a, r in zip(("dH", "dW"), got, ref):
-                        row[f"{name}_err_{'skip' if skip else 'dense'}"] = float((a.double() - r).abs().max() / r.abs().max())
-                    if skip:
-                        row["skipped"] = backend.skip_counter.fraction
-                row.update(group_fractions(t, kind, TorchBackend().vocab_chunk))
+                for name in backends:
+                    contend(row, name, t, ref, kind)
+                if "torch" in backends:
+                    row.update(group_fractions(t, kind, TorchBackend().vocab_chunk))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    print("\n| inputs | divergence | V | skipped (row by row) | 16-row groups | 64-row groups | max dH err dense → skip | max dW err dense → skip |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['inputs']} | {r['kind']} | {r['v']} | {r['skipped']:.1%} | {r['rows16']:.1%} | {r['rows64']:.1%} | "
-              f"{r['dH_err_dense']:.2e} → {r['dH_err_skip']:.2e} | {r['dW_err_dense']:.2e} → {r['dW_err_skip']:.2e} |")
+    if "torch" in backends:
+        print("\n| inputs | divergence | V | skipped (row by row) | 16-row groups | 64-row groups | max dH err dense → skip | max dW err dense → skip |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['inputs']} | {r['kind']} | {r['v']} | {r['skipped']:.1%} | {r['rows16']:.1%} | {r['rows64']:.1%} | "
+                  f"{r['dH_err_dense']:.2e} → {r['dH_err_skip']:.2e} | {r['dW_err_dense']:.2e} → {r['dW_err_skip']:.2e} |")
+    if "cpp" in backends:
+        print("\n| inputs | divergence | V | cpp skipped | counted FLOPs / dense floor, dense → skip | max dH err dense → skip | max dW err dense → skip |")
+        print("|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['inputs']} | {r['kind']} | {r['v']} | {r['cpp_skipped']:.1%} | "
+                  f"{r['cpp_flops_dense_over_floor']:.2f} → {r['cpp_flops_skip_over_floor']:.2f} | "
+                  f"{r['cpp_dH_err_dense']:.2e} → {r['cpp_dH_err_skip']:.2e} | "
+                  f"{r['cpp_dW_err_dense']:.2e} → {r['cpp_dW_err_skip']:.2e} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
