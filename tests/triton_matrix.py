@@ -16,6 +16,13 @@ the repository); a missing one is created with `python -m venv` and `pip install
 variant with its error and the API call that produced it; exits 1 when any variant fails to compile
 or exceeds shared memory, or spills registers on sm_90a (on other capabilities spills are reported
 only: the tile defaults are chosen for Hopper).
+
+After a tile-rule change, `--skip-known SPECS RESULTS` (the recording and the `--json` output of an
+earlier run) compiles only the launches that are new: a launch whose `spec_key` (kernel, dtypes,
+constexprs, warps, stages) matches one that compiled cleanly under the same version and capability
+in RESULTS is taken from there, since identical inputs give an identical compile:
+
+    python tests/triton_matrix.py --capabilities 90 --specs NEW.json --skip-known OLD_SPECS.json OLD_RESULTS.json
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import List
+from typing import Dict, List
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import triton_sm90 as sm90  # noqa: E402
@@ -66,6 +73,24 @@ def summarize(results: List[dict], capability: int) -> dict:
                 max_smem=max((r["shared"] for r in ok), default=0))
 
 
+def known_clean(specs_path: str, results_path: str) -> Dict[str, Dict[str, dict]]:
+    """"<version> <arch>" -> {spec_key: result} of the launches that compiled cleanly (no error, no
+    spills, shared memory within the block limit) in an earlier run: `results_path` is its `--json`
+    output, `specs_path` the recording it compiled (results are in the recording's order)."""
+    with open(specs_path) as f:
+        specs = json.load(f)["specs"]
+    with open(results_path) as f:
+        details = json.load(f)["results"]
+    known = {}
+    for key, results in details.items():
+        cap = int(key.split("sm_")[1].rstrip("a"))
+        if len(results) != len(specs) or any(r["kernel"] != s["kernel"] or r["options"] != s["options"]
+                                             for r, s in zip(results, specs)):
+            raise ValueError(f"{results_path} ({key}) is not a compile of every launch of {specs_path}")
+        known[key] = {sm90.spec_key(s): r for s, r in zip(specs, results) if not sm90.problems(r, cap, spills=True)}
+    return known
+
+
 def failing(results: List[dict], capability: int) -> List[dict]:
     """The variants that fail the check on `capability` (spills count on sm_90a only)."""
     return [r for r in results if sm90.problems(r, capability, spills=capability == 90)]
@@ -83,6 +108,9 @@ def main() -> int:
     ap.add_argument("--json", help="write every result here")
     ap.add_argument("--cases", choices=sorted(sm90.CASE_SETS), default="full", help="API calls to record (default: all)")
     ap.add_argument("--representatives", action="store_true", help="compile one launch per tile class only")
+    ap.add_argument("--skip-known", nargs=2, metavar=("SPECS", "RESULTS"),
+                    help="take each launch that compiled cleanly in an earlier run (its recording and --json output) "
+                         "from there instead of compiling it again")
     args = ap.parse_args()
 
     t_start = time.time()
@@ -95,16 +123,28 @@ def main() -> int:
                 rec = json.load(f)
         else:
             rec = sm90.record_subprocess(specs, cases=args.cases)
+        selected = sm90.representatives(rec["specs"]) if args.representatives else rec["specs"]
+        known = known_clean(*args.skip_known) if args.skip_known else {}
         rows, details = [], {}
         for version in args.versions:
             for cap in args.capabilities:
                 t0 = time.time()
-                with open(os.path.join(tmp, f"compile-{version}-{cap}.log"), "w") as log:
-                    results = sm90.compile_subprocess(specs, os.path.join(tmp, f"{version}-{cap}.json"), cap,
-                                                      pythons[version], log=log,
-                                                      representatives_only=args.representatives)
+                reuse = known.get(f"{version} {sm90.arch(cap)}", {})
+                todo = [s for s in selected if sm90.spec_key(s) not in reuse]
+                results = []
+                if todo:
+                    todo_path = os.path.join(tmp, f"todo-{version}-{cap}.json")
+                    with open(todo_path, "w") as f:
+                        json.dump(todo, f)
+                    with open(os.path.join(tmp, f"compile-{version}-{cap}.log"), "w") as log:
+                        results = sm90.compile_subprocess(todo_path, os.path.join(tmp, f"{version}-{cap}.json"), cap,
+                                                          pythons[version], log=log)
+                fresh = iter(results)
+                # In the recording's order; a reused result keeps its own fields, marked `reused`.
+                results = [dict(reuse[k], case=s.get("case"), reused=True) if k in reuse else next(fresh)
+                           for s, k in ((s, sm90.spec_key(s)) for s in selected)]
                 rows.append(dict(triton=version, arch=sm90.arch(cap), seconds=round(time.time() - t0, 1),
-                                 **summarize(results, cap)))
+                                 reused=len(selected) - len(todo), **summarize(results, cap)))
                 details[f"{version} {sm90.arch(cap)}"] = results
                 bad = failing(results, cap)
                 rows[-1]["failing"] = len(bad)
@@ -113,7 +153,7 @@ def main() -> int:
           f"{len(rec['specs'])} distinct kernel launches, in {rec.get('record_s', '?')} s")
     for c in raised:
         print(f"  raised: {c['label']}: {c['error']}")
-    header = ("triton", "arch", "variants", "errors", "spills", "smem_over", "max_regs", "max_smem", "failing", "seconds")
+    header = ("triton", "arch", "variants", "reused", "errors", "spills", "smem_over", "max_regs", "max_smem", "failing", "seconds")
     print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for row in rows:
         print("| " + " | ".join(str(row[h]) for h in header) + " |")

@@ -58,13 +58,13 @@ Defaults:
     running top-K: BLOCK_N = 16, BLOCK_V = max(128, K_PAD) and BLOCK_H = max(16, 4096 / BLOCK_V)
     (32 for K ≤ 128, 16 for K = 256);
   * fused-linear with fp32 operands (IEEE `tl.dot`, no tensor cores): BLOCK_V = 64, BLOCK_H = 16,
-    BLOCK_N = 32 in the stats pass (num_stages = 1), 64 in the tail pass, 16 in the value pass, 32 in
+    BLOCK_N = 32 in the stats pass (num_stages = 2), 64 in the tail pass, 16 in the value pass, 32 in
     `grad_kernel`, 16 in `grad_dw_kernel` (num_stages = 3); with a top-K 16 × 128 × 16, 1 stage;
   * logits mode (memory bound): BLOCK_N = 8, BLOCK_V = 512 (256 in the tail pass, which spills at
     512; max(128, K_PAD) with a top-K, and BLOCK_N = 4 once the running top-Ks' K_PADs sum to 256),
     num_warps = 8 (4 with one running top-K: at K_PAD 256 8 warps spilled under Triton 3.9);
   * sparse top-K kernels (one program per row, no tl.dot): a `[K_PAD, BLOCK_H]` weight block of
-    at most 4K elements;
+    at most 4K elements; `gather_kernel` with 8 warps at K_PAD = 256 (4 spilled), else 4;
   * the fused-linear gradient grid splits the vocabulary so that about 4 programs per SM exist.
 Under the interpreter (`TRITON_INTERPRET=1`, CPU tensors) the blocks are as large as the shapes
 allow (at most 32 × 256 × 64) and num_warps/num_stages are ignored; `TritonBackend(cuda_tiles=True)`
@@ -286,13 +286,14 @@ class TritonBackend(PassBackend):
                 # IEEE fp32 tiles (FMA units, no wgmma): ptxas allocates them erratically across
                 # Triton versions (it stopped at 128 or 80 registers and spilled), so each role takes
                 # the setting that compiled without spills on sm_90a under 3.4.0, 3.6.0 and 3.9.0:
-                # stats 32 rows, 1 stage (64 rows spilled 20 B under 3.6 at 3 stages, 12 B under 3.4
-                # at 1); value 16 rows, 3 stages (32 rows spilled 12-24 B at 3 stages under 3.6 and at
+                # stats 32 rows, 2 stages (64 rows spilled 20 B under 3.6 at 3 stages, 12 B under 3.4
+                # at 1; 32 rows at 1 stage spilled 8 B under 3.9 with two streams, 2 stages fit all
+                # 11 variants in all three, at ≤ 193 registers); value 16 rows, 3 stages (32 rows spilled 12-24 B at 3 stages under 3.6 and at
                 # 1 under 3.9); tail 64 rows, 3 stages (1 stage spilled 32 B under 3.4); gradients 32
                 # rows (grad_dw 16), 3 stages (1 stage spilled 4-12 B under 3.6).
                 bn = {"tail": 64, "value": 16, "grad_dw": 16}.get(role, 32)
                 bv, bh = 64, 16
-                stages = 1 if role == "stats" else 3
+                stages = 2 if role == "stats" else 3
             else:
                 bn = 32 if role in ("grad", "grad_dw") else 64
                 bv, bh = (64 if role == "grad_dw" else 128), 32
@@ -332,6 +333,12 @@ class TritonBackend(PassBackend):
         (larger blocks spill registers on sm_90a with the default 4 warps)."""
         return self.block_h or max(16, min(_pow2(source.hidden.shape[1]), 4096 // k_pad, 128))
 
+    @staticmethod
+    def _gather_warps(k_pad: int) -> int:
+        """num_warps of `gather_kernel`: 8 at K_PAD = 256 (Triton's default 4 spilled 8–20 B there under
+        3.4 and 3.6, ptxas stopping at 64 registers; 8 warps use 32), else 4."""
+        return 8 if k_pad >= MAX_TOPK else 4
+
     def _gather(self, source, rows: torch.Tensor, cols: torch.Tensor, want_jac: bool = False) -> tuple:
         """(scaled logits at `cols` [n, K] of `rows`, head jacobian there or None): K dot products
         per row in `kernels.sparse.gather_kernel`."""
@@ -343,7 +350,7 @@ class TritonBackend(PassBackend):
         self._run(self._sparse.gather_kernel, (n,), rows.device, rows.contiguous(), cols.contiguous(), k, out, jac,
                   x, sx0, sx1, w, sw0, sw1, b, hdim, a, c, source.effective_vocab, 1.0 / source.temperature,
                   HAS_BIAS=source.bias is not None, HEAD=head_code(source), WANT_JAC=want_jac, K_PAD=k_pad,
-                  BLOCK_H=self._sparse_block_h(source, k_pad))
+                  BLOCK_H=self._sparse_block_h(source, k_pad), num_warps=self._gather_warps(k_pad))
         return out, (jac if want_jac else None)
 
     def gather(self, source, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
