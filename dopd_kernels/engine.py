@@ -27,7 +27,7 @@ from . import gradients
 from .divergences import clamp_js
 from .parallel import VocabShard
 from .passes import STUDENT, Grads, Passes, Stats
-from .plan import Group, Plan, dopd_plan, dopd_topk_streams, opd_plan, opd_topk_streams
+from .plan import Group, Plan, dopd_plan, dopd_rest_streams, dopd_topk_streams, opd_plan, opd_rest_streams, opd_topk_streams
 from .reductions import Reduction
 from .routing import Routing, nan_routed
 from .row_terms import RowTerm, sampled_term, topk_term
@@ -72,7 +72,9 @@ class LossEngine:
 
     def __init__(self, passes: Passes, sources: Sequence, tokens: torch.Tensor, valid: torch.Tensor,
                  settings: TermSettings, topk_streams: Sequence[int], plan: Plan, shard: Optional[VocabShard] = None,
-                 stats_in_sweep: bool = False):
+                 stats_in_sweep: bool = False, rest_streams: Sequence[int] = ()):
+        # rest_streams: streams whose sampled-token tail bucket the stats pass sums (`Stats.rest_lse`,
+        # read by the plan's sampled forward KL / JS rows).
         # stats_in_sweep: every row is a full-vocabulary row and the plan reads no statistics, so the
         # full pass computes the log-sum-exps in its own sweep and no stats pass runs.
         self.stats_in_sweep = stats_in_sweep and shard is None
@@ -84,6 +86,7 @@ class LossEngine:
         self.n_total = valid.shape[0]
         self.settings = settings
         self.topk_streams = tuple(topk_streams)
+        self.rest_streams = tuple(rest_streams)
         self.plan = plan
         self.results: List[GroupResult] = []
 
@@ -127,13 +130,18 @@ class LossEngine:
         k, n, dt = self.settings.top_k, self.rows.shape[0], self.student.dtype
         if n == 0:
             empty = self.tokens.new_zeros(0, dtype=dt)
-            return Stats([self.tokens.new_zeros(0, dtype=torch.float64)] * len(self.sources), [empty] * len(self.sources),
-                         {j: self.tokens.new_zeros(0, 0) for j in self.topk_streams})
+            none = self.tokens.new_zeros(0, dtype=torch.float64)
+            return Stats([none] * len(self.sources), [empty] * len(self.sources),
+                         {j: self.tokens.new_zeros(0, 0) for j in self.topk_streams}, {j: none for j in self.rest_streams})
         if self.shard is None:
-            return self.passes.stats_pass(self.sources, self.rows, self.tokens, self.topk_streams, k)
+            return self.passes.stats_pass(self.sources, self.rows, self.tokens, self.topk_streams, k, self.rest_streams)
         sh = self.shard
         local_tokens, owned = sh.localize(self.tokens)
-        stats = self.passes.stats_pass(self.sources, self.rows, local_tokens, self.topk_streams, k)
+        stats = self.passes.stats_pass(self.sources, self.rows, local_tokens, self.topk_streams, k, self.rest_streams)
+        # A row whose sampled token another shard owns leaves nothing out here (its local token, column 0,
+        # is a placeholder): its local tail is all of this shard's columns, the local log-sum-exp.
+        stats.rest_lse = {j: sh.merge_logsumexp(torch.where(owned, rest, stats.lse[j]))
+                          for j, rest in stats.rest_lse.items()}
         stats.lse = [sh.merge_logsumexp(lse) for lse in stats.lse]
         stats.logit_y = [sh.owned_max(z, owned) for z in stats.logit_y]
         k_global = min(k, sh.valid_vocab)
@@ -205,9 +213,8 @@ class LossEngine:
         if g.granularity == "sampled":
             y = self.tokens[g.pos]
             rests = (None, None)
-            if g.divergence != "reverse_kl":  # two buckets {y, not y}: the second one summed directly
-                rests = (self._rest_logprob(self.student, rows, y[:, None], lse_s),
-                         self._rest_logprob(target, rows, y[:, None], lse_t))
+            if g.divergence != "reverse_kl":  # two buckets {y, not y}: the second summed in the stats pass
+                rests = (stats.rest_lse[STUDENT][g.pos] - lse_s.to(f64), stats.rest_lse[g.target][g.pos] - lse_t.to(f64))
             term = sampled_term(stats.logit_y[STUDENT][g.pos].to(f64) - lse_s.to(f64),
                                 stats.logit_y[g.target][g.pos].to(f64) - lse_t.to(f64), y, g.divergence, s.js_beta,
                                 *rests)
@@ -383,7 +390,8 @@ def dopd_call(passes: Passes, student, teacher, priv, tokens: torch.Tensor, vali
     passes = passes.select(sources, cfg.top_k)
     rows = valid.nonzero()[:, 0]
     plan, routing = dopd_plan(cfg, rows, valid, thresholds, routing_group)
-    engine = LossEngine(passes, sources, tokens, valid, settings_of(cfg), dopd_topk_streams(cfg), plan, shard)
+    engine = LossEngine(passes, sources, tokens, valid, settings_of(cfg), dopd_topk_streams(cfg), plan, shard,
+                        rest_streams=dopd_rest_streams(cfg))
     return engine, Finish(lambda: nan_routed(routing)), routing
 
 
@@ -394,7 +402,7 @@ def opd_call(passes: Passes, student, teacher, tokens: torch.Tensor, valid: torc
     passes = passes.select(sources, cfg.top_k if cfg.granularity == "topk" else 1)
     rows = valid.nonzero()[:, 0]
     engine = LossEngine(passes, sources, tokens, valid, settings_of(cfg), opd_topk_streams(cfg), opd_plan(cfg, rows), shard,
-                        stats_in_sweep=cfg.granularity == "full")
+                        stats_in_sweep=cfg.granularity == "full", rest_streams=opd_rest_streams(cfg))
     return engine, Finish()
 
 

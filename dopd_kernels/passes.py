@@ -37,11 +37,14 @@ class Stats:
     """Per row of a stats pass: `lse[j]` [n] (float64: the row max plus the log of the rescaled sum,
     added in float64 so no precision is lost at large logits; see `split_lse`) and `logit_y[j]` [n]
     (scaled logit of the sampled token, compute dtype) of stream j; `topk[j]` [n, K] the top-K column
-    indices of each stream that needs them."""
+    indices of each stream that needs them; `rest_lse[j]` [n] (float64, formed like `lse`) the log-sum-exp
+    of stream j over the valid columns other than the sampled token, summed directly (exact when
+    p_y ≈ 1, where lse + log(1 − p_y) cancels), for each stream asked for (`rest_streams`)."""
 
     lse: List[torch.Tensor]
     logit_y: List[torch.Tensor]
     topk: Dict[int, torch.Tensor] = field(default_factory=dict)
+    rest_lse: Dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 class Grads(NamedTuple):
@@ -70,9 +73,11 @@ class Passes(Protocol):
         hand calls it cannot run (e.g. float64 inputs) to another one."""
 
     def stats_pass(self, sources: Sequence, rows: torch.Tensor, tokens: torch.Tensor, topk_streams: Sequence[int],
-                   top_k: int) -> Stats:
-        """Log-sum-exp and sampled logit (`tokens` [n]) of every stream at `rows`, and the top-`top_k`
-        columns of the streams `topk_streams` (positions in `sources`)."""
+                   top_k: int, rest_streams: Sequence[int] = ()) -> Stats:
+        """Log-sum-exp and sampled logit (`tokens` [n]) of every stream at `rows`, the top-`top_k`
+        columns of the streams `topk_streams` and the tail bucket (`Stats.rest_lse`: every valid column
+        but `tokens`) of the streams `rest_streams` (positions in `sources`). A backend sums the tail in
+        the same sweep; `backends/base.py` composes `rest_logsumexp` for one that does not."""
 
     def gather(self, source, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """Scaled logits [n, K] of `source` at columns `cols` [n, K] of `rows`."""

@@ -8,7 +8,7 @@ share a term: a target stream, a support (granularity), a divergence and a weigh
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -30,6 +30,23 @@ class Group:
     granularity: str
     divergence: str
     weight: float
+
+
+# DOPD's term per regime: (regime, target stream, granularity, divergence, the config's weight field).
+DOPD_TERMS = (
+    (Regime.LH, TEACHER, "topk", "reverse_kl", "beta_light"),
+    (Regime.LL, PRIV_STUDENT, "topk", "reverse_kl", "beta_weak"),
+    (Regime.HT, TEACHER, "full", "js", "beta_strong"),
+    (Regime.HS, PRIV_STUDENT, "topk", "reverse_kl", "beta_light"),
+)
+
+
+def rest_streams(terms: Sequence[Tuple[int, str, str]]) -> tuple:
+    """Streams whose tail bucket "every column but the sampled token" the stats pass sums
+    (`Stats.rest_lse`): the student and the target of every sampled forward KL / JS term, given as
+    (target, granularity, divergence). Sampled reverse KL reads only the sampled logits."""
+    targets = [target for target, g, d in terms if g == "sampled" and d != "reverse_kl"]
+    return tuple(sorted({STUDENT, *targets})) if targets else ()
 
 
 def dopd_plan(cfg: DOPDConfig, rows: torch.Tensor, valid: torch.Tensor, thresholds: Optional[Thresholds],
@@ -54,12 +71,7 @@ def dopd_plan(cfg: DOPDConfig, rows: torch.Tensor, valid: torch.Tensor, threshol
         def pos(code: Regime) -> torch.Tensor:
             return (r == int(code)).nonzero()[:, 0]
 
-        return [
-            Group(pos(Regime.LH), TEACHER, "topk", "reverse_kl", cfg.beta_light),
-            Group(pos(Regime.LL), PRIV_STUDENT, "topk", "reverse_kl", cfg.beta_weak),
-            Group(pos(Regime.HT), TEACHER, "full", "js", cfg.beta_strong),
-            Group(pos(Regime.HS), PRIV_STUDENT, "topk", "reverse_kl", cfg.beta_light),
-        ]
+        return [Group(pos(code), target, gran, div, getattr(cfg, beta)) for code, target, gran, div, beta in DOPD_TERMS]
 
     return plan, routing
 
@@ -67,6 +79,12 @@ def dopd_plan(cfg: DOPDConfig, rows: torch.Tensor, valid: torch.Tensor, threshol
 def dopd_topk_streams(cfg: DOPDConfig) -> tuple:
     """Streams whose top-K columns the stats pass keeps: the student's, or each target's."""
     return (STUDENT,) if cfg.topk_from == "student" else (TEACHER, PRIV_STUDENT)
+
+
+def dopd_rest_streams(cfg: DOPDConfig) -> tuple:
+    """Streams whose sampled-token tail bucket the DOPD stats pass sums: none while no regime's term is
+    sampled forward KL / JS (`DOPD_TERMS`)."""
+    return rest_streams([(target, gran, div) for _, target, gran, div, _ in DOPD_TERMS])
 
 
 def opd_plan(cfg: OPDConfig, rows: torch.Tensor) -> Plan:
@@ -83,3 +101,8 @@ def opd_topk_streams(cfg: OPDConfig) -> tuple:
     if cfg.granularity != "topk":
         return ()
     return (STUDENT,) if cfg.topk_from == "student" else (TEACHER,)
+
+
+def opd_rest_streams(cfg: OPDConfig) -> tuple:
+    """Streams whose sampled-token tail bucket the OPD stats pass sums (sampled forward KL / JS)."""
+    return rest_streams([(TEACHER, cfg.granularity, cfg.divergence)])

@@ -17,6 +17,8 @@ plan reaches the floor; a count below the forward projections (a broken counter)
 
 from __future__ import annotations
 
+from typing import Optional
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -46,10 +48,19 @@ def not_at_floor(reason: str):
     return pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason)
 
 
-SAMPLED = not_at_floor(
-    "issue 14, open: sampled forward KL / JS sum each stream's tail bucket in a sweep of its own and recompute "
-    "the student for the gradient (counted: 7.0 projections per row against 4, torch and cpp alike); the floor "
-    "needs the tails and the gradient in the statistics' sweep")
+SAMPLED_TORCH = not_at_floor(
+    "torch, sampled forward KL / JS: counted 5.0 projections per row against 4. The tail buckets come with the "
+    "statistics' sweep (2); the gradient p_v * dense_i + a correction at y has a dense coefficient that is a "
+    "per-row scalar known only after both streams' whole rows, so dW needs a second sweep that recomputes the "
+    "student (1) and contracts (2). With V > vocab_chunk that is the least exact plan within DESIGN.md's memory "
+    "rule (one sweep would need a [chunk, V] tile); a row that fits one tile, as here, could take the one-sweep "
+    "path of full_pass (4), not written yet")
+SAMPLED_CPP = not_at_floor(
+    "cpp, sampled forward KL / JS: counted 7.0 projections per row against 4. Its stats pass does not sum the tail "
+    "buckets yet: backends/base.py composes them from rest_logsumexp, a sweep per stream (2 more than torch)")
+# Projections per row that a plan not at the floor counts today; a count outside
+# [AT_PLAN, AT_PLAN + sparse allowance] that is not at the floor either fails outright (update the figure).
+AT_PLAN = {("torch", "sampled"): 5, ("cpp", "sampled"): 7}
 WIDE_KL = not_at_floor(
     "cpp with V > vocab_chunk, reverse / forward KL: counted 6.0 projections per row against 4. One sweep computes "
     "both log-sum-exps and the KL online; the gradient p_v(log p_v - log q_v - KL) needs the row's whole KL "
@@ -79,11 +90,17 @@ def counted(passes, fn) -> int:
     return passes.matmul_flops()
 
 
-def check(flops: int, forward: int, floor: int, what: str) -> None:
+def check(flops: int, forward: int, floor: int, what: str, at_plan: Optional[int] = None) -> None:
+    """The count against the floor (an AssertionError: what a strict xfail expects). `at_plan`: a plan
+    not at the floor yet, whose count must sit at that many projections per row (a pytest failure, not
+    an AssertionError, so the xfail cannot hide a regression or a stale figure)."""
     if flops < forward:
         pytest.fail(f"{what}: counted {flops} FLOPs, fewer than the forward projections {forward} (counter broken?)")
-    allowed = floor + SPARSE_ALLOWANCE * 2 * N * K * H
-    assert flops <= allowed, f"{what}: {flops / proj(N):.2f} projections per row, {flops / floor:.2f}x the floor"
+    slack = SPARSE_ALLOWANCE * 2 * N * K * H
+    at_floor = flops <= floor + slack
+    if at_plan is not None and not at_floor and not at_plan * proj(N) <= flops <= at_plan * proj(N) + slack:
+        pytest.fail(f"{what}: {flops / proj(N):.2f} projections per row, the plan counts {at_plan} (update AT_PLAN)")
+    assert at_floor, f"{what}: {flops / proj(N):.2f} projections per row, {flops / floor:.2f}x the floor"
 
 
 def opd_call(passes, granularity: str, kind: str):
@@ -105,7 +122,8 @@ OPD_CASES = [
     pytest.param("cpp-wide", "full", "reverse_kl", marks=WIDE_KL),
     pytest.param("cpp-wide", "full", "forward_kl", marks=WIDE_KL),
     pytest.param("cpp-wide", "full", "js", marks=WIDE_JS),
-    *[pytest.param(be, "sampled", "js", marks=SAMPLED) for be in ("torch", "cpp")],
+    *[pytest.param("torch", "sampled", kind, marks=SAMPLED_TORCH) for kind in ("forward_kl", "js")],
+    pytest.param("cpp", "sampled", "js", marks=SAMPLED_CPP),
 ]
 
 
@@ -115,7 +133,8 @@ def test_opd_matmuls_at_the_floor(name, granularity, kind):
     # add the two contractions.
     floor = 2 * proj(N) + (2 * proj(N) if granularity in ("full", "sampled") else 0)
     passes = backend(name)
-    check(counted(passes, opd_call(passes, granularity, kind)), 2 * proj(N), floor, f"{name} {granularity} {kind}")
+    check(counted(passes, opd_call(passes, granularity, kind)), 2 * proj(N), floor, f"{name} {granularity} {kind}",
+          AT_PLAN.get((name, granularity)))
 
 
 @pytest.mark.parametrize("name,ht_rows", [

@@ -4,16 +4,66 @@ protocol a backend may leave to plain tiled PyTorch.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Optional, Sequence
 
 import torch
 
-from ..passes import Grads
+from ..passes import Grads, Stats
 from ..sources import LinearSource
+
+NEG_INF = float("-inf")
+
+
+def online_logsumexp(m: torch.Tensor, s: torch.Tensor, tile: torch.Tensor):
+    """Merge a tile [r, c] into a running (max, Σ exp(z − max)) pair [r]; safe when everything is -inf."""
+    m_new = torch.maximum(m, tile.max(dim=1).values)
+    shift = torch.where(m_new == NEG_INF, torch.zeros_like(m_new), m_new)
+    s = s * torch.exp(m - shift) + torch.exp(tile - shift[:, None]).sum(dim=1)
+    return m_new, s
+
+
+def finish_logsumexp(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """float64 log-sum-exp `max + log Σ exp(z − max)` (the `Stats.lse` contract): the sum of an fp32 max
+    of size ~1e4 and an O(1) log is kept exactly, not rounded to an ulp of the max (~1e-3)."""
+    m64 = m.to(torch.float64)
+    return torch.where(m == NEG_INF, m64, m64 + torch.log(s).to(torch.float64))
+
+
+def without_columns(tile: torch.Tensor, cols: torch.Tensor, start: int) -> torch.Tensor:
+    """A copy of the tile [r, c] (columns `start`…) with each row's columns `cols` [r, k] (global; those
+    outside the tile or < 0 ignored) at -inf: what a tail bucket sums over."""
+    inside = (cols >= start) & (cols < start + tile.shape[1])
+    hits = torch.zeros(tile.shape, dtype=torch.int32, device=tile.device)
+    hits.scatter_add_(1, torch.where(inside, cols - start, torch.zeros_like(cols)), inside.to(torch.int32))
+    return tile.masked_fill(hits > 0, NEG_INF)
+
+
+def _composing_rest(stats_pass):
+    """A `stats_pass` without `rest_streams` made into one with it: the statistics, then each requested
+    stream's tail bucket from `rest_logsumexp` (a sweep of its own per stream)."""
+    @functools.wraps(stats_pass)
+    def composed(self, sources: Sequence, rows: torch.Tensor, tokens: torch.Tensor, topk_streams, top_k: int,
+                 rest_streams: Sequence[int] = ()) -> Stats:
+        stats = stats_pass(self, sources, rows, tokens, topk_streams, top_k)
+        stats.rest_lse = {j: self.rest_logsumexp(sources[j], rows, tokens[:, None]) for j in rest_streams}
+        return stats
+
+    return composed
 
 
 class PassBackend:
     """Base of the pass backends. Subclasses implement the passes of `passes.Passes`."""
+
+    def __init_subclass__(cls, **kwargs):
+        # The protocol's stats pass sums the tail buckets "every column but the sampled token" in its own
+        # sweep when asked (`rest_streams`, `Stats.rest_lse`). A backend whose `stats_pass` does not take
+        # `rest_streams` yet (cpp, cuda, triton) gets the default: its statistics plus `rest_logsumexp`.
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("stats_pass")
+        if own is not None and "rest_streams" not in inspect.signature(own).parameters:
+            cls.stats_pass = _composing_rest(own)
 
     def select(self, sources: Sequence, top_k: int) -> "PassBackend":
         """The passes that run a call over `sources` with top-K `top_k`: this backend, unless it
@@ -42,20 +92,11 @@ class PassBackend:
         out = torch.empty(rows.shape[0], dtype=torch.float64, device=rows.device)
         for i in range(0, rows.shape[0], row_chunk):
             r, c = rows[i:i + row_chunk], cols[i:i + row_chunk]
-            m = torch.full((r.shape[0],), float("-inf"), dtype=source.dtype, device=r.device)
+            m = torch.full((r.shape[0],), NEG_INF, dtype=source.dtype, device=r.device)
             s = torch.zeros_like(m)
             for c0 in range(0, vocab, vocab_chunk):
-                tile = source.tile(r, c0, min(c0 + vocab_chunk, vocab))
-                inside = (c >= c0) & (c < c0 + tile.shape[1])
-                hits = torch.zeros(tile.shape, dtype=torch.int32, device=tile.device)
-                hits.scatter_add_(1, torch.where(inside, c - c0, torch.zeros_like(c)), inside.to(torch.int32))
-                tile = tile.masked_fill(hits > 0, float("-inf"))
-                m_new = torch.maximum(m, tile.max(dim=1).values)
-                shift = torch.where(m_new == float("-inf"), torch.zeros_like(m_new), m_new)
-                s = s * torch.exp(m - shift) + torch.exp(tile - shift[:, None]).sum(dim=1)
-                m = m_new
-            m64 = m.to(torch.float64)
-            out[i:i + row_chunk] = torch.where(m == float("-inf"), m64, m64 + torch.log(s).to(torch.float64))
+                m, s = online_logsumexp(m, s, without_columns(source.tile(r, c0, min(c0 + vocab_chunk, vocab)), c, c0))
+            out[i:i + row_chunk] = finish_logsumexp(m, s)
         return out
 
     def tile_shape(self) -> tuple:

@@ -19,24 +19,7 @@ from .. import gradients, skipping
 from ..divergences import divergence, kl, log_mixture
 from ..passes import STUDENT, Grads, Stats, split_lse
 from ..row_terms import RowTerm
-from .base import PassBackend
-
-NEG_INF = float("-inf")
-
-
-def _online_logsumexp(m: torch.Tensor, s: torch.Tensor, tile: torch.Tensor):
-    """Merge a tile into a running (max, Σ exp(z − max)) pair; safe when everything is -inf."""
-    m_new = torch.maximum(m, tile.max(dim=1).values)
-    shift = torch.where(m_new == NEG_INF, torch.zeros_like(m_new), m_new)
-    s = s * torch.exp(m - shift) + torch.exp(tile - shift[:, None]).sum(dim=1)
-    return m_new, s
-
-
-def _finish_logsumexp(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """float64 log-sum-exp `max + log Σ exp(z − max)` (the `Stats.lse` contract): the sum of an fp32 max
-    of size ~1e4 and an O(1) log is kept exactly, not rounded to an ulp of the max (~1e-3)."""
-    m64 = m.to(torch.float64)
-    return torch.where(m == NEG_INF, m64, m64 + torch.log(s).to(torch.float64))
+from .base import NEG_INF, PassBackend, finish_logsumexp, online_logsumexp, without_columns
 
 
 def _log_softmax_tile(tile: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
@@ -114,28 +97,38 @@ class TorchBackend(PassBackend):
 
     # -- passes ---------------------------------------------------------------------------------
 
-    def stats_pass(self, sources: Sequence, rows: torch.Tensor, tokens: torch.Tensor, topk_streams, top_k: int) -> Stats:
+    def stats_pass(self, sources: Sequence, rows: torch.Tensor, tokens: torch.Tensor, topk_streams, top_k: int,
+                   rest_streams: Sequence[int] = ()) -> Stats:
+        """One sweep per stream over its tiles: the log-sum-exp, the running top-K where asked and, for
+        `rest_streams`, the tail bucket: the same tiles with the sampled column at -inf, summed with their
+        own running max (the tail's largest logit may be far below z_y's) — no extra projection."""
         n, dt = rows.shape[0], sources[STUDENT].dtype
         lse = [torch.empty(n, dtype=torch.float64, device=rows.device) for _ in sources]
+        rest = {j: torch.empty(n, dtype=torch.float64, device=rows.device) for j in rest_streams}
         k = min(top_k, sources[STUDENT].effective_vocab)
         topk = {j: torch.empty(n, k, dtype=torch.long, device=rows.device) for j in topk_streams}
         for sl in self._row_chunks(n):
-            r = rows[sl]
+            r, y = rows[sl], tokens[sl, None]
             for j, src in enumerate(sources):
                 m = torch.full((r.shape[0],), NEG_INF, dtype=dt, device=r.device)
                 s = torch.zeros_like(m)
+                m_rest, s_rest = m.clone(), s.clone()
                 vals = torch.empty(r.shape[0], 0, dtype=dt, device=r.device)
                 idx = torch.empty(r.shape[0], 0, dtype=torch.long, device=r.device)
                 for c0, c1 in self._vocab_blocks(src):
                     tile = src.tile(r, c0, c1)
-                    m, s = _online_logsumexp(m, s, tile)
+                    m, s = online_logsumexp(m, s, tile)
+                    if j in rest:
+                        m_rest, s_rest = online_logsumexp(m_rest, s_rest, without_columns(tile, y, c0))
                     if j in topk:
                         vals, idx = _merge_topk(vals, idx, tile, c0, k)
-                lse[j][sl] = _finish_logsumexp(m, s)
+                lse[j][sl] = finish_logsumexp(m, s)
+                if j in rest:
+                    rest[j][sl] = finish_logsumexp(m_rest, s_rest)
                 if j in topk:
                     topk[j][sl] = idx
         logit_y = [src.gather(rows, tokens[:, None])[:, 0] for src in sources]
-        return Stats(lse, logit_y, topk)
+        return Stats(lse, logit_y, topk, rest)
 
     def full_value_pass(self, student, target, rows, lse_s, lse_t, kind: str, beta: float):
         """Σ_v of the divergence over the vocabulary for each row, and the gradient constant c
@@ -176,7 +169,7 @@ class TorchBackend(PassBackend):
             if not given:
                 for lse, z in ((lse_s, zs), (lse_t, zt)):
                     m = torch.full((z.shape[0],), NEG_INF, dtype=z.dtype, device=z.device)
-                    lse[sl] = _finish_logsumexp(*_online_logsumexp(m, torch.zeros_like(m), z))
+                    lse[sl] = finish_logsumexp(*online_logsumexp(m, torch.zeros_like(m), z))
             (hs, ls), (ht, lt) = split_lse(lse_s[sl], dt), split_lse(lse_t[sl], target.dtype)
             lp, lq = _log_softmax_tile(zs, hs, ls), _log_softmax_tile(zt, ht, lt)
             value[sl] = divergence(lp, lq, kind, beta).to(f64)
