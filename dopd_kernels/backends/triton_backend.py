@@ -59,7 +59,10 @@ Defaults:
     (32 for K ≤ 128, 16 for K = 256);
   * fused-linear with fp32 operands (IEEE `tl.dot`, no tensor cores): BLOCK_V = 64, BLOCK_H = 16,
     BLOCK_N = 32 in the stats pass (num_stages = 2), 64 in the tail pass, 16 in the value pass, 32 in
-    `grad_kernel`, 16 in `grad_dw_kernel` (num_stages = 3); with a top-K 16 × 128 × 16, 1 stage;
+    `grad_kernel`, 16 in `grad_dw_kernel` (num_stages = 3); with a top-K 16 × 128 × 16, 1 stage.
+    Open: in the full recording three value variants spill 16-32 B under Triton 3.6 and two 4-8 B under
+    3.9, two `grad_kernel` variants (KIND 3, explicit columns, bias) 8 B under 3.9; no warps / stages /
+    BLOCK_V choice tried fits every variant under 3.4, 3.6 and 3.9 (`tests/triton_matrix.py`);
   * logits mode (memory bound): BLOCK_N = 8, BLOCK_V = 512 (256 in the tail pass, which spills at
     512; max(128, K_PAD) with a top-K, and BLOCK_N = 4 once the running top-Ks' K_PADs sum to 256),
     num_warps = 8 (4 with one running top-K: at K_PAD 256 8 warps spilled under Triton 3.9);
@@ -290,7 +293,8 @@ class TritonBackend(PassBackend):
                 # at 1; 32 rows at 1 stage spilled 8 B under 3.9 with two streams, 2 stages fit all
                 # 11 variants in all three, at ≤ 193 registers); value 16 rows, 3 stages (32 rows spilled 12-24 B at 3 stages under 3.6 and at
                 # 1 under 3.9); tail 64 rows, 3 stages (1 stage spilled 32 B under 3.4); gradients 32
-                # rows (grad_dw 16), 3 stages (1 stage spilled 4-12 B under 3.6).
+                # rows (grad_dw 16), 3 stages (1 stage spilled 4-12 B under 3.6). Open: value and
+                # grad_kernel still spill 4-32 B in a few variants under 3.6 / 3.9 (module docstring).
                 bn = {"tail": 64, "value": 16, "grad_dw": 16}.get(role, 32)
                 bv, bh = 64, 16
                 stages = 2 if role == "stats" else 3
