@@ -47,14 +47,9 @@ def _cpp(*tiles: int):
     return CppBackend(*tiles)
 
 
-# The torch backend forms p_v · dense as a product until `TorchBackend.term_grad_pass` takes
-# `RowTerm.dense_normalizer` (a change its owner has been sent): 0 on the tail columns of a row whose
-# Q_rest/P_rest overflows float64. Strict: the mark fails once that lands, and must then go.
-_TORCH_PENDING = pytest.mark.xfail(strict=True, reason="torch_chunked.term_grad_pass multiplies p_v by a "
-                                   "dense coefficient that overflowed float64 (RowTerm.dense_normalizer not used yet)")
 TAIL_BACKENDS = [pytest.param(lambda: "cpp", id="cpp"), pytest.param(lambda: _cpp(3, 7), id="cpp-3x7"),
-                 pytest.param(lambda: "torch", id="torch", marks=_TORCH_PENDING),
-                 pytest.param(lambda: TorchBackend(row_chunk=5, vocab_chunk=24), id="torch-5x24", marks=_TORCH_PENDING)]
+                 pytest.param(lambda: "torch", id="torch"),
+                 pytest.param(lambda: TorchBackend(row_chunk=5, vocab_chunk=24), id="torch-5x24")]
 
 
 @pytest.mark.parametrize("make_backend", TAIL_BACKENDS)

@@ -37,22 +37,11 @@ def _merge_topk(vals: torch.Tensor, idx: torch.Tensor, tile: torch.Tensor, start
     return top.values, cand_i.gather(1, top.indices)
 
 
-def _times_dense(p: torch.Tensor, z: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, dense: torch.Tensor,
-                 dt: torch.dtype) -> torch.Tensor:
-    """p_v · dense on a tile (z: the tile's logits, hi/lo [r]: the rows' `split_lse`, dense [r, 1] float64);
-    0 where p underflowed (dense may be ±inf there: the rest bucket's own mass underflowed in float64,
-    and 0·inf would be NaN). A finite dense coefficient past 2^64 (forward KL's 1 − Q_rest/P_rest when the
-    student's tail mass is ~e^-100) multiplies a p_v that may have underflowed the compute dtype while
-    the product is O(1): those rare rows form it in float64 as sign · exp(log p_v + log|dense|)."""
-    grad = torch.where(p > 0, p * dense.to(dt).nan_to_num(posinf=0.0, neginf=0.0), torch.zeros_like(p))
-    huge = ((dense.abs() > 2.0 ** 64) & torch.isfinite(dense))[:, 0]
-    if bool(huge.any()):
-        i = huge.nonzero()[:, 0]
-        lp = (z[i].to(torch.float64) - hi[i, None].to(torch.float64)) - lo[i, None].to(torch.float64)
-        d = dense[i]
-        g = torch.exp(lp + d.abs().log()) * d.sign()
-        grad[i] = torch.where(lp > float("-inf"), g, torch.zeros_like(g)).to(dt)
-    return grad
+def _times_dense(p: torch.Tensor, dense: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+    """p_v · dense on a tile (p [r, c] in the compute dtype `dt`, dense [r, 1] float64, both as
+    `RowTerm.dense_normalizer` gives them: a huge |dense| is already folded into p); 0 where p
+    underflowed (dense may be ±inf there, its log-magnitude unknown, and 0·inf would be NaN)."""
+    return torch.where(p > 0, p * dense.to(dt).nan_to_num(posinf=0.0, neginf=0.0), torch.zeros_like(p))
 
 
 class TorchBackend(PassBackend):
@@ -204,14 +193,17 @@ class TorchBackend(PassBackend):
             gradients.add_sparse(grads, student, rows, term.cols, (term.sparse * scale[:, None]).to(dt),
                                  self.sparse_rows(student, term.cols.shape[1]))
             return
-        hs, ls = split_lse(lse_s, dt)
+        # p·dense formed as unit·exp(z − lse), |dense| folded into lse where it is huge
+        # (RowTerm.dense_normalizer: exact where p_v underflows and dense overflows)
+        lse, dense = term.dense_normalizer(lse_s)
+        hs, ls = split_lse(lse, dt)
         for sl in self._row_chunks(rows.shape[0]):
             r, sc = rows[sl], scale[sl, None].to(dt)
             budget = self._budget(student, grads, r)
             for c0, c1 in self._vocab_blocks(student):
                 z = student.tile(r, c0, c1)
                 p = _log_softmax_tile(z, hs[sl], ls[sl]).exp()
-                grad = _times_dense(p, z, hs[sl], ls[sl], term.dense[sl, None], dt)
+                grad = _times_dense(p, dense[sl, None], dt)
                 if term.explicit is not None:
                     self._write_explicit(grad, term.cols[sl], term.explicit[sl].to(dt), c0)
                 else:
