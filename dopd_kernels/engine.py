@@ -165,8 +165,9 @@ class LossEngine:
             return term
         local, owned = self.shard.localize(term.cols)
         if term.explicit is None:
-            return RowTerm(term.value, term.dense, local, term.sparse.masked_fill(~owned, 0.0))
-        return RowTerm(term.value, term.dense, local.masked_fill(~owned, -1), None, term.explicit.masked_fill(~owned, 0.0))
+            return replace(term, cols=local, sparse=term.sparse.masked_fill(~owned, 0.0))
+        return replace(term, cols=local.masked_fill(~owned, -1), sparse=None,
+                       explicit=term.explicit.masked_fill(~owned, 0.0))
 
     def _rest_logprob(self, source, rows: torch.Tensor, cols: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
         """Log-probability [n] (float64) of the tail bucket: the valid columns outside `cols` [n, k]
