@@ -51,6 +51,7 @@ if not CUDA:
         os.environ["TRITON_INTERPRET"] = _saved
 
 import triton_sm90  # noqa: E402
+from hardening_checks import check_forward_kl_tail  # noqa: E402
 from head_transform_checks import check_bf16_heads, check_opd_heads  # noqa: E402
 from test_backend_conformance import (Target, check_fused_linear_dopd_bf16, compare_dopd, compare_opd,  # noqa: E402
                                       fused_dopd_pair)
@@ -636,6 +637,16 @@ def test_dense_gradient_with_an_overflowing_coefficient_has_no_nan(device):
     assert not torch.isnan(g).any()
     assert (g[:, vv:] == 0).all() and (g[:, 5] == 0).all()
     assert torch.isinf(g[:, :5]).all()  # p > 0: p · inf
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["logits", "linear"])
+@pytest.mark.parametrize("gran", ["topk", "sampled"])
+def test_forward_kl_tail_far_below_teacher(gran, mode, device):
+    """Forward KL's tail coefficient 1 − Q_rest/P_rest past float64's range on rows whose tail p_v
+    underflows fp32: the dense tiles take it folded into lse (RowTerm.dense_normalizer), so the O(1)
+    tail gradient comes out, against float64 (tests/test_precision.py runs torch and cpp alike)."""
+    check_forward_kl_tail(TB, gran, torch.float32, mode, device=device)
 
 
 def test_topk_output_offsets_are_int64():

@@ -492,7 +492,10 @@ class TritonBackend(PassBackend):
         explicit = term.explicit
         logits = grads.logits is not None
         in_kernel = explicit is not None and not logits
-        self._grad_tiles(student, student, rows, lse_s, lse_s, term.dense, scale, self._div.DENSE.value, 0.5, grads,
+        # p·dense formed as unit·exp(z − lse), |dense| folded into lse where it is huge
+        # (RowTerm.dense_normalizer: exact where p_v underflows and dense overflows)
+        lse, dense = term.dense_normalizer(lse_s)
+        self._grad_tiles(student, student, rows, lse, lse, dense, scale, self._div.DENSE.value, 0.5, grads,
                          (term.cols, explicit) if in_kernel else None)
         if in_kernel:
             return
