@@ -7,7 +7,7 @@ registers on a real GPU. This module closes part of that gap without a GPU, in t
 1. `record(cases)` — in a process whose kernels are interpreted, run the `triton` backend through
    the public API with the tile configuration it chooses on CUDA (Hopper defaults, not the
    interpreter's small blocks) and record every distinct kernel launch: argument dtypes, scalar
-   types, constexpr values, num_warps/stages. `default_cases()` spans every configuration the API
+   types, constexpr values, num_warps/stages/maxnreg. `default_cases()` spans every configuration the API
    admits (issue 17 point 2): DOPD and the nine OPD losses, `token_logprobs`, logits and
    fused-linear mode, both `topk_from`, `topk_renorm` both ways, K from 1 past the vocabulary,
    bf16 / fp16 / fp32 and mixed dtypes, biases, head transforms and the deterministic mode.
@@ -273,7 +273,7 @@ def spec_key(spec: dict) -> str:
 @dataclasses.dataclass
 class Launch:
     """One kernel launch: `kernels.<module>.<kernel>[grid](**args)` with launch `options`
-    (num_warps / num_stages); `args` maps every parameter name to the value passed, constexprs included."""
+    (num_warps / num_stages / maxnreg); `args` maps every parameter name to the value passed, constexprs included."""
 
     module: str
     kernel: str
@@ -302,7 +302,7 @@ def launches(on_launch: Optional[Callable[[Launch], None]] = None):
 
     def recorder(mod_name, attr, kernel, run):
         def wrapped(*args, grid, warmup, **kwargs):
-            options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+            options = {k: kwargs[k] for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs}
             named = dict(zip(kernel.arg_names, args), **{k: v for k, v in kwargs.items() if k not in options})
             launch = Launch(mod_name, attr, tuple(grid), named, options)
             seen.append(launch)
@@ -509,11 +509,13 @@ def problems(res: dict, capability: int, spills: bool = True) -> List[str]:
 
 
 def variant_name(res: dict) -> str:
-    """A variant as `kernel dtypes constexprs warps/stages`, constexprs that are 0/False left out."""
+    """A variant as `kernel dtypes constexprs w<warps>s<stages>[r<maxnreg>]`, constexprs that are 0/False
+    left out."""
     cx = ",".join(f"{k}={v}" for k, v in res["constexprs"].items() if v not in (0, False) or k == "KIND")
     opts = res["options"]
     return (f"{res['kernel']} {'/'.join(d[1:] for d in res['dtypes'])} {cx} "
-            f"w{opts.get('num_warps', '-')}s{opts.get('num_stages', '-')}")
+            f"w{opts.get('num_warps', '-')}s{opts.get('num_stages', '-')}"
+            + (f"r{opts['maxnreg']}" if "maxnreg" in opts else ""))
 
 
 def _format(res: dict) -> str:

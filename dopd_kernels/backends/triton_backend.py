@@ -60,9 +60,9 @@ Defaults:
   * fused-linear with fp32 operands (IEEE `tl.dot`, no tensor cores): BLOCK_V = 64, BLOCK_H = 16,
     BLOCK_N = 32 in the stats pass (num_stages = 2), 64 in the tail pass, 16 in the value pass, 32 in
     `grad_kernel`, 16 in `grad_dw_kernel` (num_stages = 3); with a top-K 16 × 128 × 16, 1 stage.
-    Open: in the full recording three value variants spill 16-32 B under Triton 3.6 and two 4-8 B under
-    3.9, two `grad_kernel` variants (KIND 3, explicit columns, bias) 8 B under 3.9; no warps / stages /
-    BLOCK_V choice tried fits every variant under 3.4, 3.6 and 3.9 (`tests/triton_matrix.py`);
+    The value pass and `grad_kernel` writing explicit columns launch with `maxnreg = 255`: at 8 warps
+    ptxas capped them at 128 registers under some Triton versions and spilled, and no warps / stages /
+    BLOCK_V choice compiled every variant without spills under 3.4, 3.6 and 3.9 (`tests/triton_matrix.py`);
   * logits mode (memory bound): BLOCK_N = 8, BLOCK_V = 512 (256 in the tail pass, which spills at
     512; max(128, K_PAD) with a top-K, and BLOCK_N = 4 once the running top-Ks' K_PADs sum to 256),
     num_warps = 8 (4 with one running top-K: at K_PAD 256 8 warps spilled under Triton 3.9);
@@ -104,6 +104,7 @@ from .base import PassBackend
 from .torch_chunked import TorchBackend
 
 MAX_TOPK = 256  # largest top-K the kernels keep in registers (module docstring)
+MAX_REGISTERS = 255  # registers per thread a tile may take when ptxas's own cap would spill (module docstring)
 MIN_LOGITS_BLOCK_V = 128  # narrowest logits-mode tile, whatever K is
 
 
@@ -177,6 +178,7 @@ class _Config:
     block_h: int
     num_warps: int
     num_stages: int
+    max_registers: Optional[int] = None  # ptxas `.maxnreg` (Triton's `maxnreg`); None: ptxas chooses
 
 
 class TritonBackend(PassBackend):
@@ -263,14 +265,16 @@ class TritonBackend(PassBackend):
 
     def _config(self, sources: Sequence, n: int, k_pad: int = 0, role: str = "stats", n_topk: int = 1) -> _Config:
         """Blocks for a pass over `n` rows of `sources` (the student, or the stream alone, first):
-        `role` is "stats", "tail", "value", "grad" or "grad_dw" (gradient tiles hold more live
-        values); `k_pad` > 0 when `n_topk` running top-Ks are kept (then BLOCK_V = max(BLOCK_V, K_PAD): the stats kernel merges whole tiles into
-        them). The rules are the module docstring's; the CUDA defaults are the largest tiles that
+        `role` is "stats", "tail", "value", "grad", "grad_explicit" (`grad_kernel` writing a term's
+        explicit columns) or "grad_dw" (gradient tiles hold more live values); `k_pad` > 0 when
+        `n_topk` running top-Ks are kept (then BLOCK_V = max(BLOCK_V, K_PAD): the stats kernel merges
+        whole tiles into them). The rules are the module docstring's; the CUDA defaults are the largest tiles that
         ptxas compiles without register spills for sm_90a (`tests/triton_sm90.py`); under the
         interpreter, unless `cuda_tiles`, small tiles that fit the shape."""
         source = sources[0]
         linear = isinstance(source, LinearSource)
         v = source.effective_vocab
+        max_registers = None
         if _interpreting() and not self.cuda_tiles:
             bn = min(32, max(16, _pow2(n)))
             bv = min(256, max(16, _pow2(v)))
@@ -287,19 +291,23 @@ class TritonBackend(PassBackend):
                 stages = 1 if fp32_dot else 3  # fp32 spills with its loads pipelined
             elif fp32_dot:
                 # IEEE fp32 tiles (FMA units, no wgmma): ptxas allocates them erratically across
-                # Triton versions (it stopped at 128 or 80 registers and spilled), so each role takes
-                # the setting that compiled without spills on sm_90a under 3.4.0, 3.6.0 and 3.9.0:
-                # stats 32 rows, 2 stages (64 rows spilled 20 B under 3.6 at 3 stages, 12 B under 3.4
-                # at 1; 32 rows at 1 stage spilled 8 B under 3.9 with two streams, 2 stages fit all
-                # 11 variants in all three, at ≤ 193 registers); value 16 rows, 3 stages (32 rows spilled 12-24 B at 3 stages under 3.6 and at
-                # 1 under 3.9); tail 64 rows, 3 stages (1 stage spilled 32 B under 3.4); gradients 32
-                # rows (grad_dw 16), 3 stages (1 stage spilled 4-12 B under 3.6). Open: value and
-                # grad_kernel still spill 4-32 B in a few variants under 3.6 / 3.9 (module docstring).
+                # Triton versions, so each role takes the setting that compiled without spills on
+                # sm_90a under 3.4.0, 3.6.0 and 3.9.0: stats 32 rows, 2 stages (64 rows spilled 20 B
+                # under 3.6 at 3 stages, 12 B under 3.4 at 1; 32 rows at 1 stage spilled 8 B under 3.9
+                # with two streams); tail 64 rows, 3 stages (1 stage spilled 32 B under 3.4); value
+                # 16 rows, gradients 32 rows (grad_dw 16), 3 stages. With 8 warps ptxas capped the
+                # value tile and grad_kernel's explicit-column tile at 128 registers under some
+                # versions and spilled 4-32 B (no warps / stages / block choice fitted all three
+                # versions): those two launch with `.maxnreg 255` (255 × 256 threads fit the SM's
+                # 64K registers). Not the other gradient tiles: there 255 spilled under 3.4 and 3.6
+                # where ptxas's own choice fits.
                 bn = {"tail": 64, "value": 16, "grad_dw": 16}.get(role, 32)
                 bv, bh = 64, 16
                 stages = 2 if role == "stats" else 3
+                if role in ("value", "grad_explicit"):
+                    max_registers = MAX_REGISTERS
             else:
-                bn = 32 if role in ("grad", "grad_dw") else 64
+                bn = 32 if role in ("grad", "grad_explicit", "grad_dw") else 64
                 bv, bh = (64 if role == "grad_dw" else 128), 32
         else:
             # The running top-Ks are BLOCK_V keys wide each (the kernel's K_PAD), not K_PAD: two top-Ks of
@@ -313,7 +321,7 @@ class TritonBackend(PassBackend):
         bn = self.block_n or bn
         bv = max(self.block_v or bv, k_pad)
         bh = self.block_h or bh
-        return _Config(bn, bv, bh, self.num_warps or warps, self.num_stages or stages)
+        return _Config(bn, bv, bh, self.num_warps or warps, self.num_stages or stages, max_registers)
 
     @staticmethod
     def _run(kernel, grid, device: torch.device, *args, **kw) -> None:
@@ -322,9 +330,10 @@ class TritonBackend(PassBackend):
             kernel[grid](*args, **kw)
 
     def _launch(self, kernel, grid, cfg: _Config, device: torch.device, *args, **constexprs):
+        registers = {} if cfg.max_registers is None else {"maxnreg": cfg.max_registers}
         self._run(kernel, grid, device, *args, DOT_PRECISION=self.dot_precision, BLOCK_N=cfg.block_n,
                   BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                  **constexprs)
+                  **registers, **constexprs)
 
     # -- passes ------------------------------------------------------------------------------------
 
@@ -515,7 +524,7 @@ class TritonBackend(PassBackend):
         whole gradient [n, k] before `scale`) or None."""
         n = rows.shape[0]
         dev = rows.device
-        cfg = self._config((student, target), n, role="grad")
+        cfg = self._config((student, target), n, role="grad" if explicit is None else "grad_explicit")
         linear = isinstance(student, LinearSource)
         vv = student.effective_vocab
         row_blocks, vocab_tiles = triton_cdiv(n, cfg.block_n), triton_cdiv(vv, cfg.block_v)
