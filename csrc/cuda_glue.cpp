@@ -243,6 +243,7 @@ Tensor gather(const Stream& s, const Tensor& rows, const Tensor& cols) {
 void bind_cuda(pybind11::module& m) {
   namespace py = pybind11;
   py::module cm = m.def_submodule("cuda", "CUDA passes (same signatures as the CPU ones)");
+  cm.attr("MAX_TOPK") = cuda::MAX_TOPK;  // CudaBackend.select hands larger top-Ks to the torch backend
   cm.def("stats_pass", &gpu::stats_pass, py::arg("stream"), py::arg("rows"), py::arg("k"), py::arg("tiling"));
   cm.def("full_value_pass", &gpu::full_value_pass, py::arg("student"), py::arg("target"), py::arg("rows"), py::arg("lse_s"),
          py::arg("lse_t"), py::arg("kind"), py::arg("beta"), py::arg("tiling"));

@@ -162,6 +162,41 @@ def test_cuda_mixed_dtypes_heads_and_precision(kind):
     check_bf16_heads("cuda", kind, "full", device="cuda")
 
 
+def test_cuda_hands_a_top_k_past_its_sort_to_torch():
+    """The CUDA stats kernel keeps at most the extension's MAX_TOPK (1024) entries per row and refused a
+    larger K at launch ("invalid argument") while the API accepts any K ≥ 1: `select` hands such calls
+    to the torch backend, as the triton backend does past its own limit (issue 17 point 1). The
+    extension itself needs CUDA, so its `MAX_TOPK` is stood in for here; the next test runs it."""
+    from types import SimpleNamespace
+
+    from dopd_kernels.backends.compiled import CudaBackend
+    from dopd_kernels.backends.torch_chunked import TorchBackend
+    from dopd_kernels.sources import LogitsSource
+
+    backend = object.__new__(CudaBackend)  # no extension load: the CPU torch has no CUDA
+    backend._ops = SimpleNamespace(MAX_TOPK=1024)
+    wide, narrow = [LogitsSource(torch.empty(2, 3000))], [LogitsSource(torch.empty(2, 1000))]
+    assert backend.select(wide, 1024) is backend
+    assert isinstance(backend.select(wide, 1025), TorchBackend)
+    assert backend.select(wide, 4096) is backend.select(wide, 1025)  # one fallback, made once
+    assert backend.select(narrow, 4096) is backend  # K past the vocabulary: clamped to it, 1000 fit
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+def test_cuda_top_k_past_its_sort_matches_reference():
+    zs, zt, zp = correlated_logits(8, 1500)
+    y = random_tokens(8, 1500)
+    cfg = DOPDConfig(top_k=1100, trim=0.0)
+    s = leaf(zs.cuda())
+    out = dopd_loss(s, zt.cuda(), zp.cuda(), y.cuda(), config=cfg, backend="cuda")
+    out.loss.backward()
+    s64 = leaf(zs, torch.float64)
+    ref = dopd_loss(s64, zt.double(), zp.double(), y, config=cfg, backend="reference")
+    ref.loss.backward()
+    assert_close(out.loss.cpu(), ref.loss, rtol=1e-5, what="loss")
+    assert_close(s.grad.cpu(), s64.grad, rtol=1e-4, what="grad")
+
+
 # -- the header's regime selection against the library's routing ----------------------------------
 
 

@@ -21,7 +21,7 @@ strides are read in place (a transposed logits tensor, gradient buffer or weight
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -32,6 +32,7 @@ from ..passes import STUDENT, Grads, Stats, split_lse
 from ..row_terms import RowTerm
 from ..sources import LogitsSource
 from .base import PassBackend
+from .torch_chunked import TorchBackend
 
 # The `kind` argument of the passes: codes.Divergence, which csrc/row_math.h's dopd::Kind mirrors
 # (tests/test_constants.py checks them against the extension's KINDS).
@@ -210,6 +211,16 @@ class CudaBackend(CompiledBackend):
     name = "cuda"
     _kind = "cuda"
     _cpu_only_passes = False
+    _fallback: Optional[PassBackend] = None  # the torch backend, made on the first top-K past MAX_TOPK
 
     def supports(self, device: torch.device) -> bool:
         return torch.device(device).type == "cuda"
+
+    def select(self, sources: Sequence, top_k: int) -> PassBackend:
+        """This backend, or the torch one for a top-K beyond what the stats kernel's shared-memory sort
+        keeps (the extension's `MAX_TOPK`, csrc/kernels_cuda.h), as the triton backend does past its own."""
+        if min(top_k, sources[STUDENT].effective_vocab) > self._ops.MAX_TOPK:
+            if self._fallback is None:
+                self._fallback = TorchBackend()
+            return self._fallback
+        return self
