@@ -225,8 +225,11 @@ Tensor gather(const Stream& s, const Tensor& rows, const Tensor& cols) {
     for (int64_t r0 = 0; r0 < rows.size(0); r0 += step) {
       const int64_t r = std::min(step, rows.size(0) - r0);
       const Tensor c = cols.narrow(0, r0, r);
-      const Tensor w = s.w->index_select(0, c.reshape(-1)).view({r, k, h}).to(at::kFloat);
-      Tensor z = at::bmm(w, hidden_rows(s, rows.narrow(0, r0, r)).to(at::kFloat).unsqueeze(2)).squeeze(2);
+      // The gathered weight rows stay in the operand dtype (16-bit on tensor cores with an fp32
+      // output under half_operands, as linear_tile does: no fp32 copy of them).
+      const Tensor w = s.w->index_select(0, c.reshape(-1)).view({r, k, h}).to(operand_dtype(s));
+      const Tensor x = hidden_rows(s, rows.narrow(0, r0, r)).unsqueeze(2);
+      Tensor z = (half_operands(s) ? at::bmm(w, x, s.acc()) : at::bmm(w, x)).squeeze(2).to(at::kFloat);
       if (s.b.has_value() && s.b->defined()) z = z + s.b->index_select(0, c.reshape(-1)).view({r, k}).to(at::kFloat);
       parts.push_back(z);
     }
