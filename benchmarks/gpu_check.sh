@@ -89,11 +89,12 @@ if want paths; then
     [ "$DRY" = 1 ] || log "paths: $(tail -n 1 "$OUT_DIR/paths.log")"
 fi
 
-# 2. The GPU tests of the suite (the Triton and CUDA backends on CUDA tensors; they skip elsewhere).
+# 2. The GPU tests of the suite (the Triton and CUDA backends on CUDA tensors; they skip elsewhere), and
+#    the stats kernel's int64 top-K offsets, which run on the GPU when there is one (issue 17 point 5).
 #    The CPU-only rest (~1000 tests, several minutes) is CI's job; GPU_CHECK_TESTS="" runs all of it.
 if want tests; then
     if "$PYTHON" -c "import pytest" 2>/dev/null; then
-        step 100 "$OUT_DIR/tests.log" "$PYTHON" -m pytest tests -q -rs -p no:cacheprovider -k "${GPU_CHECK_TESTS-cuda or gpu}"
+        step 100 "$OUT_DIR/tests.log" "$PYTHON" -m pytest tests -q -rs -p no:cacheprovider -k "${GPU_CHECK_TESTS-cuda or gpu or int64}"
         [ "$DRY" = 1 ] || log "tests: $(tail -n 1 "$OUT_DIR/tests.log")"
     else
         log "skipped tests: pytest is not installed here"
