@@ -56,16 +56,19 @@ Defaults:
     which spills 36 B at 128 with soft-capped heads),
     BLOCK_H = 32, num_warps = 8, num_stages = 3 — tiles feed wgmma with fp32 accumulators. With a
     running top-K: BLOCK_N = 16, BLOCK_V = max(128, K_PAD) and BLOCK_H = max(16, 4096 / BLOCK_V)
-    (32 for K ≤ 128, 16 for K = 256);
+    (32 for K ≤ 128, 16 for K = 256), 16 with two running top-Ks;
   * fused-linear with fp32 operands (IEEE `tl.dot`, no tensor cores): BLOCK_V = 64, BLOCK_H = 16,
     BLOCK_N = 32 in the stats pass (num_stages = 2), 64 in the tail pass, 16 in the value pass, 32 in
     `grad_kernel`, 16 in `grad_dw_kernel` (num_stages = 3); with a top-K 16 × 128 × 16, 1 stage.
-    The value pass and `grad_kernel` writing explicit columns launch with `maxnreg = 255`: at 8 warps
-    ptxas capped them at 128 registers under some Triton versions and spilled, and no warps / stages /
-    BLOCK_V choice compiled every variant without spills under 3.4, 3.6 and 3.9 (`tests/triton_matrix.py`);
+    The value pass, `grad_kernel` of few-column terms and `grad_dw_kernel` launch with
+    `maxnreg = 255`: at 8 warps ptxas capped them at 128 registers under some Triton versions and
+    spilled, and no warps / stages / BLOCK_V choice compiled every variant without spills under 3.4,
+    3.6 and 3.9 (`tests/triton_matrix.py`);
   * logits mode (memory bound): BLOCK_N = 8, BLOCK_V = 512 (256 in the tail pass, which spills at
     512; max(128, K_PAD) with a top-K, and BLOCK_N = 4 once the running top-Ks' K_PADs sum to 256),
-    num_warps = 8 (4 with one running top-K: at K_PAD 256 8 warps spilled under Triton 3.9);
+    num_warps = 8 (4 with one running top-K: at K_PAD 256 8 warps spilled under Triton 3.9); the tail
+    pass with `maxnreg = 128` and the stats pass without a top-K with 255 (ptxas capped them at 64 and
+    128 registers under 3.7.1 / 3.8.0 and spilled);
   * sparse top-K kernels (one program per row, no tl.dot): a `[K_PAD, BLOCK_H]` weight block of
     at most 4K elements; `gather_kernel` with 8 warps at K_PAD = 256 (4 spilled), else 4;
   * the fused-linear gradient grid splits the vocabulary so that about 4 programs per SM exist.
@@ -265,8 +268,8 @@ class TritonBackend(PassBackend):
 
     def _config(self, sources: Sequence, n: int, k_pad: int = 0, role: str = "stats", n_topk: int = 1) -> _Config:
         """Blocks for a pass over `n` rows of `sources` (the student, or the stream alone, first):
-        `role` is "stats", "tail", "value", "grad", "grad_explicit" (`grad_kernel` writing a term's
-        explicit columns) or "grad_dw" (gradient tiles hold more live values); `k_pad` > 0 when
+        `role` is "stats", "tail", "value", "grad", "grad_term" (`grad_kernel` of a few-column term's
+        dense part) or "grad_dw" (gradient tiles hold more live values); `k_pad` > 0 when
         `n_topk` running top-Ks are kept (then BLOCK_V = max(BLOCK_V, K_PAD): the stats kernel merges
         whole tiles into them). The rules are the module docstring's; the CUDA defaults are the largest tiles that
         ptxas compiles without register spills for sm_90a (`tests/triton_sm90.py`); under the
@@ -287,7 +290,8 @@ class TritonBackend(PassBackend):
             warps, stages = 8, 3
             if k_pad:
                 bn, bv = 16, _topk_block(k_pad)
-                bh = 16 if fp32_dot else max(16, 4096 // bv)
+                # Two running top-Ks (K_PAD 128 each) at BLOCK_H 32 spilled 176-284 B under Triton 3.7.1.
+                bh = 16 if fp32_dot or n_topk > 1 else max(16, 4096 // bv)
                 stages = 1 if fp32_dot else 3  # fp32 spills with its loads pipelined
             elif fp32_dot:
                 # IEEE fp32 tiles (FMA units, no wgmma): ptxas allocates them erratically across
@@ -296,18 +300,18 @@ class TritonBackend(PassBackend):
                 # under 3.6 at 3 stages, 12 B under 3.4 at 1; 32 rows at 1 stage spilled 8 B under 3.9
                 # with two streams); tail 64 rows, 3 stages (1 stage spilled 32 B under 3.4); value
                 # 16 rows, gradients 32 rows (grad_dw 16), 3 stages. With 8 warps ptxas capped the
-                # value tile and grad_kernel's explicit-column tile at 128 registers under some
-                # versions and spilled 4-32 B (no warps / stages / block choice fitted all three
-                # versions): those two launch with `.maxnreg 255` (255 × 256 threads fit the SM's
+                # value tile, grad_kernel's few-column-term tile and grad_dw at 128 registers under
+                # some versions and spilled 4-32 B (no warps / stages / block choice fitted all
+                # three versions): those launch with `.maxnreg 255` (255 × 256 threads fit the SM's
                 # 64K registers). Not the other gradient tiles: there 255 spilled under 3.4 and 3.6
                 # where ptxas's own choice fits.
                 bn = {"tail": 64, "value": 16, "grad_dw": 16}.get(role, 32)
                 bv, bh = 64, 16
                 stages = 2 if role == "stats" else 3
-                if role in ("value", "grad_explicit"):
+                if role in ("value", "grad_term", "grad_dw"):
                     max_registers = MAX_REGISTERS
             else:
-                bn = 32 if role in ("grad", "grad_explicit", "grad_dw") else 64
+                bn = 32 if role in ("grad", "grad_term", "grad_dw") else 64
                 bv, bh = (64 if role == "grad_dw" else 128), 32
         else:
             # The running top-Ks are BLOCK_V keys wide each (the kernel's K_PAD), not K_PAD: two top-Ks of
@@ -318,6 +322,10 @@ class TritonBackend(PassBackend):
             # One running top-K: 4 warps (8 spilled at K_PAD 256 under Triton 3.9, ptxas stopping at 128
             # registers); two (K_PAD 128 each) fit only with 8.
             warps = 4 if k_pad and n_topk == 1 else 8
+            if role == "tail":  # ptxas capped it at 64 registers under Triton 3.7.1 and spilled 8 B
+                max_registers = 128
+            elif role == "stats" and not k_pad:  # capped at 128 under 3.8.0, spilled 28 B
+                max_registers = MAX_REGISTERS
         bn = self.block_n or bn
         bv = max(self.block_v or bv, k_pad)
         bh = self.block_h or bh
@@ -524,7 +532,7 @@ class TritonBackend(PassBackend):
         whole gradient [n, k] before `scale`) or None."""
         n = rows.shape[0]
         dev = rows.device
-        cfg = self._config((student, target), n, role="grad" if explicit is None else "grad_explicit")
+        cfg = self._config((student, target), n, role="grad_term" if kind == self._div.DENSE.value else "grad")
         linear = isinstance(student, LinearSource)
         vv = student.effective_vocab
         row_blocks, vocab_tiles = triton_cdiv(n, cfg.block_n), triton_cdiv(vv, cfg.block_v)
