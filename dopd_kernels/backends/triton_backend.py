@@ -271,9 +271,9 @@ class TritonBackend(PassBackend):
         `role` is "stats", "tail", "value", "grad", "grad_term" (`grad_kernel` of a few-column term's
         dense part) or "grad_dw" (gradient tiles hold more live values); `k_pad` > 0 when
         `n_topk` running top-Ks are kept (then BLOCK_V = max(BLOCK_V, K_PAD): the stats kernel merges
-        whole tiles into them). The rules are the module docstring's; the CUDA defaults are the largest tiles that
-        ptxas compiles without register spills for sm_90a (`tests/triton_sm90.py`); under the
-        interpreter, unless `cuda_tiles`, small tiles that fit the shape."""
+        whole tiles into them). The rules are the module docstring's; the CUDA defaults are the
+        largest tiles that ptxas compiles without register spills for sm_90a (`tests/triton_sm90.py`);
+        under the interpreter, unless `cuda_tiles`, small tiles that fit the shape."""
         source = sources[0]
         linear = isinstance(source, LinearSource)
         v = source.effective_vocab
