@@ -36,6 +36,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("row_chunk"), py::arg("vocab_chunk"));
 
   m.def("stats_pass", &dopd::stats_pass, py::arg("stream"), py::arg("rows"), py::arg("k"), py::arg("tiling"),
+        py::arg("tail_tokens") = py::none(),
         py::call_guard<py::gil_scoped_release>());
   m.def("rest_lse_pass", &dopd::rest_lse_pass, py::arg("stream"), py::arg("rows"), py::arg("cols"), py::arg("tiling"),
         py::call_guard<py::gil_scoped_release>());

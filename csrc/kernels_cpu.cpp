@@ -208,29 +208,47 @@ struct RowStats {
   int count;
 };
 
-// Merge one block of scaled logits z·inv_tau (columns c0 .. c0+len) into a row's statistics.
+// (max, Σ exp(z·inv_tau − max)) of one block of logits, column `skip` (relative to the block; outside
+// [0, len): none) left out: a tail bucket's share of the block. A NaN logit gives a NaN sum, which stays
+// NaN through every later lse_merge.
 template <typename A>
-void stats_segment(const A* z, int64_t c0, int64_t len, A inv_tau, int k, RowStats<A>& st) {
+LseState<A> segment_lse(const A* z, int64_t len, A inv_tau, int64_t skip) {
   A mx = neg_inf<A>();
   int nans = 0;
 #pragma omp simd reduction(max : mx) reduction(+ : nans)
   for (int64_t j = 0; j < len; ++j) {
-    mx = std::max(mx, z[j] * inv_tau);
-    nans += z[j] != z[j];
+    const A x = j == skip ? neg_inf<A>() : z[j] * inv_tau;
+    mx = std::max(mx, x);
+    nans += x != x;
   }
-  if (nans) {  // the row's log-sum-exp becomes NaN for good (see lse_merge)
-    st.lse.s = std::numeric_limits<A>::quiet_NaN();
-  } else if (mx > neg_inf<A>()) {  // an all -inf block adds nothing to the log-sum-exp
-    A sum = 0;
+  if (nans) return {mx, std::numeric_limits<A>::quiet_NaN()};
+  if (mx == neg_inf<A>()) return lse_empty<A>();  // an all -inf block adds nothing to the log-sum-exp
+  A sum = 0;
 #pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < len; ++j) sum += fexp(z[j] * inv_tau - mx);
-    st.lse = lse_merge(st.lse, LseState<A>{mx, sum});
-  }
-  if (!topk_admits(mx, st.heap_v, st.count, k)) return;  // nothing in this block beats the weakest kept column
+  for (int64_t j = 0; j < len; ++j) sum += j == skip ? A(0) : fexp(z[j] * inv_tau - mx);
+  return {mx, sum};
+}
+
+// Merge one block of scaled logits z·inv_tau (columns c0 .. c0+len) into a row's statistics; returns
+// the block's own (max, sum).
+template <typename A>
+LseState<A> stats_segment(const A* z, int64_t c0, int64_t len, A inv_tau, int k, RowStats<A>& st) {
+  const LseState<A> block = segment_lse(z, len, inv_tau, -1);
+  st.lse = lse_merge(st.lse, block);
+  if (!topk_admits(block.m, st.heap_v, st.count, k)) return block;  // nothing here beats the weakest kept column
   for (int64_t j = 0; j < len; ++j) {
     const A v = z[j] * inv_tau;
     if (topk_admits(v, st.heap_v, st.count, k)) topk_push(st.heap_v, st.heap_i, &st.count, k, v, c0 + j);
   }
+  return block;
+}
+
+// The tail bucket of a row's sampled token (every valid column but `token`) beside its statistics, from
+// the same block: the block's state unless the token lies in it (then that block once more without it).
+template <typename A>
+void tail_segment(const A* z, int64_t c0, int64_t len, A inv_tau, int64_t token, LseState<A> block, LseState<A>& tail) {
+  const int64_t skip = token - c0;
+  tail = lse_merge(tail, skip >= 0 && skip < len ? segment_lse(z, len, inv_tau, skip) : block);
 }
 
 // A tail bucket's segment: `z` with the row's excluded columns (those in [c0, c0 + len); entries
@@ -245,11 +263,14 @@ const A* mask_excluded(const A* z, int64_t c0, int64_t len, const int64_t* ex, i
   return out;
 }
 
-// Log-sum-exp as (max, log-sum) (and top-k when k > 0) of each row; with `excluded` [n, k_ex], the
-// log-sum-exp of the valid columns outside the row's excluded ones (a tail bucket, summed directly).
+// Per row, (max, log-sum) of the log-sum-exp, the top-k columns (k > 0) and, with `tail_tokens` [n], the
+// tail bucket of the row's token: (max, log-sum) over the valid columns but that one, summed in the same
+// sweep ([0] tensors without). With `excluded` [n, k_ex], the log-sum-exp is over the valid columns
+// outside the row's excluded ones (a tail bucket of several columns, summed directly).
 template <typename A>
-std::tuple<Tensor, Tensor, Tensor> stats_impl(const Stream& s, const Tensor& rows, int64_t k64, Tiling tl,
-                                      const Tensor* excluded = nullptr) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> stats_impl(const Stream& s, const Tensor& rows, int64_t k64, Tiling tl,
+                                                              const Tensor* excluded = nullptr,
+                                                              const int64_t* tail_tokens = nullptr) {
   const int64_t n = rows.size(0), vv = s.valid_vocab;
   const int k = static_cast<int>(k64);
   const int64_t k_ex = excluded ? excluded->size(1) : 0;
@@ -261,6 +282,11 @@ std::tuple<Tensor, Tensor, Tensor> stats_impl(const Stream& s, const Tensor& row
   int64_t* heap_i = topk.data_ptr<int64_t>();
   std::vector<RowStats<A>> st(n);
   for (int64_t i = 0; i < n; ++i) st[i] = {lse_empty<A>(), heap_v.data() + i * k, heap_i + i * k, 0};
+  std::vector<LseState<A>> tail(tail_tokens ? n : 0, lse_empty<A>());
+  auto segment = [&](const A* z, int64_t i, int64_t c0, int64_t len) {
+    const LseState<A> block = stats_segment(z, c0, len, inv_tau, k, st[i]);
+    if (tail_tokens) tail_segment(z, c0, len, inv_tau, tail_tokens[i], block, tail[i]);
+  };
 
   if (!s.linear()) {
     const Rows<A> x(s.x);
@@ -274,7 +300,7 @@ std::tuple<Tensor, Tensor, Tensor> stats_impl(const Stream& s, const Tensor& row
           const int64_t len = std::min(block, vv - c0);
           const A* z = x.segment(rp[i], c0, len, scr.s.data());
           if (ex) z = mask_excluded(z, c0, len, ex + i * k_ex, k_ex, scr.g.data());
-          stats_segment(z, c0, len, inv_tau, k, st[i]);
+          segment(z, i, c0, len);
         }
     }
   } else {
@@ -292,21 +318,26 @@ std::tuple<Tensor, Tensor, Tensor> stats_impl(const Stream& s, const Tensor& row
           A* z = tile + i * len;  // this row's part of the tile buffer: transformed and masked in place
           head_transform(z, len, head);
           if (ex) mask_excluded(z, c0, len, ex + (r0 + i) * k_ex, k_ex, z);
-          stats_segment(z, c0, len, inv_tau, k, st[r0 + i]);
+          segment(z, r0 + i, c0, len);
         }
       }
     }
   }
 
-  Tensor mx = at::empty({n}, rows.options().dtype(s.acc())), log_sum = at::empty_like(mx);
-  A *mp = mx.data_ptr<A>(), *lp = log_sum.data_ptr<A>();
+  auto vec = [&](int64_t m) { return at::empty({m}, rows.options().dtype(s.acc())); };
+  Tensor mx = vec(n), log_sum = vec(n), tail_mx = vec(tail.size()), tail_log_sum = vec(tail.size());
+  A *mp = mx.data_ptr<A>(), *lp = log_sum.data_ptr<A>(), *tmp = tail_mx.data_ptr<A>(), *tlp = tail_log_sum.data_ptr<A>();
 #pragma omp parallel for num_threads(num_threads()) schedule(static)
   for (int64_t i = 0; i < n; ++i) {
     mp[i] = st[i].lse.m;
     lp[i] = lse_log_sum(st[i].lse);
+    if (tail_tokens) {
+      tmp[i] = tail[i].m;
+      tlp[i] = lse_log_sum(tail[i]);
+    }
     topk_sort(st[i].heap_v, st[i].heap_i, st[i].count);
   }
-  return {mx, log_sum, topk};
+  return {mx, log_sum, topk, tail_mx, tail_log_sum};
 }
 
 // -- full-vocabulary value -------------------------------------------------------------------------
@@ -963,10 +994,19 @@ void check_rows(const Tensor& rows) {
 
 }  // namespace
 
-std::tuple<Tensor, Tensor, Tensor> stats_pass(const Stream& s, const Tensor& rows, int64_t k, Tiling tiling) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> stats_pass(const Stream& s, const Tensor& rows, int64_t k, Tiling tiling,
+                                                              const std::optional<Tensor>& tail_tokens) {
   check_rows(rows);
-  std::tuple<Tensor, Tensor, Tensor> out;
-  with_acc(s.acc(), [&](auto a) { out = stats_impl<decltype(a)>(s, rows, k, tiling); });
+  Tensor tokens;
+  if (tail_tokens) {
+    TORCH_CHECK(tail_tokens->dim() == 1 && tail_tokens->size(0) == rows.size(0) && tail_tokens->scalar_type() == at::kLong,
+                "dopd cpu: tail_tokens must be int64 [n] for n rows");
+    tokens = tail_tokens->contiguous();
+  }
+  std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> out;
+  with_acc(s.acc(), [&](auto a) {
+    out = stats_impl<decltype(a)>(s, rows, k, tiling, nullptr, tail_tokens ? tokens.data_ptr<int64_t>() : nullptr);
+  });
   return out;
 }
 

@@ -34,10 +34,12 @@ struct Tiling {
 };
 
 // Log-sum-exp of the scaled logits of `rows` as (max [n], log Σ exp(z − max) [n]) in the compute
-// dtype, for the caller to add in float64 (-inf, 0 for a row without finite logits), and (k > 0)
-// their top-k column indices [n, k], best first (ties to the smaller column).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> stats_pass(const Stream& s, const at::Tensor& rows, int64_t k,
-                                                          Tiling tiling);
+// dtype, for the caller to add in float64 (-inf, 0 for a row without finite logits), (k > 0) their
+// top-k column indices [n, k], best first (ties to the smaller column), and, with `tail_tokens` [n],
+// the tail bucket of each row's token (every valid column but that one; a token outside the valid
+// vocabulary or < 0 leaves nothing out) as (max, log-sum) in the same sweep ([0] tensors without).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_pass(
+    const Stream& s, const at::Tensor& rows, int64_t k, Tiling tiling, const std::optional<at::Tensor>& tail_tokens);
 
 // Log-sum-exp of the scaled logits of `rows` over the valid columns not in the row's `cols` [n, k]
 // (entries < 0 ignored), as (max, log-sum) like stats_pass: a tail bucket's log-mass, summed directly.

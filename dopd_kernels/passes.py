@@ -76,8 +76,9 @@ class Passes(Protocol):
                    top_k: int, rest_streams: Sequence[int] = ()) -> Stats:
         """Log-sum-exp and sampled logit (`tokens` [n]) of every stream at `rows`, the top-`top_k`
         columns of the streams `topk_streams` and the tail bucket (`Stats.rest_lse`: every valid column
-        but `tokens`) of the streams `rest_streams` (positions in `sources`). A backend sums the tail in
-        the same sweep; `backends/base.py` composes `rest_logsumexp` for one that does not."""
+        but `tokens`) of the streams `rest_streams` (positions in `sources`), summed directly (not as the
+        log-sum-exp less p_y), in the same sweep where the backend can (torch, cpp, triton; `cuda` calls
+        `rest_logsumexp`)."""
 
     def gather(self, source, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """Scaled logits [n, K] of `source` at columns `cols` [n, K] of `rows`."""

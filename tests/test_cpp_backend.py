@@ -58,6 +58,47 @@ def test_rest_logsumexp_matches_float64(mode, dtype, cpp):
     assert got.dtype == torch.float64  # (max, log-sum) added in float64, as the stats pass does
     assert_close(got.double(), want, rtol=1e-5, atol=1e-5, what=f"rest log-sum-exp ({mode}, {dtype})")
 
+@pytest.mark.parametrize("mode,dtype", [("logits", torch.float32), ("logits", torch.bfloat16),
+                                        ("linear", torch.float32), ("linear", torch.bfloat16)])
+def test_stats_pass_sums_the_sampled_tail_in_its_sweep(mode, dtype, cpp):
+    """The sampled token's tail bucket (every valid column but y), which the stats pass sums beside the
+    log-sum-exp and top-K, against float64 on the same (rounded) inputs: tokens in the first and last
+    column, in a partial last block and past `valid_vocab` (nothing left out); a token holding nearly
+    all the mass (the tail summed directly, not as lse + log(1 − p_y)); a row with a NaN logit off the
+    token (NaN) and one whose only NaN is the token's (left out: finite). The log-sum-exp and top-K
+    equal those of a stats pass without tails."""
+    from dopd_kernels.sources import LinearSource, LogitsSource
+
+    n, v, h, vv, k = 9, 41, 12, 37, 4
+    rows = torch.tensor([0, 1, 2, 3, 5, 6, 8])
+    tokens = torch.tensor([0, vv - 1, 35, 39, 7, 20, 11])
+    if mode == "logits":
+        x = 2 * torch.randn(n, v)
+        x[5, 7] = 60.0  # row 5's token holds all but ~e-50 of the mass
+        x[6, 3], x[8, 11] = float("nan"), float("nan")
+        x = x.to(dtype)
+        src, z = LogitsSource(x, 0.8, vv), x.double() / 0.8
+    else:
+        hid, w = torch.randn(n, h), torch.randn(v, h) / 2
+        w[7] = hid[5] * (40.0 / hid[5].norm() ** 2)  # row 5's logit at its token is 40
+        hid[6, 0] = float("nan")  # every logit of row 6 is NaN
+        hid, w, b = hid.to(dtype), w.to(dtype), torch.randn(v).to(dtype)
+        src, z = LinearSource(hid, w, b, 0.8, vv), (hid.double() @ w.double().T + b.double()) / 0.8
+    want = z[rows, :vv].clone()
+    inside = tokens < vv
+    want[inside.nonzero()[:, 0], tokens[inside]] = float("-inf")
+    want = torch.logsumexp(want, dim=1)
+    stats = cpp.stats_pass([src], rows, tokens, (0,), k, rest_streams=(0,))
+    plain = cpp.stats_pass([src], rows, tokens, (0,), k)
+    assert plain.rest_lse == {} and torch.equal(stats.topk[0], plain.topk[0])
+    torch.testing.assert_close(stats.lse[0], plain.lse[0], rtol=0, atol=0, equal_nan=True)
+    got = stats.rest_lse[0]
+    assert got.dtype == torch.float64
+    assert torch.equal(got.isnan(), want.isnan()), (got, want)
+    ok = ~want.isnan()
+    assert_close(got[ok], want[ok], rtol=1e-5, atol=1e-5, what=f"stats-pass tail ({mode}, {dtype})")
+    assert want[4] - z[5, 7] < -30  # the confident row's tail really is far below its token
+
 
 # -- full_pass: one pass over a row that fits a tile, online statistics for a wider one ----------------
 

@@ -295,17 +295,25 @@ def test_cuda_tiles_fused_linear_opd_heads_bf16(device):
 @pytest.mark.parametrize("k,v,backend", [(200, 300, TB), (5, 200, SMALL_TILES), (128, 128, TB)],
                          ids=["K=200(K_PAD=256)", "K=5-many-tiles", "K=V=128"])
 def test_stats_pass_topk_and_lse(k, v, backend, device):
-    """Running top-K of up to 256 columns (sorted descending) for several streams at once, against torch."""
+    """Running top-K of up to 256 columns (sorted descending) for several streams at once, and the
+    sampled token's tail bucket of streams 0 and 1 in the same sweep (one row's token holding all but
+    ~e-60 of the mass: summed directly, not as lse + log(1 − p_y)), against torch."""
     # Streams 0 and 2 keep a top-K: each holds distinct values, so the top-K set is unique.
     zs, zt, zp = (distinct_logits(20, v)[0].float().to(device) for _ in range(3))
     rows = torch.tensor([0, 3, 4, 7, 8, 9, 12, 13, 19], device=device)
     tokens = torch.randint(0, v, (rows.shape[0],), device=device)
+    zs[rows[1], tokens[1]] += 60.0
     sources = [LogitsSource(z, temperature=0.9) for z in (zs, zt, zp)]
-    stats = backend.stats_pass(sources, rows, tokens, (0, 2), k)
+    stats = backend.stats_pass(sources, rows, tokens, (0, 2), k, rest_streams=(0, 1))
     for j, z in enumerate((zs, zt, zp)):
         zr = z[rows].double() / 0.9
         assert_close(stats.lse[j], torch.logsumexp(zr, 1), rtol=1e-6, what=f"lse {j}")
         assert_close(stats.logit_y[j], zr.gather(1, tokens[:, None])[:, 0], rtol=1e-6, what=f"logit_y {j}")
+        if j < 2:
+            tail = torch.logsumexp(zr.scatter(1, tokens[:, None], float("-inf")), 1)
+            assert_close(stats.rest_lse[j], tail, rtol=1e-6, what=f"tail {j}")
+    assert set(stats.rest_lse) == {0, 1}
+    assert stats.lse[0][1] - stats.rest_lse[0][1] > 50  # the confident row's tail is far below its token
     assert set(stats.topk) == {0, 2}
     for j in (0, 2):
         assert torch.equal(stats.topk[j], torch.topk(sources[j].logits[rows], k, dim=1).indices), f"top-K {j}"
@@ -316,9 +324,12 @@ def test_stats_pass_topk_fused_linear(device):
     t = {k: x.to(device) for k, x in linear_streams(17, 20, 150).items()}
     src = LinearSource(t["student_hidden"], t["student_weight"], t["student_bias"])
     rows = torch.arange(17, device=device)
-    stats = SMALL_TILES.stats_pass([src], rows, torch.zeros(17, dtype=torch.long, device=device), (0,), 24)
+    tokens = torch.randint(0, 150, (17,), device=device)
+    stats = SMALL_TILES.stats_pass([src], rows, tokens, (0,), 24, rest_streams=(0,))
     z = t["student_hidden"].double() @ t["student_weight"].double().T + t["student_bias"].double()
     assert torch.equal(stats.topk[0].sort(1).values, torch.topk(z, 24, dim=1).indices.sort(1).values)
+    tail = torch.logsumexp(z.scatter(1, tokens[:, None], float("-inf")), 1)
+    assert_close(stats.rest_lse[0], tail, rtol=1e-5, what="tail bucket")
 
 
 def test_registry_auto_and_unavailable(monkeypatch):

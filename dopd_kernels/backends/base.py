@@ -4,13 +4,11 @@ protocol a backend may leave to plain tiled PyTorch.
 
 from __future__ import annotations
 
-import functools
-import inspect
 from typing import Optional, Sequence
 
 import torch
 
-from ..passes import Grads, Stats
+from ..passes import Grads
 from ..sources import LinearSource
 
 NEG_INF = float("-inf")
@@ -40,30 +38,8 @@ def without_columns(tile: torch.Tensor, cols: torch.Tensor, start: int) -> torch
     return tile.masked_fill(hits > 0, NEG_INF)
 
 
-def _composing_rest(stats_pass):
-    """A `stats_pass` without `rest_streams` made into one with it: the statistics, then each requested
-    stream's tail bucket from `rest_logsumexp` (a sweep of its own per stream)."""
-    @functools.wraps(stats_pass)
-    def composed(self, sources: Sequence, rows: torch.Tensor, tokens: torch.Tensor, topk_streams, top_k: int,
-                 rest_streams: Sequence[int] = ()) -> Stats:
-        stats = stats_pass(self, sources, rows, tokens, topk_streams, top_k)
-        stats.rest_lse = {j: self.rest_logsumexp(sources[j], rows, tokens[:, None]) for j in rest_streams}
-        return stats
-
-    return composed
-
-
 class PassBackend:
     """Base of the pass backends. Subclasses implement the passes of `passes.Passes`."""
-
-    def __init_subclass__(cls, **kwargs):
-        # The protocol's stats pass sums the tail buckets "every column but the sampled token" in its own
-        # sweep when asked (`rest_streams`, `Stats.rest_lse`). A backend whose `stats_pass` does not take
-        # `rest_streams` yet (cpp, cuda, triton) gets the default: its statistics plus `rest_logsumexp`.
-        super().__init_subclass__(**kwargs)
-        own = cls.__dict__.get("stats_pass")
-        if own is not None and "rest_streams" not in inspect.signature(own).parameters:
-            cls.stats_pass = _composing_rest(own)
 
     def select(self, sources: Sequence, top_k: int) -> "PassBackend":
         """The passes that run a call over `sources` with top-K `top_k`: this backend, unless it

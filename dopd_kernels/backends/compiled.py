@@ -4,8 +4,9 @@ Both run the passes of `passes.Passes` in the extension built from `csrc/` (see 
 O(N·V) loops — online log-sum-exp, top-K, divergence sums, gradient tiles with the explicit columns
 folded in, and in fused-linear mode the tile matmuls and the dH/dW contraction — happen there, as do
 the K-column gathers, and on CPU the fused-linear contraction of renormalized top-K gradients and
-the tail-bucket pass `rest_logsumexp` (sampled forward KL / JS, top-K with `topk_renorm=False`; the
-`cuda` backend inherits the tiled PyTorch pass of `backends/base.py` for it). The O(N·K) work
+the tail buckets: the sampled token's (sampled forward KL / JS) in the stats pass's sweep, a top-K
+support's (`topk_renorm=False`) in `rest_logsumexp`; the `cuda` backend inherits the tiled PyTorch
+pass of `backends/base.py` for both. The O(N·K) work
 (`row_terms.py`, routing) stays in the shared Python code. On CPU, full-vocabulary rows take the
 fewest sweeps exactness allows without a `[chunk, V]` buffer (`full_pass`), and the extension counts
 the matmul FLOPs it performs (`matmul_flops`, for tests/test_matmul_floor.py). The `cpp` backend's fused-linear
@@ -44,7 +45,7 @@ class CompiledBackend(PassBackend):
 
     name = "compiled"
     _kind = "cpu"
-    # The CPU extension also has a tail-bucket pass and the fused-linear sparse contraction; the CUDA
+    # The CPU extension also sums tail buckets and has the fused-linear sparse contraction; the CUDA
     # one leaves both to the PyTorch defaults (`PassBackend.rest_logsumexp`, `gradients.add_sparse`).
     _cpu_only_passes = True
 
@@ -88,18 +89,30 @@ class CompiledBackend(PassBackend):
         return mx.double() + log_sum.double()
 
     @torch.no_grad()
-    def stats_pass(self, sources: Sequence, rows: torch.Tensor, tokens: torch.Tensor, topk_streams, top_k: int) -> Stats:
+    def stats_pass(self, sources: Sequence, rows: torch.Tensor, tokens: torch.Tensor, topk_streams, top_k: int,
+                   rest_streams: Sequence[int] = ()) -> Stats:
+        """The `passes.Passes` stats pass, one sweep per stream. On CPU the tail buckets of `rest_streams` are
+        summed in that sweep (the extension's `tail_tokens`); the `cuda` backend composes them from
+        `rest_logsumexp`, a sweep of its own per stream."""
         rows, dt = rows.contiguous(), sources[STUDENT].dtype
         k = min(top_k, sources[STUDENT].effective_vocab)
-        lse, topk, logit_y = [], {}, []
+        lse, topk, logit_y, rest = [], {}, [], {}
         for j, src in enumerate(sources):
-            stream = self._stream(src)
-            mx, log_sum, idx = self._ops.stats_pass(stream, rows, k if j in topk_streams else 0, self._tiling)
+            stream, k_j = self._stream(src), k if j in topk_streams else 0
+            if self._cpu_only_passes:
+                tail = tokens.contiguous() if j in rest_streams else None
+                mx, log_sum, idx, tail_mx, tail_log_sum = self._ops.stats_pass(stream, rows, k_j, self._tiling, tail)
+                if tail is not None:
+                    rest[j] = tail_mx.double() + tail_log_sum.double()
+            else:
+                mx, log_sum, idx = self._ops.stats_pass(stream, rows, k_j, self._tiling)
+                if j in rest_streams:
+                    rest[j] = self.rest_logsumexp(src, rows, tokens[:, None])
             lse.append(mx.double() + log_sum.double())  # float64: see Stats
             if j in topk_streams:
                 topk[j] = idx
             logit_y.append(self._ops.gather(stream, rows, tokens[:, None])[:, 0].to(dt))
-        return Stats(lse, logit_y, topk)
+        return Stats(lse, logit_y, topk, rest)
 
     @torch.no_grad()
     def full_value_pass(self, student, target, rows, lse_s, lse_t, kind: str, beta: float):

@@ -44,6 +44,26 @@ def _times_dense(p: torch.Tensor, dense: torch.Tensor, dt: torch.dtype) -> torch
     return torch.where(p > 0, p * dense.to(dt).nan_to_num(posinf=0.0, neginf=0.0), torch.zeros_like(p))
 
 
+def _merge_kl(state: tuple, za: torch.Tensor, zb: torch.Tensor) -> tuple:
+    """Merge a tile of the weighting stream `za` and of the other stream `zb` [r, c] into the running
+    state (ma, sa, mb, sb, w) [r]: maxima m and sums s = Σ e^{z − m} of each stream, and
+    w = Σ_v e^{a_v − ma}((a_v − ma) − (b_v − mb)) (float64), so that KL(a‖b) = w/sa − log sa + log sb
+    (`csrc/row_math.h` KlState). When a maximum grows, w is rebased: w' = e^{ma − ma'}(w + sa·((ma − ma')
+    − (mb − mb'))). Every difference is to a running maximum, so the value keeps the compute dtype's
+    precision at logits of 1e4."""
+    ma, sa, mb, sb, w = state
+    ma2, mb2 = torch.maximum(ma, za.max(1).values), torch.maximum(mb, zb.max(1).values)
+    sha = torch.where(ma2 == NEG_INF, torch.zeros_like(ma2), ma2)
+    shb = torch.where(mb2 == NEG_INF, torch.zeros_like(mb2), mb2)
+    ra = torch.exp(ma - sha)
+    # sa = 0: nothing seen yet (w = 0), and ma − sha may be -inf − 0
+    w = torch.where(sa > 0, ra.double() * (w + sa.double() * ((ma - sha) - (mb - shb)).double()), w)
+    da, db = za - sha[:, None], zb - shb[:, None]
+    pa = torch.exp(da)
+    w = w + torch.where(pa > 0, pa * (da - db), torch.zeros_like(pa)).sum(1).double()
+    return ma2, sa * ra + pa.sum(1), mb2, sb * torch.exp(mb - shb) + torch.exp(db).sum(1), w
+
+
 class TorchBackend(PassBackend):
     """Vocabulary-chunked PyTorch. `row_chunk × vocab_chunk` bounds every temporary."""
 
@@ -142,12 +162,21 @@ class TorchBackend(PassBackend):
         (V ≤ `vocab_chunk`, so no tile is wider than any other pass's): each chunk of rows gets its two
         streams' logits once and takes from them the log-sum-exps (when not given), the value, the
         gradient constant and, with `scale`, the gradient contracted at once — the matmul floor.
-        Otherwise the separate sweeps of `PassBackend`."""
+        Wider rows of reverse / forward KL without given log-sum-exps: those and the KL online in one
+        sweep (`_kl_sweep`), then the gradient sweep. Otherwise the separate sweeps of `PassBackend`."""
         v, n, dt, f64 = student.effective_vocab, rows.shape[0], student.dtype, torch.float64
         # DESIGN.md's memory rule: no [chunk, V] tensor in fused-linear mode, so a whole row must fit one
-        # ordinary tile (V ≤ vocab_chunk); a wider vocabulary takes the separate sweeps.
+        # ordinary tile (V ≤ vocab_chunk). A wider vocabulary takes two sweeps for reverse / forward KL
+        # (log-sum-exps and KL online, then the gradient: its constant is the whole row's KL), three for JS
+        # (its log-mixture needs both log-sum-exps before any term).
         if v > self.vocab_chunk:
-            return super().full_pass(student, target, rows, lse_s, lse_t, kind, beta, scale, grads)
+            if lse_s is not None or kind == "js":
+                return super().full_pass(student, target, rows, lse_s, lse_t, kind, beta, scale, grads)
+            lse_s, lse_t, value = self._kl_sweep(student, target, rows, kind)
+            c = value.clone() if kind == "reverse_kl" else torch.zeros_like(value)
+            if scale is not None:
+                self.full_grad_pass(student, target, rows, lse_s, lse_t, c, kind, beta, scale, grads)
+            return lse_s, lse_t, value, c
         given = lse_s is not None
         if not given:
             lse_s, lse_t = (torch.empty(n, dtype=f64, device=rows.device) for _ in range(2))
@@ -170,6 +199,24 @@ class TorchBackend(PassBackend):
                 grad = self._full_tile_grad(lp, lp.exp(), lq, c[sl, None].to(dt), kind, beta)
                 self._add_tile(grads, student, r, 0, grad * scale[sl, None].to(dt), zs, self._budget(student, grads, r))
         return lse_s, lse_t, value, c
+
+    def _kl_sweep(self, student, target, rows: torch.Tensor, kind: str) -> tuple:
+        """Both streams' log-sum-exps and the reverse (KL(s‖t)) or forward (KL(t‖s)) KL of each row [n]
+        (float64) in one sweep over the vocabulary (`_merge_kl`)."""
+        n, f64 = rows.shape[0], torch.float64
+        lse_s, lse_t, value = (torch.empty(n, dtype=f64, device=rows.device) for _ in range(3))
+        for sl in self._row_chunks(n):
+            r = rows[sl]
+            m = torch.full((r.shape[0],), NEG_INF, dtype=student.dtype, device=r.device)
+            state = (m, torch.zeros_like(m), m.clone(), torch.zeros_like(m), torch.zeros(r.shape[0], dtype=f64, device=r.device))
+            for c0, c1 in self._vocab_blocks(student):
+                zs, zt = student.tile(r, c0, c1), target.tile(r, c0, c1)
+                state = _merge_kl(state, zs, zt) if kind == "reverse_kl" else _merge_kl(state, zt, zs)
+            ma, sa, mb, sb, w = state
+            lse_a, lse_b = finish_logsumexp(ma, sa), finish_logsumexp(mb, sb)
+            lse_s[sl], lse_t[sl] = (lse_a, lse_b) if kind == "reverse_kl" else (lse_b, lse_a)
+            value[sl] = w / sa.double() - torch.log(sa.double()) + torch.log(sb.double())
+        return lse_s, lse_t, value
 
     def full_grad_pass(self, student, target, rows, lse_s, lse_t, c, kind: str, beta: float, scale: torch.Tensor,
                        grads: Grads) -> None:

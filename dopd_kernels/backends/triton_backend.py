@@ -418,9 +418,11 @@ class TritonBackend(PassBackend):
                       dummy if db is None else db, x, sx0, sx1, hdim, NEED_DW=dw is not None, NEED_DB=db is not None,
                       BLOCK_E=16, BLOCK_H=block_h)
 
-    def stats_pass(self, sources: Sequence, rows: torch.Tensor, tokens: torch.Tensor, topk_streams, top_k: int) -> Stats:
-        """One launch for every stream, keeping as many running top-Ks as `_topk_width` allows; each
-        further top-K stream gets a launch of its own (its logits are computed once more)."""
+    def stats_pass(self, sources: Sequence, rows: torch.Tensor, tokens: torch.Tensor, topk_streams, top_k: int,
+                   rest_streams: Sequence[int] = ()) -> Stats:
+        """One launch for every stream, keeping as many running top-Ks as `_topk_width` allows, and the
+        tail buckets of `rest_streams` in the same sweep; each further top-K stream gets a launch of its
+        own (its logits are computed once more)."""
         student = sources[STUDENT]
         n, dev = rows.shape[0], rows.device
         k = min(top_k, student.effective_vocab)
@@ -429,18 +431,22 @@ class TritonBackend(PassBackend):
         fit = max(1, self._topk_width(sources) // _topk_block(k_pad)) if order else 0
         hi = torch.empty(len(sources), n, dtype=torch.float32, device=dev)
         logsum, logit_y = torch.empty_like(hi), torch.empty_like(hi)
+        tail = torch.empty(2, *hi.shape, dtype=hi.dtype, device=dev) if rest_streams else (None, None)
         topk = torch.empty(len(order), n, k, dtype=torch.long, device=dev) if order else hi
-        self._stats_launch(sources, rows, tokens, order[:fit], k, hi, logsum, logit_y, topk[:fit] if order else hi)
+        self._stats_launch(sources, rows, tokens, order[:fit], k, hi, logsum, logit_y, topk[:fit] if order else hi,
+                           rest_streams, *tail)
         for i, j in enumerate(order[fit:], start=fit):
             scratch = torch.empty(3, 1, n, dtype=torch.float32, device=dev)
             self._stats_launch([sources[j]], rows, tokens, [0], k, *scratch, topk[i:i + 1])
         lse = _lse64(hi, logsum)
-        return Stats(list(lse.unbind(0)), list(logit_y.unbind(0)), {j: topk[i] for i, j in enumerate(order)})
+        rest = {j: _lse64(tail[0, j], tail[1, j]) for j in rest_streams}
+        return Stats(list(lse.unbind(0)), list(logit_y.unbind(0)), {j: topk[i] for i, j in enumerate(order)}, rest)
 
     def _stats_launch(self, sources: Sequence, rows: torch.Tensor, tokens: torch.Tensor, topk_streams, k: int,
-                      hi, logsum, logit_y, topk) -> None:
+                      hi, logsum, logit_y, topk, tail_streams: Sequence[int] = (), tail_hi=None, tail_logsum=None) -> None:
         """`stats_kernel` over `sources` (1–3), with running top-Ks of the streams `topk_streams`
-        (positions in `sources`) written to `topk` [len(topk_streams), n, k]."""
+        (positions in `sources`) written to `topk` [len(topk_streams), n, k] and the tail buckets of
+        `tail_streams` to `tail_hi`, `tail_logsum` [len(sources), n]."""
         student = sources[0]
         n = rows.shape[0]
         k_pad = _pow2(k) if topk_streams else 0
@@ -449,10 +455,11 @@ class TritonBackend(PassBackend):
         bias, upcast, head = _masks(sources)
         self._launch(self._stats.stats_kernel, (triton_cdiv(n, cfg.block_n),), cfg, rows.device,
                      rows.contiguous(), tokens.contiguous(), n, hi, logsum, logit_y, topk, k,
+                     hi if tail_hi is None else tail_hi, logsum if tail_logsum is None else tail_logsum,
                      *args[0], *args[1], *args[2], student.vocab, student.effective_vocab, 1.0 / student.temperature,
                      NUM_STREAMS=len(sources), LINEAR=isinstance(student, LinearSource), BIAS_MASK=bias,
                      UPCAST_MASK=upcast, HEAD_MASK=head, TOPK_MASK=sum(1 << j for j in topk_streams),
-                     LOG_K=int(math.log2(cfg.block_v)))
+                     TAIL_MASK=sum(1 << j for j in tail_streams), LOG_K=int(math.log2(cfg.block_v)))
 
     def rest_logsumexp(self, source, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """log Σ exp(scaled logit) over the valid columns of each row not in `cols` [n, k] (entries < 0
