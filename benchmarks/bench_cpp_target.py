@@ -10,10 +10,14 @@ exist) − RSS at that point, so gradients such as dW count as extra):
     cpp     the compiled `cpp` backend, with the matmul FLOPs its extension counted (`matmul_flops`) against the
             floor; afterwards, in the same process, the matmuls of its pass plan (same tile shapes and
             sweeps, the epilogues left out) are timed alone
+    trl     (`opd-js` only) TRL's own distillation loss, `_chunked_divergence_loss` (its PyTorch path)
+    liger   (`opd-js` only) Liger-Kernel's chunked `LigerFusedLinearJSDLoss`, not compiled
+    (the two peers are called as `benchmarks/contenders.py` calls them, with its mirrored β)
 
     python benchmarks/bench_cpp_target.py                 # DOPD, all three, default sizes, 2 threads
     python benchmarks/bench_cpp_target.py --n 512 --modes cpp torch
     python benchmarks/bench_cpp_target.py --workload opd-js --n 1024 --modes cpp
+    python benchmarks/bench_cpp_target.py --workload opd-js --n 1024 --modes cpp torch naive trl liger
 
 Prints one JSON line per run and a summary.
 """
@@ -26,6 +30,9 @@ import math
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
+
+PEERS = {"trl": "trl_chunked_divergence", "liger": "liger_chunked_jsd"}  # modes timed with benchmarks/contenders.py
 
 
 def status_bytes(field: str) -> int:
@@ -169,6 +176,12 @@ def child(mode, workload, n, h, v, threads, tiles):
             return out.loss, out.regime
         if mode == "naive":
             return naive_opd(hs, ws, ht, wt, kind), None
+        if mode in PEERS:
+            from benchmarks.contenders import build
+            from benchmarks.inputs import Case
+
+            case = Case("js", n, v, h)
+            return build(PEERS[mode], SimpleNamespace(hs=hs, ws=ws, ht=ht, wt=wt, tokens=y), case)(), None
         return dk.fused_linear_opd_loss(hs, ws, ht, wt, y, divergence=kind, granularity="full", backend=backend).loss, None
 
     if mode == "cpp":  # load the extension (and warm MKL) outside the measurement
@@ -212,10 +225,12 @@ def main():
     ap.add_argument("--h", type=int, default=1024)
     ap.add_argument("--v", type=int, default=151936)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--modes", nargs="+", default=["cpp", "torch", "naive"])
+    ap.add_argument("--modes", nargs="+", default=["cpp", "torch", "naive"], choices=["cpp", "torch", "naive", *PEERS])
     ap.add_argument("--tiles", type=int, nargs=2, default=None, help="cpp row_chunk vocab_chunk")
     ap.add_argument("--child", default=None)
     a = ap.parse_args()
+    if a.workload != "opd-js" and set(a.modes) & set(PEERS):
+        ap.error(f"--modes {' '.join(sorted(set(a.modes) & set(PEERS)))}: the peers run the opd-js workload only")
     if a.child:
         child(a.child, a.workload, a.n, a.h, a.v, a.threads, a.tiles)
         return
@@ -237,7 +252,7 @@ def main():
               f"{c['seconds'] / c['own_matmuls_seconds']:.2f} wall, {c['cpu_seconds'] / c['own_matmuls_cpu_seconds']:.2f} CPU); "
               f"counted {c['counted_gflop']:.1f} GFLOP = {c['counted_over_floor']:.2f}x the floor; "
               f"peak extra {c['peak_extra_mib']:.0f} MiB")
-        for other in ("torch", "naive"):
+        for other in ("torch", "naive", *PEERS):
             if other in results:
                 o = results[other]
                 print(f"  vs {other}: {o['seconds']:.2f} s wall / {o['cpu_seconds']:.2f} s CPU "
