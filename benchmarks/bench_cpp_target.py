@@ -18,6 +18,8 @@ exist) − RSS at that point, so gradients such as dW count as extra):
     python benchmarks/bench_cpp_target.py --n 512 --modes cpp torch
     python benchmarks/bench_cpp_target.py --workload opd-js --n 1024 --modes cpp
     python benchmarks/bench_cpp_target.py --workload opd-js --n 1024 --modes cpp torch naive trl liger
+    python benchmarks/bench_cpp_target.py --workload opd-js --n 1024 --modes cpp torch --tiles 16 151936
+                                                          # whole-row tiles (16 × V fp32 per stream): one sweep
 
 Prints one JSON line per run and a summary.
 """
@@ -162,9 +164,11 @@ def child(mode, workload, n, h, v, threads, tiles):
     import dopd_kernels as dk
     from dopd_kernels import DOPDConfig
     from dopd_kernels.backends.compiled import CppBackend
+    from dopd_kernels.backends.torch_chunked import TorchBackend
 
     cpp = CppBackend(*tiles) if tiles else CppBackend()
-    backend = cpp if mode == "cpp" else "torch"
+    torch_backend = TorchBackend(*tiles) if tiles else TorchBackend()
+    backend = cpp if mode == "cpp" else torch_backend
     kind = "reverse_kl" if workload == "opd-kl" else "js"
 
     def run(hs, ws, ht, wt, hp, y):
@@ -197,7 +201,7 @@ def child(mode, workload, n, h, v, threads, tiles):
     peak = status_bytes("VmHWM")
     n_full = int((regime == 2).sum()) if regime is not None else n
     res = dict(mode=mode, workload=workload, n=n, h=h, v=v, threads=threads,
-               tiles=[cpp.row_chunk, cpp.vocab_chunk] if mode == "cpp" else None, seconds=round(elapsed, 3),
+               tiles=list(backend.tile_shape()) if mode in ("cpp", "torch") else None, seconds=round(elapsed, 3),
                cpu_seconds=round(cpu, 3), loss=float(loss), peak_extra_mib=round((peak - base) / 2**20, 1),
                base_rss_mib=round(base / 2**20, 1), full_rows=n_full)
     if mode == "cpp":
@@ -226,7 +230,7 @@ def main():
     ap.add_argument("--v", type=int, default=151936)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--modes", nargs="+", default=["cpp", "torch", "naive"], choices=["cpp", "torch", "naive", *PEERS])
-    ap.add_argument("--tiles", type=int, nargs=2, default=None, help="cpp row_chunk vocab_chunk")
+    ap.add_argument("--tiles", type=int, nargs=2, default=None, help="row_chunk vocab_chunk of the cpp and torch backends (vocab_chunk >= V: one sweep per row chunk)")
     ap.add_argument("--child", default=None)
     a = ap.parse_args()
     if a.workload != "opd-js" and set(a.modes) & set(PEERS):
