@@ -110,12 +110,19 @@ def _linear_streams(streams: list, tokens, cfg, sharded: bool) -> Streams:
     check_seq_mean(cfg.reduction, tokens)
     tensors, heads = [], []
     for i, (_, h, head) in enumerate(streams):
-        ts = [h.reshape(-1, h.shape[-1]), head.weight[:vocab]]
+        ts = [h.reshape(-1, h.shape[-1]), _leading_rows(head.weight, vocab)]
         if head.bias is not None:
-            ts.append(head.bias[:vocab])
+            ts.append(_leading_rows(head.bias, vocab))
         tensors.append(tuple(t.detach() if i else t for t in ts))  # frozen streams never receive a gradient
         heads.append((float(head.scale), None if head.softcap is None else float(head.softcap)))
     return Streams(tuple(tensors), tuple(heads), tokens)
+
+
+def _leading_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """`t[:rows]`, or `t` itself when it has no more rows. Even a slice of every row puts a SliceBackward
+    between the loss and the weight, and its backward allocates a fresh `[V, H]` gradient and copies the
+    loss's one into it: twice dW's memory at the peak. Unsliced, the loss's own buffer becomes `.grad`."""
+    return t if t.shape[0] == rows else t[:rows]
 
 
 def _as_op(backend: BackendArg, *groups) -> bool:

@@ -253,6 +253,9 @@ def _define(kind: Kind):
         a = dict(zip(names, inputs))
         loss, per_token, grads, *routing = output
         ctx.mark_non_differentiable(per_token, *grads, *routing)
+        # Only the loss carries a gradient. Materialized, the unused outputs' incoming gradients would be
+        # zeros shaped like every output, the eager dH / dW / db among them: a second [V, H] in the backward.
+        ctx.set_materialize_grads(False)
         ctx.sizes = {s: len(a[s]) for s in kind.streams}
         # Autograd takes back one entry per tensor of each list of tensors (an empty list counts as one).
         ctx.lists = [len(v) if isinstance(v, list) and all(isinstance(t, torch.Tensor) for t in v) else None
@@ -267,6 +270,8 @@ def _define(kind: Kind):
         ctx.save_for_backward(*(t for s in kind.streams for t in a[s]), a["tokens"], *routing[-1:])
 
     def formula(ctx, grad_loss, *_):
+        if grad_loss is None:  # only a non-differentiable output was used: nothing reaches the student
+            return tuple(None if size is None else [None] * size for size in ctx.lists)
         traced = type(grad_loss) is not torch.Tensor or torch.compiler.is_compiling()
         if torch.is_grad_enabled() and not traced:  # create_graph=True: the gradient has no graph of its own
             raise RuntimeError(engine.DOUBLE_BACKWARD_ERROR)

@@ -212,3 +212,36 @@ def test_frozen_head_gets_no_dw_buffer_in_any_pass():
                                 student_bias=t["student_bias"], backend=Spy())
     out.loss.backward()
     assert sinks and all(s.dw is None and s.db is None and s.dh is not None for s in sinks)
+
+
+def _pass_backends():
+    from dopd_kernels import available_backends
+
+    return [b for b in ("torch", "cpp") if b in available_backends()]
+
+
+@pytest.mark.parametrize("backend", _pass_backends())
+@pytest.mark.parametrize("workload", ["dopd", "js", "reverse_kl"])
+def test_scalar_loss_backward_hands_over_its_gradient_buffers(workload, backend):
+    # A scalar loss forms dH, dW and db in its forward; `loss.backward()` must make those buffers the
+    # leaves' `.grad` as they are. Any op between the loss and the weight (even a slice of every row)
+    # makes autograd allocate a second [V, H] in the backward and copy: twice dW's memory at the peak.
+    t = linear_streams(N, H, V)
+    y = random_tokens(N, V)
+    h, w, b = leaf(t["student_hidden"]), leaf(t["student_weight"]), leaf(t["student_bias"])
+    forward, backward = AllocationRecorder(), AllocationRecorder()
+    with forward:
+        if workload == "dopd":
+            out = fused_linear_dopd_loss(h, w, t["teacher_hidden"], t["teacher_weight"], t["priv_student_hidden"], y,
+                                         student_bias=b, teacher_bias=t["teacher_bias"],
+                                         config=DOPDConfig(top_k=K, trim=0.0), backend=backend)
+        else:
+            out = fused_linear_opd_loss(h, w, t["teacher_hidden"], t["teacher_weight"], y, student_bias=b,
+                                        teacher_bias=t["teacher_bias"], divergence=workload, backend=backend)
+    with backward:
+        out.loss.backward()
+    formed = {a[3] for a in forward.allocs}
+    for name, leaf_grad in (("hidden", h.grad), ("weight", w.grad), ("bias", b.grad)):
+        assert leaf_grad.untyped_storage().data_ptr() in formed, f"{name}.grad is not the buffer the loss formed"
+    copies = [a for a in backward.allocs if a[1] in ((V, H), (V,), (N, H))]
+    assert not copies, f"the backward allocated gradient-sized tensors: {copies}"
