@@ -214,18 +214,32 @@ def test_frozen_head_gets_no_dw_buffer_in_any_pass():
     assert sinks and all(s.dw is None and s.db is None and s.dh is not None for s in sinks)
 
 
-def _pass_backends():
+def _backend_under_test(name: str, monkeypatch):
+    """A backend name (the custom-op path) or, for "...-object", a backend object (its autograd Function);
+    without CUDA the Triton one is interpreted, with TRITON_INTERPRET set during this test only."""
     from dopd_kernels import available_backends
 
-    return [b for b in ("torch", "cpp") if b in available_backends()]
+    if name == "torch-object":
+        return TorchBackend(row_chunk=R, vocab_chunk=C)
+    if name == "triton-object":
+        triton_backend = pytest.importorskip("dopd_kernels.backends.triton_backend", reason="triton is not installed")
+        if torch.cuda.is_available():
+            pytest.skip("the Triton kernels are compiled for CUDA in this process; the interpreted variant runs "
+                        "on machines without CUDA")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        return triton_backend.TritonBackend(block_n=16, block_v=32, block_h=16)
+    if name not in available_backends():
+        pytest.skip(f"the {name} backend is not available here")
+    return name
 
 
-@pytest.mark.parametrize("backend", _pass_backends())
+@pytest.mark.parametrize("backend", ["torch", "cpp", "torch-object", "triton-object"])
 @pytest.mark.parametrize("workload", ["dopd", "js", "reverse_kl"])
-def test_scalar_loss_backward_hands_over_its_gradient_buffers(workload, backend):
+def test_scalar_loss_backward_hands_over_its_gradient_buffers(workload, backend, monkeypatch):
     # A scalar loss forms dH, dW and db in its forward; `loss.backward()` must make those buffers the
     # leaves' `.grad` as they are. Any op between the loss and the weight (even a slice of every row)
     # makes autograd allocate a second [V, H] in the backward and copy: twice dW's memory at the peak.
+    backend = _backend_under_test(backend, monkeypatch)
     t = linear_streams(N, H, V)
     y = random_tokens(N, V)
     h, w, b = leaf(t["student_hidden"]), leaf(t["student_weight"]), leaf(t["student_bias"])
