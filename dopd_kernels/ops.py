@@ -270,7 +270,7 @@ def _define(kind: Kind):
         ctx.save_for_backward(*(t for s in kind.streams for t in a[s]), a["tokens"], *routing[-1:])
 
     def formula(ctx, grad_loss, *_):
-        if grad_loss is None:  # only a non-differentiable output was used: nothing reaches the student
+        if grad_loss is None:  # a gradient for another output only (gradcheck differentiates each): none here
             return tuple(None if size is None else [None] * size for size in ctx.lists)
         traced = type(grad_loss) is not torch.Tensor or torch.compiler.is_compiling()
         if torch.is_grad_enabled() and not traced:  # create_graph=True: the gradient has no graph of its own
