@@ -20,6 +20,8 @@ exist) − RSS at that point, so gradients such as dW count as extra):
     python benchmarks/bench_cpp_target.py --workload opd-js --n 1024 --modes cpp torch naive trl liger
     python benchmarks/bench_cpp_target.py --workload opd-js --n 1024 --modes cpp torch --tiles 16 151936
                                                           # whole-row tiles (16 × V fp32 per stream): one sweep
+    python benchmarks/bench_cpp_target.py --workload opd-kl --n 256 --v 151665 --pad-rows 271 --modes cpp torch
+                                                          # a padded student head (Qwen2.5: 151936 rows, 151665 tokens)
 
 Prints one JSON line per run and a summary.
 """
@@ -156,7 +158,7 @@ def own_matmuls(backend, sweeps, v):
         return time.perf_counter() - t0, flops
 
 
-def child(mode, workload, n, h, v, threads, tiles):
+def child(mode, workload, n, h, v, threads, tiles, pad_rows=0):
     import torch
 
     torch.set_num_threads(threads)
@@ -172,7 +174,10 @@ def child(mode, workload, n, h, v, threads, tiles):
     kind = "reverse_kl" if workload == "opd-kl" else "js"
 
     def run(hs, ws, ht, wt, hp, y):
-        """(loss, regime or None) of the workload; regime 2 = HT."""
+        """(loss, regime or None) of the workload; regime 2 = HT. Heads with more rows than the tokens'
+        vocabulary (`--pad-rows`) declare it (`LMHead(vocab_size=...)`): a checkpoint's padded embedding."""
+        if pad_rows and ws.shape[0] == v + pad_rows:  # not the warm-up's small inputs
+            ws, wt = dk.LMHead(ws, vocab_size=v), dk.LMHead(wt, vocab_size=v)
         if workload == "dopd":
             if mode == "naive":
                 return naive_dopd(hs, ws, ht, wt, hp, y)
@@ -192,6 +197,9 @@ def child(mode, workload, n, h, v, threads, tiles):
     run(*make_inputs(16, 32, 300))[0].backward()
     cpp.reset_matmul_flops()
     hs, ws, ht, wt, hp, y = make_inputs(n, h, v)
+    if pad_rows:  # the student's head gains pad_rows padding rows, the teacher's twice as many
+        ws = torch.cat([ws.detach(), torch.randn(pad_rows, h)]).requires_grad_()
+        wt = torch.cat([wt, torch.randn(2 * pad_rows, h)])
     reset_peak_rss()
     base = status_bytes("VmRSS")
     c0, t0 = cpu_seconds(), time.perf_counter()
@@ -200,7 +208,7 @@ def child(mode, workload, n, h, v, threads, tiles):
     elapsed, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     peak = status_bytes("VmHWM")
     n_full = int((regime == 2).sum()) if regime is not None else n
-    res = dict(mode=mode, workload=workload, n=n, h=h, v=v, threads=threads,
+    res = dict(mode=mode, workload=workload, n=n, h=h, v=v, threads=threads, pad_rows=pad_rows,
                tiles=list(backend.tile_shape()) if mode in ("cpp", "torch") else None, seconds=round(elapsed, 3),
                cpu_seconds=round(cpu, 3), loss=float(loss), peak_extra_mib=round((peak - base) / 2**20, 1),
                base_rss_mib=round(base / 2**20, 1), full_rows=n_full)
@@ -213,7 +221,7 @@ def child(mode, workload, n, h, v, threads, tiles):
         res["floor_gflop"] = round(floor / 1e9, 3)
         res["counted_over_floor"] = round(cpp.matmul_flops() / floor, 3)
         hs.grad = ws.grad = None
-        sweeps = plan_sweeps(workload, v <= cpp.vocab_chunk, hs.detach(), ws.detach(), ht, wt, hp, n_full)
+        sweeps = plan_sweeps(workload, v <= cpp.vocab_chunk, hs.detach(), ws.detach()[:v], ht, wt[:v], hp, n_full)
         c0 = cpu_seconds()
         secs, flops = own_matmuls(cpp, sweeps, v)
         res["own_matmuls_seconds"] = round(secs, 3)
@@ -231,17 +239,21 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--modes", nargs="+", default=["cpp", "torch", "naive"], choices=["cpp", "torch", "naive", *PEERS])
     ap.add_argument("--tiles", type=int, nargs=2, default=None, help="row_chunk vocab_chunk of the cpp and torch backends (vocab_chunk >= V: one sweep per row chunk)")
+    ap.add_argument("--pad-rows", type=int, default=0, help="padding rows on the student's head (the teacher's: twice "
+                    "as many), declared by LMHead(vocab_size=V); cpp and torch modes only")
     ap.add_argument("--child", default=None)
     a = ap.parse_args()
     if a.workload != "opd-js" and set(a.modes) & set(PEERS):
         ap.error(f"--modes {' '.join(sorted(set(a.modes) & set(PEERS)))}: the peers run the opd-js workload only")
+    if a.pad_rows and set(a.modes) - {"cpp", "torch"}:
+        ap.error("--pad-rows: the cpp and torch modes only (the others take no LMHead)")
     if a.child:
-        child(a.child, a.workload, a.n, a.h, a.v, a.threads, a.tiles)
+        child(a.child, a.workload, a.n, a.h, a.v, a.threads, a.tiles, a.pad_rows)
         return
     results = {}
     for mode in a.modes:
         cmd = [sys.executable, __file__, "--child", mode, "--workload", a.workload, "--n", str(a.n), "--h", str(a.h), "--v", str(a.v),
-               "--threads", str(a.threads)] + (["--tiles", *map(str, a.tiles)] if a.tiles else [])
+               "--threads", str(a.threads), "--pad-rows", str(a.pad_rows)] + (["--tiles", *map(str, a.tiles)] if a.tiles else [])
         p = subprocess.run(cmd, capture_output=True, text=True)
         line = (p.stdout.strip().splitlines() or [""])[-1]
         if p.returncode != 0 or not line.startswith("{"):

@@ -20,6 +20,7 @@ it still compile then; autograd runs across the break.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Optional, Union
 
@@ -82,11 +83,16 @@ def _as_head(prefix: str, weight: HeadArg, bias: Optional[torch.Tensor]) -> LMHe
     return LMHead(weight, bias)
 
 
-def _linear_streams(streams: list, tokens, cfg, sharded: bool) -> Streams:
-    """streams: [(prefix, hidden, LMHead)], the student first. Static checks and the flat streams.
+def _linear_streams(streams: list, tokens, cfg, sharded: bool) -> tuple:
+    """streams: [(prefix, hidden, LMHead)], the student first. Static checks; returns the flat streams
+    and `cfg` with the padding rows declared as `valid_vocab`.
 
-    Vocabulary (see `validation.common_vocab`): the streams share the student's real vocabulary;
-    rows of any head past it are padding and are sliced off (views, no copy), so no softmax sees them.
+    Vocabulary (see `validation.common_vocab`): the streams share the student's real vocabulary V;
+    rows of any head past it are padding, which no softmax sees. Every head is cut to the fewest rows
+    any stream has (R >= V, views), and when R > V the rows [V, R) are excluded as `valid_vocab` columns
+    rather than sliced off: the student's weight then usually reaches the loss whole, so its gradient
+    is the loss's own `[R, H]` buffer (zero in the padding rows). A slice of a leaf that requires grad
+    would cost a second `[R, H]` in the backward (`_leading_rows`).
     """
     h0 = streams[0][1]
     for prefix, h, head in streams:
@@ -94,14 +100,18 @@ def _linear_streams(streams: list, tokens, cfg, sharded: bool) -> Streams:
         check_head_transform(prefix, head.scale, head.softcap)
     if not sharded:
         vocab = common_vocab([(p, head.weight.shape[0], head.vocab_size) for p, _, head in streams])
+        check_valid_vocab(cfg.valid_vocab, vocab)
+        rows = min(head.weight.shape[0] for _, _, head in streams)
+        if rows > vocab and cfg.valid_vocab is None:
+            cfg = dataclasses.replace(cfg, valid_vocab=vocab)
     else:  # each rank holds a shard of rows: padding is declared through config.valid_vocab instead
-        vocab = streams[0][2].weight.shape[0]
+        rows = streams[0][2].weight.shape[0]
         for prefix, _, head in streams:
             if head.vocab_size is not None:
                 raise ValueError(f"{prefix}_weight: LMHead.vocab_size is not supported with vocab_parallel_group; "
                                  f"use config.valid_vocab for padding rows")
-            if head.weight.shape[0] != vocab:
-                raise ValueError(f"{prefix}_weight has {head.weight.shape[0]} rows but {streams[0][0]}_weight has {vocab}: "
+            if head.weight.shape[0] != rows:
+                raise ValueError(f"{prefix}_weight has {head.weight.shape[0]} rows but {streams[0][0]}_weight has {rows}: "
                                  f"every stream's shard must hold the same rows")
     named = {f"{p}_{k}": t for p, h, head in streams
              for k, t in (("hidden", h), ("weight", head.weight), ("bias", head.bias)) if t is not None}
@@ -110,12 +120,12 @@ def _linear_streams(streams: list, tokens, cfg, sharded: bool) -> Streams:
     check_seq_mean(cfg.reduction, tokens)
     tensors, heads = [], []
     for i, (_, h, head) in enumerate(streams):
-        ts = [h.reshape(-1, h.shape[-1]), _leading_rows(head.weight, vocab)]
+        ts = [h.reshape(-1, h.shape[-1]), _leading_rows(head.weight, rows)]
         if head.bias is not None:
-            ts.append(_leading_rows(head.bias, vocab))
+            ts.append(_leading_rows(head.bias, rows))
         tensors.append(tuple(t.detach() if i else t for t in ts))  # frozen streams never receive a gradient
         heads.append((float(head.scale), None if head.softcap is None else float(head.softcap)))
-    return Streams(tuple(tensors), tuple(heads), tokens)
+    return Streams(tuple(tensors), tuple(heads), tokens), cfg
 
 
 def _leading_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -308,8 +318,8 @@ def fused_linear_dopd_loss(
     streams = [("student", student_hidden, student),
                ("teacher", teacher_hidden, _as_head("teacher", teacher_weight, teacher_bias)),
                ("priv_student", priv_student_hidden, priv)]
-    return _dopd(_linear_streams(streams, tokens, cfg, vocab_parallel_group is not None), cfg, thresholds, backend,
-                 normalizer, check_finite, vocab_parallel_group, routing_group)
+    flat, cfg = _linear_streams(streams, tokens, cfg, vocab_parallel_group is not None)
+    return _dopd(flat, cfg, thresholds, backend, normalizer, check_finite, vocab_parallel_group, routing_group)
 
 
 def _opd(streams: Streams, cfg: OPDConfig, backend, normalizer, check_finite, vocab_parallel_group) -> OPDOutput:
@@ -407,8 +417,8 @@ def fused_linear_opd_loss(
                     ignore_index, reduction, valid_vocab)
     streams = [("student", student_hidden, _as_head("student", student_weight, student_bias)),
                ("teacher", teacher_hidden, _as_head("teacher", teacher_weight, teacher_bias))]
-    return _opd(_linear_streams(streams, tokens, cfg, vocab_parallel_group is not None), cfg, backend, normalizer,
-                check_finite, vocab_parallel_group)
+    flat, cfg = _linear_streams(streams, tokens, cfg, vocab_parallel_group is not None)
+    return _opd(flat, cfg, backend, normalizer, check_finite, vocab_parallel_group)
 
 
 @_traceable
@@ -438,8 +448,8 @@ def token_logprobs(
     if weight is None:
         streams = _logits_streams({"logits": logits_or_hidden}, tokens, cfg)
     else:
-        streams = _linear_streams([("student", logits_or_hidden, _as_head("student", weight, bias))], tokens, cfg,
-                                  vocab_parallel_group is not None)
+        streams, cfg = _linear_streams([("student", logits_or_hidden, _as_head("student", weight, bias))], tokens,
+                                       cfg, vocab_parallel_group is not None)
     if not _as_op(backend, vocab_parallel_group):
         return _token_logprobs_direct(streams, cfg, backend, vocab_parallel_group)
     check_valid_vocab(cfg.valid_vocab, ops.local_vocab(streams))

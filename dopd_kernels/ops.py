@@ -99,8 +99,8 @@ def prepare(names: Sequence[str], streams: Streams, cfg, check_finite: bool, sha
             if streams.heads is None:
                 check_finite_logits(f"{name}_logits", stream[0], valid_vocab, whole_rows=shard is None)
             else:
-                for part, t in zip(LINEAR_PARTS, stream):
-                    check_finite_rows(f"{name}_{part}", t)
+                for part, t in zip(LINEAR_PARTS, stream):  # a head's padding rows are read by no softmax
+                    check_finite_rows(f"{name}_{part}", t if part == "hidden" or valid_vocab is None else t[:valid_vocab])
     if streams.heads is None:
         sources = [LogitsSource(t, cfg.temperature, valid_vocab) for (t,) in streams.tensors]
     else:

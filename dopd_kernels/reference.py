@@ -18,14 +18,17 @@ NEG_INF = float("-inf")
 
 
 def materialize(source) -> torch.Tensor:
-    """float64 logits [N, V] of a source (before the temperature), differentiable with respect to its
-    tensors; in fused-linear mode `softcap(scale·(h·Wᵀ + b))`, so autograd chains through the tanh."""
+    """float64 logits [N, V_valid] of a source's valid columns [0, valid_vocab) (before the temperature),
+    differentiable with respect to its tensors; in fused-linear mode `softcap(scale·(h·Wᵀ + b))`, so
+    autograd chains through the tanh. Padding columns are never formed: a padding row of a weight, whatever
+    it holds (NaN included), reaches neither the value nor any gradient, as on every other backend."""
+    v = source.effective_vocab
     if isinstance(source, LogitsSource):
-        z = source.logits.to(torch.float64)
+        z = source.logits[:, :v].to(torch.float64)
     elif isinstance(source, LinearSource):
-        z = source.hidden.to(torch.float64) @ source.weight.to(torch.float64).T
+        z = source.hidden.to(torch.float64) @ source.weight[:v].to(torch.float64).T
         if source.bias is not None:
-            z = z + source.bias.to(torch.float64)
+            z = z + source.bias[:v].to(torch.float64)
         z = source.transform(z)
     else:
         raise TypeError(f"unknown source {type(source).__name__}")
@@ -35,8 +38,7 @@ def materialize(source) -> torch.Tensor:
 def log_probs(source) -> torch.Tensor:
     """log softmax(z / τ) [N, V_valid] in float64 over the valid columns [0, valid_vocab) only: padding
     columns are not part of any support set, so a top-K never selects one (even against a -inf logit)."""
-    z = materialize(source)[:, :source.effective_vocab] / source.temperature
-    return torch.log_softmax(z, dim=-1)
+    return torch.log_softmax(materialize(source) / source.temperature, dim=-1)
 
 
 def _complement_logsumexp(lp: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:

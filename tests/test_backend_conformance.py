@@ -653,6 +653,49 @@ def test_fused_linear_dopd_shapes(case, be):
     fused_dopd_pair(be, t, random_tokens(lead, kw.get("valid_vocab") or v, mask_frac=mask), DOPDConfig(**kw))
 
 
+@pytest.mark.parametrize("workload", ["dopd", "js", "reverse_kl-topk-tail"])
+@on_costly_targets(workload=["dopd", "js"])
+def test_fused_linear_padding_rows_reach_nothing(workload, be):
+    """Heads with padding rows past the real vocabulary V (a checkpoint's padded embedding), declared by
+    `LMHead(vocab_size=V)`, holding NaN and inf: the value, the routing and the gradients of the real rows
+    equal those of the unpadded heads, and the padding rows of dW / db get exact zeros. The student's
+    padding is excluded as `valid_vocab` columns (its weight reaches the loss whole), so every backend's
+    masked tiles must keep a padding row out of dH = G·W as well as out of the softmax."""
+    n, h, v, pad = 14, 20, 37, 6
+    t = linear_streams(n, h, v)
+    y = random_tokens(n, v, mask_frac=0.2).to(be.device)
+
+    def padded(x: torch.Tensor, rows: int, value: float) -> torch.Tensor:
+        return torch.cat([x, torch.full((rows,) + tuple(x.shape[1:]), value)]).to(be.device)
+
+    hid, w, b = (leaf(t[k].to(be.device)) for k in ("student_hidden", "student_weight", "student_bias"))
+    wp, bp = leaf(padded(t["student_weight"], pad, float("nan"))), leaf(padded(t["student_bias"], pad, float("inf")))
+    hp = leaf(t["student_hidden"].to(be.device))
+    teacher = LMHead(padded(t["teacher_weight"], pad + 2, float("nan")), padded(t["teacher_bias"], pad + 2, 1e30),
+                     vocab_size=v)
+    frozen = {k: t[k].to(be.device) for k in ("teacher_hidden", "teacher_weight", "teacher_bias", "priv_student_hidden")}
+
+    def call(hidden, student, teacher_head, teacher_bias):
+        if workload == "dopd":
+            return fused_linear_dopd_loss(hidden, student, frozen["teacher_hidden"], teacher_head,
+                                          frozen["priv_student_hidden"], y, teacher_bias=teacher_bias,
+                                          config=DOPDConfig(top_k=5, trim=0.1), backend=be.backend)
+        kw = dict(divergence="js") if workload == "js" else dict(granularity="topk", top_k=5, topk_renorm=False)
+        return fused_linear_opd_loss(hidden, student, frozen["teacher_hidden"], teacher_head, y,
+                                     teacher_bias=teacher_bias, backend=be.backend, **kw)
+
+    out = call(hp, LMHead(wp, bp, vocab_size=v), teacher, None)
+    ref = call(hid, LMHead(w, b), frozen["teacher_weight"], frozen["teacher_bias"])
+    if workload == "dopd":
+        assert torch.equal(out.regime, ref.regime), "regimes differ"
+    assert_close(out.per_token_loss.cpu(), ref.per_token_loss.cpu(), rtol=be.rtol, what="per-token loss")
+    out.loss.backward()
+    ref.loss.backward()
+    assert torch.count_nonzero(wp.grad[v:]) == 0 and torch.count_nonzero(bp.grad[v:]) == 0, "padding rows moved"
+    for name, got, want in (("dH", hp.grad, hid.grad), ("dW", wp.grad[:v], w.grad), ("db", bp.grad[:v], b.grad)):
+        assert_close(got.cpu(), want.cpu(), rtol=be.rtol, what=name)
+
+
 @pytest.mark.parametrize("kind,gran,renorm,source,reduction", matrix(KINDS, SUPPORTS, ["sum", "none"]))
 @on_costly_targets(kind=["js"], source=["student"])
 def test_fused_linear_opd_fp32(kind, gran, renorm, source, reduction, be):

@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from conftest import correlated_logits, leaf, linear_streams, random_tokens
-from dopd_kernels import DOPDConfig, TorchBackend, dopd_loss, fused_linear_dopd_loss, fused_linear_opd_loss, opd_loss
+from dopd_kernels import DOPDConfig, LMHead, TorchBackend, dopd_loss, fused_linear_dopd_loss, fused_linear_opd_loss, opd_loss
 
 N, V, H, HT, R, C, K = 24, 131, 6, 5, 8, 32, 4
 
@@ -233,29 +233,43 @@ def _backend_under_test(name: str, monkeypatch):
     return name
 
 
+def _padded(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """`t` with `rows` more rows of random values (a checkpoint's padding rows)."""
+    return torch.cat([t, torch.randn((rows,) + tuple(t.shape[1:]), dtype=t.dtype)])
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpp", "torch-object", "triton-object"])
 @pytest.mark.parametrize("workload", ["dopd", "js", "reverse_kl"])
-def test_scalar_loss_backward_hands_over_its_gradient_buffers(workload, backend, monkeypatch):
+@pytest.mark.parametrize("padding", [0, 3], ids=["unpadded", "padded-student"])
+def test_scalar_loss_backward_hands_over_its_gradient_buffers(padding, workload, backend, monkeypatch):
     # A scalar loss forms dH, dW and db in its forward; `loss.backward()` must make those buffers the
     # leaves' `.grad` as they are. Any op between the loss and the weight (even a slice of every row)
     # makes autograd allocate a second [V, H] in the backward and copy: twice dW's memory at the peak.
+    # "padded-student": the student's head declares `padding` rows past its vocabulary (as
+    # `lm_head(model, tokenizer)` does for a checkpoint whose embedding was padded) and the teacher's has
+    # more still; the padding is excluded as valid_vocab columns, not sliced off, so the same holds.
     backend = _backend_under_test(backend, monkeypatch)
     t = linear_streams(N, H, V)
     y = random_tokens(N, V)
-    h, w, b = leaf(t["student_hidden"]), leaf(t["student_weight"]), leaf(t["student_bias"])
+    rows = V + padding
+    h = leaf(t["student_hidden"])
+    w, b = leaf(_padded(t["student_weight"], padding)), leaf(_padded(t["student_bias"], padding))
+    student = LMHead(w, b, vocab_size=V) if padding else w
+    teacher = LMHead(_padded(t["teacher_weight"], 2 * padding), _padded(t["teacher_bias"], 2 * padding), vocab_size=V)
     forward, backward = AllocationRecorder(), AllocationRecorder()
     with forward:
         if workload == "dopd":
-            out = fused_linear_dopd_loss(h, w, t["teacher_hidden"], t["teacher_weight"], t["priv_student_hidden"], y,
-                                         student_bias=b, teacher_bias=t["teacher_bias"],
-                                         config=DOPDConfig(top_k=K, trim=0.0), backend=backend)
+            out = fused_linear_dopd_loss(h, student, t["teacher_hidden"], teacher, t["priv_student_hidden"], y,
+                                         student_bias=None if padding else b, config=DOPDConfig(top_k=K, trim=0.0),
+                                         backend=backend)
         else:
-            out = fused_linear_opd_loss(h, w, t["teacher_hidden"], t["teacher_weight"], y, student_bias=b,
-                                        teacher_bias=t["teacher_bias"], divergence=workload, backend=backend)
+            out = fused_linear_opd_loss(h, student, t["teacher_hidden"], teacher, y,
+                                        student_bias=None if padding else b, divergence=workload, backend=backend)
     with backward:
         out.loss.backward()
     formed = {a[3] for a in forward.allocs}
     for name, leaf_grad in (("hidden", h.grad), ("weight", w.grad), ("bias", b.grad)):
         assert leaf_grad.untyped_storage().data_ptr() in formed, f"{name}.grad is not the buffer the loss formed"
-    copies = [a for a in backward.allocs if a[1] in ((V, H), (V,), (N, H))]
+    copies = [a for a in backward.allocs if a[1] in ((rows, H), (rows,), (N, H))]
     assert not copies, f"the backward allocated gradient-sized tensors: {copies}"
+    assert torch.count_nonzero(w.grad[V:]) == 0 and torch.count_nonzero(b.grad[V:]) == 0

@@ -1,8 +1,10 @@
 """Vocabulary rule of the fused-linear entry points (issue 11 point 3): heads may carry padding rows.
 
 The streams share the student's real vocabulary V (its `LMHead.vocab_size`, else its rows); rows of
-any head past V are padding, excluded from every softmax (sliced as views, never copied); a head
-that declares another vocabulary, or has fewer than V rows, is refused with both sizes named.
+any head past V are padding, excluded from every softmax and never read (every head is cut, as a view,
+to the fewest rows any stream has; the rest of the padding is excluded as `valid_vocab` columns, so a
+padded student's weight reaches the loss whole); a head that declares another vocabulary, or has fewer
+than V rows, is refused with both sizes named.
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ import pytest
 import torch
 
 from conftest import assert_close, leaf, linear_streams, random_tokens
-from dopd_kernels import (DOPDConfig, LMHead, TorchBackend, fused_linear_dopd_loss, fused_linear_opd_loss,
-                          token_logprobs)
+from dopd_kernels import (DOPDConfig, LMHead, TorchBackend, available_backends, fused_linear_dopd_loss,
+                          fused_linear_opd_loss, token_logprobs)
 
 V, PAD, H = 23, 5, 6
 
@@ -74,6 +76,33 @@ def test_student_padding_rows_take_no_mass_and_no_gradient(backend):
                                     backend=backend), rtol=1e-6, what="token_logprobs")
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpp"])
+def test_non_finite_padding_rows_are_neither_checked_nor_read(backend):
+    # A checkpoint's padding rows may hold anything: check_finite reads only the rows a softmax reads, and
+    # no backend lets a padding row into the value or a gradient (0 · NaN in dH = G·W would be NaN).
+    # tests/test_backend_conformance.py checks the same on every backend, without check_finite.
+    if backend not in ("reference", *available_backends()):
+        pytest.skip(f"the {backend} backend is not available here")
+    t = linear_streams(9, H, V)
+    y = random_tokens(9, V)
+    hp, h = leaf(t["student_hidden"]), leaf(t["student_hidden"])
+    w = _pad(t["student_weight"], PAD, float("nan"))
+    b = _pad(t["student_bias"], PAD, float("inf"))
+    teacher = LMHead(_pad(t["teacher_weight"], PAD + 1, float("nan")), vocab_size=V)
+    out = fused_linear_opd_loss(hp, LMHead(w, b, vocab_size=V), t["teacher_hidden"], teacher, y,
+                                divergence="js", check_finite=True, backend=backend)
+    ref = fused_linear_opd_loss(h, t["student_weight"], t["teacher_hidden"], t["teacher_weight"], y,
+                                student_bias=t["student_bias"], divergence="js", backend=backend)
+    assert_close(out.per_token_loss, ref.per_token_loss, rtol=1e-6, what="per-token loss")
+    out.loss.backward()
+    ref.loss.backward()
+    assert_close(hp.grad, h.grad, rtol=1e-6, what="dH")
+    w[V - 1, 0] = float("nan")  # the last real row is read
+    with pytest.raises(ValueError, match=f"student_weight contains NaN or infinite values \\(row {V - 1}\\)"):
+        fused_linear_opd_loss(hp, LMHead(w, b, vocab_size=V), t["teacher_hidden"], teacher, y,
+                              divergence="js", check_finite=True, backend=backend)
+
+
 def test_padding_rows_are_sliced_as_views_not_copied():
     seen = []
 
@@ -92,6 +121,15 @@ def test_padding_rows_are_sliced_as_views_not_copied():
                           random_tokens(7, V), backend=Spy())
     teacher = seen[1]
     assert teacher.weight.shape[0] == V and teacher.weight.data_ptr() == wt.data_ptr()
+    # A padded student keeps its rows (a slice would copy its gradient): the teacher is cut to the
+    # student's rows, and the padding is excluded as valid_vocab columns.
+    seen.clear()
+    ws = leaf(_pad(t["student_weight"], 2))
+    fused_linear_opd_loss(t["student_hidden"], LMHead(ws, vocab_size=V), t["teacher_hidden"], LMHead(wt, vocab_size=V),
+                          random_tokens(7, V), backend=Spy())
+    student, teacher = seen
+    assert student.weight is ws and student.valid_vocab == V
+    assert teacher.weight.shape[0] == V + 2 and teacher.weight.data_ptr() == wt.data_ptr()
 
 
 def test_different_tokenizers_are_refused_with_both_sizes():

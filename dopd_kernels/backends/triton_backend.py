@@ -153,6 +153,14 @@ def stream_args(src) -> tuple:
             a, c)
 
 
+def _bound(src) -> int:
+    """The kernels' `vocab` argument: the columns they may read or write. A fused-linear stream's rows at
+    or past `valid_vocab` are never read (a checkpoint's padding rows may hold NaN, and a masked logit
+    still enters dH = G·W as 0 · W), so its dW / db keep their zeros there. Logits mode stores the
+    padding columns' zero gradients too, so the whole row is in bounds."""
+    return src.effective_vocab if isinstance(src, LinearSource) else src.vocab
+
+
 def _masks(sources) -> tuple:
     """(bias, upcast, head) bit masks: bit j (head: bits 2j..2j+1) for stream j. A fused-linear
     stream multiplies in fp32 when its hidden states and weight differ in dtype, and under the
@@ -456,7 +464,7 @@ class TritonBackend(PassBackend):
         self._launch(self._stats.stats_kernel, (triton_cdiv(n, cfg.block_n),), cfg, rows.device,
                      rows.contiguous(), tokens.contiguous(), n, hi, logsum, logit_y, topk, k,
                      hi if tail_hi is None else tail_hi, logsum if tail_logsum is None else tail_logsum,
-                     *args[0], *args[1], *args[2], student.vocab, student.effective_vocab, 1.0 / student.temperature,
+                     *args[0], *args[1], *args[2], _bound(student), student.effective_vocab, 1.0 / student.temperature,
                      NUM_STREAMS=len(sources), LINEAR=isinstance(student, LinearSource), BIAS_MASK=bias,
                      UPCAST_MASK=upcast, HEAD_MASK=head, TOPK_MASK=sum(1 << j for j in topk_streams),
                      TAIL_MASK=sum(1 << j for j in tail_streams), LOG_K=int(math.log2(cfg.block_v)))
@@ -474,7 +482,7 @@ class TritonBackend(PassBackend):
         bias, upcast, head = _masks((source,))
         self._launch(self._tail.tail_lse_kernel, (triton_cdiv(n, cfg.block_n),), cfg, rows.device,
                      rows.contiguous(), n, cols.contiguous(), cols.shape[1], hi, logsum, *stream_args(source),
-                     source.vocab, source.effective_vocab, 1.0 / source.temperature,
+                     _bound(source), source.effective_vocab, 1.0 / source.temperature,
                      LINEAR=isinstance(source, LinearSource), BIAS_MASK=bias, UPCAST_MASK=upcast, HEAD_MASK=head)
         return _lse64(hi, logsum)
 
@@ -496,7 +504,7 @@ class TritonBackend(PassBackend):
         bias, upcast, head = _masks((student, target))
         self._launch(self._div.full_value_kernel, (triton_cdiv(n, cfg.block_n),), cfg, rows.device,
                      rows.contiguous(), n, *self._lse_args(lse_s, lse_t), value, c,
-                     *stream_args(student), *stream_args(target), student.vocab, student.effective_vocab,
+                     *stream_args(student), *stream_args(target), _bound(student), student.effective_vocab,
                      1.0 / student.temperature, *self._js_args(beta),
                      KIND=self._div.KINDS[kind], LINEAR=isinstance(student, LinearSource), BIAS_MASK=bias,
                      UPCAST_MASK=upcast, HEAD_MASK=head)
@@ -549,7 +557,7 @@ class TritonBackend(PassBackend):
         bias, upcast, head = _masks((student, target))
         ex = (dummy, dummy, 0) if explicit is None else (explicit[0].contiguous(), f32(explicit[1]), explicit[0].shape[1])
         common = (rows, n, *self._lse_args(lse_s, lse_t), f32(coef), scale, *ex)
-        streams = (*stream_args(student), *stream_args(target), student.vocab, vv, 1.0 / student.temperature,
+        streams = (*stream_args(student), *stream_args(target), _bound(student), vv, 1.0 / student.temperature,
                    *self._js_args(beta))
         flags = dict(KIND=kind, EXPLICIT=explicit is not None, BIAS_MASK=bias, UPCAST_MASK=upcast, HEAD_MASK=head)
         scratch = None
