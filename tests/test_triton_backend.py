@@ -149,7 +149,7 @@ CUDA_TILES = TritonBackend(cuda_tiles=True)
 CUDA_TILES_DET = TritonBackend(cuda_tiles=True, deterministic=True)
 LIN_N, LIN_H, LIN_V = 70, 40, 150
 LOG_N, LOG_V = 10, 530
-TILED = {"stats_kernel", "tail_lse_kernel", "full_value_kernel", "grad_kernel", "grad_dw_kernel"}
+TILED = {"stats_kernel", "tail_lse_kernel", "full_value_kernel", "kl_online_kernel", "grad_kernel", "grad_dw_kernel"}
 
 
 def _hidden(args: dict) -> int:
@@ -286,6 +286,23 @@ def test_cuda_tiles_fused_linear_opd_heads_bf16(device):
     stats and value 64 × 128 × 32, gradient 32 × 128 × 32."""
     with ragged_launches("stats_kernel", "full_value_kernel", "grad_kernel"):
         check_bf16_heads(CUDA_TILES, "js", "full", device=device, n=LIN_N, hdim=LIN_H, v=LIN_V)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["reverse_kl", "forward_kl"])
+def test_cuda_tiles_kl_online(kind, device):
+    """Full-vocabulary reverse / forward KL at the CUDA tiles: `kl_online_kernel` computes both
+    log-sum-exps and the KL in one sweep (no stats pass), then `grad_kernel`. Logits mode (10 rows at
+    16 × 512), fused-linear fp32 with soft-capped, scaled heads (value tiles 16 × 64 × 16) and bf16 with
+    heads (64 × 128 × 32, judged like Cut Cross-Entropy)."""
+    zs, zt = correlated_logits(LOG_N, LOG_V, n_streams=2, noise=1.2)
+    with ragged_launches("kl_online_kernel", "grad_kernel") as seen:
+        compare_opd(Target(CUDA_TILES, device), zs, zt, tokens_with_ignored(LOG_N, LOG_V, 0), divergence=kind,
+                    granularity="full", temperature=0.9)
+    with ragged_launches("kl_online_kernel", "grad_kernel") as more:
+        check_opd_heads(CUDA_TILES, kind, "full", device=device, n=LIN_N, hdim=LIN_H, v=LIN_V)
+        check_bf16_heads(CUDA_TILES, kind, "full", device=device, n=LIN_N, hdim=LIN_H, v=LIN_V)
+    assert "stats_kernel" not in {la.kernel for la in [*seen, *more]}, "full-vocabulary KL ran a separate stats pass"
 
 
 # -- stats pass, registry, compile ------------------------------------------------------------------

@@ -7,7 +7,9 @@ Flow (DESIGN.md section 4; the O(N) and O(N·K) steps are shared with every back
    of the valid rows.
 2. routing / planning — `plan.py` on the `[N]` statistics (float64, O(N)).
 3. values — full-vocabulary rows (DOPD's HT rows, full OPD) are compacted to their row ids and run
-   through `kernels.divergence.full_value_kernel`; top-K and sampled rows use `[n, K]` gathers and
+   through `kernels.divergence.full_value_kernel`; full-vocabulary reverse / forward KL OPD runs no
+   stats pass: `kernels.divergence.kl_online_kernel` computes the log-sum-exps with the KL in one
+   sweep (`full_pass`); top-K and sampled rows use `[n, K]` gathers and
    `row_terms.py`. The fp32 kernels receive each float64 log-sum-exp as `passes.split_lse`'s
    (hi, lo) pair and form log p = (z − hi) − lo.
 4. backward — `kernels.divergence.grad_kernel` forms the gradient tiles of full rows (and the dense
@@ -495,6 +497,32 @@ class TritonBackend(PassBackend):
     def _lse_args(lse_s: torch.Tensor, lse_t: torch.Tensor) -> tuple:
         """(hi, lo) fp32 pairs of the student's and the target's float64 log-sum-exps."""
         return tuple(t.contiguous() for lse in (lse_s, lse_t) for t in split_lse(lse.double(), torch.float32))
+
+    def full_pass(self, student, target, rows, lse_s, lse_t, kind: str, beta: float, scale, grads):
+        """`passes.Passes.full_pass`: reverse / forward KL rows whose log-sum-exps are not given (full-
+        vocabulary OPD) compute them with the value in one sweep (`kl_online_kernel`), then the gradient
+        sweep: 6 projections per fused-linear row instead of 8. JS (its log-mixture needs both
+        log-sum-exps first) and rows with given log-sum-exps (DOPD's HT rows, a vocabulary shard) take the
+        separate sweeps (`PassBackend.full_pass`)."""
+        if lse_s is not None or kind == "js":
+            return super().full_pass(student, target, rows, lse_s, lse_t, kind, beta, scale, grads)
+        n = rows.shape[0]
+        parts = torch.empty(5, n, dtype=torch.float32, device=rows.device)  # max, log-sum of s and t; W/S_a
+        cfg = self._config((student, target), n, role="value")
+        bias, upcast, head = _masks((student, target))
+        self._launch(self._div.kl_online_kernel, (triton_cdiv(n, cfg.block_n),), cfg, rows.device,
+                     rows.contiguous(), n, *parts.unbind(0), *stream_args(student), *stream_args(target),
+                     _bound(student), student.effective_vocab, 1.0 / student.temperature,
+                     KIND=self._div.KINDS[kind], LINEAR=isinstance(student, LinearSource), BIAS_MASK=bias,
+                     UPCAST_MASK=upcast, HEAD_MASK=head)
+        lse_s, lse_t = _lse64(parts[0], parts[1]), _lse64(parts[2], parts[3])
+        # KL = W/S_a − log S_a + log S_b, a the weighting stream, in float64 from the fp32 parts.
+        logsum_a, logsum_b = (parts[1], parts[3]) if kind == "reverse_kl" else (parts[3], parts[1])
+        value = parts[4].double() - logsum_a.double() + logsum_b.double()
+        c = value if kind == "reverse_kl" else torch.zeros_like(value)
+        if scale is not None:
+            self.full_grad_pass(student, target, rows, lse_s, lse_t, c, kind, beta, scale, grads)
+        return lse_s, lse_t, value, c
 
     def full_value_pass(self, student, target, rows, lse_s, lse_t, kind: str, beta: float):
         n = rows.shape[0]

@@ -13,6 +13,11 @@ forward KL: 0). The per-tile sums are added across tiles with Neumaier's compens
 (`compensated_add`): c enters every gradient element as p·(r − c), and a plain fp32 running sum
 over V/BLOCK_V ~ 1000 tiles would add its rounding to that of the tile sums.
 
+`kl_online_kernel` — grid: one program per `BLOCK_N` rows, looping over the vocabulary: full-vocabulary
+reverse / forward KL rows whose log-sum-exps are not known yet (full OPD: no stats pass). Both
+streams' running max / sum and the KL's weighted log-ratio sum, rebased as the maxima grow, in one
+sweep (its docstring); the gradient sweep follows, 6 projections per fused-linear row instead of 8.
+
 `grad_tile` — the gradient tile `G = scale_n · ∂D_n/∂z` (scale = upstream · weight / τ):
     reverse KL  p(lp − lq − c)      JS  p(β(lp − log m) − c)      forward KL  p − q
     KIND DENSE (dense part of sampled / tail-bucket top-K rows, `row_terms.py`): p · dense_n, 0 where
@@ -53,7 +58,7 @@ import triton.language as tl
 
 from ..codes import Divergence
 from .tiles import (dot_operand, load_lse, load_operand, log_prob, logaddexp, logit_tile, round_to, row_block,
-                    rows_at)
+                    rows_at, store_lse)
 
 # KIND codes, compared as constexprs inside the kernels: the divergences of `codes.Divergence`, then
 # DENSE (the dense part of a sampled / tail-bucket row term), which is no divergence of the API.
@@ -73,6 +78,83 @@ def compensated_add(s, comp, x):
 
 
 @triton.jit
+def logit_pair(rows, row_mask, cols, xs, sxs0, sxs1, ws, sws0, sws1, bs, hs, as_, cs,
+               xt, sxt0, sxt1, wt, swt0, swt1, bt, ht, at, ct, vocab, valid_vocab, inv_temp,
+               LINEAR: tl.constexpr, BIAS_MASK: tl.constexpr, UPCAST_MASK: tl.constexpr, HEAD_MASK: tl.constexpr,
+               DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    """The student's and the target's logit tiles (`tiles.logit_tile`) at (`rows`, `cols`): stream 0's
+    bits of the masks for the student, stream 1's for the target."""
+    zs, _ = logit_tile(xs, sxs0, sxs1, ws, sws0, sws1, bs, hs, as_, cs, rows, row_mask, cols, vocab, valid_vocab,
+                       inv_temp, LINEAR, BIAS_MASK & 1, UPCAST_MASK & 1, HEAD_MASK & 3, DOT_PRECISION,
+                       BLOCK_N, BLOCK_V, BLOCK_H)
+    zt, _ = logit_tile(xt, sxt0, sxt1, wt, swt0, swt1, bt, ht, at, ct, rows, row_mask, cols, vocab, valid_vocab,
+                       inv_temp, LINEAR, (BIAS_MASK >> 1) & 1, (UPCAST_MASK >> 1) & 1, (HEAD_MASK >> 2) & 3,
+                       DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+    return zs, zt
+
+
+@triton.jit
+def kl_online_kernel(rows_ptr, n_rows, max_s_ptr, logsum_s_ptr, max_t_ptr, logsum_t_ptr, ratio_ptr,
+                     xs, sxs0, sxs1, ws, sws0, sws1, bs, hs, as_, cs,
+                     xt, sxt0, sxt1, wt, swt0, swt1, bt, ht, at, ct,
+                     vocab, valid_vocab, inv_temp,
+                     KIND: tl.constexpr, LINEAR: tl.constexpr, BIAS_MASK: tl.constexpr, UPCAST_MASK: tl.constexpr,
+                     HEAD_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Reverse or forward KL of full rows together with both log-sum-exps, in one sweep (no stats pass).
+
+    With a the weighting stream (the student for REVERSE_KL, the target for FORWARD_KL), running maxima
+    M_a, M_b and sums S_a = Σ e^{a−M_a}, S_b = Σ e^{b−M_b}:
+
+        KL = W/S_a − log S_a + log S_b,    W = Σ_v e^{a_v−M_a}·((a_v − M_a) − (b_v − M_b)),
+
+    and when the maxima grow to M_a', M_b', W becomes e^{M_a−M_a'}·(W + ((M_a − M_a') − (M_b − M_b'))·S_a)
+    (the C++ `KlState` of csrc/row_math.h). Every difference is to a running maximum, so W keeps fp32
+    precision at logits of 1e4; it is summed across tiles with `compensated_add`. Stores each stream's
+    (max, log-sum) exactly as `stats_kernel` does (`store_lse`) and W/S_a; the backend adds the logs in
+    float64. A column without a-mass adds nothing; one where only a has mass makes W (and KL) +inf."""
+    offs, row_mask, rows = row_block(rows_ptr, n_rows, BLOCK_N)
+    m_a = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    m_b = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    s_a = tl.zeros((BLOCK_N,), tl.float32)
+    s_b = tl.zeros((BLOCK_N,), tl.float32)
+    w = tl.zeros((BLOCK_N,), tl.float32)
+    w_err = tl.zeros((BLOCK_N,), tl.float32)
+    for v0 in range(0, valid_vocab, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        zs, zt = logit_pair(rows, row_mask, cols, xs, sxs0, sxs1, ws, sws0, sws1, bs, hs, as_, cs,
+                            xt, sxt0, sxt1, wt, swt0, swt1, bt, ht, at, ct, vocab, valid_vocab, inv_temp,
+                            LINEAR, BIAS_MASK, UPCAST_MASK, HEAD_MASK, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+        if KIND == REVERSE_KL:
+            za, zb = zs, zt
+        else:
+            za, zb = zt, zs
+        ma_new = tl.maximum(m_a, tl.max(za, 1))
+        mb_new = tl.maximum(m_b, tl.max(zb, 1))
+        shift_a = tl.where(ma_new == float("-inf"), 0.0, ma_new)
+        shift_b = tl.where(mb_new == float("-inf"), 0.0, mb_new)
+        # W so far, rebased to the new maxima (0 while a has no mass: its log-ratios are undefined).
+        rescale = tl.exp(m_a - shift_a)
+        moved = tl.where(m_a == float("-inf"), 0.0, rescale * ((m_a - shift_a) - (m_b - shift_b)) * s_a)
+        w = tl.where(m_a == float("-inf"), 0.0, w * rescale)
+        w_err = tl.where(m_a == float("-inf"), 0.0, w_err * rescale)
+        w, w_err = compensated_add(w, w_err, moved)
+        ea = tl.exp(za - shift_a[:, None])
+        part = tl.sum(tl.where(ea > 0, ea * ((za - shift_a[:, None]) - (zb - shift_b[:, None])), 0.0), 1)
+        w, w_err = compensated_add(w, w_err, part)
+        s_a = s_a * rescale + tl.sum(ea, 1)
+        s_b = s_b * tl.exp(m_b - shift_b) + tl.sum(tl.exp(zb - shift_b[:, None]), 1)
+        m_a, m_b = ma_new, mb_new
+    if KIND == REVERSE_KL:
+        store_lse(max_s_ptr, logsum_s_ptr, offs, row_mask, m_a, s_a)
+        store_lse(max_t_ptr, logsum_t_ptr, offs, row_mask, m_b, s_b)
+    else:
+        store_lse(max_s_ptr, logsum_s_ptr, offs, row_mask, m_b, s_b)
+        store_lse(max_t_ptr, logsum_t_ptr, offs, row_mask, m_a, s_a)
+    tl.store(ratio_ptr + offs, (w + w_err) / s_a, mask=row_mask)
+
+
+@triton.jit
 def full_value_kernel(rows_ptr, n_rows, lse_s_hi, lse_s_lo, lse_t_hi, lse_t_lo, value_ptr, c_ptr,
                       xs, sxs0, sxs1, ws, sws0, sws1, bs, hs, as_, cs,
                       xt, sxt0, sxt1, wt, swt0, swt1, bt, ht, at, ct,
@@ -89,12 +171,9 @@ def full_value_kernel(rows_ptr, n_rows, lse_s_hi, lse_s_lo, lse_t_hi, lse_t_lo, 
     c_err = tl.zeros((BLOCK_N,), tl.float32)
     for v0 in range(0, valid_vocab, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
-        zs, _ = logit_tile(xs, sxs0, sxs1, ws, sws0, sws1, bs, hs, as_, cs, rows, row_mask, cols, vocab, valid_vocab,
-                           inv_temp, LINEAR, BIAS_MASK & 1, UPCAST_MASK & 1, HEAD_MASK & 3, DOT_PRECISION,
-                           BLOCK_N, BLOCK_V, BLOCK_H)
-        zt, _ = logit_tile(xt, sxt0, sxt1, wt, swt0, swt1, bt, ht, at, ct, rows, row_mask, cols, vocab, valid_vocab,
-                           inv_temp, LINEAR, (BIAS_MASK >> 1) & 1, (UPCAST_MASK >> 1) & 1, (HEAD_MASK >> 2) & 3,
-                           DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+        zs, zt = logit_pair(rows, row_mask, cols, xs, sxs0, sxs1, ws, sws0, sws1, bs, hs, as_, cs,
+                            xt, sxt0, sxt1, wt, swt0, swt1, bt, ht, at, ct, vocab, valid_vocab, inv_temp,
+                            LINEAR, BIAS_MASK, UPCAST_MASK, HEAD_MASK, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
         lp = log_prob(zs, hi_s, lo_s)
         lq = log_prob(zt, hi_t, lo_t)
         p = tl.exp(lp)
