@@ -38,6 +38,19 @@ if not torch.cuda.is_available():
             os.environ["TRITON_INTERPRET"] = _saved_interpret
 
 IGNORE = -100
+INTERPRETED_ON_CUDA = ("the Triton kernels are compiled for CUDA in this process; the interpreted variant runs on "
+                       "machines without CUDA")
+
+
+def interpreted_triton(monkeypatch, **tiles):
+    """A `TritonBackend(**tiles)` whose kernels the interpreter runs on CPU tensors, with TRITON_INTERPRET
+    set for the calling test only (`monkeypatch`); the test skips, saying why, without triton or where
+    CUDA compiled the kernels in this process."""
+    if torch.cuda.is_available():
+        pytest.skip(INTERPRETED_ON_CUDA)
+    triton_backend = pytest.importorskip("dopd_kernels.backends.triton_backend", reason="triton is not installed")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    return triton_backend.TritonBackend(**tiles)
 
 
 @pytest.fixture(autouse=True)

@@ -36,7 +36,8 @@ import pytest
 import torch
 
 import naive_reference as nv
-from conftest import IGNORE, assert_close, correlated_logits, distinct_logits, leaf, linear_streams, random_tokens
+from conftest import (IGNORE, INTERPRETED_ON_CUDA, assert_close, correlated_logits, distinct_logits, leaf, linear_streams,
+                      random_tokens)
 from dopd_kernels import (DOPDConfig, LMHead, TorchBackend, dopd_loss, fused_linear_dopd_loss, fused_linear_opd_loss,
                           opd_loss, token_logprobs)
 from hardening_checks import (CORRUPTIONS, PRECISION_CASES, check_dopd_large_logits, check_double_backward_raises,
@@ -100,8 +101,7 @@ TARGETS = {
     "cpp": (_cpp, "cpu", 1024, RTOL, None),
     "cpp-3x7": (lambda: _cpp(3, 7), "cpu", 7, RTOL, None),
     INTERPRETED: (lambda: _triton(block_n=16, block_v=32, block_h=16, vocab_splits=3), "cpu", 32, RTOL,
-                  "the Triton kernels are compiled for CUDA in this process; the interpreted variant runs on "
-                  "machines without CUDA" if CUDA else None),
+                  INTERPRETED_ON_CUDA if CUDA else None),
     "triton-cuda": (_triton, "cuda", 512, RTOL, _NO_CUDA),  # its widest logits tile (fused-linear: 64-128)
     "cuda": (lambda: "cuda", "cuda", 1024, 1e-4, _NO_CUDA),
 }

@@ -23,7 +23,7 @@ pytest.importorskip("transformers")
 import naive_reference as nv  # noqa: E402
 from test_memory import AllocationRecorder  # noqa: E402
 from tiny_models import FAMILIES, char_tokenizer, tiny_causal_lm  # noqa: E402
-from conftest import assert_close  # noqa: E402
+from conftest import assert_close, interpreted_triton  # noqa: E402
 
 from dopd_kernels import (DOPDConfig, TorchBackend, available_backends, dopd_loss, fused_linear_dopd_loss,  # noqa: E402
                           fused_linear_opd_loss, opd_loss)
@@ -202,18 +202,12 @@ def test_opd_from_hf_models_equals_logits_mode(ctx, family, backend, seed):
     assert_grads_like_fp32(student_grads(student), want_grads, truth_grads, rtol=GRAD_RTOL.get(family, 2e-5))
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton kernels are compiled for CUDA in this process; "
-                    "the interpreter variant runs on machines without CUDA")
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter evaluates discarded tl.where branches
 @pytest.mark.parametrize("family", ["gemma2", "cohere"])
 def test_dopd_triton_interpreted(ctx, family, seed, monkeypatch):
     """The Triton kernels, interpreted on CPU (conftest imported them with TRITON_INTERPRET=1), on a
     soft-capped and a scaled model; small tiles so that the vocabulary spans several."""
-    pytest.importorskip("triton", reason="triton is not installed")
-    from dopd_kernels.backends.triton_backend import TritonBackend
-
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    check_dopd_against_logits(ctx, family, TritonBackend(block_n=16, block_v=32, block_h=16), seed)
+    check_dopd_against_logits(ctx, family, interpreted_triton(monkeypatch, block_n=16, block_v=32, block_h=16), seed)
 
 
 # -- bf16 -----------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from conftest import correlated_logits, leaf, linear_streams, random_tokens
+from conftest import correlated_logits, interpreted_triton, leaf, linear_streams, random_tokens
 from dopd_kernels import DOPDConfig, LMHead, TorchBackend, dopd_loss, fused_linear_dopd_loss, fused_linear_opd_loss, opd_loss
 
 N, V, H, HT, R, C, K = 24, 131, 6, 5, 8, 32, 4
@@ -222,12 +222,7 @@ def _backend_under_test(name: str, monkeypatch):
     if name == "torch-object":
         return TorchBackend(row_chunk=R, vocab_chunk=C)
     if name == "triton-object":
-        triton_backend = pytest.importorskip("dopd_kernels.backends.triton_backend", reason="triton is not installed")
-        if torch.cuda.is_available():
-            pytest.skip("the Triton kernels are compiled for CUDA in this process; the interpreted variant runs "
-                        "on machines without CUDA")
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-        return triton_backend.TritonBackend(block_n=16, block_v=32, block_h=16)
+        return interpreted_triton(monkeypatch, block_n=16, block_v=32, block_h=16)
     if name not in available_backends():
         pytest.skip(f"the {name} backend is not available here")
     return name

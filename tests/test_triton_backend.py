@@ -56,7 +56,8 @@ from head_transform_checks import check_bf16_heads, check_opd_heads  # noqa: E40
 from test_backend_conformance import (Target, check_fused_linear_dopd_bf16, compare_dopd, compare_opd,  # noqa: E402
                                       fused_dopd_pair)
 from test_memory import AllocationRecorder  # noqa: E402
-from conftest import IGNORE, assert_close, correlated_logits, distinct_logits, leaf, linear_streams, random_tokens  # noqa: E402
+from conftest import (IGNORE, INTERPRETED_ON_CUDA, assert_close, correlated_logits, distinct_logits, leaf,  # noqa: E402
+                      linear_streams, random_tokens)
 from dopd_kernels import (DOPDConfig, LMHead, dopd_loss, fused_linear_dopd_loss, fused_linear_opd_loss,  # noqa: E402
                           opd_loss)
 from dopd_kernels.backends import available_backends, resolve_backend  # noqa: E402
@@ -69,8 +70,7 @@ from dopd_kernels.sources import LinearSource, LogitsSource  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(CUDA, reason="kernels are compiled for CUDA in this process; "
-                                                 "the interpreter variants run on machines without CUDA")),
+    pytest.param("cpu", marks=pytest.mark.skipif(CUDA, reason=INTERPRETED_ON_CUDA)),
     pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="CUDA not available")),
 ]
 TB = TritonBackend()
