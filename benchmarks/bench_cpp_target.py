@@ -245,7 +245,7 @@ def main():
     a = ap.parse_args()
     if a.workload != "opd-js" and set(a.modes) & set(PEERS):
         ap.error(f"--modes {' '.join(sorted(set(a.modes) & set(PEERS)))}: the peers run the opd-js workload only")
-    if a.pad_rows and set(a.modes) - {"cpp", "torch"}:
+    if a.pad_rows and not a.child and set(a.modes) - {"cpp", "torch"}:
         ap.error("--pad-rows: the cpp and torch modes only (the others take no LMHead)")
     if a.child:
         child(a.child, a.workload, a.n, a.h, a.v, a.threads, a.tiles, a.pad_rows)
