@@ -22,6 +22,17 @@ from ..row_terms import RowTerm
 from .base import NEG_INF, PassBackend, finish_logsumexp, online_logsumexp, without_columns
 
 
+def _value_and_constant(lp: torch.Tensor, lq: torch.Tensor, kind: str, beta: float) -> tuple:
+    """Per-row divergence [r] of a tile's log-probabilities and, for JS, its gradient constant's part
+    β·KL(p‖m) [r] (None for reverse / forward KL, whose constant is the whole KL or 0). JS forms its
+    log-mixture once for both (`divergence` would form it again for the constant)."""
+    if kind != "js":
+        return divergence(lp, lq, kind, beta), None
+    log_m = log_mixture(lp, lq, beta)
+    kl_p = beta * kl(lp, log_m)
+    return kl_p + (1.0 - beta) * kl(lq, log_m), kl_p
+
+
 def _log_softmax_tile(tile: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
     """log p = (z − hi) − lo for a tile [r, c] and a row log-sum-exp given as `split_lse` parts [r]:
     z − hi is exact near the row maximum, so log p keeps the compute dtype's relative precision
@@ -150,9 +161,10 @@ class TorchBackend(PassBackend):
             for c0, c1 in self._vocab_blocks(student):
                 lp = _log_softmax_tile(student.tile(r, c0, c1), hs[sl], ls[sl])
                 lq = _log_softmax_tile(target.tile(r, c0, c1), ht[sl], lt[sl])
-                value[sl] += divergence(lp, lq, kind, beta).to(torch.float64)
-                if kind == "js":
-                    c[sl] += beta * kl(lp, log_mixture(lp, lq, beta)).to(torch.float64)
+                tile_value, tile_c = _value_and_constant(lp, lq, kind, beta)
+                value[sl] += tile_value.to(torch.float64)
+                if tile_c is not None:
+                    c[sl] += tile_c.to(torch.float64)
         if kind == "reverse_kl":
             c = value.clone()
         return value, c
@@ -190,9 +202,10 @@ class TorchBackend(PassBackend):
                     lse[sl] = finish_logsumexp(*online_logsumexp(m, torch.zeros_like(m), z))
             (hs, ls), (ht, lt) = split_lse(lse_s[sl], dt), split_lse(lse_t[sl], target.dtype)
             lp, lq = _log_softmax_tile(zs, hs, ls), _log_softmax_tile(zt, ht, lt)
-            value[sl] = divergence(lp, lq, kind, beta).to(f64)
-            if kind == "js":
-                c[sl] = beta * kl(lp, log_mixture(lp, lq, beta)).to(f64)
+            row_value, row_c = _value_and_constant(lp, lq, kind, beta)
+            value[sl] = row_value.to(f64)
+            if row_c is not None:
+                c[sl] = row_c.to(f64)
             elif kind == "reverse_kl":
                 c[sl] = value[sl]
             if scale is not None:
