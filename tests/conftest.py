@@ -53,6 +53,11 @@ def interpreted_triton(monkeypatch, **tiles):
     return triton_backend.TritonBackend(**tiles)
 
 
+def with_padding_rows(t: torch.Tensor, rows: int, value: float = 50.0) -> torch.Tensor:
+    """`t` (a head's weight [V, H] or bias [V]) with `rows` extra rows of `value`, a checkpoint's padding
+    rows: at the default, large enough that any softmax that saw them would be dominated by them."""
+    return torch.cat([t, torch.full((rows,) + tuple(t.shape[1:]), value, dtype=t.dtype, device=t.device)])
+
 @pytest.fixture(autouse=True)
 def seed(request):
     """Seed torch with a random (or `DOPD_TEST_SEED`) seed and attach it to the test's report."""

@@ -37,7 +37,7 @@ import torch
 
 import naive_reference as nv
 from conftest import (IGNORE, INTERPRETED_ON_CUDA, assert_close, correlated_logits, distinct_logits, leaf, linear_streams,
-                      random_tokens)
+                      random_tokens, with_padding_rows)
 from dopd_kernels import (DOPDConfig, LMHead, TorchBackend, dopd_loss, fused_linear_dopd_loss, fused_linear_opd_loss,
                           opd_loss, token_logprobs)
 from hardening_checks import (CORRUPTIONS, PRECISION_CASES, check_dopd_large_logits, check_double_backward_raises,
@@ -666,7 +666,7 @@ def test_fused_linear_padding_rows_reach_nothing(workload, be):
     y = random_tokens(n, v, mask_frac=0.2).to(be.device)
 
     def padded(x: torch.Tensor, rows: int, value: float) -> torch.Tensor:
-        return torch.cat([x, torch.full((rows,) + tuple(x.shape[1:]), value)]).to(be.device)
+        return with_padding_rows(x, rows, value).to(be.device)
 
     hid, w, b = (leaf(t[k].to(be.device)) for k in ("student_hidden", "student_weight", "student_bias"))
     wp, bp = leaf(padded(t["student_weight"], pad, float("nan"))), leaf(padded(t["student_bias"], pad, float("inf")))

@@ -18,7 +18,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from conftest import correlated_logits, interpreted_triton, leaf, linear_streams, random_tokens
+from conftest import correlated_logits, interpreted_triton, leaf, linear_streams, random_tokens, with_padding_rows
 from dopd_kernels import DOPDConfig, LMHead, TorchBackend, dopd_loss, fused_linear_dopd_loss, fused_linear_opd_loss, opd_loss
 
 N, V, H, HT, R, C, K = 24, 131, 6, 5, 8, 32, 4
@@ -228,11 +228,6 @@ def _backend_under_test(name: str, monkeypatch):
     return name
 
 
-def _padded(t: torch.Tensor, rows: int) -> torch.Tensor:
-    """`t` with `rows` more rows of random values (a checkpoint's padding rows)."""
-    return torch.cat([t, torch.randn((rows,) + tuple(t.shape[1:]), dtype=t.dtype)])
-
-
 @pytest.mark.parametrize("backend", ["torch", "cpp", "torch-object", "triton-object"])
 @pytest.mark.parametrize("workload", ["dopd", "js", "reverse_kl"])
 @pytest.mark.parametrize("padding", [0, 3], ids=["unpadded", "padded-student"])
@@ -248,18 +243,18 @@ def test_scalar_loss_backward_hands_over_its_gradient_buffers(padding, workload,
     y = random_tokens(N, V)
     rows = V + padding
     h = leaf(t["student_hidden"])
-    w, b = leaf(_padded(t["student_weight"], padding)), leaf(_padded(t["student_bias"], padding))
-    student = LMHead(w, b, vocab_size=V) if padding else w
-    teacher = LMHead(_padded(t["teacher_weight"], 2 * padding), _padded(t["teacher_bias"], 2 * padding), vocab_size=V)
+    w, b = leaf(with_padding_rows(t["student_weight"], padding)), leaf(with_padding_rows(t["student_bias"], padding))
+    student = LMHead(w, b, vocab_size=V)
+    teacher = LMHead(with_padding_rows(t["teacher_weight"], 2 * padding),
+                     with_padding_rows(t["teacher_bias"], 2 * padding), vocab_size=V)
     forward, backward = AllocationRecorder(), AllocationRecorder()
     with forward:
         if workload == "dopd":
             out = fused_linear_dopd_loss(h, student, t["teacher_hidden"], teacher, t["priv_student_hidden"], y,
-                                         student_bias=None if padding else b, config=DOPDConfig(top_k=K, trim=0.0),
-                                         backend=backend)
+                                         config=DOPDConfig(top_k=K, trim=0.0), backend=backend)
         else:
-            out = fused_linear_opd_loss(h, student, t["teacher_hidden"], teacher, y,
-                                        student_bias=None if padding else b, divergence=workload, backend=backend)
+            out = fused_linear_opd_loss(h, student, t["teacher_hidden"], teacher, y, divergence=workload,
+                                        backend=backend)
     with backward:
         out.loss.backward()
     formed = {a[3] for a in forward.allocs}

@@ -12,17 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import assert_close, leaf, linear_streams, random_tokens
+from conftest import assert_close, leaf, linear_streams, random_tokens, with_padding_rows
 from dopd_kernels import (DOPDConfig, LMHead, TorchBackend, available_backends, fused_linear_dopd_loss,
                           fused_linear_opd_loss, token_logprobs)
 
 V, PAD, H = 23, 5, 6
-
-
-def _pad(w: torch.Tensor, rows: int, value: float = 50.0) -> torch.Tensor:
-    """`w` with `rows` extra rows of large values: any softmax that saw them would be dominated by them."""
-    extra = torch.full((rows,) + tuple(w.shape[1:]), value, dtype=w.dtype)
-    return torch.cat([w, extra])
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch", TorchBackend(row_chunk=3, vocab_chunk=7)],
@@ -31,7 +25,7 @@ def _pad(w: torch.Tensor, rows: int, value: float = 50.0) -> torch.Tensor:
 def test_teacher_with_padded_rows_equals_unpadded(declare, backend):
     t = linear_streams(13, H, V)
     y = random_tokens(13, V)
-    wt, bt = _pad(t["teacher_weight"], PAD), _pad(t["teacher_bias"], PAD)
+    wt, bt = with_padding_rows(t["teacher_weight"], PAD), with_padding_rows(t["teacher_bias"], PAD)
     teacher = LMHead(wt, bt, vocab_size=V) if declare else wt
     kw = {} if declare else dict(teacher_bias=bt)
     cfg = DOPDConfig(top_k=5, topk_renorm=False)
@@ -52,11 +46,11 @@ def test_teacher_with_padded_rows_equals_unpadded(declare, backend):
 def test_student_padding_rows_take_no_mass_and_no_gradient(backend):
     t = linear_streams(11, H, V)
     y = random_tokens(11, V)
-    w_pad = leaf(_pad(t["student_weight"], PAD))
-    b_pad = leaf(_pad(t["student_bias"], PAD))
+    w_pad = leaf(with_padding_rows(t["student_weight"], PAD))
+    b_pad = leaf(with_padding_rows(t["student_bias"], PAD))
     student = LMHead(w_pad, b_pad, scale=0.8, softcap=4.0, vocab_size=V)
     # The teacher and the default privileged student: padded differently (teacher 2 rows, priv inherits).
-    teacher = LMHead(_pad(t["teacher_weight"], 2), _pad(t["teacher_bias"], 2), vocab_size=V)
+    teacher = LMHead(with_padding_rows(t["teacher_weight"], 2), with_padding_rows(t["teacher_bias"], 2), vocab_size=V)
     out = fused_linear_dopd_loss(t["student_hidden"], student, t["teacher_hidden"], teacher, t["priv_student_hidden"], y,
                                  config=DOPDConfig(top_k=4), backend=backend)
     w, b = leaf(t["student_weight"]), leaf(t["student_bias"])
@@ -86,9 +80,9 @@ def test_non_finite_padding_rows_are_neither_checked_nor_read(backend):
     t = linear_streams(9, H, V)
     y = random_tokens(9, V)
     hp, h = leaf(t["student_hidden"]), leaf(t["student_hidden"])
-    w = _pad(t["student_weight"], PAD, float("nan"))
-    b = _pad(t["student_bias"], PAD, float("inf"))
-    teacher = LMHead(_pad(t["teacher_weight"], PAD + 1, float("nan")), vocab_size=V)
+    w = with_padding_rows(t["student_weight"], PAD, float("nan"))
+    b = with_padding_rows(t["student_bias"], PAD, float("inf"))
+    teacher = LMHead(with_padding_rows(t["teacher_weight"], PAD + 1, float("nan")), vocab_size=V)
     out = fused_linear_opd_loss(hp, LMHead(w, b, vocab_size=V), t["teacher_hidden"], teacher, y,
                                 divergence="js", check_finite=True, backend=backend)
     ref = fused_linear_opd_loss(h, t["student_weight"], t["teacher_hidden"], t["teacher_weight"], y,
@@ -116,7 +110,7 @@ def test_padding_rows_are_sliced_as_views_not_copied():
             return super().full_pass(student, target, *args)
 
     t = linear_streams(7, H, V)
-    wt = _pad(t["teacher_weight"], PAD)
+    wt = with_padding_rows(t["teacher_weight"], PAD)
     fused_linear_opd_loss(t["student_hidden"], t["student_weight"], t["teacher_hidden"], LMHead(wt, vocab_size=V),
                           random_tokens(7, V), backend=Spy())
     teacher = seen[1]
@@ -124,7 +118,7 @@ def test_padding_rows_are_sliced_as_views_not_copied():
     # A padded student keeps its rows (a slice would copy its gradient): the teacher is cut to the
     # student's rows, and the padding is excluded as valid_vocab columns.
     seen.clear()
-    ws = leaf(_pad(t["student_weight"], 2))
+    ws = leaf(with_padding_rows(t["student_weight"], 2))
     fused_linear_opd_loss(t["student_hidden"], LMHead(ws, vocab_size=V), t["teacher_hidden"], LMHead(wt, vocab_size=V),
                           random_tokens(7, V), backend=Spy())
     student, teacher = seen
@@ -141,7 +135,7 @@ def test_different_tokenizers_are_refused_with_both_sizes():
     with pytest.raises(ValueError, match=f"teacher_weight has {V - 1} rows, fewer than the {V} tokens"):
         fused_linear_opd_loss(s, t["student_weight"], th, t["teacher_weight"][:-1], y)
     with pytest.raises(ValueError, match=f"teacher_weight has {V} rows, fewer than the {V + 2} tokens"):
-        fused_linear_opd_loss(s, LMHead(_pad(t["student_weight"], 4), vocab_size=V + 2), th, t["teacher_weight"], y)
+        fused_linear_opd_loss(s, LMHead(with_padding_rows(t["student_weight"], 4), vocab_size=V + 2), th, t["teacher_weight"], y)
     with pytest.raises(ValueError, match=f"priv_student_weight has a vocabulary of {V} tokens but student_weight has {V - 3}"):
         fused_linear_dopd_loss(s, LMHead(t["student_weight"], vocab_size=V - 3), th, t["teacher_weight"],
                                t["priv_student_hidden"], y, priv_student_weight=LMHead(t["student_weight"], vocab_size=V))
@@ -157,5 +151,5 @@ def test_undeclared_student_padding_gets_a_hint():
     t = linear_streams(7, H, V)
     y = random_tokens(7, V)
     with pytest.raises(ValueError, match=r"but student_weight has 28: .* \(if student_weight has padding rows, declare"):
-        fused_linear_opd_loss(t["student_hidden"], _pad(t["student_weight"], PAD), t["teacher_hidden"],
+        fused_linear_opd_loss(t["student_hidden"], with_padding_rows(t["student_weight"], PAD), t["teacher_hidden"],
                               LMHead(t["teacher_weight"], vocab_size=V), y)
