@@ -23,11 +23,12 @@ from .base import NEG_INF, PassBackend, finish_logsumexp, online_logsumexp, with
 
 
 def _value_and_constant(lp: torch.Tensor, lq: torch.Tensor, kind: str, beta: float) -> tuple:
-    """Per-row divergence [r] of a tile's log-probabilities and, for JS, its gradient constant's part
-    β·KL(p‖m) [r] (None for reverse / forward KL, whose constant is the whole KL or 0). JS forms its
-    log-mixture once for both (`divergence` would form it again for the constant)."""
+    """A tile's part [r] of each row's divergence and of its gradient constant c (reverse KL: the KL
+    itself; JS: β·KL(p‖m); forward KL: 0), both summed over a row's tiles. JS forms its log-mixture once
+    for both (`divergence` would form it again for the constant)."""
     if kind != "js":
-        return divergence(lp, lq, kind, beta), None
+        value = divergence(lp, lq, kind, beta)
+        return value, (value if kind == "reverse_kl" else torch.zeros_like(value))
     log_m = log_mixture(lp, lq, beta)
     kl_p = beta * kl(lp, log_m)
     return kl_p + (1.0 - beta) * kl(lq, log_m), kl_p
@@ -163,10 +164,7 @@ class TorchBackend(PassBackend):
                 lq = _log_softmax_tile(target.tile(r, c0, c1), ht[sl], lt[sl])
                 tile_value, tile_c = _value_and_constant(lp, lq, kind, beta)
                 value[sl] += tile_value.to(torch.float64)
-                if tile_c is not None:
-                    c[sl] += tile_c.to(torch.float64)
-        if kind == "reverse_kl":
-            c = value.clone()
+                c[sl] += tile_c.to(torch.float64)
         return value, c
 
     def full_pass(self, student, target, rows, lse_s, lse_t, kind: str, beta: float, scale, grads):
@@ -203,11 +201,7 @@ class TorchBackend(PassBackend):
             (hs, ls), (ht, lt) = split_lse(lse_s[sl], dt), split_lse(lse_t[sl], target.dtype)
             lp, lq = _log_softmax_tile(zs, hs, ls), _log_softmax_tile(zt, ht, lt)
             row_value, row_c = _value_and_constant(lp, lq, kind, beta)
-            value[sl] = row_value.to(f64)
-            if row_c is not None:
-                c[sl] = row_c.to(f64)
-            elif kind == "reverse_kl":
-                c[sl] = value[sl]
+            value[sl], c[sl] = row_value.to(f64), row_c.to(f64)
             if scale is not None:
                 grad = self._full_tile_grad(lp, lp.exp(), lq, c[sl, None].to(dt), kind, beta)
                 self._add_tile(grads, student, r, 0, grad * scale[sl, None].to(dt), zs, self._budget(student, grads, r))
