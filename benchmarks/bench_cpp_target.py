@@ -62,7 +62,9 @@ def reset_peak_rss() -> None:
         f.write("5")
 
 
-def make_inputs(n, h, v, seed=0):
+def make_inputs(n, h, v, seed=0, pad_rows=0):
+    """Hidden states, heads and tokens; with `pad_rows`, the student's head gains that many padding rows
+    past its V tokens and the teacher's twice as many (a checkpoint's padded embedding)."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
@@ -72,6 +74,9 @@ def make_inputs(n, h, v, seed=0):
     wt = ws + 0.5 * torch.randn(v, h, generator=g) / h**0.5
     hp = hs + 0.5 * torch.randn(n, h, generator=g)
     y = torch.randint(0, v, (n,), generator=g)
+    if pad_rows:
+        ws = torch.cat([ws, torch.randn(pad_rows, h, generator=g)])
+        wt = torch.cat([wt, torch.randn(2 * pad_rows, h, generator=g)])
     return hs.requires_grad_(), ws.requires_grad_(), ht, wt, hp, y
 
 
@@ -174,10 +179,11 @@ def child(mode, workload, n, h, v, threads, tiles, pad_rows=0):
     kind = "reverse_kl" if workload == "opd-kl" else "js"
 
     def run(hs, ws, ht, wt, hp, y):
-        """(loss, regime or None) of the workload; regime 2 = HT. Heads with more rows than the tokens'
-        vocabulary (`--pad-rows`) declare it (`LMHead(vocab_size=...)`): a checkpoint's padded embedding."""
-        if pad_rows and ws.shape[0] == v + pad_rows:  # not the warm-up's small inputs
-            ws, wt = dk.LMHead(ws, vocab_size=v), dk.LMHead(wt, vocab_size=v)
+        """(loss, regime or None) of the workload; regime 2 = HT. Heads with `pad_rows` padding rows declare
+        their vocabulary (`LMHead(vocab_size=...)`)."""
+        if pad_rows:
+            vocab = ws.shape[0] - pad_rows
+            ws, wt = dk.LMHead(ws, vocab_size=vocab), dk.LMHead(wt, vocab_size=vocab)
         if workload == "dopd":
             if mode == "naive":
                 return naive_dopd(hs, ws, ht, wt, hp, y)
@@ -194,12 +200,9 @@ def child(mode, workload, n, h, v, threads, tiles, pad_rows=0):
         return dk.fused_linear_opd_loss(hs, ws, ht, wt, y, divergence=kind, granularity="full", backend=backend).loss, None
 
     # Imports (TRL's alone take seconds), the extension's load and MKL's warm-up stay outside the measurement.
-    run(*make_inputs(16, 32, 300))[0].backward()
+    run(*make_inputs(16, 32, 300, pad_rows=pad_rows))[0].backward()
     cpp.reset_matmul_flops()
-    hs, ws, ht, wt, hp, y = make_inputs(n, h, v)
-    if pad_rows:  # the student's head gains pad_rows padding rows, the teacher's twice as many
-        ws = torch.cat([ws.detach(), torch.randn(pad_rows, h)]).requires_grad_()
-        wt = torch.cat([wt, torch.randn(2 * pad_rows, h)])
+    hs, ws, ht, wt, hp, y = make_inputs(n, h, v, pad_rows=pad_rows)
     reset_peak_rss()
     base = status_bytes("VmRSS")
     c0, t0 = cpu_seconds(), time.perf_counter()
