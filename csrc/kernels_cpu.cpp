@@ -367,8 +367,8 @@ struct NoBlockHook {
 };
 
 // Fused-linear sweep over both streams' logit tiles (two projections per row): for each chunk of rows and
-// vocabulary block, the transformed tiles of s and t, then f(q, zs, zt, len) for each row q of the chunk
-// (an index into `rows`; zs may be overwritten), rows in parallel, then after(rows of the chunk, their
+// vocabulary block, the transformed tiles of s and t, then f(q, zs, zt, c0, len) for each row q of the chunk
+// (an index into `rows`; zs may be overwritten) at columns [c0, c0 + len), rows in parallel, then after(rows of the chunk, their
 // student hidden states, the student tile [r, len], c0, len).
 template <typename A, typename F, typename G = NoBlockHook>
 void linear_pair_sweep(const Stream& s, const Stream& t, const Tensor& rows, Tiling tl, F&& f, G&& after = G()) {
@@ -390,7 +390,7 @@ void linear_pair_sweep(const Stream& s, const Stream& t, const Tensor& rows, Til
       for (int64_t i = 0; i < r; ++i) {
         head_transform(ts + i * len, len, head_s);
         head_transform(tt + i * len, len, head_t);
-        f(r0 + i, ts + i * len, tt + i * len, len);
+        f(r0 + i, ts + i * len, tt + i * len, c0, len);
       }
       after(rr, hs, tile, c0, len);
     }
@@ -410,7 +410,7 @@ std::tuple<Tensor, Tensor> value_impl(const Stream& s, const Stream& t, const Te
   Tensor c = at::zeros({n}, rows.options().dtype(at::kDouble));
   double* vp = value.data_ptr<double>();
   double* cp = c.data_ptr<double>();
-  linear_pair_sweep<A>(s, t, rows, tl, [&](int64_t q, A* zs, const A* zt, int64_t len) {
+  linear_pair_sweep<A>(s, t, rows, tl, [&](int64_t q, A* zs, const A* zt, int64_t, int64_t len) {
     value_segment<KIND>(zs, zt, len, inv_tau, ls.hi[q], ls.lo[q], lt.hi[q], lt.lo[q], P, vp[q], cp[q]);
   });
   if (KIND == REVERSE_KL) c.copy_(value);
@@ -509,12 +509,18 @@ struct LogitsGrad {
 // a softmax sums to zero); the allowance a = δ·L·(columns seen / V) − spent (0 when L is not finite) is spent
 // on the row's cheapest blocks while their running sum stays ≤ a. So each row's skipped mass is at most
 // δ‖u‖₁ (a backward error δ); a NaN or inf mass never fits, db stays exact. Per row of a chunk: three
-// doubles; per tile: the keep bits [rows, blocks]. Sweeps run their tiles in column order from 0, so a row's
-// state restarts at c0 = 0 and `c0 + len` columns have been seen after a tile.
+// doubles; per tile: the keep bits [rows, blocks]. Sweeps run their tiles in column order from 0 and start
+// each row (start_row) before its first tile, so `c0 + len` columns have been swept after a tile. A row may
+// start with mass already spent: tiles skipped whole before they were formed (TileSkips, below).
 
-// How many gradient entries (row × column) were offered to the contractions and how many were skipped.
+// How many gradient entries (row × column) were offered to the contractions, how many were skipped, and how
+// many of those were skipped before their logits were recomputed (TileSkips: no projection either).
 struct SkipCount {
-  int64_t entries = 0, skipped = 0;
+  int64_t entries = 0, skipped = 0, unformed = 0;
+  SkipCount& operator+=(const SkipCount& o) {
+    entries += o.entries, skipped += o.skipped, unformed += o.unformed;
+    return *this;
+  }
 };
 
 // δ for a student stored in `dtype` (0: never skip).
@@ -525,6 +531,12 @@ double skip_tolerance(at::ScalarType dtype) {
     case at::kHalf: return SKIP_TOLERANCE_FP16;
     default: return 0.0;
   }
+}
+
+// The δ a gradient sweep skips with: the caller's option `want`, a dH or dW to contract (`contracts`), a
+// fused-linear student and a dtype with δ > 0; else 0 (never skip).
+double skip_delta(bool want, const Stream& s, bool contracts) {
+  return want && contracts && s.linear() ? skip_tolerance(s.x.scalar_type()) : 0.0;
 }
 
 // The skip state of one row chunk of a gradient sweep over `vocab` columns in tiles of at most `block`
@@ -539,7 +551,7 @@ struct BlockSkipper {
 
   // Skipping is on with `want` (the caller's option), a dH or dW to contract and a dtype with δ > 0.
   BlockSkipper(bool want, const Stream& s, bool contracts, int64_t chunk_rows_, int64_t block)
-      : delta(want && contracts && s.linear() ? skip_tolerance(s.x.scalar_type()) : 0.0), vocab(s.valid_vocab),
+      : delta(skip_delta(want, s, contracts)), vocab(s.valid_vocab),
         chunk_rows(chunk_rows_), max_blocks((block + SKIP_COLUMNS - 1) / SKIP_COLUMNS) {
     if (!on()) return;
     const size_t cells = static_cast<size_t>(chunk_rows) * max_blocks;
@@ -552,6 +564,13 @@ struct BlockSkipper {
   }
   bool on() const { return delta > 0; }
 
+  // Row i (of the chunk) starts its sweep, `spent0` of its allowance already spent (TileSkips).
+  void start_row(int64_t i, double spent0) {
+    if (!on()) return;
+    abs_sum[i] = sum[i] = 0.0;
+    spent[i] = spent0;
+  }
+
   // Row i (of the chunk) of the tile at columns [c0, c0 + len): u [len], its gradient before the jacobian.
   template <typename A>
   void decide(int64_t i, const A* u, int64_t c0, int64_t len) {
@@ -559,7 +578,6 @@ struct BlockSkipper {
     double* m = mass.data() + i * max_blocks;
     int32_t* ord = order.data() + i * max_blocks;
     uint8_t* kp = keep.data() + i * max_blocks;
-    if (c0 == 0) abs_sum[i] = sum[i] = spent[i] = 0.0;
     double total = 0;
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t j0 = b * SKIP_COLUMNS, j1 = std::min(len, j0 + SKIP_COLUMNS);
@@ -593,16 +611,17 @@ struct BlockSkipper {
     }
   }
 
-  // The gradient tile g [r, len] (the chunk's first r rows, with respect to the raw logits) contracted into
-  // dh_rows [r, H] and dw for the blocks each row keeps (h: the rows' hidden states [r, H]); db over the whole
-  // tile. Runs of consecutive blocks kept by the same rows contract at once, gathering those rows when they are
-  // not all of them: skipped entries cost no FLOPs. With skipping off, the whole tile (contract_tile).
+  // The gradient tile g [r, len] (with respect to the raw logits) of the chunk's rows `ids` [r] (null: its first
+  // r rows) contracted into dh_rows [r, H] and dw for the blocks each row keeps (h: the rows' hidden states
+  // [r, H]); db over the whole tile. Runs of consecutive blocks kept by the same rows contract at once,
+  // gathering those rows when they are not all of them: skipped entries cost no FLOPs. With skipping off, the
+  // whole tile (contract_tile).
   void contract(const Stream& s, const Tensor& g, const Tensor& h, int64_t c0, int64_t len, const Tensor& dh_rows,
-                const std::optional<Tensor>& dw, const std::optional<Tensor>& db) {
+                const std::optional<Tensor>& dw, const std::optional<Tensor>& db, const int64_t* ids = nullptr) {
     if (!on()) return contract_tile(s, g, h, c0, len, dh_rows, dw, db);
     if (db.has_value() && db->defined()) db->narrow(0, c0, len).add_(g.sum(0));
     const int64_t r = g.size(0), nb = (len + SKIP_COLUMNS - 1) / SKIP_COLUMNS;
-    auto kept = [&](int64_t i, int64_t b) { return keep[i * max_blocks + b] != 0; };
+    auto kept = [&](int64_t i, int64_t b) { return keep[(ids ? ids[i] : i) * max_blocks + b] != 0; };
     auto same = [&](int64_t b, int64_t b2) {
       for (int64_t i = 0; i < r; ++i)
         if (kept(i, b) != kept(i, b2)) return false;
@@ -631,15 +650,104 @@ struct BlockSkipper {
   }
 };
 
+// -- skipping whole tiles before they are formed ------------------------------------------------------
+//
+// A full-vocabulary reverse / forward KL row wider than one tile gets its log-sum-exps and value in one
+// online sweep (KlState) that sees each of its tiles T once. A few numbers of that sweep per (row, tile)
+// (TileMass) bound the L1 mass of the tile's gradient u (τ·∂D/∂z, before the scale and the jacobian) without
+// forming it, with P_T = Σ_T p_v, Q_T = Σ_T q_v, D_v = x_s,v − x_t,v (scaled logits), Δ = lse_t − lse_s:
+//   reverse KL, u_v = p_v(log p_v − log q_v − c) = p_v(D_v + Δ − c):  ‖u_T‖₁ ≤ P_T · max(|Dmax_T + Δ − c|, |Dmin_T + Δ − c|),
+//   forward KL, u_v = p_v − q_v:                                       ‖u_T‖₁ ≤ P_T + Q_T,
+// and their tile sums bound the row's mass from below, ‖u‖₁ ≥ Σ_T |Σ_{v∈T} u_v| =: L, with Σ_T u_v =
+// P_T(D̄_T + Δ − c) (D̄_T: the p-weighted mean of D over T) and P_T − Q_T. skipping.py's rule on these: a
+// row skips its tiles of smallest bound while their running sum stays ≤ δ·L ≤ δ‖u‖₁ (none when L is not
+// finite). Its gradient sweep neither recomputes nor contracts those tiles (the rows that keep a tile are
+// gathered) and starts the row's BlockSkipper with their bounds spent, so that the row's total skipped mass
+// stays ≤ δ‖u‖₁: the guarantee of skipping.py, now also saving the two recomputed projections. The bounds
+// come from the computed statistics: their rounding moves them by a few fp32 ulps (relative), far inside δ.
+
+// One tile of KL(a‖b)'s two streams in the online sweep (online_segment).
+template <typename A>
+struct TileMass {
+  LseState<A> a, b;  // (max, Σ exp(x − max)) of the tile's scaled logits
+  A dmin, dmax;      // reverse KL: the range of x_a − x_b over the tile's columns where x_a > −inf
+  double w;          // Σ e^{x_a − a.m}((x_a − a.m) − (x_b − b.m)), as KlState.w
+};
+
+// The tiles each row of a chunk keeps (keep [rows, tiles]) and the bound mass it skipped (spent [rows]).
+struct TileSkips {
+  int64_t tiles = 0;
+  std::vector<uint8_t> keep;
+  std::vector<double> spent;
+  bool kept(int64_t i, int64_t tile) const { return keep[i * tiles + tile] != 0; }
+};
+
+// P_T: the share of a row's softmax mass (log-sum-exp `l`) in a tile's (max, Σ exp) state.
+template <typename A>
+double tile_share(const LseState<A>& x, double l) {
+  return x.m == neg_inf<A>() ? 0.0 : std::exp(double(x.m) + std::log(double(x.s)) - l);
+}
+
+// The tiles to skip of `rows` rows whose online sweep ended in st [rows], with mass [rows, tiles].
+template <int KIND, typename A>
+TileSkips plan_tile_skips(const KlState<A>* st, const TileMass<A>* mass, int64_t rows, int64_t tiles, double delta) {
+  TileSkips out{tiles, std::vector<uint8_t>(rows * tiles, 1), std::vector<double>(rows, 0.0)};
+#pragma omp parallel num_threads(num_threads())
+  {
+    std::vector<double> bound(tiles);
+    std::vector<int64_t> ord(tiles);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < rows; ++i) {
+      const KlState<A>& x = st[i];
+      const double la = double(x.a.m) + std::log(double(x.a.s)), lb = double(x.b.m) + std::log(double(x.b.s));
+      const double shift = lb - la, c = KIND == REVERSE_KL ? kl_value(x) : 0.0;  // reverse KL: a = p, b = q
+      double lower = 0;
+      for (int64_t q = 0; q < tiles; ++q) {
+        const TileMass<A>& m = mass[i * tiles + q];
+        const double pa = tile_share(m.a, la);
+        if constexpr (KIND == REVERSE_KL) {
+          if (pa == 0) {
+            bound[q] = 0;
+            continue;
+          }
+          const double mean = m.w / double(m.a.s) + double(m.a.m - m.b.m);  // D̄_T
+          bound[q] = pa * std::max(std::abs(double(m.dmax) + shift - c), std::abs(double(m.dmin) + shift - c));
+          lower += pa * std::abs(mean + shift - c);
+        } else {  // forward KL: a = q (teacher), b = p (student)
+          const double pb = tile_share(m.b, lb);
+          bound[q] = pa + pb;
+          lower += std::abs(pb - pa);
+        }
+      }
+      if (!std::isfinite(lower)) continue;
+      // Smallest bounds first, NaN last (ties to the lower tile): the longest prefix within δ·L.
+      for (int64_t q = 0; q < tiles; ++q) ord[q] = q;
+      std::sort(ord.begin(), ord.end(), [&](int64_t u, int64_t v) {
+        if (std::isnan(bound[u]) || std::isnan(bound[v])) return !std::isnan(bound[u]) && std::isnan(bound[v]);
+        return bound[u] < bound[v] || (bound[u] == bound[v] && u < v);
+      });
+      double running = 0;
+      for (int64_t q = 0; q < tiles; ++q) {
+        running += bound[ord[q]];
+        if (!(running <= delta * lower)) break;
+        out.keep[i * tiles + ord[q]] = 0;
+        out.spent[i] = running;
+      }
+    }
+  }
+  return out;
+}
+
 // grad_pass (see passes_cpu.h); with `skip`, fused-linear tiles leave out their negligible blocks (BlockSkipper),
-// counted in the result.
+// counted in the result. `pre` (full-vocabulary rows, fused-linear, the chunk's rows: rows.size(0) ≤ row_chunk):
+// the tiles each row skips whole (TileSkips), neither recomputed nor contracted.
 template <int KIND, bool FULL, typename A>
 SkipCount grad_impl(const Stream& s, const Stream* t, const Tensor& rows, const Tensor& lse_s,
                     const std::optional<Tensor>& lse_t, const std::optional<Tensor>& c, const std::optional<Tensor>& dense,
                     const std::optional<Tensor>& cols, const std::optional<Tensor>& sparse, bool overwrite,
                     const Tensor& scale, double beta, Tiling tl, const std::optional<Tensor>& grad_logits,
                     const std::optional<Tensor>& dh, const std::optional<Tensor>& dw, const std::optional<Tensor>& db,
-                    bool skip) {
+                    bool skip, const TileSkips* pre = nullptr) {
   const int64_t n = rows.size(0), vv = s.valid_vocab;
   const A inv_tau = static_cast<A>(s.inv_tau);
   const DivParams<A> P = div_params<A>(KIND, beta);
@@ -693,31 +801,67 @@ SkipCount grad_impl(const Stream& s, const Stream* t, const Tensor& rows, const 
   Tensor buf_s = at::empty({plan.buffer()}, rows.options().dtype(s.acc()));
   Tensor buf_t = FULL ? at::empty({plan.buffer()}, rows.options().dtype(s.acc())) : Tensor();
   BlockSkipper skipper(skip, s, want_dh || want_dw, plan.rows_per_chunk, plan.block);
+  TORCH_CHECK(!pre || (FULL && skipper.on() && n <= plan.rows_per_chunk), "dopd cpu: tile skips need one skipping chunk");
+  std::vector<int64_t> ids, gathered;  // the chunk's rows that form the current tile; those projected
   for (int64_t r0 = 0; r0 < n; r0 += plan.rows_per_chunk) {
     const int64_t r = std::min(plan.rows_per_chunk, n - r0);
     const Tensor rr = rows.narrow(0, r0, r);
     const Tensor hs = hidden_rows(s, rr);
     const Tensor ht = FULL ? hidden_rows(*t, rr) : Tensor();
     Tensor dh_rows = want_dh ? at::zeros({r, s.x.size(1)}, rows.options().dtype(s.acc())) : Tensor();
+    for (int64_t i = 0; i < r; ++i) skipper.start_row(i, pre ? pre->spent[i] : 0.0);
     for (int64_t c0 = 0; c0 < vv; c0 += plan.block) {
       const int64_t len = std::min(plan.block, vv - c0);
-      Tensor tile = counted_tile(s, hs, c0, len, buf_s);
-      A* ts = tile.data_ptr<A>();
-      A* tt = FULL ? counted_tile(*t, ht, c0, len, buf_t).data_ptr<A>() : nullptr;
+      ids.clear();
+      for (int64_t i = 0; i < r; ++i)
+        if (!pre || pre->kept(i, c0 / plan.block)) ids.push_back(i);
+      const int64_t m = static_cast<int64_t>(ids.size());
+      skipper.count += SkipCount{(r - m) * len, (r - m) * len, 0};
+      if (m == 0) {
+        skipper.count.unformed += r * len;
+        continue;
+      }
+      // The rows that keep the tile, gathered when they are not all of the chunk's, and projected padded with
+      // rows that skip it to a multiple of GATHER_ROWS (their logits unused): a GEMM of a few rows takes other
+      // BLAS kernels, which round the logits differently from the dense tile's GEMM, and on the ~50-nat
+      // logits of peaked rows (whose gradients cancel) measurably less accurately.
+      const bool all = m == r;
+      const Tensor at_ids = all ? Tensor() : at::from_blob(ids.data(), {m}, at::TensorOptions().dtype(at::kLong));
+      Tensor hs_m = hs, ht_m = ht, dh_m = dh_rows;
+      if (!all) {
+        const int64_t padded = std::min(r, (m + GATHER_ROWS - 1) / GATHER_ROWS * GATHER_ROWS);
+        gathered.assign(ids.begin(), ids.end());
+        for (int64_t i = 0, q = 0; static_cast<int64_t>(gathered.size()) < padded; ++i) {
+          if (q < m && ids[q] == i) ++q;  // ids is increasing: i is kept, not a padding row
+          else gathered.push_back(i);
+        }
+        const Tensor at_gathered = at::from_blob(gathered.data(), {padded}, at::TensorOptions().dtype(at::kLong));
+        hs_m = hs.index_select(0, at_gathered);
+        if (FULL) ht_m = ht.index_select(0, at_gathered);
+        if (want_dh) dh_m = at::zeros({m, dh_rows.size(1)}, dh_rows.options());
+        skipper.count.unformed += (r - padded) * len;
+      }
+      const Tensor tile_all = counted_tile(s, hs_m, c0, len, buf_s);
+      A* ts = tile_all.data_ptr<A>();
+      A* tt = FULL ? counted_tile(*t, ht_m, c0, len, buf_t).data_ptr<A>() : nullptr;
+      const Tensor tile = tile_all.narrow(0, 0, m);
+      hs_m = hs_m.narrow(0, 0, m);
 #pragma omp parallel num_threads(num_threads())
       {
         std::vector<A> jac(head_s.identity() ? 0 : len);
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < r; ++i) {
-          head_transform(ts + i * len, len, head_s);
-          if (FULL) head_transform(tt + i * len, len, head_t);
-          grad_segment<KIND, FULL>(ts + i * len, FULL ? tt + i * len : nullptr, ts + i * len, c0, len, k, inv_tau,
+        for (int64_t j = 0; j < m; ++j) {
+          const int64_t i = ids[j];
+          head_transform(ts + j * len, len, head_s);
+          if (FULL) head_transform(tt + j * len, len, head_t);
+          grad_segment<KIND, FULL>(ts + j * len, FULL ? tt + j * len : nullptr, ts + j * len, c0, len, k, inv_tau,
                                    row_of(r0 + i), P, head_s, jac.data(), [&](const A* u, int64_t) {
                                      if (skipper.on()) skipper.decide(i, u, c0, len);
                                    });
         }
       }
-      skipper.contract(s, tile, hs, c0, len, dh_rows, dw, db);  // the gradient tile, now in `tile`
+      skipper.contract(s, tile, hs_m, c0, len, dh_m, dw, db, ids.data());  // the gradient tile, now in `tile`
+      if (!all && want_dh) dh_rows.index_add_(0, at_ids, dh_m);
     }
     if (want_dh) dh->index_add_(0, rr, dh_rows);
   }
@@ -742,8 +886,9 @@ void for_blocks(int64_t vv, int64_t block, F&& f) {
 // Merge one block of both streams (logits zs, zt, scaled by inv_tau) into a row's KlState: the two
 // log-sum-exps and, for reverse / forward KL, W (row_math.h). JS keeps only the log-sum-exps: its log m_v =
 // log(β p_v + (1−β) q_v) mixes the normalised distributions, so no running sum rescales into Σ p log(p/m).
+// With `tile`, also the block's TileMass (reverse / forward KL).
 template <int KIND, typename A>
-void online_segment(const A* zs, const A* zt, int64_t len, A inv_tau, KlState<A>& st) {
+void online_segment(const A* zs, const A* zt, int64_t len, A inv_tau, KlState<A>& st, TileMass<A>* tile = nullptr) {
   const A* za = KIND == FORWARD_KL ? zt : zs;  // the weighting stream a of KL(a‖b)
   const A* zb = KIND == FORWARD_KL ? zs : zt;
   A ma = neg_inf<A>(), mb = neg_inf<A>(), sa = 0, sb = 0;
@@ -777,6 +922,18 @@ void online_segment(const A* zs, const A* zt, int64_t len, A inv_tau, KlState<A>
         w += x > neg_inf<A>() ? double(fexp(x) * (x - (zb[j] * inv_tau - mb))) : 0.0;
       }
       seg.w = w;
+    }
+    if (tile) {
+      A dmin = HUGE_VAL, dmax = -HUGE_VAL;
+      if constexpr (KIND == REVERSE_KL) {
+#pragma omp simd reduction(min : dmin) reduction(max : dmax)
+        for (int64_t j = 0; j < len; ++j) {
+          const A x = za[j] * inv_tau, d = x - zb[j] * inv_tau;
+          dmin = std::min(dmin, x > neg_inf<A>() ? d : A(HUGE_VAL));
+          dmax = std::max(dmax, x > neg_inf<A>() ? d : A(-HUGE_VAL));
+        }
+      }
+      *tile = {seg.a, seg.b, dmin, dmax, seg.w};
     }
   }
   st = kl_merge(st, seg);
@@ -878,22 +1035,42 @@ std::tuple<Tensor, Tensor, Tensor, SkipCount> full_impl(const Stream& s, const S
     // Rows wider than one tile: sweeps over row-chunk tiles (no [chunk, V] buffer).
     Tensor l2s = given ? *lse_s : at::empty({2, n}, rows.options().dtype(s.acc()));
     Tensor l2t = given ? *lse_t : at::empty_like(l2s);
+    SkipCount count;
     if (!given) {
-      std::vector<KlState<A>> st(n, kl_empty<A>());
-      linear_pair_sweep<A>(s, t, rows, tl, [&](int64_t q, A* zs, const A* zt, int64_t len) {
-        online_segment<KIND>(zs, zt, len, inv_tau, st[q]);
-      });
+      // The online sweep, chunk by chunk. A reverse / forward KL row is complete after its chunk's sweep, so
+      // its gradient sweep follows at once, leaving out whole tiles where the skip rule allows (TileSkips).
+      const LinearPlan plan(n, vv, tl);
+      const int64_t tiles = (vv + plan.block - 1) / plan.block;
+      const bool now = grad && KIND != JS;
+      const bool contracts = (dh.has_value() && dh->defined()) || (dw.has_value() && dw->defined());
+      const double delta = now ? skip_delta(skip, s, contracts) : 0.0;
+      std::vector<KlState<A>> st(plan.rows_per_chunk);
+      std::vector<TileMass<A>> mass(delta > 0 ? plan.rows_per_chunk * tiles : 0);
       A *hs = l2s.data_ptr<A>(), *ht = l2t.data_ptr<A>();
-      for (int64_t q = 0; q < n; ++q) {
-        GradRow<A> r{};
-        keep(q, finish_online<KIND>(st[q], r));
-        hs[q] = r.ls, hs[n + q] = r.ls2, ht[q] = r.lt, ht[n + q] = r.lt2;
+      for (int64_t r0 = 0; r0 < n; r0 += plan.rows_per_chunk) {
+        const int64_t r = std::min(plan.rows_per_chunk, n - r0);
+        const Tensor rr = rows.narrow(0, r0, r);
+        std::fill(st.begin(), st.end(), kl_empty<A>());
+        linear_pair_sweep<A>(s, t, rr, tl, [&](int64_t q, A* zs, const A* zt, int64_t c0, int64_t len) {
+          online_segment<KIND>(zs, zt, len, inv_tau, st[q], mass.empty() ? nullptr : &mass[q * tiles + c0 / plan.block]);
+        });
+        for (int64_t q = 0; q < r; ++q) {
+          GradRow<A> g{};
+          keep(r0 + q, finish_online<KIND>(st[q], g));
+          hs[r0 + q] = g.ls, hs[n + r0 + q] = g.ls2, ht[r0 + q] = g.lt, ht[n + r0 + q] = g.lt2;
+        }
+        if (!now) continue;
+        if (KIND == REVERSE_KL) c.narrow(0, r0, r).copy_(value.narrow(0, r0, r));
+        const std::optional<TileSkips> pre =
+            delta > 0 ? std::optional<TileSkips>(plan_tile_skips<KIND>(st.data(), mass.data(), r, tiles, delta)) : std::nullopt;
+        count += grad_impl<KIND, true, A>(s, &t, rr, l2s.narrow(1, r0, r), l2t.narrow(1, r0, r), c.narrow(0, r0, r),
+                                          std::nullopt, std::nullopt, std::nullopt, false, scale->narrow(0, r0, r), beta,
+                                          tl, grad_logits, dh, dw, db, skip, pre ? &*pre : nullptr);
       }
     }
     if (given || KIND == JS) std::tie(value, c) = value_impl<KIND, A>(s, t, rows, l2s, l2t, beta, tl);
     if (KIND == REVERSE_KL) c.copy_(value);
-    SkipCount count;
-    if (grad)
+    if (grad && (given || KIND == JS))
       count = grad_impl<KIND, true, A>(s, &t, rows, l2s, l2t, c, std::nullopt, std::nullopt, std::nullopt, false, *scale,
                                        beta, tl, grad_logits, dh, dw, db, skip);
     return {parts, value, c, count};
@@ -945,7 +1122,7 @@ std::tuple<Tensor, Tensor, Tensor, SkipCount> full_impl(const Stream& s, const S
   BlockSkipper skipper(skip && grad, s, want_dh || want_dw, plan.rows_per_chunk, plan.block);
   // The head's jacobians of a row, per thread (linear_pair_sweep runs num_threads() threads).
   std::vector<A> jac(head_s.identity() || !grad ? 0 : num_threads() * plan.block);
-  auto row = [&](int64_t q, A* zs_q, const A* zt_q, int64_t) {
+  auto row = [&](int64_t q, A* zs_q, const A* zt_q, int64_t, int64_t) {
     auto load = [&](int64_t, int64_t, const A*& zs, const A*& zt) {
       zs = zs_q;
       zt = zt_q;
@@ -953,7 +1130,9 @@ std::tuple<Tensor, Tensor, Tensor, SkipCount> full_impl(const Stream& s, const S
     auto emit = [&](int64_t c0, int64_t len, const A* zs, const A* zt, const GradRow<A>& r) {
       A* jac_q = jac.empty() ? nullptr : jac.data() + omp_get_thread_num() * plan.block;
       grad_segment<KIND, true>(zs, zt, zs_q, c0, len, 0, inv_tau, r, P, head_s, jac_q, [&](const A* u, int64_t) {
-        if (skipper.on()) skipper.decide(q % plan.rows_per_chunk, u, c0, len);
+        if (!skipper.on()) return;
+        skipper.start_row(q % plan.rows_per_chunk, 0.0);
+        skipper.decide(q % plan.rows_per_chunk, u, c0, len);
       });
     };
     keep(q, full_row<KIND>(vv, vv, inv_tau, P, row_in(q), given, grad, load, emit));
@@ -1023,7 +1202,7 @@ std::tuple<Tensor, Tensor> rest_lse_pass(const Stream& s, const Tensor& rows, co
   return out;
 }
 
-std::tuple<Tensor, Tensor, Tensor, std::pair<int64_t, int64_t>> full_pass(
+std::tuple<Tensor, Tensor, Tensor, std::tuple<int64_t, int64_t, int64_t>> full_pass(
     const Stream& s, const Stream& t, const Tensor& rows, const std::optional<Tensor>& lse_s,
     const std::optional<Tensor>& lse_t, int64_t kind, double beta, const std::optional<Tensor>& scale, Tiling tiling,
     const std::optional<Tensor>& grad_logits, const std::optional<Tensor>& dh, const std::optional<Tensor>& dw,
@@ -1038,20 +1217,20 @@ std::tuple<Tensor, Tensor, Tensor, std::pair<int64_t, int64_t>> full_pass(
     });
   });
   const SkipCount& n = std::get<3>(out);
-  return {std::get<0>(out), std::get<1>(out), std::get<2>(out), {n.entries, n.skipped}};
+  return {std::get<0>(out), std::get<1>(out), std::get<2>(out), {n.entries, n.skipped, n.unformed}};
 }
 
 int64_t matmul_flops() { return matmul_flops_counted.load(std::memory_order_relaxed); }
 
 void reset_matmul_flops() { matmul_flops_counted.store(0, std::memory_order_relaxed); }
 
-std::pair<int64_t, int64_t> grad_pass(const Stream& s, const std::optional<Stream>& t, const Tensor& rows,
-                                      const Tensor& lse_s, const std::optional<Tensor>& lse_t,
-                                      const std::optional<Tensor>& c, const std::optional<Tensor>& dense,
-                                      const std::optional<Tensor>& cols, const std::optional<Tensor>& sparse,
-                                      bool overwrite, const Tensor& scale, int64_t kind, double beta, Tiling tiling,
-                                      const std::optional<Tensor>& grad_logits, const std::optional<Tensor>& dh,
-                                      const std::optional<Tensor>& dw, const std::optional<Tensor>& db, bool skip) {
+std::tuple<int64_t, int64_t, int64_t> grad_pass(const Stream& s, const std::optional<Stream>& t, const Tensor& rows,
+                                                const Tensor& lse_s, const std::optional<Tensor>& lse_t,
+                                                const std::optional<Tensor>& c, const std::optional<Tensor>& dense,
+                                                const std::optional<Tensor>& cols, const std::optional<Tensor>& sparse,
+                                                bool overwrite, const Tensor& scale, int64_t kind, double beta, Tiling tiling,
+                                                const std::optional<Tensor>& grad_logits, const std::optional<Tensor>& dh,
+                                                const std::optional<Tensor>& dw, const std::optional<Tensor>& db, bool skip) {
   check_rows(rows);
   const bool full = t.has_value();
   TORCH_CHECK(full || (dense.has_value() && cols.has_value() && sparse.has_value()),
@@ -1070,7 +1249,7 @@ std::pair<int64_t, int64_t> grad_pass(const Stream& s, const std::optional<Strea
       }
     });
   });
-  return {n.entries, n.skipped};
+  return {n.entries, n.skipped, n.unformed};
 }
 
 Tensor gather(const Stream& s, const Tensor& rows, const Tensor& cols_in) {

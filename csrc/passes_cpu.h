@@ -57,8 +57,11 @@ std::tuple<at::Tensor, at::Tensor> rest_lse_pass(const Stream& s, const at::Tens
 // (valid_vocab <= vocab_chunk) takes one sweep, and in logits mode each row runs its phases in one thread;
 // wider fused-linear rows take a sweep for the log-sum-exps and (reverse / forward KL) the value online, a
 // value sweep (JS, or log-sum-exps given) and a gradient sweep. No buffer has a full vocabulary axis beyond
-// one tile. With `skip`, as grad_pass; the last result is grad_pass's (entries, skipped).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, std::pair<int64_t, int64_t>> full_pass(
+// one tile. With `skip`, as grad_pass; besides, the gradient sweep of wide reverse / forward KL rows without
+// given log-sum-exps leaves out whole tiles (no recomputation, no contraction) whose gradient the online
+// sweep's per-tile statistics bound as negligible, under the same guarantee (kernels_cpu.cpp, TileSkips).
+// The last result is grad_pass's (entries, skipped, unformed).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::tuple<int64_t, int64_t, int64_t>> full_pass(
     const Stream& s, const Stream& t, const at::Tensor& rows, const std::optional<at::Tensor>& lse_s,
     const std::optional<at::Tensor>& lse_t, int64_t kind, double beta, const std::optional<at::Tensor>& scale,
     Tiling tiling, const std::optional<at::Tensor>& grad_logits, const std::optional<at::Tensor>& dh,
@@ -74,15 +77,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::pair<int64_t, int64_t>> full
 // rows disjoint from earlier calls) or is contracted into dh [N, H], dw [V, H], db [V]. With `skip` (fused-linear
 // mode, dh or dw given, a float32 / bfloat16 / float16 student) each row leaves out the contractions of its
 // provably negligible 256-column blocks (dopd_kernels/skipping.py; db stays exact). Returns the gradient entries
-// offered to the contractions and those skipped, (entries, skipped): (0, 0) when nothing could be skipped.
-std::pair<int64_t, int64_t> grad_pass(const Stream& s, const std::optional<Stream>& t, const at::Tensor& rows,
-                                      const at::Tensor& lse_s, const std::optional<at::Tensor>& lse_t,
-                                      const std::optional<at::Tensor>& c, const std::optional<at::Tensor>& dense,
-                                      const std::optional<at::Tensor>& cols, const std::optional<at::Tensor>& sparse,
-                                      bool overwrite, const at::Tensor& scale, int64_t kind, double beta, Tiling tiling,
-                                      const std::optional<at::Tensor>& grad_logits,
-                                      const std::optional<at::Tensor>& dh, const std::optional<at::Tensor>& dw,
-                                      const std::optional<at::Tensor>& db, bool skip);
+// offered to the contractions, those skipped and those skipped before their logits were recomputed (full_pass's
+// tile skips; 0 here), (entries, skipped, unformed): zeros when nothing could be skipped.
+std::tuple<int64_t, int64_t, int64_t> grad_pass(const Stream& s, const std::optional<Stream>& t, const at::Tensor& rows,
+                                                const at::Tensor& lse_s, const std::optional<at::Tensor>& lse_t,
+                                                const std::optional<at::Tensor>& c, const std::optional<at::Tensor>& dense,
+                                                const std::optional<at::Tensor>& cols, const std::optional<at::Tensor>& sparse,
+                                                bool overwrite, const at::Tensor& scale, int64_t kind, double beta, Tiling tiling,
+                                                const std::optional<at::Tensor>& grad_logits,
+                                                const std::optional<at::Tensor>& dh, const std::optional<at::Tensor>& dw,
+                                                const std::optional<at::Tensor>& db, bool skip);
 
 // Fused-linear gradient of a few columns per row: `coef` [n, K] is the gradient with respect to the
 // transformed logits (before 1/τ) at (rows[i], cols[i, q]); times the head's jacobian it is contracted

@@ -33,6 +33,9 @@ enum RegimeCode : int { IGNORED = -1, LH = 0, LL = 1, HT = 2, HS = 3 };
 // width of a skippable column block and δ per storage dtype of the student's inputs (float64: never).
 constexpr int64_t SKIP_COLUMNS = 256;
 constexpr double SKIP_TOLERANCE_FP32 = 0x1p-20, SKIP_TOLERANCE_BF16 = 0x1p-12, SKIP_TOLERANCE_FP16 = 0x1p-15;
+// Rows a gathered logit tile is padded to a multiple of (kernels_cpu.cpp, grad_impl): MKL's sgemm takes
+// other kernels below ~12 rows and at row counts off multiples of 4, which round differently.
+constexpr int64_t GATHER_ROWS = 16;
 
 template <typename A>
 DOPD_HD A neg_inf() { return static_cast<A>(-HUGE_VAL); }
