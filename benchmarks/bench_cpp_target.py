@@ -22,6 +22,8 @@ exist) − RSS at that point, so gradients such as dW count as extra):
                                                           # whole-row tiles (16 × V fp32 per stream): one sweep
     python benchmarks/bench_cpp_target.py --workload opd-kl --n 256 --v 151665 --pad-rows 271 --modes cpp torch
                                                           # a padded student head (Qwen2.5: 151936 rows, 151665 tokens)
+    python benchmarks/bench_cpp_target.py --workload opd-kl --n 1024 --modes cpp --inputs peaked [--no-skip]
+                                                          # LLM-like rows: negligible gradient tiles skipped (or not)
 
 Prints one JSON line per run and a summary.
 """
@@ -62,17 +64,28 @@ def reset_peak_rss() -> None:
         f.write("5")
 
 
-def make_inputs(n, h, v, seed=0, pad_rows=0):
+def make_inputs(n, h, v, seed=0, pad_rows=0, inputs="gaussian"):
     """Hidden states, heads and tokens; with `pad_rows`, the student's head gains that many padding rows
-    past its V tokens and the teacher's twice as many (a checkpoint's padded embedding)."""
+    past its V tokens and the teacher's twice as many (a checkpoint's padded embedding). `inputs`:
+    "gaussian" (random heads and hidden states: softmax entropies near log V, nothing negligible) or
+    "peaked" (`skipping_report.peaked_streams`, without its biases: LLM-like entropies over a floor ~25
+    nats below 8 candidates per row, where most of a row's gradient tiles are negligible)."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    hs = torch.randn(n, h, generator=g)
-    ws = torch.randn(v, h, generator=g) * (2.0 / h**0.5)
-    ht = hs + 0.5 * torch.randn(n, h, generator=g)
-    wt = ws + 0.5 * torch.randn(v, h, generator=g) / h**0.5
-    hp = hs + 0.5 * torch.randn(n, h, generator=g)
+    if inputs == "peaked":
+        from benchmarks.skipping_report import peaked_streams
+
+        torch.manual_seed(seed)
+        t = peaked_streams(n, h, v)
+        hs, ws, ht, wt, hp = (t[k] for k in ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight",
+                                             "priv_student_hidden"))
+    else:
+        hs = torch.randn(n, h, generator=g)
+        ws = torch.randn(v, h, generator=g) * (2.0 / h**0.5)
+        ht = hs + 0.5 * torch.randn(n, h, generator=g)
+        wt = ws + 0.5 * torch.randn(v, h, generator=g) / h**0.5
+        hp = hs + 0.5 * torch.randn(n, h, generator=g)
     y = torch.randint(0, v, (n,), generator=g)
     if pad_rows:
         ws = torch.cat([ws, torch.randn(pad_rows, h, generator=g)])
@@ -163,7 +176,7 @@ def own_matmuls(backend, sweeps, v):
         return time.perf_counter() - t0, flops
 
 
-def child(mode, workload, n, h, v, threads, tiles, pad_rows=0):
+def child(mode, workload, n, h, v, threads, tiles, pad_rows=0, inputs="gaussian", skip=True):
     import torch
 
     torch.set_num_threads(threads)
@@ -173,8 +186,8 @@ def child(mode, workload, n, h, v, threads, tiles, pad_rows=0):
     from dopd_kernels.backends.compiled import CppBackend
     from dopd_kernels.backends.torch_chunked import TorchBackend
 
-    cpp = CppBackend(*tiles) if tiles else CppBackend()
-    torch_backend = TorchBackend(*tiles) if tiles else TorchBackend()
+    options = dict(zip(("row_chunk", "vocab_chunk"), tiles or ()), skip_negligible=skip)
+    cpp, torch_backend = CppBackend(**options), TorchBackend(**options)
     backend = cpp if mode == "cpp" else torch_backend
     kind = "reverse_kl" if workload == "opd-kl" else "js"
 
@@ -202,7 +215,8 @@ def child(mode, workload, n, h, v, threads, tiles, pad_rows=0):
     # Imports (TRL's alone take seconds), the extension's load and MKL's warm-up stay outside the measurement.
     run(*make_inputs(16, 32, 300, pad_rows=pad_rows))[0].backward()
     cpp.reset_matmul_flops()
-    hs, ws, ht, wt, hp, y = make_inputs(n, h, v, pad_rows=pad_rows)
+    backend.skip_counter = type(backend.skip_counter)()
+    hs, ws, ht, wt, hp, y = make_inputs(n, h, v, pad_rows=pad_rows, inputs=inputs)
     reset_peak_rss()
     base = status_bytes("VmRSS")
     c0, t0 = cpu_seconds(), time.perf_counter()
@@ -211,10 +225,15 @@ def child(mode, workload, n, h, v, threads, tiles, pad_rows=0):
     elapsed, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     peak = status_bytes("VmHWM")
     n_full = int((regime == 2).sum()) if regime is not None else n
-    res = dict(mode=mode, workload=workload, n=n, h=h, v=v, threads=threads, pad_rows=pad_rows,
+    res = dict(mode=mode, workload=workload, n=n, h=h, v=v, threads=threads, pad_rows=pad_rows, inputs=inputs,
                tiles=list(backend.tile_shape()) if mode in ("cpp", "torch") else None, seconds=round(elapsed, 3),
                cpu_seconds=round(cpu, 3), loss=float(loss), peak_extra_mib=round((peak - base) / 2**20, 1),
                base_rss_mib=round(base / 2**20, 1), full_rows=n_full)
+    if mode in ("cpp", "torch"):
+        k = backend.skip_counter
+        res["skip_negligible"] = skip
+        res["skipped"] = round(k.fraction, 4)  # share of the gradient entries whose contractions were skipped
+        res["unformed"] = round(k.unformed / k.entries, 4) if k.entries else 0.0  # ... not even recomputed
     if mode == "cpp":
         res["counted_gflop"] = round(cpp.matmul_flops() / 1e9, 3)
         # The README's floor: one projection per stream per row (3 streams for DOPD, 2 for OPD), plus the dH / dW
@@ -244,6 +263,9 @@ def main():
     ap.add_argument("--tiles", type=int, nargs=2, default=None, help="row_chunk vocab_chunk of the cpp and torch backends (vocab_chunk >= V: one sweep per row chunk)")
     ap.add_argument("--pad-rows", type=int, default=0, help="padding rows on the student's head (the teacher's: twice "
                     "as many), declared by LMHead(vocab_size=V); cpp and torch modes only")
+    ap.add_argument("--inputs", choices=["gaussian", "peaked"], default="gaussian",
+                    help="peaked: LLM-like rows whose gradient tiles are mostly negligible (make_inputs)")
+    ap.add_argument("--no-skip", action="store_true", help="the cpp and torch backends with skip_negligible=False")
     ap.add_argument("--child", default=None)
     a = ap.parse_args()
     if a.workload != "opd-js" and set(a.modes) & set(PEERS):
@@ -251,12 +273,13 @@ def main():
     if a.pad_rows and not a.child and set(a.modes) - {"cpp", "torch"}:
         ap.error("--pad-rows: the cpp and torch modes only (the others take no LMHead)")
     if a.child:
-        child(a.child, a.workload, a.n, a.h, a.v, a.threads, a.tiles, a.pad_rows)
+        child(a.child, a.workload, a.n, a.h, a.v, a.threads, a.tiles, a.pad_rows, a.inputs, not a.no_skip)
         return
     results = {}
     for mode in a.modes:
         cmd = [sys.executable, __file__, "--child", mode, "--workload", a.workload, "--n", str(a.n), "--h", str(a.h), "--v", str(a.v),
-               "--threads", str(a.threads), "--pad-rows", str(a.pad_rows)] + (["--tiles", *map(str, a.tiles)] if a.tiles else [])
+               "--threads", str(a.threads), "--pad-rows", str(a.pad_rows), "--inputs", a.inputs] + (
+                   ["--tiles", *map(str, a.tiles)] if a.tiles else []) + (["--no-skip"] if a.no_skip else [])
         p = subprocess.run(cmd, capture_output=True, text=True)
         line = (p.stdout.strip().splitlines() or [""])[-1]
         if p.returncode != 0 or not line.startswith("{"):

@@ -2,7 +2,8 @@
 realistic inputs, and what it costs in accuracy: the skipped fraction and the max gradient error
 against the float64 reference, with and without skipping (full-vocabulary fused-linear OPD, `torch`
 and `cpp` backends at their default tiles, one forward+backward per case). Counts and errors, no timings;
-for `cpp` also the matmul FLOPs its extension counts (forward projections, recomputations, contractions)
+for `cpp` also the share of entries skipped whole (neither recomputed nor contracted: wide reverse / forward
+KL rows) and the matmul FLOPs its extension counts (forward projections, recomputations, contractions)
 over the dense floor (4 projections per row: two forward projections, dH and dW), with and without skipping.
 
     python -m benchmarks.skipping_report [--n 256] [--h 512] [--v 32000,151936] [--kinds js,reverse_kl]
@@ -119,6 +120,8 @@ def contend(row: dict, name: str, t: dict, ref: tuple, kind: str) -> None:
             row[f"{p}{grad}_err_{'skip' if skip else 'dense'}"] = float((a.double() - r).abs().max() / r.abs().max())
         if skip:
             row[f"{p}skipped"] = backend.skip_counter.fraction
+            if name == "cpp":  # entries skipped whole: neither recomputed nor contracted (wide reverse / forward KL)
+                row["cpp_unformed"] = backend.skip_counter.unformed / max(backend.skip_counter.entries, 1)
         if name == "cpp":
             floor = 4 * 2 * row["n"] * row["v"] * row["h"]
             row[f"cpp_flops_{'skip' if skip else 'dense'}_over_floor"] = backend.matmul_flops() / floor
@@ -157,10 +160,10 @@ def main() -> None:
             print(f"| {r['inputs']} | {r['kind']} | {r['v']} | {r['skipped']:.1%} | {r['rows16']:.1%} | {r['rows64']:.1%} | "
                   f"{r['dH_err_dense']:.2e} → {r['dH_err_skip']:.2e} | {r['dW_err_dense']:.2e} → {r['dW_err_skip']:.2e} |")
     if "cpp" in backends:
-        print("\n| inputs | divergence | V | cpp skipped | counted FLOPs / dense floor, dense → skip | max dH err dense → skip | max dW err dense → skip |")
-        print("|---|---|---|---|---|---|---|")
+        print("\n| inputs | divergence | V | cpp skipped | skipped whole | counted FLOPs / dense floor, dense → skip | max dH err dense → skip | max dW err dense → skip |")
+        print("|---|---|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['inputs']} | {r['kind']} | {r['v']} | {r['cpp_skipped']:.1%} | "
+            print(f"| {r['inputs']} | {r['kind']} | {r['v']} | {r['cpp_skipped']:.1%} | {r['cpp_unformed']:.1%} | "
                   f"{r['cpp_flops_dense_over_floor']:.2f} → {r['cpp_flops_skip_over_floor']:.2f} | "
                   f"{r['cpp_dH_err_dense']:.2e} → {r['cpp_dH_err_skip']:.2e} | "
                   f"{r['cpp_dW_err_dense']:.2e} → {r['cpp_dW_err_skip']:.2e} |")
