@@ -346,9 +346,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> stats_impl(const Stream& s, c
 // cannot prove them loop-invariant and gives up vectorising the column loops.
 // The sums run in float64: terms p·(log p − log q) of logits ~N(0, 40²) reach hundreds while the
 // divergence, and the reverse-KL gradient constant c it becomes, need fp32 precision of the total.
+// One tile of a row's value sweep, kept for skipping its gradient tile whole (TileSkips): P_T = Σ_T p_v, Q_T = Σ_T q_v,
+// and with u_v = p_v(a_v − c) (reverse KL a = lp − lq, JS a = β(lp − log m)) the tile's Σ p_v·a_v and Σ p_v·|a_v|.
+struct TileSums {
+  double p, q, pa, pa_abs;
+};
+
+// With `tile`, also the block's TileSums.
 template <int KIND, typename A>
 void value_segment(const A* zs, const A* zt, int64_t len, A inv_tau, A ls, A ls2, A lt, A lt2, const DivParams<A> P,
-                   double& value, double& c) {
+                   double& value, double& c, TileSums* tile = nullptr) {
   double v = 0, cs = 0;
 #pragma omp simd reduction(+ : v)
   for (int64_t j = 0; j < len; ++j)
@@ -357,6 +364,22 @@ void value_segment(const A* zs, const A* zt, int64_t len, A inv_tau, A ls, A ls2
 #pragma omp simd reduction(+ : cs)
     for (int64_t j = 0; j < len; ++j)
       cs += double(js_c_term(log_prob(zs[j] * inv_tau, ls, ls2), log_prob(zt[j] * inv_tau, lt, lt2), P));
+  }
+  if (tile) {
+    double pm = 0, qm = 0, am = 0;
+#pragma omp simd reduction(+ : pm, qm, am)
+    for (int64_t j = 0; j < len; ++j) {
+      const A lp = log_prob(zs[j] * inv_tau, ls, ls2), lq = log_prob(zt[j] * inv_tau, lt, lt2);
+      const A p = fexp(lp);
+      pm += double(p);
+      if constexpr (KIND == FORWARD_KL) {
+        qm += double(fexp(lq));
+      } else {
+        const A a = KIND == JS ? P.beta * (lp - log_mixture(lp, lq, P)) : lp - lq;
+        am += lp > neg_inf<A>() ? double(p * std::abs(a)) : 0.0;
+      }
+    }
+    *tile = {pm, qm, KIND == JS ? cs : v, am};
   }
   value += v;
   c += cs;
@@ -398,10 +421,11 @@ void linear_pair_sweep(const Stream& s, const Stream& t, const Tensor& rows, Til
 }
 
 // Value and gradient constant of fused-linear full-vocabulary rows from given log-sum-exps (hi, lo) [2, n]:
-// one sweep of both streams' tiles (rows wider than one tile; see full_impl).
+// one sweep of both streams' tiles (rows wider than one tile; see full_impl). With `sums` [rows of one chunk,
+// tiles], also each tile's TileSums.
 template <int KIND, typename A>
 std::tuple<Tensor, Tensor> value_impl(const Stream& s, const Stream& t, const Tensor& rows, const Tensor& lse_s,
-                                      const Tensor& lse_t, double beta, Tiling tl) {
+                                      const Tensor& lse_t, double beta, Tiling tl, TileSums* sums = nullptr) {
   const int64_t n = rows.size(0);
   const A inv_tau = static_cast<A>(s.inv_tau);
   const DivParams<A> P = div_params<A>(KIND, beta);
@@ -410,8 +434,10 @@ std::tuple<Tensor, Tensor> value_impl(const Stream& s, const Stream& t, const Te
   Tensor c = at::zeros({n}, rows.options().dtype(at::kDouble));
   double* vp = value.data_ptr<double>();
   double* cp = c.data_ptr<double>();
-  linear_pair_sweep<A>(s, t, rows, tl, [&](int64_t q, A* zs, const A* zt, int64_t, int64_t len) {
-    value_segment<KIND>(zs, zt, len, inv_tau, ls.hi[q], ls.lo[q], lt.hi[q], lt.lo[q], P, vp[q], cp[q]);
+  const int64_t block = LinearPlan(n, s.valid_vocab, tl).block, tiles = (s.valid_vocab + block - 1) / block;
+  linear_pair_sweep<A>(s, t, rows, tl, [&](int64_t q, A* zs, const A* zt, int64_t c0, int64_t len) {
+    value_segment<KIND>(zs, zt, len, inv_tau, ls.hi[q], ls.lo[q], lt.hi[q], lt.lo[q], P, vp[q], cp[q],
+                        sums ? sums + q * tiles + c0 / block : nullptr);
   });
   if (KIND == REVERSE_KL) c.copy_(value);
   return {value, c};
@@ -571,6 +597,11 @@ struct BlockSkipper {
     spent[i] = spent0;
   }
 
+  // Row i (of the chunk) skips the tile of `len` columns whole (TileSkips): none of its blocks is contracted.
+  void drop(int64_t i, int64_t len) {
+    std::fill_n(keep.data() + i * max_blocks, (len + SKIP_COLUMNS - 1) / SKIP_COLUMNS, uint8_t(0));
+  }
+
   // Row i (of the chunk) of the tile at columns [c0, c0 + len): u [len], its gradient before the jacobian.
   template <typename A>
   void decide(int64_t i, const A* u, int64_t c0, int64_t len) {
@@ -688,9 +719,11 @@ double tile_share(const LseState<A>& x, double l) {
   return x.m == neg_inf<A>() ? 0.0 : std::exp(double(x.m) + std::log(double(x.s)) - l);
 }
 
-// The tiles to skip of `rows` rows whose online sweep ended in st [rows], with mass [rows, tiles].
-template <int KIND, typename A>
-TileSkips plan_tile_skips(const KlState<A>* st, const TileMass<A>* mass, int64_t rows, int64_t tiles, double delta) {
+// The tiles to skip of `rows` rows: bounds(i, bound) writes row i's upper bounds of ‖u_T‖₁ [tiles] and returns
+// its lower bound L ≤ ‖u‖₁. A row skips its tiles of smallest bound (NaN last, ties to the lower tile) while their
+// running sum stays ≤ δ·L; none when L is not finite.
+template <typename F>
+TileSkips plan_tile_skips(int64_t rows, int64_t tiles, double delta, F&& bounds) {
   TileSkips out{tiles, std::vector<uint8_t>(rows * tiles, 1), std::vector<double>(rows, 0.0)};
 #pragma omp parallel num_threads(num_threads())
   {
@@ -698,29 +731,8 @@ TileSkips plan_tile_skips(const KlState<A>* st, const TileMass<A>* mass, int64_t
     std::vector<int64_t> ord(tiles);
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < rows; ++i) {
-      const KlState<A>& x = st[i];
-      const double la = double(x.a.m) + std::log(double(x.a.s)), lb = double(x.b.m) + std::log(double(x.b.s));
-      const double shift = lb - la, c = KIND == REVERSE_KL ? kl_value(x) : 0.0;  // reverse KL: a = p, b = q
-      double lower = 0;
-      for (int64_t q = 0; q < tiles; ++q) {
-        const TileMass<A>& m = mass[i * tiles + q];
-        const double pa = tile_share(m.a, la);
-        if constexpr (KIND == REVERSE_KL) {
-          if (pa == 0) {
-            bound[q] = 0;
-            continue;
-          }
-          const double mean = m.w / double(m.a.s) + double(m.a.m - m.b.m);  // D̄_T
-          bound[q] = pa * std::max(std::abs(double(m.dmax) + shift - c), std::abs(double(m.dmin) + shift - c));
-          lower += pa * std::abs(mean + shift - c);
-        } else {  // forward KL: a = q (teacher), b = p (student)
-          const double pb = tile_share(m.b, lb);
-          bound[q] = pa + pb;
-          lower += std::abs(pb - pa);
-        }
-      }
+      const double lower = bounds(i, bound.data());
       if (!std::isfinite(lower)) continue;
-      // Smallest bounds first, NaN last (ties to the lower tile): the longest prefix within δ·L.
       for (int64_t q = 0; q < tiles; ++q) ord[q] = q;
       std::sort(ord.begin(), ord.end(), [&](int64_t u, int64_t v) {
         if (std::isnan(bound[u]) || std::isnan(bound[v])) return !std::isnan(bound[u]) && std::isnan(bound[v]);
@@ -736,6 +748,50 @@ TileSkips plan_tile_skips(const KlState<A>* st, const TileMass<A>* mass, int64_t
     }
   }
   return out;
+}
+
+// The bounds of a row from its online sweep (state st, tiles mass [tiles]): see above.
+template <int KIND, typename A>
+double online_bounds(const KlState<A>& st, const TileMass<A>* mass, int64_t tiles, double* bound) {
+  const double la = double(st.a.m) + std::log(double(st.a.s)), lb = double(st.b.m) + std::log(double(st.b.s));
+  const double shift = lb - la, c = KIND == REVERSE_KL ? kl_value(st) : 0.0;  // reverse KL: a = p, b = q
+  double lower = 0;
+  for (int64_t q = 0; q < tiles; ++q) {
+    const TileMass<A>& m = mass[q];
+    const double pa = tile_share(m.a, la);
+    if constexpr (KIND == REVERSE_KL) {
+      if (pa == 0) {
+        bound[q] = 0;
+        continue;
+      }
+      const double mean = m.w / double(m.a.s) + double(m.a.m - m.b.m);  // D̄_T
+      bound[q] = pa * std::max(std::abs(double(m.dmax) + shift - c), std::abs(double(m.dmin) + shift - c));
+      lower += pa * std::abs(mean + shift - c);
+    } else {  // forward KL: a = q (teacher), b = p (student)
+      const double pb = tile_share(m.b, lb);
+      bound[q] = pa + pb;
+      lower += std::abs(pb - pa);
+    }
+  }
+  return lower;
+}
+
+// The bounds of a row from its value sweep (tiles sums [tiles], gradient constant c), log-sum-exps given: with
+// u_v = p_v(a_v − c), ‖u_T‖₁ ≤ Σ_T p_v|a_v| + |c|·P_T and Σ_T u_v = Σ_T p_v a_v − c·P_T; forward KL as above.
+template <int KIND>
+double value_bounds(const TileSums* sums, double c, int64_t tiles, double* bound) {
+  double lower = 0;
+  for (int64_t q = 0; q < tiles; ++q) {
+    const TileSums& m = sums[q];
+    if constexpr (KIND == FORWARD_KL) {
+      bound[q] = m.p + m.q;
+      lower += std::abs(m.p - m.q);
+    } else {
+      bound[q] = m.pa_abs + std::abs(c) * m.p;
+      lower += std::abs(m.pa - c * m.p);
+    }
+  }
+  return lower;
 }
 
 // grad_pass (see passes_cpu.h); with `skip`, fused-linear tiles leave out their negligible blocks (BlockSkipper),
@@ -816,52 +872,62 @@ SkipCount grad_impl(const Stream& s, const Stream* t, const Tensor& rows, const 
       for (int64_t i = 0; i < r; ++i)
         if (!pre || pre->kept(i, c0 / plan.block)) ids.push_back(i);
       const int64_t m = static_cast<int64_t>(ids.size());
-      skipper.count += SkipCount{(r - m) * len, (r - m) * len, 0};
       if (m == 0) {
-        skipper.count.unformed += r * len;
+        skipper.count += SkipCount{r * len, r * len, r * len};
         continue;
       }
-      // The rows that keep the tile, gathered when they are not all of the chunk's, and projected padded with
-      // rows that skip it to a multiple of GATHER_ROWS (their logits unused): a GEMM of a few rows takes other
-      // BLAS kernels, which round the logits differently from the dense tile's GEMM, and on the ~50-nat
-      // logits of peaked rows (whose gradients cancel) measurably less accurately.
-      const bool all = m == r;
-      const Tensor at_ids = all ? Tensor() : at::from_blob(ids.data(), {m}, at::TensorOptions().dtype(at::kLong));
-      Tensor hs_m = hs, ht_m = ht, dh_m = dh_rows;
-      if (!all) {
-        const int64_t padded = std::min(r, (m + GATHER_ROWS - 1) / GATHER_ROWS * GATHER_ROWS);
+      // The rows that keep the tile are gathered, and projected padded with rows that skip it to a multiple of
+      // GATHER_ROWS (their logits unused), when that leaves rows of the chunk out; otherwise the chunk's whole
+      // tile is projected as without skipping, and the rows that skip it contract nothing. A GEMM of a few rows
+      // takes other BLAS kernels, which round the logits differently from the dense tile's GEMM, and on the
+      // ~50-nat logits of peaked rows (whose gradients cancel) measurably less accurately.
+      const int64_t padded = std::min(r, (m + GATHER_ROWS - 1) / GATHER_ROWS * GATHER_ROWS);
+      const bool gather = padded < r;
+      Tensor hs_m = hs, ht_m = ht, dh_m = dh_rows, at_ids;
+      if (gather) {
         gathered.assign(ids.begin(), ids.end());
         for (int64_t i = 0, q = 0; static_cast<int64_t>(gathered.size()) < padded; ++i) {
           if (q < m && ids[q] == i) ++q;  // ids is increasing: i is kept, not a padding row
           else gathered.push_back(i);
         }
+        at_ids = at::from_blob(ids.data(), {m}, at::TensorOptions().dtype(at::kLong));
         const Tensor at_gathered = at::from_blob(gathered.data(), {padded}, at::TensorOptions().dtype(at::kLong));
         hs_m = hs.index_select(0, at_gathered);
         if (FULL) ht_m = ht.index_select(0, at_gathered);
         if (want_dh) dh_m = at::zeros({m, dh_rows.size(1)}, dh_rows.options());
-        skipper.count.unformed += (r - padded) * len;
+        skipper.count += SkipCount{(r - m) * len, (r - m) * len, (r - padded) * len};
       }
       const Tensor tile_all = counted_tile(s, hs_m, c0, len, buf_s);
       A* ts = tile_all.data_ptr<A>();
       A* tt = FULL ? counted_tile(*t, ht_m, c0, len, buf_t).data_ptr<A>() : nullptr;
-      const Tensor tile = tile_all.narrow(0, 0, m);
-      hs_m = hs_m.narrow(0, 0, m);
 #pragma omp parallel num_threads(num_threads())
       {
         std::vector<A> jac(head_s.identity() ? 0 : len);
 #pragma omp for schedule(static)
         for (int64_t j = 0; j < m; ++j) {
-          const int64_t i = ids[j];
-          head_transform(ts + j * len, len, head_s);
-          if (FULL) head_transform(tt + j * len, len, head_t);
-          grad_segment<KIND, FULL>(ts + j * len, FULL ? tt + j * len : nullptr, ts + j * len, c0, len, k, inv_tau,
+          const int64_t i = ids[j], at = gather ? j : i;  // chunk row, tile row
+          head_transform(ts + at * len, len, head_s);
+          if (FULL) head_transform(tt + at * len, len, head_t);
+          grad_segment<KIND, FULL>(ts + at * len, FULL ? tt + at * len : nullptr, ts + at * len, c0, len, k, inv_tau,
                                    row_of(r0 + i), P, head_s, jac.data(), [&](const A* u, int64_t) {
                                      if (skipper.on()) skipper.decide(i, u, c0, len);
                                    });
         }
       }
-      skipper.contract(s, tile, hs_m, c0, len, dh_m, dw, db, ids.data());  // the gradient tile, now in `tile`
-      if (!all && want_dh) dh_rows.index_add_(0, at_ids, dh_m);
+      if (gather) {
+        skipper.contract(s, tile_all.narrow(0, 0, m), hs_m.narrow(0, 0, m), c0, len, dh_m, dw, db, ids.data());
+        if (want_dh) dh_rows.index_add_(0, at_ids, dh_m);
+      } else {
+        for (int64_t i = 0, q = 0; i < r; ++i) {  // the rows that skip the tile: a zero gradient, not contracted
+          if (q < m && ids[q] == i) {
+            ++q;
+          } else {
+            std::fill(ts + i * len, ts + (i + 1) * len, A(0));
+            skipper.drop(i, len);
+          }
+        }
+        skipper.contract(s, tile_all, hs, c0, len, dh_rows, dw, db);  // the gradient tile, now in `tile_all`
+      }
     }
     if (want_dh) dh->index_add_(0, rr, dh_rows);
   }
@@ -1036,13 +1102,13 @@ std::tuple<Tensor, Tensor, Tensor, SkipCount> full_impl(const Stream& s, const S
     Tensor l2s = given ? *lse_s : at::empty({2, n}, rows.options().dtype(s.acc()));
     Tensor l2t = given ? *lse_t : at::empty_like(l2s);
     SkipCount count;
+    const LinearPlan plan(n, vv, tl);
+    const int64_t tiles = (vv + plan.block - 1) / plan.block;
+    const bool contracts = (dh.has_value() && dh->defined()) || (dw.has_value() && dw->defined());
     if (!given) {
       // The online sweep, chunk by chunk. A reverse / forward KL row is complete after its chunk's sweep, so
       // its gradient sweep follows at once, leaving out whole tiles where the skip rule allows (TileSkips).
-      const LinearPlan plan(n, vv, tl);
-      const int64_t tiles = (vv + plan.block - 1) / plan.block;
       const bool now = grad && KIND != JS;
-      const bool contracts = (dh.has_value() && dh->defined()) || (dw.has_value() && dw->defined());
       const double delta = now ? skip_delta(skip, s, contracts) : 0.0;
       std::vector<KlState<A>> st(plan.rows_per_chunk);
       std::vector<TileMass<A>> mass(delta > 0 ? plan.rows_per_chunk * tiles : 0);
@@ -1062,17 +1128,41 @@ std::tuple<Tensor, Tensor, Tensor, SkipCount> full_impl(const Stream& s, const S
         if (!now) continue;
         if (KIND == REVERSE_KL) c.narrow(0, r0, r).copy_(value.narrow(0, r0, r));
         const std::optional<TileSkips> pre =
-            delta > 0 ? std::optional<TileSkips>(plan_tile_skips<KIND>(st.data(), mass.data(), r, tiles, delta)) : std::nullopt;
+            delta > 0 ? std::optional<TileSkips>(plan_tile_skips(r, tiles, delta, [&](int64_t i, double* bound) {
+              return online_bounds<KIND>(st[i], mass.data() + i * tiles, tiles, bound);
+            }))
+                      : std::nullopt;
         count += grad_impl<KIND, true, A>(s, &t, rr, l2s.narrow(1, r0, r), l2t.narrow(1, r0, r), c.narrow(0, r0, r),
                                           std::nullopt, std::nullopt, std::nullopt, false, scale->narrow(0, r0, r), beta,
                                           tl, grad_logits, dh, dw, db, skip, pre ? &*pre : nullptr);
       }
     }
-    if (given || KIND == JS) std::tie(value, c) = value_impl<KIND, A>(s, t, rows, l2s, l2t, beta, tl);
-    if (KIND == REVERSE_KL) c.copy_(value);
-    if (grad && (given || KIND == JS))
-      count = grad_impl<KIND, true, A>(s, &t, rows, l2s, l2t, c, std::nullopt, std::nullopt, std::nullopt, false, *scale,
-                                       beta, tl, grad_logits, dh, dw, db, skip);
+    if (!given && KIND != JS) return {parts, value, c, count};
+    // JS, or log-sum-exps given: a value sweep, then the gradient sweep. With tiles to skip, chunk by chunk: each
+    // chunk's value sweep keeps its TileSums, and its gradient sweep follows at once leaving out whole tiles.
+    const double delta = grad ? skip_delta(skip, s, contracts) : 0.0;
+    if (delta == 0) {
+      std::tie(value, c) = value_impl<KIND, A>(s, t, rows, l2s, l2t, beta, tl);
+      if (grad)
+        count = grad_impl<KIND, true, A>(s, &t, rows, l2s, l2t, c, std::nullopt, std::nullopt, std::nullopt, false,
+                                         *scale, beta, tl, grad_logits, dh, dw, db, skip);
+      return {parts, value, c, count};
+    }
+    std::vector<TileSums> sums(plan.rows_per_chunk * tiles);
+    for (int64_t r0 = 0; r0 < n; r0 += plan.rows_per_chunk) {
+      const int64_t r = std::min(plan.rows_per_chunk, n - r0);
+      const Tensor rr = rows.narrow(0, r0, r), l2s_c = l2s.narrow(1, r0, r), l2t_c = l2t.narrow(1, r0, r);
+      Tensor value_c, c_c;
+      std::tie(value_c, c_c) = value_impl<KIND, A>(s, t, rr, l2s_c, l2t_c, beta, tl, sums.data());
+      value.narrow(0, r0, r).copy_(value_c);
+      c.narrow(0, r0, r).copy_(c_c);
+      const double* cp_c = c_c.data_ptr<double>();
+      const TileSkips pre = plan_tile_skips(r, tiles, delta, [&](int64_t i, double* bound) {
+        return value_bounds<KIND>(sums.data() + i * tiles, cp_c[i], tiles, bound);
+      });
+      count += grad_impl<KIND, true, A>(s, &t, rr, l2s_c, l2t_c, c_c, std::nullopt, std::nullopt, std::nullopt, false,
+                                        scale->narrow(0, r0, r), beta, tl, grad_logits, dh, dw, db, skip, &pre);
+    }
     return {parts, value, c, count};
   }
 
