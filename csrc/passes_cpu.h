@@ -57,9 +57,9 @@ std::tuple<at::Tensor, at::Tensor> rest_lse_pass(const Stream& s, const at::Tens
 // (valid_vocab <= vocab_chunk) takes one sweep, and in logits mode each row runs its phases in one thread;
 // wider fused-linear rows take a sweep for the log-sum-exps and (reverse / forward KL) the value online, a
 // value sweep (JS, or log-sum-exps given) and a gradient sweep. No buffer has a full vocabulary axis beyond
-// one tile. With `skip`, as grad_pass; besides, the gradient sweep of wide reverse / forward KL rows without
-// given log-sum-exps leaves out whole tiles (no recomputation, no contraction) whose gradient the online
-// sweep's per-tile statistics bound as negligible, under the same guarantee (kernels_cpu.cpp, TileSkips).
+// one tile. With `skip`, as grad_pass; besides, the gradient sweep of wide rows leaves out whole tiles (no
+// recomputation, no contraction) whose gradient the per-tile statistics of the sweep before it (the online
+// sweep, or the value sweep) bound as negligible, under the same guarantee (kernels_cpu.cpp, TileSkips).
 // The last result is grad_pass's (entries, skipped, unformed).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::tuple<int64_t, int64_t, int64_t>> full_pass(
     const Stream& s, const Stream& t, const at::Tensor& rows, const std::optional<at::Tensor>& lse_s,

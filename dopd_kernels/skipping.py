@@ -51,12 +51,12 @@ contracts each column block for the rows that keep it (`gradients.add_tile`). De
 rows skips far less (`benchmarks/skipping_report.py`: 31–57% of the blocks against 90–92% row by row on
 its peaked inputs, none against 2–3% on the benchmark suite's).
 
-The `cpp` backend also skips whole tiles of wide reverse / forward KL rows before forming them: the online
-sweep that computes such a row's log-sum-exps and KL keeps a few numbers per tile that bound the tile's
-‖g_T‖₁ from above and the row's ‖g‖₁ from below (csrc/kernels_cpu.cpp, TileSkips); a row skips its tiles of
-smallest bound within δ·(that lower bound), and its block rule above starts with that spent, so the
-guarantee is the same while the skipped tiles cost neither recomputation nor contraction
-(`SkipCounter.unformed`).
+The `cpp` backend also skips whole tiles of wide full-vocabulary rows before forming them: the sweep before
+the gradient sweep (reverse / forward KL: the online sweep of the log-sum-exps and KL; JS and rows with given
+log-sum-exps: the value sweep) keeps a few numbers per tile that bound the tile's ‖g_T‖₁ from above and the
+row's ‖g‖₁ from below (csrc/kernels_cpu.cpp, TileSkips); a row skips its tiles of smallest bound within
+δ·(that lower bound), and its block rule above starts with that spent, so the guarantee is the same while
+the skipped tiles cost neither recomputation nor contraction (`SkipCounter.unformed`).
 
 Logits mode has no contraction to save (the gradient tile is the output): the rule is not applied.
 """
@@ -82,8 +82,8 @@ class SkipCounter:
     """Gradient entries (row × column) offered to the contractions and those skipped; every entry
     costs the same 2·H FLOPs in each of dH and dW, so `fraction` is the share of contraction FLOPs saved.
     `unformed`: the skipped entries whose logits were not even recomputed, 2·H FLOPs per stream more each
-    (the `cpp` backend's whole-tile skips of wide reverse / forward KL rows, bounded from their online
-    sweep's statistics; rows projected only to pad a gathered tile count as formed)."""
+    (the `cpp` backend's whole-tile skips of wide full-vocabulary rows, bounded from the statistics of the
+    sweep before their gradient sweep; rows projected only to pad a gathered tile count as formed)."""
 
     entries: int = 0
     skipped: int = 0

@@ -266,13 +266,13 @@ def test_cpp_float64_never_skips():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("kind", ["reverse_kl", "forward_kl"])
+@pytest.mark.parametrize("kind", DIVS)
 def test_cpp_tiles_skipped_whole(kind, dtype):
-    """Wide reverse / forward KL rows (16 tiles of 256 columns, two row chunks): the tiles that the online
-    sweep's statistics bound as negligible are neither recomputed nor contracted (csrc TileSkips), within
-    `check_skipping`'s bound; each such entry saves its two recomputed projections besides its dH and dW
-    products (8·H FLOPs), each entry skipped after forming its tile (or projected only to pad a gathered
-    tile) the contractions (4·H), counted."""
+    """Wide full-vocabulary rows (16 tiles of 256 columns, two row chunks): the tiles that the online
+    sweep's (KL) or the value sweep's (JS) statistics bound as negligible are neither recomputed nor
+    contracted (csrc TileSkips), within `check_skipping`'s bound; each such entry saves its two recomputed
+    projections besides its dH and dW products (8·H FLOPs), each entry skipped after forming its tile (or
+    projected only to pad a gathered tile) the contractions (4·H), counted."""
     t, y = peaked_streams(N, H, V, dtype=dtype), random_tokens(N, V, mask_frac=0.0)
     check_skipping(t, y, cpp_backend(32, 256), divergence=kind, granularity="full")
     flops = {}

@@ -11,9 +11,9 @@ pass of `backends/base.py` for both. The O(N·K) work
 fewest sweeps exactness allows without a `[chunk, V]` buffer (`full_pass`), and the extension counts
 the matmul FLOPs it performs (`matmul_flops`, for tests/test_matmul_floor.py). The `cpp` backend's fused-linear
 gradient tiles leave out the contractions of provably negligible column blocks, row by row, with the rule and
-constants of `skipping.py` (`CppBackend(skip_negligible=True)`, counted in `skip_counter`); wide reverse /
-forward KL rows also leave out whole tiles, not even recomputed, that their online sweep's per-tile statistics
-bound as negligible (csrc/kernels_cpu.cpp, TileSkips; `skip_counter.unformed`).
+constants of `skipping.py` (`CppBackend(skip_negligible=True)`, counted in `skip_counter`); wide
+full-vocabulary rows also leave out whole tiles, not even recomputed, that the per-tile statistics of their
+online or value sweep bound as negligible (csrc/kernels_cpu.cpp, TileSkips; `skip_counter.unformed`).
 
 Fused-linear streams carry their output-head transform (`LinearSource.scale`, `.softcap`) into the
 kernels, which apply it in the tile epilogue and multiply gradient tiles by its jacobian. The stats
