@@ -1125,8 +1125,8 @@ std::tuple<Tensor, Tensor, Tensor, SkipCount> full_impl(const Stream& s, const S
           keep(r0 + q, finish_online<KIND>(st[q], g));
           hs[r0 + q] = g.ls, hs[n + r0 + q] = g.ls2, ht[r0 + q] = g.lt, ht[n + r0 + q] = g.lt2;
         }
+        if (KIND == REVERSE_KL) c.narrow(0, r0, r).copy_(value.narrow(0, r0, r));  // reverse KL's constant: its value
         if (!now) continue;
-        if (KIND == REVERSE_KL) c.narrow(0, r0, r).copy_(value.narrow(0, r0, r));
         const std::optional<TileSkips> pre =
             delta > 0 ? std::optional<TileSkips>(plan_tile_skips(r, tiles, delta, [&](int64_t i, double* bound) {
               return online_bounds<KIND>(st[i], mass.data() + i * tiles, tiles, bound);

@@ -253,3 +253,16 @@ def test_header_regimes_match_routing(cpp):
     adv[50:60] = th.adv_gap  # ties with Ā
     got = load_extension("cpu").assign_regimes(adv, qt, qp, valid, *(float(x) for x in th))
     assert torch.equal(got, assign_regimes(adv, qt, qp, valid, th))
+
+
+def test_wide_reverse_kl_value_pass_returns_its_constant():
+    """full_pass without a gradient (the deferred path's value pass) on rows wider than a tile returns reverse
+    KL's gradient constant, the KL itself, as with a gradient; forward KL's is 0."""
+    backend = _cpp(4, 64)
+    ext = backend._ops
+    hs, ws, ht, wt = torch.randn(8, 16), torch.randn(300, 16), torch.randn(8, 16), torch.randn(300, 16)
+    s, t = ext.Stream(hs, ws, None, 1.0, 300), ext.Stream(ht, wt, None, 1.0, 300)
+    for kind, expect in ((0, "value"), (1, "zero")):
+        _, value, c, _ = ext.full_pass(s, t, torch.arange(8), None, None, kind, 0.5, None, backend._tiling, None, None,
+                                       None, None, False)
+        assert torch.equal(c, value if expect == "value" else torch.zeros_like(value)), (kind, c, value)
