@@ -2,8 +2,8 @@
 realistic inputs, and what it costs in accuracy: the skipped fraction and the max gradient error
 against the float64 reference, with and without skipping (full-vocabulary fused-linear OPD, `torch`
 and `cpp` backends at their default tiles, one forward+backward per case). Counts and errors, no timings;
-for `cpp` also the share of entries skipped whole (neither recomputed nor contracted: wide reverse / forward
-KL rows) and the matmul FLOPs its extension counts (forward projections, recomputations, contractions)
+for `cpp` also the share of entries skipped whole (neither recomputed nor contracted: wide full-vocabulary
+rows) and the matmul FLOPs its extension counts (forward projections, recomputations, contractions)
 over the dense floor (4 projections per row: two forward projections, dH and dW), with and without skipping.
 
     python -m benchmarks.skipping_report [--n 256] [--h 512] [--v 32000,151936] [--kinds js,reverse_kl]
@@ -120,7 +120,7 @@ def contend(row: dict, name: str, t: dict, ref: tuple, kind: str) -> None:
             row[f"{p}{grad}_err_{'skip' if skip else 'dense'}"] = float((a.double() - r).abs().max() / r.abs().max())
         if skip:
             row[f"{p}skipped"] = backend.skip_counter.fraction
-            if name == "cpp":  # entries skipped whole: neither recomputed nor contracted (wide reverse / forward KL)
+            if name == "cpp":  # entries skipped whole: neither recomputed nor contracted (wide full-vocabulary rows)
                 row["cpp_unformed"] = backend.skip_counter.unformed / max(backend.skip_counter.entries, 1)
         if name == "cpp":
             floor = 4 * 2 * row["n"] * row["v"] * row["h"]
