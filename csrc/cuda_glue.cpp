@@ -158,7 +158,9 @@ void grad_pass(const Stream& s, const std::optional<Stream>& t, const Tensor& ro
   const int64_t n = rows.size(0), vv = s.valid_vocab;
   const Tensor ls = split_lse_f32(lse_s, n), sc = scale.to(at::kFloat).contiguous();
   const Tensor lt = full ? split_lse_f32(*lse_t, n) : Tensor();
-  const Tensor cc = as_float(c), dn = as_float(dense), sp = as_float(sparse);
+  // The constant stays float64: reverse KL's k = c + lse_s − lse_t (reverse_kl_offset) needs it unrounded.
+  const Tensor cc = c.has_value() && c->defined() ? c->to(at::kDouble).contiguous() : Tensor();
+  const Tensor dn = as_float(dense), sp = as_float(sparse);
   const Tensor cl = cols.has_value() && cols->defined() ? cols->contiguous() : Tensor();
   const int k = cl.defined() ? static_cast<int>(cl.size(1)) : 0;
   const cudaStream_t st = current_stream();
@@ -167,7 +169,7 @@ void grad_pass(const Stream& s, const std::optional<Stream>& t, const Tensor& ro
   // Per-row arrays of rows [r0, r0 + r): offsets into the group's arrays.
   auto launch = [&](const cu::Tile& zs, const cu::Tile& zt, int64_t r0, int64_t r, cu::Out out) {
     check(cu::grad_tile(zs, zt, r, inv_tau, row_lse(ls, r0), full ? row_lse(lt, r0) : cu::RowLse{nullptr, nullptr},
-                        cc.defined() ? cc.data_ptr<float>() + r0 : nullptr, dn.defined() ? dn.data_ptr<float>() + r0 : nullptr,
+                        cc.defined() ? cc.data_ptr<double>() + r0 : nullptr, dn.defined() ? dn.data_ptr<float>() + r0 : nullptr,
                         cl.defined() ? cl.data_ptr<int64_t>() + r0 * k : nullptr, sp.defined() ? sp.data_ptr<float>() + r0 * k : nullptr,
                         k, overwrite, sc.data_ptr<float>() + r0, kd, b, out, st),
           "grad_tile");

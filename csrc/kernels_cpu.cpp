@@ -449,6 +449,7 @@ std::tuple<Tensor, Tensor> value_impl(const Stream& s, const Stream& t, const Te
 template <typename A>
 struct GradRow {
   A ls, ls2, lt, lt2, c, dense, scale;  // log-sum-exps as (hi, lo) pairs
+  double k;             // reverse KL: c + lse_s − lse_t (reverse_kl_offset)
   const int64_t* cols;  // few-column term: explicit columns [K] and their coefficients
   const A* sparse;
   bool overwrite;       // coefficients are the columns' whole gradient (else added to p·dense)
@@ -475,8 +476,9 @@ void grad_segment(const A* zs, const A* zt, A* g, int64_t c0, int64_t len, int64
   if constexpr (FULL) {
 #pragma omp simd
     for (int64_t j = 0; j < len; ++j) {
-      const A lp = log_prob(zs[j] * inv_tau, r.ls, r.ls2), lq = log_prob(zt[j] * inv_tau, r.lt, r.lt2);
-      g[j] = full_grad_term<KIND>(lp, lq, r.c, P) * r.scale;
+      const A xs = zs[j] * inv_tau, xt = zt[j] * inv_tau;
+      const A lp = log_prob(xs, r.ls, r.ls2), lq = log_prob(xt, r.lt, r.lt2);
+      g[j] = full_grad_term<KIND>(lp, lq, xs, xt, r.c, r.k, P) * r.scale;
     }
   } else {
     // A huge dense coefficient arrives folded into the log-sum-exp (RowTerm.dense_normalizer: ls − log|dense|
@@ -686,11 +688,11 @@ struct BlockSkipper {
 // A full-vocabulary reverse / forward KL row wider than one tile gets its log-sum-exps and value in one
 // online sweep (KlState) that sees each of its tiles T once. A few numbers of that sweep per (row, tile)
 // (TileMass) bound the L1 mass of the tile's gradient u (τ·∂D/∂z, before the scale and the jacobian) without
-// forming it, with P_T = Σ_T p_v, Q_T = Σ_T q_v, D_v = x_s,v − x_t,v (scaled logits), Δ = lse_t − lse_s:
-//   reverse KL, u_v = p_v(log p_v − log q_v − c) = p_v(D_v + Δ − c):  ‖u_T‖₁ ≤ P_T · max(|Dmax_T + Δ − c|, |Dmin_T + Δ − c|),
-//   forward KL, u_v = p_v − q_v:                                       ‖u_T‖₁ ≤ P_T + Q_T,
+// forming it, with P_T = Σ_T p_v, Q_T = Σ_T q_v, D_v = x_s,v − x_t,v (scaled logits), K = E_p[D] (KlState):
+//   reverse KL, u_v = p_v(log p_v − log q_v − c) = p_v(D_v − K):  ‖u_T‖₁ ≤ P_T · max(|Dmax_T − K|, |Dmin_T − K|),
+//   forward KL, u_v = p_v − q_v:                                   ‖u_T‖₁ ≤ P_T + Q_T,
 // and their tile sums bound the row's mass from below, ‖u‖₁ ≥ Σ_T |Σ_{v∈T} u_v| =: L, with Σ_T u_v =
-// P_T(D̄_T + Δ − c) (D̄_T: the p-weighted mean of D over T) and P_T − Q_T. skipping.py's rule on these: a
+// P_T(D̄_T − K) (D̄_T: the p-weighted mean of D over T) and P_T − Q_T. skipping.py's rule on these: a
 // row skips its tiles of smallest bound while their running sum stays ≤ δ·L ≤ δ‖u‖₁ (none when L is not
 // finite). Its gradient sweep neither recomputes nor contracts those tiles (the rows that keep a tile are
 // gathered) and starts the row's BlockSkipper with their bounds spent, so that the row's total skipped mass
@@ -702,7 +704,7 @@ template <typename A>
 struct TileMass {
   LseState<A> a, b;  // (max, Σ exp(x − max)) of the tile's scaled logits
   A dmin, dmax;      // reverse KL: the range of x_a − x_b over the tile's columns where x_a > −inf
-  double w;          // Σ e^{x_a − a.m}((x_a − a.m) − (x_b − b.m)), as KlState.w
+  double w, sw;      // Σ e^{x_a − a.m}(x_a − x_b) and Σ e^{x_a − a.m}, as KlState's
 };
 
 // The tiles each row of a chunk keeps (keep [rows, tiles]) and the bound mass it skipped (spent [rows]).
@@ -754,7 +756,7 @@ TileSkips plan_tile_skips(int64_t rows, int64_t tiles, double delta, F&& bounds)
 template <int KIND, typename A>
 double online_bounds(const KlState<A>& st, const TileMass<A>* mass, int64_t tiles, double* bound) {
   const double la = double(st.a.m) + std::log(double(st.a.s)), lb = double(st.b.m) + std::log(double(st.b.s));
-  const double shift = lb - la, c = KIND == REVERSE_KL ? kl_value(st) : 0.0;  // reverse KL: a = p, b = q
+  const double k = KIND == REVERSE_KL ? kl_mean_difference(st) : 0.0;  // reverse KL: a = p, b = q
   double lower = 0;
   for (int64_t q = 0; q < tiles; ++q) {
     const TileMass<A>& m = mass[q];
@@ -764,9 +766,9 @@ double online_bounds(const KlState<A>& st, const TileMass<A>* mass, int64_t tile
         bound[q] = 0;
         continue;
       }
-      const double mean = m.w / double(m.a.s) + double(m.a.m - m.b.m);  // D̄_T
-      bound[q] = pa * std::max(std::abs(double(m.dmax) + shift - c), std::abs(double(m.dmin) + shift - c));
-      lower += pa * std::abs(mean + shift - c);
+      const double mean = m.w / m.sw;  // D̄_T
+      bound[q] = pa * std::max(std::abs(double(m.dmax) - k), std::abs(double(m.dmin) - k));
+      lower += pa * std::abs(mean - k);
     } else {  // forward KL: a = q (teacher), b = p (student)
       const double pb = tile_share(m.b, lb);
       bound[q] = pa + pb;
@@ -818,12 +820,15 @@ SkipCount grad_impl(const Stream& s, const Stream* t, const Tensor& rows, const 
   const std::optional<Tensor> c_c = as_acc(c), dense_c = as_acc(dense), sparse_c = as_acc(sparse);
   const std::optional<Tensor> cols_c = cols.has_value() && cols->defined() ? std::optional<Tensor>(cols->contiguous()) : std::nullopt;
   const A *sc = sc_c.data_ptr<A>(), *cc = data_or_null<A>(c_c), *dn = data_or_null<A>(dense_c), *sp = data_or_null<A>(sparse_c);
+  // Reverse KL's k (reverse_kl_offset) from the constant in float64: its fp32 cast would round it at ~1e-5.
+  const std::optional<Tensor> c_d = KIND == REVERSE_KL && FULL ? std::optional<Tensor>(c->to(at::kDouble).contiguous()) : std::nullopt;
+  const double* cd = c_d ? c_d->data_ptr<double>() : nullptr;
   const int64_t* cl = cols_c ? cols_c->data_ptr<int64_t>() : nullptr;
   const int64_t k = cols_c ? cols_c->size(1) : 0;
   auto row_of = [&](int64_t i) {
     return GradRow<A>{ls.hi[i], ls.lo[i], FULL ? lt->hi[i] : A(0), FULL ? lt->lo[i] : A(0), (FULL && cc) ? cc[i] : A(0),
-                      FULL ? A(0) : dn[i], sc[i], FULL ? nullptr : cl + i * k,
-                      FULL ? nullptr : sp + i * k, overwrite};
+                      FULL ? A(0) : dn[i], sc[i], cd ? reverse_kl_offset(cd[i], ls.hi[i], ls.lo[i], lt->hi[i], lt->lo[i]) : 0.0,
+                      FULL ? nullptr : cl + i * k, FULL ? nullptr : sp + i * k, overwrite};
   };
 
   if (!s.linear()) {
@@ -976,18 +981,21 @@ void online_segment(const A* zs, const A* zt, int64_t len, A inv_tau, KlState<A>
   }
   // A NaN logit makes its stream's sum NaN for good (see lse_merge), as in stats_segment.
   KlState<A> seg{{ma, nan_a ? std::numeric_limits<A>::quiet_NaN() : sa},
-                 {mb, nan_b ? std::numeric_limits<A>::quiet_NaN() : sb}, 0.0};
+                 {mb, nan_b ? std::numeric_limits<A>::quiet_NaN() : sb}, 0.0, 0.0};
   if constexpr (KIND != JS) {
-    if (ma > neg_inf<A>() && mb == neg_inf<A>()) {
-      seg.w = HUGE_VAL;  // b has no mass where a has some: KL = +inf, as value_term gives
-    } else if (ma > neg_inf<A>()) {
-      double w = 0;
-#pragma omp simd reduction(+ : w)
+    if (ma > neg_inf<A>()) {
+      // D_v = x_a − x_b in float64: exact for fp32 logits. A column where b has no mass and a has some gives
+      // D_v = +inf, so KL = +inf, as value_term gives.
+      double w = 0, sw = 0;
+#pragma omp simd reduction(+ : w, sw)
       for (int64_t j = 0; j < len; ++j) {
-        const A x = za[j] * inv_tau - ma;
-        w += x > neg_inf<A>() ? double(fexp(x) * (x - (zb[j] * inv_tau - mb))) : 0.0;
+        const A x = za[j] * inv_tau;
+        const double e = double(fexp(x - ma));
+        w += x > neg_inf<A>() ? e * (double(x) - double(zb[j] * inv_tau)) : 0.0;
+        sw += e;
       }
       seg.w = w;
+      seg.sw = sw;
     }
     if (tile) {
       A dmin = HUGE_VAL, dmax = -HUGE_VAL;
@@ -999,7 +1007,7 @@ void online_segment(const A* zs, const A* zt, int64_t len, A inv_tau, KlState<A>
           dmax = std::max(dmax, x > neg_inf<A>() ? d : A(-HUGE_VAL));
         }
       }
-      *tile = {seg.a, seg.b, dmin, dmax, seg.w};
+      *tile = {seg.a, seg.b, dmin, dmax, seg.w, seg.sw};
     }
   }
   st = kl_merge(st, seg);
@@ -1058,6 +1066,7 @@ FullRow<A> full_row(int64_t vv, int64_t block, A inv_tau, const DivParams<A> P, 
   if (KIND == REVERSE_KL) out.c = out.value;
   if (grad) {
     r.c = static_cast<A>(out.c);
+    r.k = reverse_kl_offset(out.c, r.ls, r.ls2, r.lt, r.lt2);
     for_blocks(vv, block, [&](int64_t c0, int64_t len) {
       load(c0, len, zs, zt);
       emit(c0, len, zs, zt, r);

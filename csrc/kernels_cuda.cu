@@ -209,7 +209,7 @@ __global__ void __launch_bounds__(THREADS) add_value_kernel(Tile zs, Tile zt, fl
 
 template <int KIND, bool FULL, typename TS, typename TT>
 __global__ void __launch_bounds__(THREADS) grad_kernel(Tile zs, Tile zt, float inv_tau, RowLse lse_s, RowLse lse_t,
-                                                       const float* c, const float* dense, const int64_t* cols,
+                                                       const double* c, const float* dense, const int64_t* cols,
                                                        const float* sparse, int k, bool overwrite, const float* scale,
                                                        DivParams<float> P, Out out) {
   const int64_t i = blockIdx.x;
@@ -218,11 +218,12 @@ __global__ void __launch_bounds__(THREADS) grad_kernel(Tile zs, Tile zt, float i
   const float hs = lse_s.hi[i], ls = lse_s.lo[i], sc = scale[i];
   if (FULL) {
     const TT* b = row_of<TT>(zt, i);
-    const float ht = lse_t.hi[i], lt = lse_t.lo[i], ci = c ? c[i] : 0.0f;
+    const float ht = lse_t.hi[i], lt = lse_t.lo[i], ci = c ? float(c[i]) : 0.0f;
+    const double ki = KIND == REVERSE_KL && c ? reverse_kl_offset(c[i], hs, ls, ht, lt) : 0.0;
     for (int64_t j = threadIdx.x; j < zs.len; j += blockDim.x) {
-      const float x = logit_at(zs, a, j);
-      const float lq = log_prob(logit_at(zt, b, j) * inv_tau, ht, lt);
-      g[j * out.step] = from_f<TS>(full_grad_term<KIND>(log_prob(x * inv_tau, hs, ls), lq, ci, P) * sc * zs.head.jacobian(x));
+      const float x = logit_at(zs, a, j), xs = x * inv_tau, xt = logit_at(zt, b, j) * inv_tau;
+      const float lq = log_prob(xt, ht, lt);
+      g[j * out.step] = from_f<TS>(full_grad_term<KIND>(log_prob(xs, hs, ls), lq, xs, xt, ci, ki, P) * sc * zs.head.jacobian(x));
     }
     return;
   }
@@ -332,7 +333,7 @@ cudaError_t add_value(Tile zs, Tile zt, int64_t n, float inv_tau, RowLse lse_s, 
   });
 }
 
-cudaError_t grad_tile(Tile zs, Tile zt, int64_t n, float inv_tau, RowLse lse_s, RowLse lse_t, const float* c,
+cudaError_t grad_tile(Tile zs, Tile zt, int64_t n, float inv_tau, RowLse lse_s, RowLse lse_t, const double* c,
                       const float* dense, const int64_t* cols, const float* sparse, int k, bool overwrite,
                       const float* scale, int kind, float beta, Out out, cudaStream_t stream) {
   if (n == 0 || zs.len == 0) return cudaSuccess;

@@ -75,7 +75,7 @@ cudaError_t add_value(Tile zs, Tile zt, int64_t n, float inv_tau, RowLse lse_s, 
 // from zs in dtype); otherwise p · dense_i on every column plus scale_i · sparse[i, q] at the k
 // columns cols[i, q] that fall in the tile, or with `overwrite` scale_i · sparse[i, q] as those
 // columns' whole gradient (RowTerm.explicit). `out` must not alias zs.
-cudaError_t grad_tile(Tile zs, Tile zt, int64_t n, float inv_tau, RowLse lse_s, RowLse lse_t, const float* c,
+cudaError_t grad_tile(Tile zs, Tile zt, int64_t n, float inv_tau, RowLse lse_s, RowLse lse_t, const double* c,
                       const float* dense, const int64_t* cols, const float* sparse, int k, bool overwrite,
                       const float* scale, int kind, float beta, Out out, cudaStream_t stream);
 

@@ -204,41 +204,49 @@ DOPD_HD A lse_log_sum(LseState<A> a) {
 
 // ---------------------------------------------------------------------------------------------
 // Online KL(a‖b) of a row whose log-sum-exps are not known yet (full-vocabulary OPD: no stats pass ran).
-// With running maxima M_a, M_b and sums S_a = Σ e^{a_v − M_a}, S_b = Σ e^{b_v − M_b}, log p_v − log q_v =
-// (a_v − M_a − log S_a) − (b_v − M_b − log S_b), so
-//   KL = W / S_a − log S_a + log S_b,   W = Σ_v e^{a_v − M_a} ((a_v − M_a) − (b_v − M_b)).
-// Every difference is taken to a running maximum (exact near it, Sterbenz), so KL keeps fp32's precision
-// at logits of 1e4 like the (hi, lo) log-sum-exps of the value pass. W sums in double (see value_segment).
-// a is the weighting stream: the student for reverse KL, the target for forward KL.
+// With running maxima M_a, M_b, sums S_a = Σ e^{a_v − M_a}, S_b = Σ e^{b_v − M_b} and D_v = a_v − b_v,
+//   KL = K − (M_a + log S_a) + (M_b + log S_b),   K = E_p[D] = W / S_w,   W = Σ_v e^{a_v − M_a} D_v,
+// with S_w the same weights as S_a summed in float64. D_v is formed in float64 (exact for fp32 logits) and
+// W / S_w is a weighted mean whose weights' rounding cancels where one column dominates, so K keeps float64's
+// precision where log-ratios are ~100 (logits ~N(0, 40²)): the reverse-KL gradient p_v(D_v − K) needs K to
+// better than fp32's precision of the log-ratios (full_grad_term). a is the weighting stream: the student
+// for reverse KL, the target for forward KL.
 
 template <typename A>
 struct KlState {
   LseState<A> a, b;
-  double w;  // W relative to (a.m, b.m)
+  double w, sw;  // W and S_w, relative to a.m
 };
 
 template <typename A>
-DOPD_HD KlState<A> kl_empty() { return {lse_empty<A>(), lse_empty<A>(), 0.0}; }
+DOPD_HD KlState<A> kl_empty() { return {lse_empty<A>(), lse_empty<A>(), 0.0, 0.0}; }
 
-// W of a part relative to larger maxima (ma, mb): each term's weight is rescaled by e^{x.a.m − ma} and its
-// log-ratio shifted by the change of reference, (x.a.m − ma) − (x.b.m − mb). A part without a-mass adds 0.
+// Adds a part's (W, S_w) to out's, its weights rescaled to out's larger maximum; a part without a-mass adds 0.
 template <typename A>
-DOPD_HD double kl_rebased(const KlState<A>& x, A ma, A mb) {
-  if (x.a.m == neg_inf<A>()) return 0.0;
-  const A da = x.a.m - ma;
-  return double(fexp(da)) * (x.w + double(da - (x.b.m - mb)) * double(x.a.s));
+DOPD_HD void kl_add_rescaled(KlState<A>& out, const KlState<A>& part) {
+  if (part.a.m == neg_inf<A>()) return;
+  // In float64: a rounded weight would tilt the mean towards one part by its rounding times the parts' spread.
+  const double e = exp(double(part.a.m) - double(out.a.m));
+  out.w += e * part.w;
+  out.sw += e * part.sw;
 }
 
 template <typename A>
 DOPD_HD KlState<A> kl_merge(const KlState<A>& x, const KlState<A>& y) {
-  KlState<A> out{lse_merge(x.a, y.a), lse_merge(x.b, y.b), 0.0};
-  out.w = kl_rebased(x, out.a.m, out.b.m) + kl_rebased(y, out.a.m, out.b.m);
+  KlState<A> out{lse_merge(x.a, y.a), lse_merge(x.b, y.b), 0.0, 0.0};
+  kl_add_rescaled(out, x);
+  kl_add_rescaled(out, y);
   return out;
 }
 
+// K = E_p[a − b] of a merged state.
+template <typename A>
+DOPD_HD double kl_mean_difference(const KlState<A>& x) { return x.w / x.sw; }
+
 template <typename A>
 DOPD_HD double kl_value(const KlState<A>& x) {
-  return x.w / double(x.a.s) - log(double(x.a.s)) + log(double(x.b.s));
+  const double la = double(x.a.m) + log(double(x.a.s)), lb = double(x.b.m) + log(double(x.b.s));
+  return kl_mean_difference(x) - la + lb;
 }
 
 // log p of a scaled logit x from a row's log-sum-exp given as hi + lo (split_lse): x − hi is exact
@@ -375,22 +383,30 @@ DOPD_HD A js_c_term(A lp, A lq, const DivParams<A>& P) {
   return lp > neg_inf<A>() ? P.beta * fexp(lp) * (lp - log_mixture(lp, lq, P)) : A(0);
 }
 
-// τ · ∂D/∂z_v of a full-vocabulary term with row constant c (reverse KL: the KL; JS: β KL(p‖m);
-// forward KL: unused): reverse KL p(lp − lq − c), forward KL p − q, JS p(β(lp − log m) − c).
+// τ · ∂D/∂z_v of a full-vocabulary term, from log p, log q and the scaled logits xs, xt of the column:
+// forward KL p − q; JS p(β(lp − log m) − c) with c = β KL(p‖m); reverse KL p(lp − lq − c) with c the KL, taken
+// as p(D_v − k), D_v = xs − xt and k = c + lse_s − lse_t = E_p[D] (reverse_kl_offset), in float64: where
+// log-ratios are ~100, lp − lq − c cancels to O(1) and fp32 would round each of its three terms at ~1e-5.
 template <int KIND, typename A>
-DOPD_HD A full_grad_term(A lp, A lq, A c, const DivParams<A>& P) {
+DOPD_HD A full_grad_term(A lp, A lq, A xs, A xt, A c, double k, const DivParams<A>& P) {
   if constexpr (KIND == FORWARD_KL) {
     return fexp(lp) - fexp(lq);
   } else {
     const A p = fexp(lp);
     A r;
     if constexpr (KIND == REVERSE_KL) {
-      r = lp - lq - c;
+      r = A(double(xs) - double(xt) - k);
     } else {
       r = P.beta * (lp - log_mixture(lp, lq, P)) - c;
     }
     return lp > neg_inf<A>() ? p * r : A(0);
   }
+}
+
+// Reverse KL's k = c + lse_s − lse_t (E_p[x_s − x_t]) from its constant and the log-sum-exps as (hi, lo) pairs.
+template <typename A>
+DOPD_HD double reverse_kl_offset(double c, A hs, A ls, A ht, A lt) {
+  return c + (double(hs) + double(ls)) - (double(ht) + double(lt));
 }
 
 // τ · ∂D/∂z_v of a few-column term (row_terms.py): p_v · dense on every column; the caller adds the

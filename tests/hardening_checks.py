@@ -17,7 +17,6 @@ import math
 import pytest
 import torch
 
-import naive_reference as nv
 from conftest import IGNORE, assert_close, correlated_logits, leaf, linear_streams, random_tokens
 from dopd_kernels import DOPDConfig, dopd_loss, fused_linear_dopd_loss, fused_linear_opd_loss, opd_loss
 
@@ -66,18 +65,10 @@ def check_large_logits(backend, case: str, kind: str, gran: str, device: str = "
         f"{err / max(scale, 1e-30):.2e} of the mean |per-token loss|)")
     gscale = max(float(s64.grad.abs().max()), 1.0 / n)
     gerr = float((s.grad.cpu().double() - s64.grad).abs().max())
-    bound, against = GRAD_TOL * gscale, f"{GRAD_TOL:.0e}"
-    if case == "normal-40":
-        # Log-ratios of ~100 here: the gradient p·(r − c) rounds r and c at fp32's precision of ~100, which
-        # on some draws alone exceeds GRAD_TOL (naive fp32 PyTorch measured 4.3e-6 of the scale). There the
-        # judgement is Cut Cross-Entropy's, in fp32: no worse than naive fp32 on the same values, plus 25 %.
-        # (The 1e4 cases keep GRAD_TOL alone: naive fp32 loses ~1e-3 there and would be no bound at all.)
-        s32 = leaf(zs)
-        nv.reduce(nv.opd(s32, zt, y, kind, gran, k=8, renorm=False, dtype=torch.float32), y, "mean").backward()
-        naive = float((s32.grad.double() - s64.grad).abs().max())
-        if 1.25 * naive > bound:
-            bound, against = 1.25 * naive, f"1.25 x naive fp32's {naive / gscale:.2e}"
-    assert gerr <= bound, f"{case} {kind} {gran}: gradient error {gerr / gscale:.2e} of its scale (bound: {against})"
+    # At N(0, 40²) log-ratios are ~100 and the reverse-KL residual log p − log q − c cancels to O(1): it holds
+    # GRAD_TOL only because every backend forms it as D_v − K from exact logit differences (row_math.h
+    # full_grad_term); naive fp32 PyTorch, which rounds log q and c at ~1e-5, measured up to 4.3e-6 there.
+    assert gerr <= GRAD_TOL * gscale, f"{case} {kind} {gran}: gradient error {gerr / gscale:.2e} of its scale"
     if kind == "js":
         assert float(out.per_token_loss.max()) <= LOG2, f"JS exceeds log 2: {float(out.per_token_loss.max())!r}"
         assert float(out.loss.detach()) <= LOG2 * (1 + 2 ** -23)

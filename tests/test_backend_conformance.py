@@ -40,7 +40,7 @@ from conftest import (IGNORE, INTERPRETED_ON_CUDA, assert_close, correlated_logi
                       random_tokens, with_padding_rows)
 from dopd_kernels import (DOPDConfig, LMHead, TorchBackend, dopd_loss, fused_linear_dopd_loss, fused_linear_opd_loss,
                           opd_loss, token_logprobs)
-from hardening_checks import (CORRUPTIONS, PRECISION_CASES, check_dopd_large_logits, check_double_backward_raises,
+from hardening_checks import (CORRUPTIONS, GRAD_TOL, LOSS_RTOL, PRECISION_CASES, check_dopd_large_logits, check_double_backward_raises,
                               check_large_logits, check_nonfinite_fused_linear, check_nonfinite_opd,
                               check_nonfinite_routing)
 from head_transform_checks import HEAD_CASES, check_bf16_heads, check_dopd_heads, check_opd_heads
@@ -962,6 +962,34 @@ def test_opd_heads_bf16(kind, gran, be):
 @pytest.mark.parametrize("case", PRECISION_CASES)
 def test_large_logits_fp32(case, kind, gran, be):
     check_large_logits(be.backend, case, kind, gran, device=be.device)
+
+
+@on_costly_targets()
+@pytest.mark.parametrize("gap", [150.0, 250.0])
+def test_reverse_kl_gradient_at_large_log_ratios(gap, be):
+    """Full reverse KL where the student's mass sits on 3 columns per row (logits 100 ± 1, the rest ~N(0, 3²))
+    at which the teacher's logits stand `gap` nats lower (± 1): log q there is ~60 or ~160 below 0 (the
+    teacher's log-sum-exp is ~12), so each log-ratio is that large while the residual log p − log q − c is
+    O(1). Formed as D_v − K from exact logit differences (row_math.h full_grad_term) the gradient stays within
+    GRAD_TOL of its float64 scale; formed from fp32 log-probabilities and an fp32 c (before), it erred by
+    5e-6–2e-5 of it on every backend."""
+    n, v = 16, 1024
+    zs, zt = 3 * torch.randn(n, v, dtype=torch.float64), 3 * torch.randn(n, v, dtype=torch.float64)
+    top = torch.stack([torch.randperm(v)[:3] for _ in range(n)])
+    zs.scatter_(1, top, 100 + torch.empty(n, 3, dtype=torch.float64).uniform_(-1, 1))
+    zt.scatter_(1, top, 100 - gap + torch.empty(n, 3, dtype=torch.float64).uniform_(-1, 1))
+    zs, zt = zs.float(), zt.float()
+    y = random_tokens(n, v)
+    a, b = leaf(zs.to(be.device)), leaf(zs, torch.float64)
+    kw = dict(divergence="reverse_kl", granularity="full")
+    out = opd_loss(a, zt.to(be.device), y.to(be.device), backend=be.backend, **kw)
+    ref = opd_loss(b, zt.double(), y, backend="reference", **kw)
+    out.loss.backward()
+    ref.loss.backward()
+    assert_close(out.per_token_loss, ref.per_token_loss, rtol=LOSS_RTOL, what="per-token KL")  # on max |KL|
+    scale = float(b.grad.abs().max())
+    err = float((a.grad.cpu().double() - b.grad).abs().max())
+    assert err <= GRAD_TOL * scale, f"gradient error {err / scale:.2e} of its scale"
 
 
 @not_on("torch", "torch-3x7", why="test_precision.py runs these checks on the torch backend")

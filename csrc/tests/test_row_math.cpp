@@ -204,6 +204,7 @@ static void check_kind(std::mt19937& rng, double beta) {
   const double truth = direct_div(lp, lq, KIND, beta);
   CHECK(std::abs(value - truth) < 1e-12, "kind %d value %.17g vs %.17g", KIND, value, truth);
   if (KIND == REVERSE_KL) c = value;
+  const double k = reverse_kl_offset(c, zs[0] - lp[0], 0.0, zt[0] - lq[0], 0.0);
   // τ ∂D/∂z_v against central differences of the direct divergence (τ = 1).
   for (int j = 0; j < v; ++j) {
     if (j == 3) continue;
@@ -212,10 +213,49 @@ static void check_kind(std::mt19937& rng, double beta) {
     zp[j] += h;
     zm[j] -= h;
     const double fd = (direct_div(log_softmax(zp), lq, KIND, beta) - direct_div(log_softmax(zm), lq, KIND, beta)) / (2 * h);
-    const double got = full_grad_term<KIND>(lp[j], lq[j], c, P);
+    const double got = full_grad_term<KIND>(lp[j], lq[j], zs[j], zt[j], c, k, P);
     CHECK(std::abs(got - fd) < 1e-6, "kind %d column %d: gradient %.10g vs finite difference %.10g", KIND, j, got, fd);
   }
-  CHECK(full_grad_term<KIND>(NINF, lq[3], c, P) == (KIND == FORWARD_KL ? -std::exp(lq[3]) : 0.0), "no-mass column");
+  CHECK(full_grad_term<KIND>(NINF, lq[3], NINF, zt[3], c, k, P) == (KIND == FORWARD_KL ? -std::exp(lq[3]) : 0.0), "no-mass column");
+}
+
+// The online KL of blocks merged in any order (KlState) against the direct one, at logits ~N(0, 40²) where the
+// log-ratios are ~100: value to 1e-12 relative, K = E_p[a − b] to 1e-12 of its size.
+static void test_online_kl() {
+  std::mt19937 rng(5);
+  std::normal_distribution<double> nd(0, 40);
+  const int v = 61;
+  std::vector<float> za(v), zb(v);
+  for (int j = 0; j < v; ++j) {
+    za[j] = float(nd(rng));
+    zb[j] = float(0.6 * za[j] + 0.8 * nd(rng));
+  }
+  std::vector<double> a(za.begin(), za.end()), b(zb.begin(), zb.end());
+  const auto la = log_softmax(a), lb = log_softmax(b);
+  double kl = 0, k = 0;
+  for (int j = 0; j < v; ++j) {
+    kl += std::exp(la[j]) * (la[j] - lb[j]);
+    k += std::exp(la[j]) * (a[j] - b[j]);
+  }
+  for (int block : {1, 7, 61}) {
+    KlState<float> st = kl_empty<float>();
+    for (int c0 = v; c0 > 0; c0 -= block) {  // blocks last to first: the maxima move both ways
+      const int lo = std::max(0, c0 - block);
+      KlState<float> seg = kl_empty<float>();
+      for (int j = lo; j < c0; ++j) seg.a.m = std::max(seg.a.m, za[j]), seg.b.m = std::max(seg.b.m, zb[j]);
+      for (int j = lo; j < c0; ++j) {
+        const double e = std::exp(double(za[j] - seg.a.m));
+        seg.a.s += float(e);
+        seg.b.s += std::exp(zb[j] - seg.b.m);
+        seg.w += e * (double(za[j]) - double(zb[j]));
+        seg.sw += e;
+      }
+      st = kl_merge(st, seg);
+    }
+    CHECK(std::abs(kl_mean_difference(st) - k) < 1e-12 * std::abs(k) + 1e-12, "block %d: K %.17g vs %.17g", block,
+          kl_mean_difference(st), k);
+    CHECK(std::abs(kl_value(st) - kl) < 1e-6 * kl, "block %d: KL %.17g vs %.17g", block, kl_value(st), kl);
+  }
 }
 
 static void test_divergences() {
@@ -230,7 +270,7 @@ static void test_divergences() {
   const float ninf = -HUGE_VALF;
   CHECK(value_term<JS>(ninf, ninf, P) == 0.0f, "JS of two empty columns");
   CHECK(std::isfinite(value_term<JS>(-1e4f, ninf, P)), "JS with an empty target column");
-  CHECK(std::isfinite(full_grad_term<JS>(-2.0f, ninf, 0.1f, P)), "JS gradient with an empty target column");
+  CHECK(std::isfinite(full_grad_term<JS>(-2.0f, ninf, 1.0f, ninf, 0.1f, 0.0, P)), "JS gradient with an empty target column");
   CHECK(std::abs(log_mixture(0.0f, 0.0f, P)) < 1e-7f, "log m of two certain columns = %.9g", log_mixture(0.0f, 0.0f, P));
   CHECK(dense_grad_term(std::log(0.25), 2.0) == 0.5, "dense term p · dense");
 }
@@ -249,6 +289,7 @@ int main() {
   test_head();
   test_topk();
   test_divergences();
+  test_online_kl();
   test_regimes();
   if (failures) {
     std::printf("%d check(s) failed\n", failures);

@@ -56,24 +56,57 @@ def _times_dense(p: torch.Tensor, dense: torch.Tensor, dt: torch.dtype) -> torch
     return torch.where(p > 0, p * dense.to(dt).nan_to_num(posinf=0.0, neginf=0.0), torch.zeros_like(p))
 
 
+def _exact_difference(a: torch.Tensor, b: torch.Tensor) -> tuple:
+    """a − b as an unevaluated sum hi + lo of their dtype, exactly (Knuth's TwoSum; lo is 0 where hi is not
+    finite). A log-ratio D_v = x_s − x_t of ~100 then loses nothing to rounding where the reverse-KL
+    gradient's residual D_v − K cancels to O(1)."""
+    hi = a - b
+    bv = hi - a  # −b as the sum saw it
+    lo = (a - (hi - bv)) - (b + bv)
+    return hi, torch.where(torch.isfinite(hi), lo, torch.zeros_like(lo))
+
+
+def _weighted_difference(e: torch.Tensor, za: torch.Tensor, zb: torch.Tensor) -> tuple:
+    """(Σ_v e_v D_v, Σ_v e_v) [r] in float64 of a tile [r, c], D_v = za − zb and e_v ≥ 0 the weights.
+
+    The terms are summed around D at each row's largest weight, ref, as Σ e (D − ref) + ref·Σ e: where one
+    column dominates, its term is exactly 0 and the others round relative to their own distance from it, so
+    the weighted mean (the reverse-KL constant K = E_p[D]) keeps float64's precision at log-ratios of ~100."""
+    hi, lo = _exact_difference(za, zb)
+    ref = hi.gather(1, e.argmax(1, keepdim=True))
+    ref = torch.where(torch.isfinite(ref), ref, torch.zeros_like(ref))  # an infinite D gives w = inf below
+    has = e > 0
+    zero = torch.zeros_like(e)
+    rel = torch.where(has, e * (hi - ref), zero).sum(1).double() + torch.where(has, e * lo, zero).sum(1).double()
+    total = e.sum(1).double()
+    return rel + ref[:, 0].double() * total, total
+
+
 def _merge_kl(state: tuple, za: torch.Tensor, zb: torch.Tensor) -> tuple:
     """Merge a tile of the weighting stream `za` and of the other stream `zb` [r, c] into the running
-    state (ma, sa, mb, sb, w) [r]: maxima m and sums s = Σ e^{z − m} of each stream, and
-    w = Σ_v e^{a_v − ma}((a_v − ma) − (b_v − mb)) (float64), so that KL(a‖b) = w/sa − log sa + log sb
-    (`csrc/row_math.h` KlState). When a maximum grows, w is rebased: w' = e^{ma − ma'}(w + sa·((ma − ma')
-    − (mb − mb'))). Every difference is to a running maximum, so the value keeps the compute dtype's
-    precision at logits of 1e4."""
-    ma, sa, mb, sb, w = state
+    state (ma, sa, mb, sb, w, sw) [r]: maxima m and sums s = Σ e^{z − m} of each stream, and (float64)
+    w = Σ_v e^{a_v − ma} D_v, D_v = a_v − b_v, with sw the same weights' sum, so that K = E_a[D] = w/sw and
+    KL(a‖b) = K − (ma + log sa) + (mb + log sb) (`csrc/row_math.h` KlState; `_weighted_difference` for the
+    precision of K). When a maximum grows, w and sw rescale by e^{ma − ma'}, taken in float64."""
+    ma, sa, mb, sb, w, sw = state
     ma2, mb2 = torch.maximum(ma, za.max(1).values), torch.maximum(mb, zb.max(1).values)
     sha = torch.where(ma2 == NEG_INF, torch.zeros_like(ma2), ma2)
     shb = torch.where(mb2 == NEG_INF, torch.zeros_like(mb2), mb2)
     ra = torch.exp(ma - sha)
-    # sa = 0: nothing seen yet (w = 0), and ma − sha may be -inf − 0
-    w = torch.where(sa > 0, ra.double() * (w + sa.double() * ((ma - sha) - (mb - shb)).double()), w)
-    da, db = za - sha[:, None], zb - shb[:, None]
-    pa = torch.exp(da)
-    w = w + torch.where(pa > 0, pa * (da - db), torch.zeros_like(pa)).sum(1).double()
-    return ma2, sa * ra + pa.sum(1), mb2, sb * torch.exp(mb - shb) + torch.exp(db).sum(1), w
+    # sw = 0: nothing seen yet (w = 0), and ma − sha may be -inf − 0
+    ra64 = torch.where(sw > 0, torch.exp(ma.double() - sha.double()), torch.zeros_like(w))
+    pa = torch.exp(za - sha[:, None])
+    tile_w, tile_sw = _weighted_difference(pa, za, zb)
+    return (ma2, sa * ra + pa.sum(1), mb2, sb * torch.exp(mb - shb) + torch.exp(zb - shb[:, None]).sum(1),
+            ra64 * w + tile_w, ra64 * sw + tile_sw)
+
+
+def _reverse_kl_residual(zs: torch.Tensor, zt: torch.Tensor, k: tuple) -> torch.Tensor:
+    """log p − log q − c = D_v − K of a tile [r, c] (scaled logits zs, zt; K = c + lse_s − lse_t [r] as
+    `split_lse` parts): D_v exact (`_exact_difference`) and K in two parts, so that where the residual
+    cancels to O(1) from log-ratios of ~100 it is rounded once, at its own size."""
+    hi, lo = _exact_difference(zs, zt)
+    return (hi - k[0][:, None]) + (lo - k[1][:, None])
 
 
 class TorchBackend(PassBackend):
@@ -200,10 +233,16 @@ class TorchBackend(PassBackend):
                     lse[sl] = finish_logsumexp(*online_logsumexp(m, torch.zeros_like(m), z))
             (hs, ls), (ht, lt) = split_lse(lse_s[sl], dt), split_lse(lse_t[sl], target.dtype)
             lp, lq = _log_softmax_tile(zs, hs, ls), _log_softmax_tile(zt, ht, lt)
-            row_value, row_c = _value_and_constant(lp, lq, kind, beta)
-            value[sl], c[sl] = row_value.to(f64), row_c.to(f64)
+            p = lp.exp()
+            if kind == "reverse_kl":  # KL = E_p[x_s − x_t] − lse_s + lse_t, the mean precise (_weighted_difference)
+                w, sw = _weighted_difference(p, zs, zt)
+                value[sl] = c[sl] = w / sw - lse_s[sl] + lse_t[sl]
+            else:
+                row_value, row_c = _value_and_constant(lp, lq, kind, beta)
+                value[sl], c[sl] = row_value.to(f64), row_c.to(f64)
             if scale is not None:
-                grad = self._full_tile_grad(lp, lp.exp(), lq, c[sl, None].to(dt), kind, beta)
+                grad = self._full_tile_grad(lp, p, lq, zs, zt, self._constants(c[sl], lse_s[sl], lse_t[sl], kind, dt),
+                                            kind, beta)
                 self._add_tile(grads, student, r, 0, grad * scale[sl, None].to(dt), zs, self._budget(student, grads, r))
         return lse_s, lse_t, value, c
 
@@ -215,14 +254,15 @@ class TorchBackend(PassBackend):
         for sl in self._row_chunks(n):
             r = rows[sl]
             m = torch.full((r.shape[0],), NEG_INF, dtype=student.dtype, device=r.device)
-            state = (m, torch.zeros_like(m), m.clone(), torch.zeros_like(m), torch.zeros(r.shape[0], dtype=f64, device=r.device))
+            w = torch.zeros(r.shape[0], dtype=f64, device=r.device)
+            state = (m, torch.zeros_like(m), m.clone(), torch.zeros_like(m), w, w.clone())
             for c0, c1 in self._vocab_blocks(student):
                 zs, zt = student.tile(r, c0, c1), target.tile(r, c0, c1)
                 state = _merge_kl(state, zs, zt) if kind == "reverse_kl" else _merge_kl(state, zt, zs)
-            ma, sa, mb, sb, w = state
+            ma, sa, mb, sb, w, sw = state
             lse_a, lse_b = finish_logsumexp(ma, sa), finish_logsumexp(mb, sb)
             lse_s[sl], lse_t[sl] = (lse_a, lse_b) if kind == "reverse_kl" else (lse_b, lse_a)
-            value[sl] = w / sa.double() - torch.log(sa.double()) + torch.log(sb.double())
+            value[sl] = w / sw - lse_a + lse_b
         return lse_s, lse_t, value
 
     def full_grad_pass(self, student, target, rows, lse_s, lse_t, c, kind: str, beta: float, scale: torch.Tensor,
@@ -232,11 +272,12 @@ class TorchBackend(PassBackend):
         for sl in self._row_chunks(rows.shape[0]):
             r, sc = rows[sl], scale[sl, None].to(dt)
             budget = self._budget(student, grads, r)
+            const = self._constants(c[sl], lse_s[sl], lse_t[sl], kind, dt)
             for c0, c1 in self._vocab_blocks(student):
-                z = student.tile(r, c0, c1)
+                z, zt = student.tile(r, c0, c1), target.tile(r, c0, c1)
                 lp = _log_softmax_tile(z, hs[sl], ls[sl])
-                lq = _log_softmax_tile(target.tile(r, c0, c1), ht[sl], lt[sl])
-                grad = self._full_tile_grad(lp, lp.exp(), lq, c[sl, None].to(dt), kind, beta)
+                lq = _log_softmax_tile(zt, ht[sl], lt[sl])
+                grad = self._full_tile_grad(lp, lp.exp(), lq, z, zt, const, kind, beta)
                 self._add_tile(grads, student, r, c0, grad * sc, z, budget)  # z: the head's Jacobian
 
     def term_grad_pass(self, student, rows, lse_s, term: RowTerm, scale: torch.Tensor, grads: Grads) -> None:
@@ -282,16 +323,28 @@ class TorchBackend(PassBackend):
         gradients.add_tile(grads, student, rows, start, g, z, keep)
 
     @staticmethod
-    def _full_tile_grad(lp, p, lq, c, kind: str, beta: float) -> torch.Tensor:
-        """∂D/∂z (times τ) on a tile: reverse KL p(log p − log q − c), forward KL p − q,
-        JS p(β(log p − log m) − c); 0 where the student has no mass (except forward KL's −q)."""
+    def _constants(c: torch.Tensor, lse_s: torch.Tensor, lse_t: torch.Tensor, kind: str, dtype: torch.dtype):
+        """What `_full_tile_grad` takes of a row's constant c [n] (float64): reverse KL K = c + lse_s − lse_t
+        as `split_lse` parts; otherwise c [n, 1] in `dtype`."""
+        if kind == "reverse_kl":
+            return split_lse(c + lse_s - lse_t, dtype)
+        return c[:, None].to(dtype)
+
+    @staticmethod
+    def _full_tile_grad(lp, p, lq, zs, zt, const, kind: str, beta: float) -> torch.Tensor:
+        """∂D/∂z (times τ) on a tile (scaled logits zs, zt; `const` from `_constants`): reverse KL
+        p(log p − log q − c) = p(D_v − K) (`_reverse_kl_residual`), forward KL p − q, JS p(β(log p − log m) − c);
+        0 where the student has no mass (except forward KL's −q)."""
         if kind == "forward_kl":
             return p - lq.exp()
         has_mass = p > 0
-        lp0 = torch.where(has_mass, lp, torch.zeros_like(lp))
-        lq0 = torch.where(has_mass, lq, torch.zeros_like(lq))
-        r = lp0 - lq0 if kind == "reverse_kl" else beta * (lp0 - log_mixture(lp0, lq0, beta))
-        return torch.where(has_mass, p * (r - c), torch.zeros_like(p))
+        if kind == "reverse_kl":
+            r = _reverse_kl_residual(zs, zt, const)
+        else:
+            lp0 = torch.where(has_mass, lp, torch.zeros_like(lp))
+            lq0 = torch.where(has_mass, lq, torch.zeros_like(lq))
+            r = beta * (lp0 - log_mixture(lp0, lq0, beta)) - const
+        return torch.where(has_mass, p * r, torch.zeros_like(p))
 
     @staticmethod
     def _write_explicit(grad: torch.Tensor, cols: torch.Tensor, explicit: torch.Tensor, start: int) -> None:

@@ -507,18 +507,18 @@ class TritonBackend(PassBackend):
         if lse_s is not None or kind == "js":
             return super().full_pass(student, target, rows, lse_s, lse_t, kind, beta, scale, grads)
         n = rows.shape[0]
-        parts = torch.empty(5, n, dtype=torch.float32, device=rows.device)  # max, log-sum of s and t; W/S_a
+        parts = torch.empty(4, n, dtype=torch.float32, device=rows.device)  # max, log-sum of s and t
+        mean = torch.empty(n, dtype=torch.float64, device=rows.device)  # K = E_a[a − b]
         cfg = self._config((student, target), n, role="value")
         bias, upcast, head = _masks((student, target))
         self._launch(self._div.kl_online_kernel, (triton_cdiv(n, cfg.block_n),), cfg, rows.device,
-                     rows.contiguous(), n, *parts.unbind(0), *stream_args(student), *stream_args(target),
+                     rows.contiguous(), n, *parts.unbind(0), mean, *stream_args(student), *stream_args(target),
                      _bound(student), student.effective_vocab, 1.0 / student.temperature,
                      KIND=self._div.KINDS[kind], LINEAR=isinstance(student, LinearSource), BIAS_MASK=bias,
                      UPCAST_MASK=upcast, HEAD_MASK=head)
         lse_s, lse_t = _lse64(parts[0], parts[1]), _lse64(parts[2], parts[3])
-        # KL = W/S_a − log S_a + log S_b, a the weighting stream, in float64 from the fp32 parts.
-        logsum_a, logsum_b = (parts[1], parts[3]) if kind == "reverse_kl" else (parts[3], parts[1])
-        value = parts[4].double() - logsum_a.double() + logsum_b.double()
+        # KL = K − lse_a + lse_b, a the weighting stream, in float64.
+        value = mean - lse_s + lse_t if kind == "reverse_kl" else mean - lse_t + lse_s
         c = value if kind == "reverse_kl" else torch.zeros_like(value)
         if scale is not None:
             self.full_grad_pass(student, target, rows, lse_s, lse_t, c, kind, beta, scale, grads)
@@ -540,8 +540,10 @@ class TritonBackend(PassBackend):
 
     def full_grad_pass(self, student, target, rows, lse_s, lse_t, c, kind: str, beta: float, scale: torch.Tensor,
                        grads: Grads) -> None:
-        """Gradient of full-vocabulary rows, scaled per row by `scale` (upstream · weight / τ)."""
-        self._grad_tiles(student, target, rows, lse_s, lse_t, c, scale, self._div.KINDS[kind], beta, grads)
+        """Gradient of full-vocabulary rows, scaled per row by `scale` (upstream · weight / τ). Reverse KL's
+        kernel constant is K = c + lse_s − lse_t (`divergence.grad_tile`)."""
+        coef = c + lse_s - lse_t if kind == "reverse_kl" else c
+        self._grad_tiles(student, target, rows, lse_s, lse_t, coef, scale, self._div.KINDS[kind], beta, grads)
 
     def term_grad_pass(self, student, rows, lse_s, term: RowTerm, scale: torch.Tensor, grads: Grads) -> None:
         """Gradient of few-column terms: renormalized top-K on its K columns (`kernels.sparse`), otherwise
@@ -584,7 +586,9 @@ class TritonBackend(PassBackend):
         rows = rows.contiguous()
         bias, upcast, head = _masks((student, target))
         ex = (dummy, dummy, 0) if explicit is None else (explicit[0].contiguous(), f32(explicit[1]), explicit[0].shape[1])
-        common = (rows, n, *self._lse_args(lse_s, lse_t), f32(coef), scale, *ex)
+        # The row constant as an fp32 (hi, lo) pair, like the log-sum-exps: reverse KL's K needs both parts.
+        coef_hi, coef_lo = (t.contiguous() for t in split_lse(coef.double(), torch.float32))
+        common = (rows, n, *self._lse_args(lse_s, lse_t), coef_hi, coef_lo, scale, *ex)
         streams = (*stream_args(student), *stream_args(target), _bound(student), vv, 1.0 / student.temperature,
                    *self._js_args(beta))
         flags = dict(KIND=kind, EXPLICIT=explicit is not None, BIAS_MASK=bias, UPCAST_MASK=upcast, HEAD_MASK=head)

@@ -15,11 +15,13 @@ over V/BLOCK_V ~ 1000 tiles would add its rounding to that of the tile sums.
 
 `kl_online_kernel` — grid: one program per `BLOCK_N` rows, looping over the vocabulary: full-vocabulary
 reverse / forward KL rows whose log-sum-exps are not known yet (full OPD: no stats pass). Both
-streams' running max / sum and the KL's weighted log-ratio sum, rebased as the maxima grow, in one
+streams' running max / sum and the KL's weighted mean logit difference K = E_a[a − b] (float64), in one
 sweep (its docstring); the gradient sweep follows, 6 projections per fused-linear row instead of 8.
 
 `grad_tile` — the gradient tile `G = scale_n · ∂D_n/∂z` (scale = upstream · weight / τ):
-    reverse KL  p(lp − lq − c)      JS  p(β(lp − log m) − c)      forward KL  p − q
+    reverse KL  p(lp − lq − c), formed as p(D − K): D = zs − zt exact, K = c + lse_s − lse_t (coef pair)
+    JS          p(β(lp − log m) − c)
+    forward KL  p − q
     KIND DENSE (dense part of sampled / tail-bucket top-K rows, `row_terms.py`): p · dense_n, 0 where
     p = 0 (a dense coefficient that overflows fp32 would make 0·inf = NaN there, as `row_math.h`
     guards too); with EXPLICIT the row's k explicit columns are set to their whole gradient
@@ -57,8 +59,8 @@ import triton
 import triton.language as tl
 
 from ..codes import Divergence
-from .tiles import (dot_operand, load_lse, load_operand, log_prob, logaddexp, logit_tile, round_to, row_block,
-                    rows_at, store_lse)
+from .tiles import (dot_operand, exact_difference, load_lse, load_operand, log_prob, logaddexp, logit_tile, round_to,
+                    row_block, rows_at, store_lse)
 
 # KIND codes, compared as constexprs inside the kernels: the divergences of `codes.Divergence`, then
 # DENSE (the dense part of a sampled / tail-bucket row term), which is no divergence of the API.
@@ -94,7 +96,7 @@ def logit_pair(rows, row_mask, cols, xs, sxs0, sxs1, ws, sws0, sws1, bs, hs, as_
 
 
 @triton.jit
-def kl_online_kernel(rows_ptr, n_rows, max_s_ptr, logsum_s_ptr, max_t_ptr, logsum_t_ptr, ratio_ptr,
+def kl_online_kernel(rows_ptr, n_rows, max_s_ptr, logsum_s_ptr, max_t_ptr, logsum_t_ptr, mean_ptr,
                      xs, sxs0, sxs1, ws, sws0, sws1, bs, hs, as_, cs,
                      xt, sxt0, sxt1, wt, swt0, swt1, bt, ht, at, ct,
                      vocab, valid_vocab, inv_temp,
@@ -104,22 +106,23 @@ def kl_online_kernel(rows_ptr, n_rows, max_s_ptr, logsum_s_ptr, max_t_ptr, logsu
     """Reverse or forward KL of full rows together with both log-sum-exps, in one sweep (no stats pass).
 
     With a the weighting stream (the student for REVERSE_KL, the target for FORWARD_KL), running maxima
-    M_a, M_b and sums S_a = Σ e^{a−M_a}, S_b = Σ e^{b−M_b}:
+    M_a, M_b, sums S_a = Σ e^{a−M_a}, S_b = Σ e^{b−M_b} and D_v = a_v − b_v:
 
-        KL = W/S_a − log S_a + log S_b,    W = Σ_v e^{a_v−M_a}·((a_v − M_a) − (b_v − M_b)),
+        KL = K − (M_a + log S_a) + (M_b + log S_b),    K = E_a[D] = W / S_w,    W = Σ_v e^{a_v−M_a} D_v,
 
-    and when the maxima grow to M_a', M_b', W becomes e^{M_a−M_a'}·(W + ((M_a − M_a') − (M_b − M_b'))·S_a)
-    (the C++ `KlState` of csrc/row_math.h). Every difference is to a running maximum, so W keeps fp32
-    precision at logits of 1e4; it is summed across tiles with `compensated_add`. Stores each stream's
-    (max, log-sum) exactly as `stats_kernel` does (`store_lse`) and W/S_a; the backend adds the logs in
-    float64. A column without a-mass adds nothing; one where only a has mass makes W (and KL) +inf."""
+    S_w the same weights' sum; W and S_w are float64 and rescale by e^{M_a−M_a'} when the maximum grows
+    (the C++ `KlState` of csrc/row_math.h). D_v is exact (`exact_difference`) and each tile's terms are
+    summed around D at the tile's a-maximum, so K keeps the precision the reverse-KL gradient p(D_v − K)
+    needs where log-ratios are ~100. Stores each stream's (max, log-sum) exactly as `stats_kernel` does
+    (`store_lse`) and K (float64); the backend adds the rest in float64. A column without a-mass adds
+    nothing; one where only a has mass makes W (and KL) +inf."""
     offs, row_mask, rows = row_block(rows_ptr, n_rows, BLOCK_N)
     m_a = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     m_b = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     s_a = tl.zeros((BLOCK_N,), tl.float32)
     s_b = tl.zeros((BLOCK_N,), tl.float32)
-    w = tl.zeros((BLOCK_N,), tl.float32)
-    w_err = tl.zeros((BLOCK_N,), tl.float32)
+    w = tl.zeros((BLOCK_N,), tl.float64)
+    sw = tl.zeros((BLOCK_N,), tl.float64)
     for v0 in range(0, valid_vocab, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         zs, zt = logit_pair(rows, row_mask, cols, xs, sxs0, sxs1, ws, sws0, sws1, bs, hs, as_, cs,
@@ -133,16 +136,19 @@ def kl_online_kernel(rows_ptr, n_rows, max_s_ptr, logsum_s_ptr, max_t_ptr, logsu
         mb_new = tl.maximum(m_b, tl.max(zb, 1))
         shift_a = tl.where(ma_new == float("-inf"), 0.0, ma_new)
         shift_b = tl.where(mb_new == float("-inf"), 0.0, mb_new)
-        # W so far, rebased to the new maxima (0 while a has no mass: its log-ratios are undefined).
+        # (W, S_w) so far, rescaled to the new maximum (0 while a has no mass).
         rescale = tl.exp(m_a - shift_a)
-        moved = tl.where(m_a == float("-inf"), 0.0, rescale * ((m_a - shift_a) - (m_b - shift_b)) * s_a)
-        w = tl.where(m_a == float("-inf"), 0.0, w * rescale)
-        w_err = tl.where(m_a == float("-inf"), 0.0, w_err * rescale)
-        w, w_err = compensated_add(w, w_err, moved)
+        rescale64 = tl.where(m_a == float("-inf"), 0.0, rescale).to(tl.float64)
         ea = tl.exp(za - shift_a[:, None])
-        part = tl.sum(tl.where(ea > 0, ea * ((za - shift_a[:, None]) - (zb - shift_b[:, None])), 0.0), 1)
-        w, w_err = compensated_add(w, w_err, part)
-        s_a = s_a * rescale + tl.sum(ea, 1)
+        d_hi, d_lo = exact_difference(za, zb)
+        ref = tl.max(tl.where(za == tl.max(za, 1)[:, None], d_hi, float("-inf")), 1)  # D at the tile's a-maximum
+        ref = tl.where(tl.abs(ref) < float("inf"), ref, 0.0)  # (NaN too): an infinite D makes W inf below
+        has = ea > 0
+        rel = tl.sum(tl.where(has, ea * (d_hi - ref[:, None]), 0.0), 1) + tl.sum(tl.where(has, ea * d_lo, 0.0), 1)
+        tile_s = tl.sum(ea, 1)
+        w = w * rescale64 + rel.to(tl.float64) + ref.to(tl.float64) * tile_s.to(tl.float64)
+        sw = sw * rescale64 + tile_s.to(tl.float64)
+        s_a = s_a * rescale + tile_s
         s_b = s_b * tl.exp(m_b - shift_b) + tl.sum(tl.exp(zb - shift_b[:, None]), 1)
         m_a, m_b = ma_new, mb_new
     if KIND == REVERSE_KL:
@@ -151,7 +157,7 @@ def kl_online_kernel(rows_ptr, n_rows, max_s_ptr, logsum_s_ptr, max_t_ptr, logsu
     else:
         store_lse(max_s_ptr, logsum_s_ptr, offs, row_mask, m_b, s_b)
         store_lse(max_t_ptr, logsum_t_ptr, offs, row_mask, m_a, s_a)
-    tl.store(ratio_ptr + offs, (w + w_err) / s_a, mask=row_mask)
+    tl.store(mean_ptr + offs, w / sw, mask=row_mask)
 
 
 @triton.jit
@@ -199,14 +205,15 @@ def full_value_kernel(rows_ptr, n_rows, lse_s_hi, lse_s_lo, lse_t_hi, lse_t_lo, 
 
 
 @triton.jit
-def grad_tile(offs, row_mask, rows, cols, hi_s, lo_s, hi_t, lo_t, coef, scale, ex_cols_ptr, ex_vals_ptr, k_explicit,
+def grad_tile(offs, row_mask, rows, cols, hi_s, lo_s, hi_t, lo_t, coef, coef_lo, scale, ex_cols_ptr, ex_vals_ptr, k_explicit,
               xs, sxs0, sxs1, ws, sws0, sws1, bs, hs, as_, cs,
               xt, sxt0, sxt1, wt, swt0, swt1, bt, ht, at, ct,
               vocab, valid_vocab, inv_temp, beta, log_beta, log_1m_beta,
               KIND: tl.constexpr, EXPLICIT: tl.constexpr, LINEAR: tl.constexpr, BIAS_MASK: tl.constexpr,
               UPCAST_MASK: tl.constexpr, HEAD_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
-    """fp32 gradient tile [BLOCK_N, BLOCK_V] with respect to the student's raw logits (module docstring)."""
+    """fp32 gradient tile [BLOCK_N, BLOCK_V] with respect to the student's raw logits (module docstring).
+    `coef` + `coef_lo`: the row constant as an fp32 pair (only reverse KL reads coef_lo)."""
     zs, jac = logit_tile(xs, sxs0, sxs1, ws, sws0, sws1, bs, hs, as_, cs, rows, row_mask, cols, vocab, valid_vocab,
                          inv_temp, LINEAR, BIAS_MASK & 1, UPCAST_MASK & 1, HEAD_MASK & 3, DOT_PRECISION,
                          BLOCK_N, BLOCK_V, BLOCK_H)
@@ -226,11 +233,13 @@ def grad_tile(offs, row_mask, rows, cols, hi_s, lo_s, hi_t, lo_t, coef, scale, e
         lq = log_prob(zt, hi_t, lo_t)
         if KIND == FORWARD_KL:
             g = p - tl.exp(lq)
+        elif KIND == REVERSE_KL:
+            # lp − lq − c = D_v − K (K = c + lse_s − lse_t, the backend's coef pair): D_v exact, so where the
+            # residual cancels to O(1) from log-ratios of ~100 it is rounded once, at its own size.
+            d_hi, d_lo = exact_difference(zs, zt)
+            g = tl.where(p > 0, p * ((d_hi - coef[:, None]) + (d_lo - coef_lo[:, None])), 0.0)
         else:
-            if KIND == REVERSE_KL:
-                r = lp - lq
-            else:
-                r = beta * (lp - logaddexp(lp + log_beta, lq + log_1m_beta))
+            r = beta * (lp - logaddexp(lp + log_beta, lq + log_1m_beta))
             g = tl.where(p > 0, p * (r - coef[:, None]), 0.0)
     g = g * scale[:, None]
     if HEAD_MASK & 3:
@@ -239,7 +248,7 @@ def grad_tile(offs, row_mask, rows, cols, hi_s, lo_s, hi_t, lo_t, coef, scale, e
 
 
 @triton.jit
-def grad_kernel(rows_ptr, n_rows, lse_s_hi, lse_s_lo, lse_t_hi, lse_t_lo, coef_ptr, scale_ptr, ex_cols_ptr,
+def grad_kernel(rows_ptr, n_rows, lse_s_hi, lse_s_lo, lse_t_hi, lse_t_lo, coef_ptr, coef_lo_ptr, scale_ptr, ex_cols_ptr,
                 ex_vals_ptr, k_explicit, g_ptr, sg0, sg1, dh_ptr, sdh0, dw_ptr, sdw0, db_ptr,
                 xs, sxs0, sxs1, ws, sws0, sws1, bs, hs, as_, cs,
                 xt, sxt0, sxt1, wt, swt0, swt1, bt, ht, at, ct,
@@ -251,7 +260,7 @@ def grad_kernel(rows_ptr, n_rows, lse_s_hi, lse_s_lo, lse_t_hi, lse_t_lo, coef_p
     offs, row_mask, rows = row_block(rows_ptr, n_rows, BLOCK_N)
     hi_s, lo_s = load_lse(lse_s_hi, lse_s_lo, offs, row_mask)
     hi_t, lo_t = load_lse(lse_t_hi, lse_t_lo, offs, row_mask)
-    coef = tl.load(coef_ptr + offs, mask=row_mask, other=0.0)
+    coef, coef_lo = load_lse(coef_ptr, coef_lo_ptr, offs, row_mask)
     scale = tl.load(scale_ptr + offs, mask=row_mask, other=0.0)  # 0 on rows outside the block
     split = tl.program_id(1)
     # dH rows this program owns: the rows themselves, or its split's slice of the scratch.
@@ -264,7 +273,7 @@ def grad_kernel(rows_ptr, n_rows, lse_s_hi, lse_s_lo, lse_t_hi, lse_t_lo, coef_p
     for v0 in range(start, stop, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_in = cols < vocab
-        g = grad_tile(offs, row_mask, rows, cols, hi_s, lo_s, hi_t, lo_t, coef, scale, ex_cols_ptr, ex_vals_ptr,
+        g = grad_tile(offs, row_mask, rows, cols, hi_s, lo_s, hi_t, lo_t, coef, coef_lo, scale, ex_cols_ptr, ex_vals_ptr,
                       k_explicit, xs, sxs0, sxs1, ws, sws0, sws1, bs, hs, as_, cs,
                       xt, sxt0, sxt1, wt, swt0, swt1, bt, ht, at, ct,
                       vocab, valid_vocab, inv_temp, beta, log_beta, log_1m_beta,
@@ -300,7 +309,7 @@ def grad_kernel(rows_ptr, n_rows, lse_s_hi, lse_s_lo, lse_t_hi, lse_t_lo, coef_p
 
 
 @triton.jit
-def grad_dw_kernel(rows_ptr, n_rows, lse_s_hi, lse_s_lo, lse_t_hi, lse_t_lo, coef_ptr, scale_ptr, ex_cols_ptr,
+def grad_dw_kernel(rows_ptr, n_rows, lse_s_hi, lse_s_lo, lse_t_hi, lse_t_lo, coef_ptr, coef_lo_ptr, scale_ptr, ex_cols_ptr,
                    ex_vals_ptr, k_explicit, dw_ptr, sdw0, db_ptr,
                    xs, sxs0, sxs1, ws, sws0, sws1, bs, hs, as_, cs,
                    xt, sxt0, sxt1, wt, swt0, swt1, bt, ht, at, ct,
@@ -315,9 +324,9 @@ def grad_dw_kernel(rows_ptr, n_rows, lse_s_hi, lse_s_lo, lse_t_hi, lse_t_lo, coe
         offs, row_mask, rows = rows_at(rows_ptr, n_rows, r0, BLOCK_N)
         hi_s, lo_s = load_lse(lse_s_hi, lse_s_lo, offs, row_mask)
         hi_t, lo_t = load_lse(lse_t_hi, lse_t_lo, offs, row_mask)
-        coef = tl.load(coef_ptr + offs, mask=row_mask, other=0.0)
+        coef, coef_lo = load_lse(coef_ptr, coef_lo_ptr, offs, row_mask)
         scale = tl.load(scale_ptr + offs, mask=row_mask, other=0.0)
-        g = grad_tile(offs, row_mask, rows, cols, hi_s, lo_s, hi_t, lo_t, coef, scale, ex_cols_ptr, ex_vals_ptr,
+        g = grad_tile(offs, row_mask, rows, cols, hi_s, lo_s, hi_t, lo_t, coef, coef_lo, scale, ex_cols_ptr, ex_vals_ptr,
                       k_explicit, xs, sxs0, sxs1, ws, sws0, sws1, bs, hs, as_, cs,
                       xt, sxt0, sxt1, wt, swt0, swt1, bt, ht, at, ct,
                       vocab, valid_vocab, inv_temp, beta, log_beta, log_1m_beta,
