@@ -870,7 +870,8 @@ SkipCount grad_impl(const Stream& s, const Stream* t, const Tensor& rows, const 
     const Tensor hs = hidden_rows(s, rr);
     const Tensor ht = FULL ? hidden_rows(*t, rr) : Tensor();
     Tensor dh_rows = want_dh ? at::zeros({r, s.x.size(1)}, rows.options().dtype(s.acc())) : Tensor();
-    for (int64_t i = 0; i < r; ++i) skipper.start_row(i, pre ? pre->spent[i] : 0.0);
+    // The tiles' bounds are of the unscaled τ·∂D/∂z; the skipper's masses carry the row's scale.
+    for (int64_t i = 0; i < r; ++i) skipper.start_row(i, pre ? pre->spent[i] * std::abs(double(sc[r0 + i])) : 0.0);
     for (int64_t c0 = 0; c0 < vv; c0 += plan.block) {
       const int64_t len = std::min(plan.block, vv - c0);
       ids.clear();

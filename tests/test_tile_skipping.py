@@ -287,3 +287,22 @@ def test_cpp_tiles_skipped_whole(kind, dtype):
     # chunk's 32 or 16 rows, so ~30% go unformed here (a small share of a chunk of 1024 rows)
     assert on.unformed > 0.2 * on.entries, f"{on.unformed / on.entries:.2f} of the entries skipped whole"
     assert dense - fewer == 4 * H * (on.skipped + on.unformed)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+@pytest.mark.parametrize("kind", ["reverse_kl", "js"])
+def test_cpp_skip_decisions_do_not_depend_on_the_gradient_scale(kind, temperature):
+    """The rule compares each row's skipped mass with δ of its own mass, so a row's scale (weight / τ:
+    reduction, normalizer, temperature) must not change what is skipped: the whole-tile bounds (of the
+    unscaled gradient) and the block rule's masses (scaled) must share one unit. Eager "sum" and "mean"
+    over 64 tokens at τ = 1/2 and 2 scale the rows by powers of two, which keep every comparison exact,
+    so the counts must agree exactly."""
+    n = 64
+    t, y = peaked_streams(n, H, V), random_tokens(n, V, mask_frac=0.0)
+    counts = []
+    for reduction in ("sum", "mean"):
+        backend = cpp_backend(32, 256)(True)
+        _grads(t, y, backend, divergence=kind, granularity="full", reduction=reduction, temperature=temperature)
+        counts.append((backend.skip_counter.skipped, backend.skip_counter.unformed))
+    assert counts[0][0] > 0, "nothing skipped"
+    assert counts[0] == counts[1], f"(skipped, unformed) of sum and mean: {counts}"
