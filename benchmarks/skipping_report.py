@@ -2,9 +2,9 @@
 realistic inputs, and what it costs in accuracy: the skipped fraction and the max gradient error
 against the float64 reference, with and without skipping (full-vocabulary fused-linear OPD, `torch`
 and `cpp` backends at their default tiles, one forward+backward per case). Counts and errors, no timings;
-for `cpp` also the share of entries skipped whole (neither recomputed nor contracted: wide full-vocabulary
-rows) and the matmul FLOPs its extension counts (forward projections, recomputations, contractions)
-over the dense floor (4 projections per row: two forward projections, dH and dW), with and without skipping.
+also the share of entries skipped whole (neither recomputed nor contracted: wide full-vocabulary rows) and
+the matmul FLOPs counted (torch's FlopCounterMode; `cpp`: its extension's counter) over the dense floor
+(4 projections per row: two forward projections, dH and dW), with and without skipping.
 
     python -m benchmarks.skipping_report [--n 256] [--h 512] [--v 32000,151936] [--kinds js,reverse_kl]
                                          [--inputs bench,peaked] [--backends torch,cpp]
@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Callable
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from dopd_kernels import TorchBackend, fused_linear_opd_loss, opd_loss
 from dopd_kernels.skipping import RowBudget, SkipCounter, tolerance
@@ -107,24 +109,32 @@ BACKENDS = {"torch": lambda skip: TorchBackend(skip_negligible=skip), "cpp": _cp
 PREFIX = {"torch": "", "cpp": "cpp_"}  # the torch contender's keys keep their names in results/cpu/skipping.json
 
 
+def matmul_flops(backend, run: Callable[[], object]) -> tuple:
+    """(what `run()` returns, the matmul FLOPs it performed): torch's FlopCounterMode for the torch backend,
+    the extension's own counter for `cpp` (its GEMMs run inside the extension, unseen by torch)."""
+    if isinstance(backend, TorchBackend):
+        with FlopCounterMode(display=False) as counter:
+            out = run()
+        return out, counter.get_total_flops()
+    backend.reset_matmul_flops()
+    out = run()
+    return out, backend.matmul_flops()
+
+
 def contend(row: dict, name: str, t: dict, ref: tuple, kind: str) -> None:
-    """Errors of backend `name` with skipping off and on into `row`, its skipped fraction and (cpp) its counted
-    matmul FLOPs over the dense floor (`flops_dense_floor` = 4 projections of 2·n·V·H FLOPs)."""
+    """Errors of backend `name` with skipping off and on into `row`, its skipped fraction, the share of entries
+    skipped whole (neither recomputed nor contracted: wide full-vocabulary rows) and its counted matmul FLOPs
+    over the dense floor (4 projections of 2·n·V·H FLOPs)."""
     p = PREFIX[name]
     for skip in (False, True):
         backend = BACKENDS[name](skip)
-        if name == "cpp":
-            backend.reset_matmul_flops()
-        got = _grads(t, backend, kind)
+        got, flops = matmul_flops(backend, lambda: _grads(t, backend, kind))
         for grad, a, r in zip(("dH", "dW"), got, ref):
             row[f"{p}{grad}_err_{'skip' if skip else 'dense'}"] = float((a.double() - r).abs().max() / r.abs().max())
         if skip:
             row[f"{p}skipped"] = backend.skip_counter.fraction
-            if name == "cpp":  # entries skipped whole: neither recomputed nor contracted (wide full-vocabulary rows)
-                row["cpp_unformed"] = backend.skip_counter.unformed / max(backend.skip_counter.entries, 1)
-        if name == "cpp":
-            floor = 4 * 2 * row["n"] * row["v"] * row["h"]
-            row[f"cpp_flops_{'skip' if skip else 'dense'}_over_floor"] = backend.matmul_flops() / floor
+            row[f"{p}unformed"] = backend.skip_counter.unformed / max(backend.skip_counter.entries, 1)
+        row[f"{p}flops_{'skip' if skip else 'dense'}_over_floor"] = flops / (4 * 2 * row["n"] * row["v"] * row["h"])
 
 
 def main() -> None:
@@ -154,10 +164,11 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     if "torch" in backends:
-        print("\n| inputs | divergence | V | skipped (row by row) | 16-row groups | 64-row groups | max dH err dense → skip | max dW err dense → skip |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("\n| inputs | divergence | V | skipped (row by row) | skipped whole | 16-row groups | 64-row groups | counted FLOPs / dense floor, dense → skip | max dH err dense → skip | max dW err dense → skip |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['inputs']} | {r['kind']} | {r['v']} | {r['skipped']:.1%} | {r['rows16']:.1%} | {r['rows64']:.1%} | "
+            print(f"| {r['inputs']} | {r['kind']} | {r['v']} | {r['skipped']:.1%} | {r['unformed']:.1%} | {r['rows16']:.1%} | "
+                  f"{r['rows64']:.1%} | {r['flops_dense_over_floor']:.2f} → {r['flops_skip_over_floor']:.2f} | "
                   f"{r['dH_err_dense']:.2e} → {r['dH_err_skip']:.2e} | {r['dW_err_dense']:.2e} → {r['dW_err_skip']:.2e} |")
     if "cpp" in backends:
         print("\n| inputs | divergence | V | cpp skipped | skipped whole | counted FLOPs / dense floor, dense → skip | max dH err dense → skip | max dW err dense → skip |")

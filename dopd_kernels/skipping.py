@@ -51,12 +51,14 @@ contracts each column block for the rows that keep it (`gradients.add_tile`). De
 rows skips far less (`benchmarks/skipping_report.py`: 31–57% of the blocks against 90–92% row by row on
 its peaked inputs, none against 2–3% on the benchmark suite's).
 
-The `cpp` backend also skips whole tiles of wide full-vocabulary rows before forming them: the sweep before
-the gradient sweep (reverse / forward KL: the online sweep of the log-sum-exps and KL; JS and rows with given
-log-sum-exps: the value sweep) keeps a few numbers per tile that bound the tile's ‖g_T‖₁ from above and the
-row's ‖g‖₁ from below (csrc/kernels_cpu.cpp, TileSkips); a row skips its tiles of smallest bound within
-δ·(that lower bound), and its block rule above starts with that spent, so the guarantee is the same while
-the skipped tiles cost neither recomputation nor contraction (`SkipCounter.unformed`).
+Wide full-vocabulary rows also skip whole tiles before forming them: the sweep before the gradient sweep
+keeps a few numbers per tile that bound the tile's ‖g_T‖₁ from above and the row's ‖g‖₁ from below
+(csrc/kernels_cpu.cpp, TileSkips, has the bounds); a row skips its tiles of smallest bound within δ·(that
+lower bound) (`plan_tile_skips`), and its block rule above starts with that spent (`RowBudget(spent=…)`), so
+the guarantee is the same while the skipped tiles cost neither recomputation nor contraction
+(`SkipCounter.unformed`). The rows that keep a tile are gathered and projected alone, padded to a multiple
+of `GATHER_ROWS`. `cpp`: reverse / forward KL (bounds from the online sweep of the log-sum-exps and KL), JS
+and rows with given log-sum-exps (from the value sweep); `torch`: reverse / forward KL.
 
 Logits mode has no contraction to save (the gradient tile is the output): the rule is not applied.
 """
@@ -64,12 +66,16 @@ Logits mode has no contraction to save (the gradient tile is the output): the ru
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 # δ per storage dtype of the student's hidden states and weight (see the module docstring).
 TOLERANCE = {torch.float32: 2.0 ** -20, torch.bfloat16: 2.0 ** -12, torch.float16: 2.0 ** -15}
 SKIP_COLUMNS = 256  # width of a skippable column block
+# Rows a gathered logit tile is padded to a multiple of (with rows that skip it): BLAS takes other kernels for
+# GEMMs of a few rows, or of row counts off multiples of 4, which round differently from the dense tile's.
+GATHER_ROWS = 16
 
 
 def tolerance(dtype: torch.dtype) -> float:
@@ -100,18 +106,46 @@ class SkipCounter:
         self.entries += keep.shape[0] * width
         self.skipped += int(((~keep).long() * widths).sum())
 
+    def add_whole(self, rows: int, unformed: int, width: int) -> None:
+        """Count `rows` rows that skip a tile of `width` columns whole, `unformed` of them not projected."""
+        self.entries += rows * width
+        self.skipped += rows * width
+        self.unformed += unformed * width
+
+
+def plan_tile_skips(bound: torch.Tensor, lower: torch.Tensor, delta: float) -> tuple:
+    """Whole tiles to skip: each row skips its tiles of smallest upper bound `bound` [n, tiles] (of ‖g_T‖₁,
+    NaN last, ties to the lower tile) while their running sum stays ≤ δ·`lower` [n] (≤ ‖g‖₁); none where
+    `lower` is not finite. Returns keep [n, tiles] bool and the bound mass spent [n] (float64)."""
+    bound = bound.double().nan_to_num(nan=float("inf"))
+    ordered, order = bound.sort(dim=1, stable=True)
+    running = ordered.cumsum(1)
+    limit = torch.where(torch.isfinite(lower), delta * lower.double(), torch.full_like(running[:, 0], -1.0))
+    fits = running <= limit[:, None]  # a prefix: the bounds are >= 0
+    spent = torch.where(fits, ordered, torch.zeros_like(ordered)).sum(1)
+    return ~torch.zeros_like(fits).scatter_(1, order, fits), spent
+
 
 class RowBudget:
     """The skip budget of `n` rows over one sweep of a `vocab`-column vocabulary (module docstring)."""
 
-    def __init__(self, n: int, vocab: int, delta: float, device: torch.device, rows: int = 1):
+    def __init__(self, n: int, vocab: int, delta: float, device: torch.device, rows: int = 1,
+                 spent: Optional[torch.Tensor] = None):
+        """`spent` [n]: mass each row has already skipped, in the units of its gradient tiles (whole tiles
+        skipped before the sweep, `plan_tile_skips`, times the row's scale)."""
         f64 = torch.float64
         self.delta, self.vocab, self.rows, self.seen = delta, vocab, rows, 0
-        self.abs_sum, self.sum, self.spent = (torch.zeros(n, dtype=f64, device=device) for _ in range(3))
+        self.abs_sum, self.sum = (torch.zeros(n, dtype=f64, device=device) for _ in range(2))
+        self.spent = torch.zeros(n, dtype=f64, device=device) if spent is None else spent.double().clone()
 
-    def keep(self, g: torch.Tensor) -> torch.Tensor:
+    def keep(self, g: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Blocks of the gradient tile `g` [n, width] (the next columns of the sweep) to contract:
-        [n, ceil(width / SKIP_COLUMNS)] bool, the same for all rows of a group of `self.rows`."""
+        [n, ceil(width / SKIP_COLUMNS)] bool, the same for all rows of a group of `self.rows`. With `rows`
+        (indices of the budget's rows, decided row by row only), `g` holds just those rows: the others
+        skip the tile whole (bounded before the sweep and spent from the start)."""
+        if rows is not None and self.rows != 1:
+            raise ValueError("RowBudget.keep: a subset of rows is decided row by row only (rows=1)")
+        sel = slice(None) if rows is None else rows
         n, width = g.shape
         whole = width // SKIP_COLUMNS * SKIP_COLUMNS  # columns in whole blocks; a partial block may follow
         size = g.abs()
@@ -120,11 +154,11 @@ class RowBudget:
             mass.append(size[:, whole:].sum(1, keepdim=True, dtype=torch.float64))
         mass = torch.cat(mass, 1)  # m_ib [n, nb]
         nb = mass.shape[1]
-        self.abs_sum += mass.sum(1)
-        self.sum += g.sum(1, dtype=torch.float64)
+        self.abs_sum[sel] += mass.sum(1)
+        self.sum[sel] += g.sum(1, dtype=torch.float64)
         self.seen += width
-        lower = self.abs_sum + self.sum.abs()  # L ≤ ‖g‖₁
-        allowance = self.delta * lower * min(1.0, self.seen / self.vocab) - self.spent
+        lower = self.abs_sum[sel] + self.sum[sel].abs()  # L ≤ ‖g‖₁
+        allowance = self.delta * lower * min(1.0, self.seen / self.vocab) - self.spent[sel]
         allowance = torch.where(torch.isfinite(lower), allowance, torch.zeros_like(allowance)).clamp_min(0.0)
         # Groups of `rows` rows (the last one padded with rows of no mass and an unlimited allowance).
         groups = -(-n // self.rows)
@@ -137,5 +171,9 @@ class RowBudget:
         fits = (running <= a).all(1)  # a prefix of each group's order: running sums only grow
         skip = torch.zeros_like(fits).scatter_(1, order, fits)
         skip = skip[:, None, :].expand(groups, self.rows, nb).reshape(groups * self.rows, nb)[:n]
-        self.spent += torch.where(skip, mass, torch.zeros_like(mass)).sum(1)
+        self.spent[sel] += torch.where(skip, mass, torch.zeros_like(mass)).sum(1)
         return ~skip
+
+    def pass_over(self, width: int) -> None:
+        """Every row skips the sweep's next `width` columns whole (bounded before the sweep)."""
+        self.seen += width

@@ -20,7 +20,6 @@ from typing import Callable, Optional
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import assert_close, leaf, linear_streams, random_tokens
 from dopd_kernels import DOPDConfig, TorchBackend, dopd_loss, fused_linear_dopd_loss, fused_linear_opd_loss, opd_loss
@@ -30,7 +29,7 @@ from test_backend_conformance import Target, compare_fused_linear_opd
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `benchmarks` is a package at the repository root
     sys.path.insert(0, str(ROOT))
-from benchmarks.skipping_report import peaked_streams  # noqa: E402  (the report's realistic inputs)
+from benchmarks.skipping_report import matmul_flops, peaked_streams  # noqa: E402  (the report's inputs and counter)
 
 N, H, V = 48, 256, 4096  # 16 skippable blocks per row
 DIVS = ["reverse_kl", "forward_kl", "js"]
@@ -206,20 +205,23 @@ def test_bf16(family):
     assert fraction > 0.4, f"skipped {fraction:.2f} of the contractions"
 
 
-def test_skipped_contractions_are_not_computed():
-    """Counted FLOPs: each skipped gradient entry saves its dH and dW products (2·H FLOPs each)."""
+@pytest.mark.parametrize("kind", ["reverse_kl", "js"])
+def test_skipped_contractions_are_not_computed(kind):
+    """Counted FLOPs: each skipped gradient entry saves its dH and dW products (2·H FLOPs each), and each
+    entry skipped whole (wide reverse KL rows: `unformed`) its two recomputed projections as well. (With 4
+    tiles of 1024 columns, no tile is negligible for 16 of a chunk's 32 rows here: the entries are skipped
+    block by block, or whole inside a tile that others keep; `test_tiles_skipped_whole` has the unformed.)"""
     t, y = peaked_streams(N, H, V), random_tokens(N, V)
     flops = {}
     for skip in (False, True):
         backend = TorchBackend(row_chunk=32, vocab_chunk=1024, skip_negligible=skip)
         h, w = leaf(t["student_hidden"]), leaf(t["student_weight"])
-        with FlopCounterMode(display=False) as counter:
-            fused_linear_opd_loss(h, w, t["teacher_hidden"], t["teacher_weight"], y, divergence="reverse_kl",
-                                  granularity="full", backend=backend).loss.backward()
-        flops[skip] = (counter.get_total_flops(), backend.skip_counter)
+        flops[skip] = (matmul_flops(backend, lambda: fused_linear_opd_loss(
+            h, w, t["teacher_hidden"], t["teacher_weight"], y, divergence=kind, granularity="full",
+            backend=backend).loss.backward())[1], backend.skip_counter)
     (dense, off), (fewer, on) = flops[False], flops[True]
-    assert off.entries == 0 and on.skipped > 0
-    assert dense - fewer == 4 * H * on.skipped
+    assert off.entries == 0 and on.skipped > 0 and (kind == "reverse_kl" or on.unformed == 0)
+    assert dense - fewer == 4 * H * (on.skipped + on.unformed)
 
 
 @family
@@ -266,21 +268,21 @@ def test_cpp_float64_never_skips():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("kind", DIVS)
-def test_cpp_tiles_skipped_whole(kind, dtype):
+@pytest.mark.parametrize("family,kind", [("cpp", kind) for kind in DIVS]
+                         + [("torch", kind) for kind in ("reverse_kl", "forward_kl")])
+def test_tiles_skipped_whole(family, kind, dtype):
     """Wide full-vocabulary rows (16 tiles of 256 columns, two row chunks): the tiles that the online
-    sweep's (KL) or the value sweep's (JS) statistics bound as negligible are neither recomputed nor
-    contracted (csrc TileSkips), within `check_skipping`'s bound; each such entry saves its two recomputed
-    projections besides its dH and dW products (8·H FLOPs), each entry skipped after forming its tile (or
-    projected only to pad a gathered tile) the contractions (4·H), counted."""
+    sweep's (KL) or the value sweep's (JS, `cpp` only) statistics bound as negligible are neither recomputed
+    nor contracted (csrc TileSkips, torch `_kl_sweep`), within `check_skipping`'s bound; each such entry
+    saves its two recomputed projections besides its dH and dW products (8·H FLOPs), each entry skipped
+    after forming its tile (or projected only to pad a gathered tile) the contractions (4·H), counted."""
     t, y = peaked_streams(N, H, V, dtype=dtype), random_tokens(N, V, mask_frac=0.0)
-    check_skipping(t, y, cpp_backend(32, 256), divergence=kind, granularity="full")
+    check_skipping(t, y, FAMILIES[family](32, 256), divergence=kind, granularity="full")
     flops = {}
     for skip in (False, True):
-        backend = cpp_backend(32, 256)(skip)
-        backend.reset_matmul_flops()
-        _grads(t, y, backend, divergence=kind, granularity="full")
-        flops[skip] = (backend.matmul_flops(), backend.skip_counter)
+        backend = FAMILIES[family](32, 256)(skip)
+        flops[skip] = (matmul_flops(backend, lambda: _grads(t, y, backend, divergence=kind, granularity="full"))[1],
+                       backend.skip_counter)
     (dense, off), (fewer, on) = flops[False], flops[True]
     assert off.entries == 0 and on.entries == N * V
     # ~60% of the entries skip their tile whole; a gathered tile projects at least GATHER_ROWS = 16 of a
@@ -289,9 +291,10 @@ def test_cpp_tiles_skipped_whole(kind, dtype):
     assert dense - fewer == 4 * H * (on.skipped + on.unformed)
 
 
+@family
 @pytest.mark.parametrize("temperature", [0.5, 2.0])
 @pytest.mark.parametrize("kind", ["reverse_kl", "js"])
-def test_cpp_skip_decisions_do_not_depend_on_the_gradient_scale(kind, temperature):
+def test_skip_decisions_do_not_depend_on_the_gradient_scale(kind, temperature, family):
     """The rule compares each row's skipped mass with δ of its own mass, so a row's scale (weight / τ:
     reduction, normalizer, temperature) must not change what is skipped: the whole-tile bounds (of the
     unscaled gradient) and the block rule's masses (scaled) must share one unit. Eager "sum" and "mean"
@@ -301,7 +304,7 @@ def test_cpp_skip_decisions_do_not_depend_on_the_gradient_scale(kind, temperatur
     t, y = peaked_streams(n, H, V), random_tokens(n, V, mask_frac=0.0)
     counts = []
     for reduction in ("sum", "mean"):
-        backend = cpp_backend(32, 256)(True)
+        backend = FAMILIES[family](32, 256)(True)
         _grads(t, y, backend, divergence=kind, granularity="full", reduction=reduction, temperature=temperature)
         counts.append((backend.skip_counter.skipped, backend.skip_counter.unformed))
     assert counts[0][0] > 0, "nothing skipped"

@@ -82,23 +82,67 @@ def _weighted_difference(e: torch.Tensor, za: torch.Tensor, zb: torch.Tensor) ->
     return rel + ref[:, 0].double() * total, total
 
 
-def _merge_kl(state: tuple, za: torch.Tensor, zb: torch.Tensor) -> tuple:
-    """Merge a tile of the weighting stream `za` and of the other stream `zb` [r, c] into the running
-    state (ma, sa, mb, sb, w, sw) [r]: maxima m and sums s = Σ e^{z − m} of each stream, and (float64)
-    w = Σ_v e^{a_v − ma} D_v, D_v = a_v − b_v, with sw the same weights' sum, so that K = E_a[D] = w/sw and
-    KL(a‖b) = K − (ma + log sa) + (mb + log sb) (`csrc/row_math.h` KlState; `_weighted_difference` for the
-    precision of K). When a maximum grows, w and sw rescale by e^{ma − ma'}, taken in float64."""
+def _tile_kl(za: torch.Tensor, zb: torch.Tensor) -> tuple:
+    """A tile's own KL state (`_merge_kl`) of the weighting stream `za` and the other stream `zb` [r, c],
+    relative to the tile's maxima."""
+    ma, mb = za.max(1).values, zb.max(1).values
+    sha = torch.where(ma == NEG_INF, torch.zeros_like(ma), ma)
+    shb = torch.where(mb == NEG_INF, torch.zeros_like(mb), mb)
+    ea = torch.exp(za - sha[:, None])
+    w, sw = _weighted_difference(ea, za, zb)
+    return ma, ea.sum(1), mb, torch.exp(zb - shb[:, None]).sum(1), w, sw
+
+
+def _difference_range(za: torch.Tensor, zb: torch.Tensor) -> tuple:
+    """(min, max) [r] of D_v = a_v − b_v over a tile's columns where a_v > −inf (`_kl_tile_bounds`)."""
+    d, seen = za - zb, za > NEG_INF
+    return (torch.where(seen, d, torch.full_like(d, float("inf"))).amin(1),
+            torch.where(seen, d, torch.full_like(d, NEG_INF)).amax(1))
+
+
+def _merge_kl(state: tuple, tile: tuple) -> tuple:
+    """Merge a tile's KL state (`_tile_kl`) into the running state (ma, sa, mb, sb, w, sw) [r]: maxima m
+    and sums s = Σ e^{z − m} of each stream, and (float64) w = Σ_v e^{a_v − ma} D_v, D_v = a_v − b_v, with
+    sw the same weights' sum, so that K = E_a[D] = w/sw and KL(a‖b) = K − (ma + log sa) + (mb + log sb)
+    (`csrc/row_math.h` KlState; `_weighted_difference` for the precision of K). Each part rescales to
+    the larger maximum, w and sw by e^{m − m'} taken in float64."""
     ma, sa, mb, sb, w, sw = state
-    ma2, mb2 = torch.maximum(ma, za.max(1).values), torch.maximum(mb, zb.max(1).values)
+    ta, tsa, tb, tsb, tw, tsw = tile
+    ma2, mb2 = torch.maximum(ma, ta), torch.maximum(mb, tb)
     sha = torch.where(ma2 == NEG_INF, torch.zeros_like(ma2), ma2)
     shb = torch.where(mb2 == NEG_INF, torch.zeros_like(mb2), mb2)
-    ra = torch.exp(ma - sha)
-    # sw = 0: nothing seen yet (w = 0), and ma − sha may be -inf − 0
-    ra64 = torch.where(sw > 0, torch.exp(ma.double() - sha.double()), torch.zeros_like(w))
-    pa = torch.exp(za - sha[:, None])
-    tile_w, tile_sw = _weighted_difference(pa, za, zb)
-    return (ma2, sa * ra + pa.sum(1), mb2, sb * torch.exp(mb - shb) + torch.exp(zb - shb[:, None]).sum(1),
-            ra64 * w + tile_w, ra64 * sw + tile_sw)
+
+    def rescale64(m, total):  # e^{m − sha} in float64; 0 where nothing was weighted (m − sha may be −inf − 0)
+        return torch.where(total > 0, torch.exp(m.double() - sha.double()), torch.zeros_like(total))
+
+    return (ma2, sa * torch.exp(ma - sha) + tsa * torch.exp(ta - sha), mb2,
+            sb * torch.exp(mb - shb) + tsb * torch.exp(tb - shb),
+            rescale64(ma, sw) * w + rescale64(ta, tsw) * tw, rescale64(ma, sw) * sw + rescale64(ta, tsw) * tsw)
+
+
+def _kl_tile_bounds(tiles: Sequence[tuple], ranges: Sequence[tuple], lse_a: torch.Tensor, lse_b: torch.Tensor,
+                    k: torch.Tensor) -> tuple:
+    """From the online sweep's tile states (`_tile_kl`, one per tile), for reverse KL their ranges of D
+    (`_difference_range`; forward KL: none), and the row's log-sum-exps and K = E_a[D] [r] (float64): upper bounds [r, tiles] of each tile's gradient mass ‖u_T‖₁ (u = τ·∂D/∂z before the scale)
+    and a lower bound [r] of the row's ‖u‖₁ = Σ_T |Σ_{v∈T} u_v| (csrc/kernels_cpu.cpp TileMass derives them),
+    with P_T, Q_T the tile's shares of the student's and teacher's softmax mass:
+        reverse KL (a = student), u = p(D − K):  ‖u_T‖₁ ≤ P_T·max(|Dmax_T − K|, |Dmin_T − K|),  Σ_T u = P_T(D̄_T − K);
+        forward KL (a = teacher), u = p − q:     ‖u_T‖₁ ≤ P_T + Q_T,                           Σ_T u = P_T − Q_T."""
+    ta, tsa, tb, tsb, tw, tsw = (torch.stack(x, 1) for x in zip(*tiles))
+
+    def share(m, total, lse):  # a tile's share of a stream's softmax mass
+        return torch.where(m == NEG_INF, torch.zeros_like(total, dtype=torch.float64),
+                           torch.exp(m.double() + total.double().log() - lse[:, None]))
+
+    pa = share(ta, tsa, lse_a)
+    if not ranges:
+        pb = share(tb, tsb, lse_b)
+        return pa + pb, (pb - pa).abs().sum(1)
+    dmin, dmax = (torch.stack(x, 1) for x in zip(*ranges))
+    kk, has = k[:, None], pa > 0
+    spread = torch.maximum((dmax.double() - kk).abs(), (dmin.double() - kk).abs())
+    zero = torch.zeros_like(pa)
+    return torch.where(has, pa * spread, zero), torch.where(has, pa * (tw / tsw - kk).abs(), zero).sum(1)
 
 
 def _reverse_kl_residual(zs: torch.Tensor, zt: torch.Tensor, k: tuple) -> torch.Tensor:
@@ -215,10 +259,11 @@ class TorchBackend(PassBackend):
         if v > self.vocab_chunk:
             if lse_s is not None or kind == "js":
                 return super().full_pass(student, target, rows, lse_s, lse_t, kind, beta, scale, grads)
-            lse_s, lse_t, value = self._kl_sweep(student, target, rows, kind)
+            delta = self._delta(student, grads) if scale is not None else 0.0
+            lse_s, lse_t, value, tile_skips = self._kl_sweep(student, target, rows, kind, delta)
             c = value.clone() if kind == "reverse_kl" else torch.zeros_like(value)
             if scale is not None:
-                self.full_grad_pass(student, target, rows, lse_s, lse_t, c, kind, beta, scale, grads)
+                self._full_grad_sweep(student, target, rows, lse_s, lse_t, c, kind, beta, scale, grads, tile_skips)
             return lse_s, lse_t, value, c
         given = lse_s is not None
         if not given:
@@ -246,39 +291,89 @@ class TorchBackend(PassBackend):
                 self._add_tile(grads, student, r, 0, grad * scale[sl, None].to(dt), zs, self._budget(student, grads, r))
         return lse_s, lse_t, value, c
 
-    def _kl_sweep(self, student, target, rows: torch.Tensor, kind: str) -> tuple:
+    def _kl_sweep(self, student, target, rows: torch.Tensor, kind: str, delta: float = 0.0) -> tuple:
         """Both streams' log-sum-exps and the reverse (KL(s‖t)) or forward (KL(t‖s)) KL of each row [n]
-        (float64) in one sweep over the vocabulary (`_merge_kl`)."""
-        n, f64 = rows.shape[0], torch.float64
+        (float64) in one sweep over the vocabulary (`_tile_kl`, `_merge_kl`). With δ > 0, also the whole tiles
+        each row may skip in its gradient sweep (`_kl_tile_bounds`, `skipping.plan_tile_skips`): keep
+        [n, tiles] and the bound mass spent [n] (of the unscaled gradient); else None."""
+        n, f64, reverse = rows.shape[0], torch.float64, kind == "reverse_kl"
         lse_s, lse_t, value = (torch.empty(n, dtype=f64, device=rows.device) for _ in range(3))
+        tiles = -(-student.effective_vocab // self.vocab_chunk)
+        keep = torch.ones(n, tiles, dtype=torch.bool, device=rows.device) if delta > 0 else None
+        spent = torch.zeros(n, dtype=f64, device=rows.device) if delta > 0 else None
         for sl in self._row_chunks(n):
             r = rows[sl]
             m = torch.full((r.shape[0],), NEG_INF, dtype=student.dtype, device=r.device)
             w = torch.zeros(r.shape[0], dtype=f64, device=r.device)
             state = (m, torch.zeros_like(m), m.clone(), torch.zeros_like(m), w, w.clone())
+            states, ranges = [], []
             for c0, c1 in self._vocab_blocks(student):
                 zs, zt = student.tile(r, c0, c1), target.tile(r, c0, c1)
-                state = _merge_kl(state, zs, zt) if kind == "reverse_kl" else _merge_kl(state, zt, zs)
+                za, zb = (zs, zt) if reverse else (zt, zs)
+                tile = _tile_kl(za, zb)
+                state = _merge_kl(state, tile)
+                if delta > 0:
+                    states.append(tile)
+                    if reverse:
+                        ranges.append(_difference_range(za, zb))
             ma, sa, mb, sb, w, sw = state
             lse_a, lse_b = finish_logsumexp(ma, sa), finish_logsumexp(mb, sb)
-            lse_s[sl], lse_t[sl] = (lse_a, lse_b) if kind == "reverse_kl" else (lse_b, lse_a)
+            lse_s[sl], lse_t[sl] = (lse_a, lse_b) if reverse else (lse_b, lse_a)
             value[sl] = w / sw - lse_a + lse_b
-        return lse_s, lse_t, value
+            if delta > 0:
+                keep[sl], spent[sl] = skipping.plan_tile_skips(*_kl_tile_bounds(states, ranges, lse_a, lse_b, w / sw),
+                                                               delta)
+        return lse_s, lse_t, value, None if keep is None else (keep, spent)
 
     def full_grad_pass(self, student, target, rows, lse_s, lse_t, c, kind: str, beta: float, scale: torch.Tensor,
                        grads: Grads) -> None:
         """Gradient tiles of full-vocabulary rows, scaled per row by `scale` (upstream · weight / τ)."""
+        self._full_grad_sweep(student, target, rows, lse_s, lse_t, c, kind, beta, scale, grads, None)
+
+    def _full_grad_sweep(self, student, target, rows, lse_s, lse_t, c, kind: str, beta: float, scale: torch.Tensor,
+                         grads: Grads, tile_skips) -> None:
+        """`full_grad_pass`; `tile_skips` (keep [n, tiles], spent [n]) from `_kl_sweep`, or None: a tile is
+        formed only for the rows that keep it, gathered and padded with rows that skip it to a multiple of
+        `skipping.GATHER_ROWS` (the whole chunk's tile when that is no fewer rows; the skipping rows' gradient
+        is then 0); each row's block budget starts with its spent bound, times its scale."""
         (hs, ls), (ht, lt), dt = split_lse(lse_s, student.dtype), split_lse(lse_t, target.dtype), student.dtype
         for sl in self._row_chunks(rows.shape[0]):
             r, sc = rows[sl], scale[sl, None].to(dt)
-            budget = self._budget(student, grads, r)
+            keep = None if tile_skips is None else tile_skips[0][sl]
+            spent = None if tile_skips is None else tile_skips[1][sl] * scale[sl].double().abs()
+            budget = self._budget(student, grads, r, spent)
             const = self._constants(c[sl], lse_s[sl], lse_t[sl], kind, dt)
-            for c0, c1 in self._vocab_blocks(student):
-                z, zt = student.tile(r, c0, c1), target.tile(r, c0, c1)
-                lp = _log_softmax_tile(z, hs[sl], ls[sl])
-                lq = _log_softmax_tile(zt, ht[sl], lt[sl])
-                grad = self._full_tile_grad(lp, lp.exp(), lq, z, zt, const, kind, beta)
-                self._add_tile(grads, student, r, c0, grad * sc, z, budget)  # z: the head's Jacobian
+            row_hs, row_ls, row_ht, row_lt = hs[sl], ls[sl], ht[sl], lt[sl]
+
+            def tile_grad(at, c0: int, c1: int) -> tuple:  # the gradient and student logits of chunk rows `at`
+                z, zt = student.tile(r[at], c0, c1), target.tile(r[at], c0, c1)
+                lp = _log_softmax_tile(z, row_hs[at], row_ls[at])
+                lq = _log_softmax_tile(zt, row_ht[at], row_lt[at])
+                cst = tuple(x[at] for x in const) if isinstance(const, tuple) else const[at]
+                return self._full_tile_grad(lp, lp.exp(), lq, z, zt, cst, kind, beta) * sc[at], z
+
+            for t, (c0, c1) in enumerate(self._vocab_blocks(student)):
+                kept = None if keep is None or bool(keep[:, t].all()) else keep[:, t].nonzero()[:, 0]
+                if kept is None:
+                    self._add_tile(grads, student, r, c0, *tile_grad(slice(None), c0, c1), budget)
+                    continue
+                n_rows, m = r.shape[0], kept.shape[0]
+                padded = min(n_rows, -(-m // skipping.GATHER_ROWS) * skipping.GATHER_ROWS)
+                if m == 0:
+                    budget.pass_over(c1 - c0)
+                    self.skip_counter.add_whole(n_rows, n_rows, c1 - c0)
+                elif padded == n_rows:  # the whole tile; the rows that skip it get no gradient
+                    g, z = tile_grad(slice(None), c0, c1)
+                    g[~keep[:, t]] = 0
+                    self._add_tile(grads, student, r, c0, g, z, budget)
+                else:
+                    gathered = torch.cat([kept, (~keep[:, t]).nonzero()[:padded - m, 0]])
+                    g, z = tile_grad(gathered, c0, c1)
+                    g, z = g[:m], z[:m]
+                    tile_keep = budget.keep(g, rows=kept)
+                    self.skip_counter.add(tile_keep, c1 - c0)
+                    self.skip_counter.add_whole(n_rows - m, n_rows - padded, c1 - c0)
+                    gradients.add_tile(grads, student, r[kept], c0, g, z, tile_keep)
 
     def term_grad_pass(self, student, rows, lse_s, term: RowTerm, scale: torch.Tensor, grads: Grads) -> None:
         """Gradient of few-column terms: `p_v · dense` tiles with the explicit columns written or the
@@ -305,13 +400,19 @@ class TorchBackend(PassBackend):
                     self._fold_sparse(grad, term.cols[sl], term.sparse[sl].to(dt), c0)
                 self._add_tile(grads, student, r, c0, grad * sc, z, budget)
 
-    def _budget(self, student, grads: Grads, rows: torch.Tensor):
-        """The skip budget of a row chunk's gradient sweep (`skipping.RowBudget`), or None where nothing
-        is skipped: skipping off, no contraction to save (logits mode, no dH or dW needed), float64 inputs."""
+    def _delta(self, student, grads: Grads) -> float:
+        """δ of the gradient sweeps (`skipping.tolerance`), 0.0 where nothing is skipped: skipping off, no
+        contraction to save (logits mode, no dH or dW needed), float64 inputs."""
         if not self.skip_negligible or (grads.dh is None and grads.dw is None):
-            return None
-        delta = skipping.tolerance(student.hidden.dtype)
-        return skipping.RowBudget(rows.shape[0], student.effective_vocab, delta, rows.device) if delta > 0 else None
+            return 0.0
+        return skipping.tolerance(student.hidden.dtype)
+
+    def _budget(self, student, grads: Grads, rows: torch.Tensor, spent=None):
+        """The skip budget of a row chunk's gradient sweep (`skipping.RowBudget`, `spent` [r] already spent),
+        or None where nothing is skipped (`_delta`)."""
+        delta = self._delta(student, grads)
+        return skipping.RowBudget(rows.shape[0], student.effective_vocab, delta, rows.device,
+                                  spent=spent) if delta > 0 else None
 
     def _add_tile(self, grads: Grads, student, rows: torch.Tensor, start: int, g: torch.Tensor, z: torch.Tensor,
                   budget) -> None:
