@@ -51,7 +51,8 @@ def test_budget_bound_holds_per_row(rows):
     skipped L1 mass ≤ δ‖g‖₁; a row with a NaN keeps the block that holds it; a zero row skips every
     block (row by row); a group of `rows` rows decides each block together."""
     n, v, delta = 12, 3000, 2.0 ** -20
-    z = 30 * torch.randn(n, v, dtype=torch.float64)
+    # (at 30·N(0, 1), the 4-row groups found no block negligible for all their rows in 3 of 400 draws)
+    z = 50 * torch.randn(n, v, dtype=torch.float64)
     # float32 values (the tiles RowBudget sees), held in float64 for the check's sums
     g = (torch.softmax(z, -1) - torch.softmax(z + 3 * torch.randn_like(z), -1)).float().double()
     g[1] = 0.0
@@ -68,7 +69,7 @@ def test_budget_bound_holds_per_row(rows):
     ok = torch.isfinite(g).all(1)
     assert bool((skipped[ok] <= delta * g[ok].abs().sum(1)).all())
     assert bool(kept[2, :SKIP_COLUMNS].all())
-    assert bool((~kept[ok]).any()), "nothing skipped on rows with ~e^-30 tails"
+    assert bool((~kept[ok]).any()), "nothing skipped on rows of logits 50·N(0, 1)"
     if rows == 1:
         assert bool((~kept[1]).all())
 
