@@ -58,7 +58,7 @@ lower bound) (`plan_tile_skips`), and its block rule above starts with that spen
 the guarantee is the same while the skipped tiles cost neither recomputation nor contraction
 (`SkipCounter.unformed`). The rows that keep a tile are gathered and projected alone, padded to a multiple
 of `GATHER_ROWS`. `cpp`: reverse / forward KL (bounds from the online sweep of the log-sum-exps and KL), JS
-and rows with given log-sum-exps (from the value sweep); `torch`: reverse / forward KL.
+and rows with given log-sum-exps (from the value sweep); `torch` likewise (`_kl_sweep`, `_value_sweep`).
 
 Logits mode has no contraction to save (the gradient tile is the output): the rule is not applied.
 """

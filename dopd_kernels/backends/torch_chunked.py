@@ -145,6 +145,37 @@ def _kl_tile_bounds(tiles: Sequence[tuple], ranges: Sequence[tuple], lse_a: torc
     return torch.where(has, pa * spread, zero), torch.where(has, pa * (tw / tsw - kk).abs(), zero).sum(1)
 
 
+def _tile_sums(lp: torch.Tensor, lq: torch.Tensor, kind: str, beta: float) -> tuple:
+    """A tile's sums [r] (float64) for `_value_tile_bounds`, with the gradient g_v = p_v(a_v − c) written
+    around its row constant c (JS a_v = β(log p_v − log m_v), reverse KL a_v = log p_v − log q_v, as
+    `_full_tile_grad` forms them): (P_T, Σ_T p·a, Σ_T p·|a|); forward KL (g = p − q): (P_T, Q_T)."""
+    f64 = torch.float64
+    p = lp.exp()
+    if kind == "forward_kl":
+        return p.sum(1, dtype=f64), lq.exp().sum(1, dtype=f64)
+    has_mass = p > 0
+    lp0 = torch.where(has_mass, lp, torch.zeros_like(lp))
+    lq0 = torch.where(has_mass, lq, torch.zeros_like(lq))
+    a = beta * (lp0 - log_mixture(lp0, lq0, beta)) if kind == "js" else lp0 - lq0
+    pa = torch.where(has_mass, p * a, torch.zeros_like(p))
+    return p.sum(1, dtype=f64), pa.sum(1, dtype=f64), pa.abs().sum(1, dtype=f64)
+
+
+def _value_tile_bounds(sums: Sequence[tuple], c: torch.Tensor, kind: str) -> tuple:
+    """From the value sweep's tile sums (`_tile_sums`, one per tile) and the rows' constants c [r]
+    (float64): upper bounds [r, tiles] of each tile's ‖g_T‖₁ and a lower bound [r] of the row's ‖g‖₁
+    (csrc/kernels_cpu.cpp TileMass derives them):
+        g = p(a − c):  ‖g_T‖₁ ≤ Σ_T p|a| + |c|·P_T,   ‖g‖₁ ≥ Σ_T |Σ_T p·a − c·P_T|;
+        g = p − q:     ‖g_T‖₁ ≤ P_T + Q_T,            ‖g‖₁ ≥ Σ_T |P_T − Q_T|."""
+    parts = [torch.stack(x, 1) for x in zip(*sums)]
+    if kind == "forward_kl":
+        pt, qt = parts
+        return pt + qt, (pt - qt).abs().sum(1)
+    pt, pa, pabs = parts
+    cc = c[:, None]
+    return pabs + cc.abs() * pt, (pa - cc * pt).abs().sum(1)
+
+
 def _reverse_kl_residual(zs: torch.Tensor, zt: torch.Tensor, k: tuple) -> torch.Tensor:
     """log p − log q − c = D_v − K of a tile [r, c] (scaled logits zs, zt; K = c + lse_s − lse_t [r] as
     `split_lse` parts): D_v exact (`_exact_difference`) and K in two parts, so that where the residual
@@ -231,18 +262,33 @@ class TorchBackend(PassBackend):
     def full_value_pass(self, student, target, rows, lse_s, lse_t, kind: str, beta: float):
         """Σ_v of the divergence over the vocabulary for each row, and the gradient constant c
         (reverse KL: the KL itself; JS: β·KL(p‖m); forward KL: 0). Tile partial sums add in float64."""
-        value = torch.zeros(rows.shape[0], dtype=torch.float64, device=rows.device)
+        value, c, _ = self._value_sweep(student, target, rows, lse_s, lse_t, kind, beta, 0.0)
+        return value, c
+
+    def _value_sweep(self, student, target, rows, lse_s, lse_t, kind: str, beta: float, delta: float) -> tuple:
+        """`full_value_pass`'s (value, c) and, with δ > 0, the whole tiles each row may skip in its gradient
+        sweep (`_value_tile_bounds`, `skipping.plan_tile_skips`): keep [n, tiles] and the bound mass spent [n]
+        (of the unscaled gradient); else None."""
+        n, f64 = rows.shape[0], torch.float64
+        value = torch.zeros(n, dtype=f64, device=rows.device)
         c = torch.zeros_like(value)
+        tiles = -(-student.effective_vocab // self.vocab_chunk)
+        keep = torch.ones(n, tiles, dtype=torch.bool, device=rows.device) if delta > 0 else None
+        spent = torch.zeros(n, dtype=f64, device=rows.device) if delta > 0 else None
         (hs, ls), (ht, lt) = split_lse(lse_s, student.dtype), split_lse(lse_t, target.dtype)
-        for sl in self._row_chunks(rows.shape[0]):
-            r = rows[sl]
+        for sl in self._row_chunks(n):
+            r, sums = rows[sl], []
             for c0, c1 in self._vocab_blocks(student):
                 lp = _log_softmax_tile(student.tile(r, c0, c1), hs[sl], ls[sl])
                 lq = _log_softmax_tile(target.tile(r, c0, c1), ht[sl], lt[sl])
                 tile_value, tile_c = _value_and_constant(lp, lq, kind, beta)
-                value[sl] += tile_value.to(torch.float64)
-                c[sl] += tile_c.to(torch.float64)
-        return value, c
+                value[sl] += tile_value.to(f64)
+                c[sl] += tile_c.to(f64)
+                if delta > 0:
+                    sums.append(_tile_sums(lp, lq, kind, beta))
+            if delta > 0:
+                keep[sl], spent[sl] = skipping.plan_tile_skips(*_value_tile_bounds(sums, c[sl], kind), delta)
+        return value, c, None if keep is None else (keep, spent)
 
     def full_pass(self, student, target, rows, lse_s, lse_t, kind: str, beta: float, scale, grads):
         """Full-vocabulary rows in one sweep when a row's whole valid vocabulary fits one tile
@@ -250,18 +296,23 @@ class TorchBackend(PassBackend):
         streams' logits once and takes from them the log-sum-exps (when not given), the value, the
         gradient constant and, with `scale`, the gradient contracted at once — the matmul floor.
         Wider rows of reverse / forward KL without given log-sum-exps: those and the KL online in one
-        sweep (`_kl_sweep`), then the gradient sweep. Otherwise the separate sweeps of `PassBackend`."""
+        sweep (`_kl_sweep`), then the gradient sweep; JS and rows with given log-sum-exps: the statistics
+        (when not given), the value sweep (`_value_sweep`), the gradient sweep. In wide rows the sweep
+        before the gradient's also bounds the whole tiles each row may skip (`skipping.plan_tile_skips`)."""
         v, n, dt, f64 = student.effective_vocab, rows.shape[0], student.dtype, torch.float64
         # DESIGN.md's memory rule: no [chunk, V] tensor in fused-linear mode, so a whole row must fit one
         # ordinary tile (V ≤ vocab_chunk). A wider vocabulary takes two sweeps for reverse / forward KL
         # (log-sum-exps and KL online, then the gradient: its constant is the whole row's KL), three for JS
         # (its log-mixture needs both log-sum-exps before any term).
         if v > self.vocab_chunk:
-            if lse_s is not None or kind == "js":
-                return super().full_pass(student, target, rows, lse_s, lse_t, kind, beta, scale, grads)
             delta = self._delta(student, grads) if scale is not None else 0.0
-            lse_s, lse_t, value, tile_skips = self._kl_sweep(student, target, rows, kind, delta)
-            c = value.clone() if kind == "reverse_kl" else torch.zeros_like(value)
+            if lse_s is not None or kind == "js":  # the value sweep bounds the tiles once it has c
+                if lse_s is None:
+                    lse_s, lse_t = self.stats_pass((student, target), rows, torch.zeros_like(rows), (), 1).lse
+                value, c, tile_skips = self._value_sweep(student, target, rows, lse_s, lse_t, kind, beta, delta)
+            else:
+                lse_s, lse_t, value, tile_skips = self._kl_sweep(student, target, rows, kind, delta)
+                c = value.clone() if kind == "reverse_kl" else torch.zeros_like(value)
             if scale is not None:
                 self._full_grad_sweep(student, target, rows, lse_s, lse_t, c, kind, beta, scale, grads, tile_skips)
             return lse_s, lse_t, value, c
@@ -332,7 +383,7 @@ class TorchBackend(PassBackend):
 
     def _full_grad_sweep(self, student, target, rows, lse_s, lse_t, c, kind: str, beta: float, scale: torch.Tensor,
                          grads: Grads, tile_skips) -> None:
-        """`full_grad_pass`; `tile_skips` (keep [n, tiles], spent [n]) from `_kl_sweep`, or None: a tile is
+        """`full_grad_pass`; `tile_skips` (keep [n, tiles], spent [n]) from `_kl_sweep` or `_value_sweep`, or None: a tile is
         formed only for the rows that keep it, gathered and padded with rows that skip it to a multiple of
         `skipping.GATHER_ROWS` (the whole chunk's tile when that is no fewer rows; the skipping rows' gradient
         is then 0); each row's block budget starts with its spent bound, times its scale."""
