@@ -104,7 +104,8 @@ class OPDConfig:
                  (generalized Jensen-Shannon with student weight `js_beta`).
     granularity: "full" (whole vocabulary), "topk" (K tokens, see `topk_from`/`topk_renorm`) or
                  "sampled" (the sampled token only; see DESIGN.md section 2).
-    top_k:       K of the top-K support; clipped to the (valid) vocabulary size.
+    top_k:       K of the top-K support; clipped to the (valid) vocabulary size. Logits tied at the
+                 K-th place enter lower column first (`topk.select_top_k`).
     js_beta:     student weight β of the JS mixture m = β p + (1−β) q, in (0, 1).
     temperature: both distributions are softmax(logits / temperature).
     topk_from:   "student" or "target": whose K most probable tokens form the support.
@@ -137,7 +138,8 @@ class OPDConfig:
 class DOPDConfig:
     """Settings of the DOPD loss (DESIGN.md section 1). Defaults are the paper's.
 
-    top_k:        K of the top-K reverse-KL regimes (LH, LL, HS); clipped to the vocabulary size.
+    top_k:        K of the top-K reverse-KL regimes (LH, LL, HS); clipped to the vocabulary size. Logits
+                  tied at the K-th place enter lower column first (`topk.select_top_k`).
     beta_light:   weight of LH and HS tokens.
     beta_weak:    weight of LL tokens.
     beta_strong:  weight of HT tokens.

@@ -23,6 +23,8 @@ from typing import List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from .topk import select_top_k
+
 NEG_INF = float("-inf")
 
 
@@ -99,7 +101,8 @@ class VocabShard:
         return torch.where(top == NEG_INF, top, shift + torch.log(total))
 
     def merge_topk(self, values: torch.Tensor, cols: torch.Tensor, k: int) -> torch.Tensor:
-        """Global top-k columns [n, k] from every shard's local candidates (values, global cols)."""
+        """Global top-k columns [n, k] from every shard's local candidates (values, global cols); equal
+        values go to the lower column (`topk.select_top_k`), as within a shard."""
         world = dist.get_world_size(self.group)
         n, local_k = values.shape
         width = torch.tensor([local_k], dtype=torch.long, device=values.device)
@@ -107,11 +110,14 @@ class VocabShard:
         dist.all_gather(widths, width, group=self.group)
         widest = int(max(int(w) for w in widths))
         pad_v = torch.full((n, widest), NEG_INF, dtype=values.dtype, device=values.device)
-        pad_c = torch.zeros((n, widest), dtype=cols.dtype, device=cols.device)
+        # Padding sorts after every real column, so a tie at −inf never picks it.
+        pad_c = torch.full((n, widest), torch.iinfo(cols.dtype).max, dtype=cols.dtype, device=cols.device)
         pad_v[:, :local_k], pad_c[:, :local_k] = values, cols
         all_v = [torch.empty_like(pad_v) for _ in range(world)]
         all_c = [torch.empty_like(pad_c) for _ in range(world)]
         dist.all_gather(all_v, pad_v, group=self.group)
         dist.all_gather(all_c, pad_c, group=self.group)
         cand_v, cand_c = torch.cat(all_v, dim=1), torch.cat(all_c, dim=1)
-        return cand_c.gather(1, torch.topk(cand_v, k, dim=1).indices)
+        by_col = cand_c.argsort(dim=1)  # `select_top_k` breaks ties by position: put the candidates in column order
+        cand_v, cand_c = cand_v.gather(1, by_col), cand_c.gather(1, by_col)
+        return cand_c.gather(1, select_top_k(cand_v, k))

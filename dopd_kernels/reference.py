@@ -13,6 +13,7 @@ from .config import DOPDConfig, OPDConfig
 from .divergences import clamp_js, divergence
 from .routing import assign_regimes, batch_thresholds, routing_statistics
 from .sources import LinearSource, LogitsSource
+from .topk import select_top_k
 
 NEG_INF = float("-inf")
 
@@ -68,7 +69,7 @@ def _term(lp_s, lp_t, tokens, kind, granularity, top_k, js_beta, topk_from, topk
         return divergence(bp, bq, kind, js_beta)
     # top-K: the K most probable tokens of the chosen stream (a selection, not differentiated).
     source = lp_s if topk_from == "student" else lp_t
-    cols = torch.topk(source.detach(), top_k, dim=-1).indices
+    cols = select_top_k(source.detach(), top_k)
     ls_k, lt_k = lp_s.gather(1, cols), lp_t.gather(1, cols)
     if topk_renorm:
         return divergence(torch.log_softmax(ls_k, -1), torch.log_softmax(lt_k, -1), kind, js_beta)

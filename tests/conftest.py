@@ -103,6 +103,22 @@ def distinct_logits(lead_shape, vocab, n_streams=3, noise=(0.7, 1.0), dtype=torc
     return [z.to(dtype) for z in streams]
 
 
+def tied_logits(lead_shape, vocab, levels: int = 5, dtype=torch.float32):
+    """Logits on a coarse grid (multiples of 1/4 in [−levels/4, levels/4]), exact in every dtype: a row
+    repeats its values, so its K-th largest is often shared by more columns than a top-K set has room
+    for (see `ambiguous_topk_rows`)."""
+    if isinstance(lead_shape, int):
+        lead_shape = (lead_shape,)
+    return (torch.randint(-levels, levels + 1, (*lead_shape, vocab)) / 4).to(dtype)
+
+
+def ambiguous_topk_rows(z: torch.Tensor, k: int) -> torch.Tensor:
+    """Rows (over the last dimension) whose top-K set depends on how a tie at the K-th place is broken."""
+    top = z.topk(k, dim=-1).values
+    kth = top[..., -1:]
+    return (z == kth).sum(-1) > (top == kth).sum(-1)
+
+
 def random_tokens(lead_shape, vocab, mask_frac=0.2, ignore_index=IGNORE):
     """Random tokens in [0, vocab) with about `mask_frac` of positions (never all) set to ignore_index."""
     if isinstance(lead_shape, int):

@@ -60,7 +60,7 @@ def term(lp, lq, y, kind, granularity, k=128, beta=0.5, topk_from="student", ren
         return div(torch.cat([ly, _rest(lp, y[:, None])], 1), torch.cat([qy, _rest(lq, y[:, None])], 1), kind, beta)
     src = lp if topk_from == "student" else lq
     k = min(k, lp.shape[1])
-    cols = src.detach().argsort(dim=-1, descending=True)[:, :k]
+    cols = src.detach().argsort(dim=-1, descending=True, stable=True)[:, :k]  # ties: the lower column
     pk, qk = lp.gather(1, cols), lq.gather(1, cols)
     if renorm:
         return div(pk - torch.logsumexp(pk, -1, keepdim=True), qk - torch.logsumexp(qk, -1, keepdim=True), kind, beta)

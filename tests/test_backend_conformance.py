@@ -36,8 +36,8 @@ import pytest
 import torch
 
 import naive_reference as nv
-from conftest import (IGNORE, INTERPRETED_ON_CUDA, assert_close, correlated_logits, distinct_logits, leaf, linear_streams,
-                      random_tokens, with_padding_rows)
+from conftest import (IGNORE, INTERPRETED_ON_CUDA, ambiguous_topk_rows, assert_close, correlated_logits, distinct_logits,
+                      leaf, linear_streams, random_tokens, tied_logits, with_padding_rows)
 from dopd_kernels import (DOPDConfig, LMHead, TorchBackend, dopd_loss, fused_linear_dopd_loss, fused_linear_opd_loss,
                           opd_loss, token_logprobs)
 from hardening_checks import (CORRUPTIONS, GRAD_TOL, LOSS_RTOL, PRECISION_CASES, check_dopd_large_logits, check_double_backward_raises,
@@ -383,6 +383,40 @@ def test_topk_tail_with_peaked_target(kind, source, be):
     out, _ = compare_opd(be, zs, zt, torch.randint(0, v, (n,)), divergence=kind, granularity="topk", top_k=6,
                          topk_renorm=False, topk_from=source)
     assert torch.isfinite(out.per_token_loss).all()
+
+
+@pytest.mark.parametrize("renorm", [True, False])
+@pytest.mark.parametrize("source", ["student", "target"])
+@pytest.mark.parametrize("kind", DIVS)
+@on_costly_targets(kind=["js"], renorm=[False])
+def test_topk_ties_take_the_lower_column(kind, source, renorm, be):
+    """Logits tied at the K-th place (bf16 heads make them): every backend takes the lower of the tied
+    columns, as the reference does (`topk.select_top_k`), wherever its vocabulary tiles split the ties."""
+    n, v, k = 16, 37, 7
+    zs, zt = tied_logits(n, v), tied_logits(n, v)
+    assert float(ambiguous_topk_rows(zs if source == "student" else zt, k).float().mean()) > 0.3
+    compare_opd(be, zs, zt, random_tokens(n, v), divergence=kind, granularity="topk", top_k=k, topk_renorm=renorm,
+                topk_from=source, temperature=0.7)
+
+
+@pytest.mark.parametrize("mode", ["logits", "fused-linear"])
+@on_costly_targets()
+def test_dopd_topk_ties_take_the_lower_column(mode, be):
+    """DOPD's top-K regimes (LH, LL, HS) on tied logits; in fused-linear mode from grid hidden states and
+    weights, whose logits (multiples of 1/4) are exact whatever order a backend sums them in."""
+    n, v, h, k = 40, 37, 8, 7
+    y = random_tokens(n, v)
+    cfg = DOPDConfig(top_k=k, trim=0.1)
+    if mode == "logits":
+        zs, zt, zp = (tied_logits(n, v) for _ in range(3))
+        assert float(ambiguous_topk_rows(zs, k).float().mean()) > 0.3
+        compare_dopd(be, zs, zt, zp, y, cfg)
+        return
+    grid = lambda *shape: torch.randint(-1, 2, shape).float()  # noqa: E731
+    t = dict(student_hidden=grid(n, h), student_weight=grid(v, h) / 4, teacher_hidden=grid(n, h),
+             teacher_weight=grid(v, h) / 4, priv_student_hidden=grid(n, h))
+    assert float(ambiguous_topk_rows(t["student_hidden"] @ t["student_weight"].T, k).float().mean()) > 0.3
+    fused_dopd_pair(be, t, y, cfg)
 
 
 # -- DOPD, logits mode -------------------------------------------------------------------------------

@@ -34,7 +34,9 @@ def make_inputs(seed: int):
     tokens = torch.randint(0, 30, (N,), generator=g)
     tokens[:6] = -100  # the first rank of the routing split (6 tokens each at world 4) is fully masked
     tokens[9] = -100
-    return dict(hs=hs, ws=ws, bs=bs, ht=ht, wt=wt, hp=hp, tokens=tokens)
+    # Logits on a grid of 1/4 (exact in any dtype): top-K sets tied at the K-th place, ties across shards.
+    tied = [torch.randint(-5, 6, (N, V), generator=g) / 4 for _ in range(2)]
+    return dict(hs=hs, ws=ws, bs=bs, ht=ht, wt=wt, hp=hp, tokens=tokens, tied_s=tied[0], tied_t=tied[1])
 
 
 def shard_bounds(world: int):
@@ -86,6 +88,11 @@ def compute_all(x, backend, lo=0, hi=V, group=None, routing_rows=None, routing_g
         out[f"opd{i}"] = (res.loss.detach(), res.per_token_loss, hs.grad)
         res = opd_loss(zs_local.detach(), zt[:, lo:hi], x["tokens"], backend=backend, vocab_parallel_group=group, **case)
         out[f"opd_logits{i}"] = (res.loss.detach(), res.per_token_loss)
+
+    for source in ("student", "target"):  # equal values go to the lower column, whichever shard holds it
+        res = opd_loss(x["tied_s"][:, lo:hi], x["tied_t"][:, lo:hi], x["tokens"], granularity="topk", top_k=5,
+                       topk_from=source, backend=backend, vocab_parallel_group=group)
+        out[f"opd_ties_{source}"] = (res.loss.detach(), res.per_token_loss)
 
     out["logprobs"] = (token_logprobs(x["hs"], x["tokens"], x["ws"][lo:hi], x["bs"][lo:hi], backend=backend,
                                       vocab_parallel_group=group),)

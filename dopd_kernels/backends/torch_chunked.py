@@ -19,6 +19,7 @@ from .. import gradients, skipping
 from ..divergences import divergence, kl, log_mixture
 from ..passes import STUDENT, Grads, Stats, split_lse
 from ..row_terms import RowTerm
+from ..topk import select_top_k
 from .base import NEG_INF, PassBackend, finish_logsumexp, online_logsumexp, without_columns
 
 
@@ -42,11 +43,12 @@ def _log_softmax_tile(tile: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor) ->
 
 
 def _merge_topk(vals: torch.Tensor, idx: torch.Tensor, tile: torch.Tensor, start: int, k: int):
-    """Keep the k largest of the running (vals, idx) and a new tile starting at column `start`."""
+    """Keep the k largest of the running (vals, idx) and a new tile starting at column `start` (ties:
+    the lower column, `topk.select_top_k`); the kept ones stay in column order."""
     cols = torch.arange(start, start + tile.shape[1], device=tile.device).expand(tile.shape[0], -1)
     cand_v, cand_i = torch.cat([vals, tile], dim=1), torch.cat([idx, cols], dim=1)
-    top = torch.topk(cand_v, min(k, cand_v.shape[1]), dim=1)
-    return top.values, cand_i.gather(1, top.indices)
+    keep = select_top_k(cand_v, min(k, cand_v.shape[1]))  # running columns precede the tile's: column order
+    return cand_v.gather(1, keep), cand_i.gather(1, keep)
 
 
 def _times_dense(p: torch.Tensor, dense: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
