@@ -16,23 +16,50 @@ from typing import Sequence
 import torch
 
 from .. import gradients, skipping
-from ..divergences import divergence, kl, log_mixture
+from ..divergences import log_mixture
 from ..passes import STUDENT, Grads, Stats, split_lse
 from ..row_terms import RowTerm
 from ..topk import select_top_k
 from .base import NEG_INF, PassBackend, finish_logsumexp, online_logsumexp, without_columns
 
 
-def _value_and_constant(lp: torch.Tensor, lq: torch.Tensor, kind: str, beta: float) -> tuple:
+def _kl_terms(lp: torch.Tensor, p: torch.Tensor, log_r: torch.Tensor, out: torch.Tensor = None) -> torch.Tensor:
+    """p_v(log p_v − log r_v) on a tile, 0 where p has no mass (log p = −inf), as `divergences.kl` forms its
+    terms (so their sums agree bit for bit); written into `out` when given, a tile at a time."""
+    t = torch.sub(lp, log_r, out=out)
+    return t.mul_(p).masked_fill_(lp == NEG_INF, 0.0)
+
+
+def _sum64(x: torch.Tensor) -> torch.Tensor:
+    """Row sums [r] of a tile in its own dtype, returned as float64 for the sums over tiles: `sum(dtype=
+    float64)` would first copy the whole tile to float64 (twice its memory, ~10× the time on CPU); the
+    dtype's pairwise summation errs by ~u relative, far inside the skip rule's δ = 16u."""
+    return x.sum(1).double()
+
+
+def _tile_value(lp: torch.Tensor, lq: torch.Tensor, kind: str, beta: float, sums: bool = False) -> tuple:
     """A tile's part [r] of each row's divergence and of its gradient constant c (reverse KL: the KL
-    itself; JS: β·KL(p‖m); forward KL: 0), both summed over a row's tiles. JS forms its log-mixture once
-    for both (`divergence` would form it again for the constant)."""
-    if kind != "js":
-        value = divergence(lp, lq, kind, beta)
-        return value, (value if kind == "reverse_kl" else torch.zeros_like(value))
-    log_m = log_mixture(lp, lq, beta)
-    kl_p = beta * kl(lp, log_m)
-    return kl_p + (1.0 - beta) * kl(lq, log_m), kl_p
+    itself; JS: β·KL(p‖m); forward KL: 0), both summed over a row's tiles, and with `sums` the tile's
+    sums [r] (float64) for `_value_tile_bounds` (else None), taken from the same terms. They write the
+    gradient g_v = p_v(a_v − c) around its row constant c (JS a_v = β(log p_v − log m_v), reverse KL
+    a_v = log p_v − log q_v, as `_full_tile_grad` forms them): (P_T, Σ_T p·a, Σ_T p·|a|); forward KL
+    (g = p − q): (P_T, Q_T). JS forms its log-mixture once; the terms reuse two tile buffers, so the
+    sums cost no tile beyond the value's."""
+    if kind == "forward_kl":
+        q = lq.exp()
+        value = _kl_terms(lq, q, lp).sum(-1)
+        return value, torch.zeros_like(value), (_sum64(lp.exp()), _sum64(q)) if sums else None
+    log_r = log_mixture(lp, lq, beta) if kind == "js" else lq
+    p = lp.exp()
+    mass = _sum64(p) if sums else None
+    t = _kl_terms(lp, p, log_r)
+    kl_p = t.sum(-1)
+    weight = beta if kind == "js" else 1.0  # p·a = weight · p(log p − log r)
+    tile_sums = (mass, weight * kl_p.double(), weight * _sum64(t.abs_())) if sums else None
+    if kind == "reverse_kl":
+        return kl_p, kl_p, tile_sums
+    kl_q = _kl_terms(lq, torch.exp(lq, out=p), log_r, out=t).sum(-1)
+    return beta * kl_p + (1.0 - beta) * kl_q, beta * kl_p, tile_sums
 
 
 def _log_softmax_tile(tile: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
@@ -147,24 +174,8 @@ def _kl_tile_bounds(tiles: Sequence[tuple], ranges: Sequence[tuple], lse_a: torc
     return torch.where(has, pa * spread, zero), torch.where(has, pa * (tw / tsw - kk).abs(), zero).sum(1)
 
 
-def _tile_sums(lp: torch.Tensor, lq: torch.Tensor, kind: str, beta: float) -> tuple:
-    """A tile's sums [r] (float64) for `_value_tile_bounds`, with the gradient g_v = p_v(a_v − c) written
-    around its row constant c (JS a_v = β(log p_v − log m_v), reverse KL a_v = log p_v − log q_v, as
-    `_full_tile_grad` forms them): (P_T, Σ_T p·a, Σ_T p·|a|); forward KL (g = p − q): (P_T, Q_T)."""
-    f64 = torch.float64
-    p = lp.exp()
-    if kind == "forward_kl":
-        return p.sum(1, dtype=f64), lq.exp().sum(1, dtype=f64)
-    has_mass = p > 0
-    lp0 = torch.where(has_mass, lp, torch.zeros_like(lp))
-    lq0 = torch.where(has_mass, lq, torch.zeros_like(lq))
-    a = beta * (lp0 - log_mixture(lp0, lq0, beta)) if kind == "js" else lp0 - lq0
-    pa = torch.where(has_mass, p * a, torch.zeros_like(p))
-    return p.sum(1, dtype=f64), pa.sum(1, dtype=f64), pa.abs().sum(1, dtype=f64)
-
-
 def _value_tile_bounds(sums: Sequence[tuple], c: torch.Tensor, kind: str) -> tuple:
-    """From the value sweep's tile sums (`_tile_sums`, one per tile) and the rows' constants c [r]
+    """From the value sweep's tile sums (`_tile_value`, one per tile) and the rows' constants c [r]
     (float64): upper bounds [r, tiles] of each tile's ‖g_T‖₁ and a lower bound [r] of the row's ‖g‖₁
     (csrc/kernels_cpu.cpp TileMass derives them):
         g = p(a − c):  ‖g_T‖₁ ≤ Σ_T p|a| + |c|·P_T,   ‖g‖₁ ≥ Σ_T |Σ_T p·a − c·P_T|;
@@ -283,11 +294,11 @@ class TorchBackend(PassBackend):
             for c0, c1 in self._vocab_blocks(student):
                 lp = _log_softmax_tile(student.tile(r, c0, c1), hs[sl], ls[sl])
                 lq = _log_softmax_tile(target.tile(r, c0, c1), ht[sl], lt[sl])
-                tile_value, tile_c = _value_and_constant(lp, lq, kind, beta)
+                tile_value, tile_c, tile_sums = _tile_value(lp, lq, kind, beta, sums=delta > 0)
                 value[sl] += tile_value.to(f64)
                 c[sl] += tile_c.to(f64)
                 if delta > 0:
-                    sums.append(_tile_sums(lp, lq, kind, beta))
+                    sums.append(tile_sums)
             if delta > 0:
                 keep[sl], spent[sl] = skipping.plan_tile_skips(*_value_tile_bounds(sums, c[sl], kind), delta)
         return value, c, None if keep is None else (keep, spent)
@@ -336,7 +347,7 @@ class TorchBackend(PassBackend):
                 w, sw = _weighted_difference(p, zs, zt)
                 value[sl] = c[sl] = w / sw - lse_s[sl] + lse_t[sl]
             else:
-                row_value, row_c = _value_and_constant(lp, lq, kind, beta)
+                row_value, row_c, _ = _tile_value(lp, lq, kind, beta)
                 value[sl], c[sl] = row_value.to(f64), row_c.to(f64)
             if scale is not None:
                 grad = self._full_tile_grad(lp, p, lq, zs, zt, self._constants(c[sl], lse_s[sl], lse_t[sl], kind, dt),
