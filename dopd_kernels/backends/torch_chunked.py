@@ -352,7 +352,7 @@ class TorchBackend(PassBackend):
             if scale is not None:
                 grad = self._full_tile_grad(lp, p, lq, zs, zt, self._constants(c[sl], lse_s[sl], lse_t[sl], kind, dt),
                                             kind, beta)
-                self._add_tile(grads, student, r, 0, grad * scale[sl, None].to(dt), zs, self._budget(student, grads, r))
+                self._add_tile(grads, student, r, 0, grad.mul_(scale[sl, None].to(dt)), zs, self._budget(student, grads, r))
         return lse_s, lse_t, value, c
 
     def _kl_sweep(self, student, target, rows: torch.Tensor, kind: str, delta: float = 0.0) -> tuple:
@@ -414,7 +414,7 @@ class TorchBackend(PassBackend):
                 lp = _log_softmax_tile(z, row_hs[at], row_ls[at])
                 lq = _log_softmax_tile(zt, row_ht[at], row_lt[at])
                 cst = tuple(x[at] for x in const) if isinstance(const, tuple) else const[at]
-                return self._full_tile_grad(lp, lp.exp(), lq, z, zt, cst, kind, beta) * sc[at], z
+                return self._full_tile_grad(lp, lp.exp(), lq, z, zt, cst, kind, beta).mul_(sc[at]), z
 
             for t, (c0, c1) in enumerate(self._vocab_blocks(student)):
                 kept = None if keep is None or bool(keep[:, t].all()) else keep[:, t].nonzero()[:, 0]
@@ -502,14 +502,12 @@ class TorchBackend(PassBackend):
         0 where the student has no mass (except forward KL's −q)."""
         if kind == "forward_kl":
             return p - lq.exp()
-        has_mass = p > 0
+        # The residual is formed, then scaled by p and masked in place: a fresh tile of its own.
         if kind == "reverse_kl":
             r = _reverse_kl_residual(zs, zt, const)
-        else:
-            lp0 = torch.where(has_mass, lp, torch.zeros_like(lp))
-            lq0 = torch.where(has_mass, lq, torch.zeros_like(lq))
-            r = beta * (lp0 - log_mixture(lp0, lq0, beta)) - const
-        return torch.where(has_mass, p * r, torch.zeros_like(p))
+        else:  # log m is finite wherever p > 0; the entries where p = 0 are masked below
+            r = torch.sub(lp, log_mixture(lp, lq, beta)).mul_(beta).sub_(const)
+        return r.mul_(p).masked_fill_(~(p > 0), 0.0)
 
     @staticmethod
     def _write_explicit(grad: torch.Tensor, cols: torch.Tensor, explicit: torch.Tensor, start: int) -> None:
