@@ -30,13 +30,6 @@ def _kl_terms(lp: torch.Tensor, p: torch.Tensor, log_r: torch.Tensor, out: torch
     return t.mul_(p).masked_fill_(lp == NEG_INF, 0.0)
 
 
-def _sum64(x: torch.Tensor) -> torch.Tensor:
-    """Row sums [r] of a tile in its own dtype, returned as float64 for the sums over tiles: `sum(dtype=
-    float64)` would first copy the whole tile to float64 (twice its memory, ~10× the time on CPU); the
-    dtype's pairwise summation errs by ~u relative, far inside the skip rule's δ = 16u."""
-    return x.sum(1).double()
-
-
 def _tile_value(lp: torch.Tensor, lq: torch.Tensor, kind: str, beta: float, sums: bool = False) -> tuple:
     """A tile's part [r] of each row's divergence and of its gradient constant c (reverse KL: the KL
     itself; JS: β·KL(p‖m); forward KL: 0), both summed over a row's tiles, and with `sums` the tile's
@@ -48,14 +41,14 @@ def _tile_value(lp: torch.Tensor, lq: torch.Tensor, kind: str, beta: float, sums
     if kind == "forward_kl":
         q = lq.exp()
         value = _kl_terms(lq, q, lp).sum(-1)
-        return value, torch.zeros_like(value), (_sum64(lp.exp()), _sum64(q)) if sums else None
+        return value, torch.zeros_like(value), (skipping.sum_as_float64(lp.exp(), 1), skipping.sum_as_float64(q, 1)) if sums else None
     log_r = log_mixture(lp, lq, beta) if kind == "js" else lq
     p = lp.exp()
-    mass = _sum64(p) if sums else None
+    mass = skipping.sum_as_float64(p, 1) if sums else None
     t = _kl_terms(lp, p, log_r)
     kl_p = t.sum(-1)
     weight = beta if kind == "js" else 1.0  # p·a = weight · p(log p − log r)
-    tile_sums = (mass, weight * kl_p.double(), weight * _sum64(t.abs_())) if sums else None
+    tile_sums = (mass, weight * kl_p.double(), weight * skipping.sum_as_float64(t.abs_(), 1)) if sums else None
     if kind == "reverse_kl":
         return kl_p, kl_p, tile_sums
     kl_q = _kl_terms(lq, torch.exp(lq, out=p), log_r, out=t).sum(-1)
