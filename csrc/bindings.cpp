@@ -46,7 +46,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grad_pass", &dopd::grad_pass, py::arg("student"), py::arg("target"), py::arg("rows"), py::arg("lse_s"),
         py::arg("lse_t"), py::arg("c"), py::arg("dense"), py::arg("cols"), py::arg("sparse"), py::arg("overwrite"), py::arg("scale"),
         py::arg("kind"), py::arg("beta"), py::arg("tiling"), py::arg("grad_logits"), py::arg("dh"), py::arg("dw"),
-        py::arg("db"), py::arg("skip") = false, py::call_guard<py::gil_scoped_release>());
+        py::arg("db"), py::arg("skip") = false, py::arg("tile_keep") = py::none(), py::arg("tile_spent") = py::none(),
+        py::call_guard<py::gil_scoped_release>());
   m.def("sparse_grad", &dopd::sparse_grad, py::arg("stream"), py::arg("rows"), py::arg("cols"), py::arg("coef"),
         py::arg("dh"), py::arg("dw"), py::arg("db"), py::call_guard<py::gil_scoped_release>());
   m.def("gather", &dopd::gather, py::arg("stream"), py::arg("rows"), py::arg("cols"),

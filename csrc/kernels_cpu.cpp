@@ -870,13 +870,16 @@ SkipCount grad_impl(const Stream& s, const Stream* t, const Tensor& rows, const 
     const Tensor hs = hidden_rows(s, rr);
     const Tensor ht = FULL ? hidden_rows(*t, rr) : Tensor();
     Tensor dh_rows = want_dh ? at::zeros({r, s.x.size(1)}, rows.options().dtype(s.acc())) : Tensor();
-    // The tiles' bounds are of the unscaled τ·∂D/∂z; the skipper's masses carry the row's scale.
-    for (int64_t i = 0; i < r; ++i) skipper.start_row(i, pre ? pre->spent[i] * std::abs(double(sc[r0 + i])) : 0.0);
+    // The tiles' bounds are of the unscaled τ·∂D/∂z; the skipper's masses carry the row's scale. A row of
+    // non-finite scale keeps every tile: its NaN or inf reaches every column, as without skipping.
+    auto skips_tiles = [&](int64_t i) { return pre && std::isfinite(double(sc[r0 + i])); };
+    for (int64_t i = 0; i < r; ++i)
+      skipper.start_row(i, skips_tiles(i) ? pre->spent[i] * std::abs(double(sc[r0 + i])) : 0.0);
     for (int64_t c0 = 0; c0 < vv; c0 += plan.block) {
       const int64_t len = std::min(plan.block, vv - c0);
       ids.clear();
       for (int64_t i = 0; i < r; ++i)
-        if (!pre || pre->kept(i, c0 / plan.block)) ids.push_back(i);
+        if (!skips_tiles(i) || pre->kept(i, c0 / plan.block)) ids.push_back(i);
       const int64_t m = static_cast<int64_t>(ids.size());
       if (m == 0) {
         skipper.count += SkipCount{r * len, r * len, r * len};
@@ -1076,11 +1079,12 @@ FullRow<A> full_row(int64_t vv, int64_t block, A inv_tau, const DivParams<A> P, 
   return out;
 }
 
-// full_pass: the log-sum-exp parts [4, n] (max_s, log Σ_s, max_t, log Σ_t; undefined when given), value and c.
+// full_pass: the log-sum-exp parts [4, n] (max_s, log Σ_s, max_t, log Σ_t; undefined when given), value, c, and
+// the tile skips planned for a later grad_pass (keep [n, tiles] bool, spent [n] float64; undefined unless planned).
 // With `skip`, the fused-linear gradient tiles leave out their negligible blocks (BlockSkipper), counted in the
-// result.
+// result; without `scale`, `skip` plans the whole tiles a wide row may skip in a later grad_pass instead.
 template <int KIND, typename A>
-std::tuple<Tensor, Tensor, Tensor, SkipCount> full_impl(const Stream& s, const Stream& t, const Tensor& rows,
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, SkipCount> full_impl(const Stream& s, const Stream& t, const Tensor& rows,
                                                         const std::optional<Tensor>& lse_s,
                                                         const std::optional<Tensor>& lse_t, double beta,
                                                         const std::optional<Tensor>& scale, Tiling tl,
@@ -1115,13 +1119,24 @@ std::tuple<Tensor, Tensor, Tensor, SkipCount> full_impl(const Stream& s, const S
     const LinearPlan plan(n, vv, tl);
     const int64_t tiles = (vv + plan.block - 1) / plan.block;
     const bool contracts = (dh.has_value() && dh->defined()) || (dw.has_value() && dw->defined());
+    // The δ the tiles are bounded with: the gradient sweep's own, or (no `scale`) that of a later grad_pass that
+    // contracts, for whole tiles planned now and skipped then (the bounds are of the unscaled gradient).
+    const double delta = grad ? skip_delta(skip, s, contracts) : skip_delta(skip, s, true);
+    Tensor keep_out, spent_out;  // the planned tile skips (no `scale`)
+    if (!grad && delta > 0) {
+      keep_out = at::ones({n, tiles}, rows.options().dtype(at::kBool));
+      spent_out = at::zeros({n}, rows.options().dtype(at::kDouble));
+    }
+    auto store = [&](int64_t r0, int64_t r, const TileSkips& pre) {
+      std::copy(pre.keep.begin(), pre.keep.begin() + r * tiles, keep_out.data_ptr<bool>() + r0 * tiles);
+      std::copy(pre.spent.begin(), pre.spent.begin() + r, spent_out.data_ptr<double>() + r0);
+    };
     if (!given) {
       // The online sweep, chunk by chunk. A reverse / forward KL row is complete after its chunk's sweep, so
       // its gradient sweep follows at once, leaving out whole tiles where the skip rule allows (TileSkips).
-      const bool now = grad && KIND != JS;
-      const double delta = now ? skip_delta(skip, s, contracts) : 0.0;
+      const bool bounds = KIND != JS && delta > 0;
       std::vector<KlState<A>> st(plan.rows_per_chunk);
-      std::vector<TileMass<A>> mass(delta > 0 ? plan.rows_per_chunk * tiles : 0);
+      std::vector<TileMass<A>> mass(bounds ? plan.rows_per_chunk * tiles : 0);
       A *hs = l2s.data_ptr<A>(), *ht = l2t.data_ptr<A>();
       for (int64_t r0 = 0; r0 < n; r0 += plan.rows_per_chunk) {
         const int64_t r = std::min(plan.rows_per_chunk, n - r0);
@@ -1136,27 +1151,31 @@ std::tuple<Tensor, Tensor, Tensor, SkipCount> full_impl(const Stream& s, const S
           hs[r0 + q] = g.ls, hs[n + r0 + q] = g.ls2, ht[r0 + q] = g.lt, ht[n + r0 + q] = g.lt2;
         }
         if (KIND == REVERSE_KL) c.narrow(0, r0, r).copy_(value.narrow(0, r0, r));  // reverse KL's constant: its value
-        if (!now) continue;
+        if (KIND == JS || (!grad && !bounds)) continue;
         const std::optional<TileSkips> pre =
-            delta > 0 ? std::optional<TileSkips>(plan_tile_skips(r, tiles, delta, [&](int64_t i, double* bound) {
+            bounds ? std::optional<TileSkips>(plan_tile_skips(r, tiles, delta, [&](int64_t i, double* bound) {
               return online_bounds<KIND>(st[i], mass.data() + i * tiles, tiles, bound);
             }))
-                      : std::nullopt;
+                   : std::nullopt;
+        if (!grad) {
+          store(r0, r, *pre);
+          continue;
+        }
         count += grad_impl<KIND, true, A>(s, &t, rr, l2s.narrow(1, r0, r), l2t.narrow(1, r0, r), c.narrow(0, r0, r),
                                           std::nullopt, std::nullopt, std::nullopt, false, scale->narrow(0, r0, r), beta,
                                           tl, grad_logits, dh, dw, db, skip, pre ? &*pre : nullptr);
       }
     }
-    if (!given && KIND != JS) return {parts, value, c, count};
+    if (!given && KIND != JS) return {parts, value, c, keep_out, spent_out, count};
     // JS, or log-sum-exps given: a value sweep, then the gradient sweep. With tiles to skip, chunk by chunk: each
-    // chunk's value sweep keeps its TileSums, and its gradient sweep follows at once leaving out whole tiles.
-    const double delta = grad ? skip_delta(skip, s, contracts) : 0.0;
+    // chunk's value sweep keeps its TileSums, and its gradient sweep follows at once leaving out whole tiles (or,
+    // without `scale`, the chunk's planned skips are stored).
     if (delta == 0) {
       std::tie(value, c) = value_impl<KIND, A>(s, t, rows, l2s, l2t, beta, tl);
       if (grad)
         count = grad_impl<KIND, true, A>(s, &t, rows, l2s, l2t, c, std::nullopt, std::nullopt, std::nullopt, false,
                                          *scale, beta, tl, grad_logits, dh, dw, db, skip);
-      return {parts, value, c, count};
+      return {parts, value, c, keep_out, spent_out, count};
     }
     std::vector<TileSums> sums(plan.rows_per_chunk * tiles);
     for (int64_t r0 = 0; r0 < n; r0 += plan.rows_per_chunk) {
@@ -1170,10 +1189,14 @@ std::tuple<Tensor, Tensor, Tensor, SkipCount> full_impl(const Stream& s, const S
       const TileSkips pre = plan_tile_skips(r, tiles, delta, [&](int64_t i, double* bound) {
         return value_bounds<KIND>(sums.data() + i * tiles, cp_c[i], tiles, bound);
       });
+      if (!grad) {
+        store(r0, r, pre);
+        continue;
+      }
       count += grad_impl<KIND, true, A>(s, &t, rr, l2s_c, l2t_c, c_c, std::nullopt, std::nullopt, std::nullopt, false,
                                         scale->narrow(0, r0, r), beta, tl, grad_logits, dh, dw, db, skip, &pre);
     }
-    return {parts, value, c, count};
+    return {parts, value, c, keep_out, spent_out, count};
   }
 
   // One pass over each row: logits mode (a row's logits are read in place, each phase re-reads them from
@@ -1210,7 +1233,7 @@ std::tuple<Tensor, Tensor, Tensor, SkipCount> full_impl(const Stream& s, const S
         keep(i, full_row<KIND>(vv, block, inv_tau, P, row_in(i), given, grad, load, emit));
       }
     }
-    return {parts, value, c, SkipCount{}};  // logits mode: no contraction to skip
+    return {parts, value, c, Tensor(), Tensor(), SkipCount{}};  // logits mode: no contraction to skip
   }
 
   // Fused-linear rows that fit one tile: each row chunk's tiles hold whole rows (one block); the gradient
@@ -1244,7 +1267,7 @@ std::tuple<Tensor, Tensor, Tensor, SkipCount> full_impl(const Stream& s, const S
     if (want_dh) dh->index_add_(0, rr, dh_rows);
   };
   linear_pair_sweep<A>(s, t, rows, tl, row, contract);
-  return {parts, value, c, skipper.count};
+  return {parts, value, c, Tensor(), Tensor(), skipper.count};
 }
 
 template <typename F>
@@ -1302,22 +1325,24 @@ std::tuple<Tensor, Tensor> rest_lse_pass(const Stream& s, const Tensor& rows, co
   return out;
 }
 
-std::tuple<Tensor, Tensor, Tensor, std::tuple<int64_t, int64_t, int64_t>> full_pass(
-    const Stream& s, const Stream& t, const Tensor& rows, const std::optional<Tensor>& lse_s,
-    const std::optional<Tensor>& lse_t, int64_t kind, double beta, const std::optional<Tensor>& scale, Tiling tiling,
-    const std::optional<Tensor>& grad_logits, const std::optional<Tensor>& dh, const std::optional<Tensor>& dw,
-    const std::optional<Tensor>& db, bool skip) {
+std::tuple<Tensor, Tensor, Tensor, std::optional<Tensor>, std::optional<Tensor>, std::tuple<int64_t, int64_t, int64_t>>
+full_pass(const Stream& s, const Stream& t, const Tensor& rows, const std::optional<Tensor>& lse_s,
+          const std::optional<Tensor>& lse_t, int64_t kind, double beta, const std::optional<Tensor>& scale, Tiling tiling,
+          const std::optional<Tensor>& grad_logits, const std::optional<Tensor>& dh, const std::optional<Tensor>& dw,
+          const std::optional<Tensor>& db, bool skip) {
   check_rows(rows);
   TORCH_CHECK(lse_s.has_value() == lse_t.has_value(), "dopd cpu: full_pass takes both log-sum-exps or neither");
-  std::tuple<Tensor, Tensor, Tensor, SkipCount> out;
+  std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, SkipCount> out;
   with_acc(s.acc(), [&](auto a) {
     with_kind(kind, [&](auto kc) {
       out = full_impl<decltype(kc)::value, decltype(a)>(s, t, rows, lse_s, lse_t, beta, scale, tiling, grad_logits, dh, dw,
                                                         db, skip);
     });
   });
-  const SkipCount& n = std::get<3>(out);
-  return {std::get<0>(out), std::get<1>(out), std::get<2>(out), {n.entries, n.skipped, n.unformed}};
+  const SkipCount& n = std::get<5>(out);
+  auto planned = [](const Tensor& x) { return x.defined() ? std::optional<Tensor>(x) : std::nullopt; };
+  return {std::get<0>(out), std::get<1>(out), std::get<2>(out), planned(std::get<3>(out)), planned(std::get<4>(out)),
+          {n.entries, n.skipped, n.unformed}};
 }
 
 int64_t matmul_flops() { return matmul_flops_counted.load(std::memory_order_relaxed); }
@@ -1330,17 +1355,40 @@ std::tuple<int64_t, int64_t, int64_t> grad_pass(const Stream& s, const std::opti
                                                 const std::optional<Tensor>& cols, const std::optional<Tensor>& sparse,
                                                 bool overwrite, const Tensor& scale, int64_t kind, double beta, Tiling tiling,
                                                 const std::optional<Tensor>& grad_logits, const std::optional<Tensor>& dh,
-                                                const std::optional<Tensor>& dw, const std::optional<Tensor>& db, bool skip) {
+                                                const std::optional<Tensor>& dw, const std::optional<Tensor>& db, bool skip,
+                                                const std::optional<Tensor>& tile_keep,
+                                                const std::optional<Tensor>& tile_spent) {
   check_rows(rows);
   const bool full = t.has_value();
   TORCH_CHECK(full || (dense.has_value() && cols.has_value() && sparse.has_value()),
               "dopd cpu: grad_pass needs a target stream or dense/cols/sparse coefficients");
+  TORCH_CHECK(tile_keep.has_value() == tile_spent.has_value(), "dopd cpu: grad_pass takes tile_keep and tile_spent together");
+  // Planned tile skips apply where this sweep skips at all (else every tile is formed: exact, as without them).
+  const bool contracts = (dh.has_value() && dh->defined()) || (dw.has_value() && dw->defined());
+  const bool planned = full && tile_keep.has_value() && skip_delta(skip, s, contracts) > 0;
   SkipCount n;
   with_acc(s.acc(), [&](auto a) {
     using A = decltype(a);
     with_kind(kind, [&](auto kc) {
       constexpr int K = decltype(kc)::value;
-      if (full) {
+      if (planned) {  // chunk by chunk: grad_impl takes one chunk's TileSkips
+        const int64_t rows_n = rows.size(0);
+        const LinearPlan plan(rows_n, s.valid_vocab, tiling);
+        const Tensor keep = tile_keep->to(at::kByte).contiguous(), spent = tile_spent->to(at::kDouble).contiguous();
+        const int64_t tiles = (s.valid_vocab + plan.block - 1) / plan.block, chunk = plan.rows_per_chunk;
+        TORCH_CHECK(keep.dim() == 2 && keep.size(0) == rows_n && keep.size(1) == tiles && spent.numel() == rows_n,
+                    "dopd cpu: tile_keep must be [rows, tiles] of this tiling and tile_spent [rows]");
+        const uint8_t* kp = keep.data_ptr<uint8_t>();
+        const double* spp = spent.data_ptr<double>();
+        for (int64_t r0 = 0; r0 < rows_n; r0 += chunk) {
+          const int64_t r = std::min(chunk, rows_n - r0);
+          const TileSkips pre{tiles, std::vector<uint8_t>(kp + r0 * tiles, kp + (r0 + r) * tiles),
+                              std::vector<double>(spp + r0, spp + r0 + r)};
+          n += grad_impl<K, true, A>(s, &*t, rows.narrow(0, r0, r), lse_s.narrow(1, r0, r), lse_t->narrow(1, r0, r),
+                                     c->narrow(0, r0, r), dense, cols, sparse, overwrite, scale.narrow(0, r0, r), beta,
+                                     tiling, grad_logits, dh, dw, db, skip, &pre);
+        }
+      } else if (full) {
         n = grad_impl<K, true, A>(s, &*t, rows, lse_s, lse_t, c, dense, cols, sparse, overwrite, scale, beta, tiling,
                                   grad_logits, dh, dw, db, skip);
       } else {

@@ -60,8 +60,13 @@ std::tuple<at::Tensor, at::Tensor> rest_lse_pass(const Stream& s, const at::Tens
 // one tile. With `skip`, as grad_pass; besides, the gradient sweep of wide rows leaves out whole tiles (no
 // recomputation, no contraction) whose gradient the per-tile statistics of the sweep before it (the online
 // sweep, or the value sweep) bound as negligible, under the same guarantee (kernels_cpu.cpp, TileSkips).
-// The last result is grad_pass's (entries, skipped, unformed).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, std::tuple<int64_t, int64_t, int64_t>> full_pass(
+// Without `scale`, `skip` plans instead the whole tiles each wide fused-linear row may skip in a later grad_pass
+// (a deferred gradient, of any per-row scale): returned as tile_keep [n, tiles] (bool) and tile_spent [n] (float64,
+// the bound mass skipped, of the unscaled gradient), None where nothing was planned (rows that fit one tile,
+// logits mode, a dtype that never skips). The last result is grad_pass's (entries, skipped, unformed).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>,
+           std::tuple<int64_t, int64_t, int64_t>>
+full_pass(
     const Stream& s, const Stream& t, const at::Tensor& rows, const std::optional<at::Tensor>& lse_s,
     const std::optional<at::Tensor>& lse_t, int64_t kind, double beta, const std::optional<at::Tensor>& scale,
     Tiling tiling, const std::optional<at::Tensor>& grad_logits, const std::optional<at::Tensor>& dh,
@@ -76,9 +81,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::tuple<int64_t, int64_t, int6
 // (RowTerm.dense_normalizer). The gradient goes to `grad_logits` [N, V] (logits mode, written once,
 // rows disjoint from earlier calls) or is contracted into dh [N, H], dw [V, H], db [V]. With `skip` (fused-linear
 // mode, dh or dw given, a float32 / bfloat16 / float16 student) each row leaves out the contractions of its
-// provably negligible 256-column blocks (dopd_kernels/skipping.py; db stays exact). Returns the gradient entries
-// offered to the contractions, those skipped and those skipped before their logits were recomputed (full_pass's
-// tile skips; 0 here), (entries, skipped, unformed): zeros when nothing could be skipped.
+// provably negligible 256-column blocks (dopd_kernels/skipping.py; db stays exact), and, given full_pass's planned
+// tile_keep / tile_spent (full-vocabulary rows, the same tiling), the tiles it planned to skip whole: neither
+// recomputed nor contracted. Returns the gradient entries offered to the contractions, those skipped and those
+// skipped before their logits were recomputed, (entries, skipped, unformed): zeros when nothing could be skipped.
 std::tuple<int64_t, int64_t, int64_t> grad_pass(const Stream& s, const std::optional<Stream>& t, const at::Tensor& rows,
                                                 const at::Tensor& lse_s, const std::optional<at::Tensor>& lse_t,
                                                 const std::optional<at::Tensor>& c, const std::optional<at::Tensor>& dense,
@@ -86,7 +92,9 @@ std::tuple<int64_t, int64_t, int64_t> grad_pass(const Stream& s, const std::opti
                                                 bool overwrite, const at::Tensor& scale, int64_t kind, double beta, Tiling tiling,
                                                 const std::optional<at::Tensor>& grad_logits,
                                                 const std::optional<at::Tensor>& dh, const std::optional<at::Tensor>& dw,
-                                                const std::optional<at::Tensor>& db, bool skip);
+                                                const std::optional<at::Tensor>& db, bool skip,
+                                                const std::optional<at::Tensor>& tile_keep,
+                                                const std::optional<at::Tensor>& tile_spent);
 
 // Fused-linear gradient of a few columns per row: `coef` [n, K] is the gradient with respect to the
 // transformed logits (before 1/τ) at (rows[i], cols[i, q]); times the head's jacobian it is contracted

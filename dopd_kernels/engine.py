@@ -31,6 +31,7 @@ from .plan import Group, Plan, dopd_plan, dopd_rest_streams, dopd_topk_streams, 
 from .reductions import Reduction
 from .routing import Routing, nan_routed
 from .row_terms import RowTerm, sampled_term, topk_term
+from .skipping import TileSkips
 
 DOUBLE_BACKWARD_ERROR = (
     "dopd_kernels: the fused losses cannot differentiate twice (backward with create_graph=True, a double "
@@ -56,7 +57,8 @@ class GroupResult:
     """What the forward computed for one group and the backward reads: the group's valid-row ids
     `rows` [g], the student's and the target's log-sum-exps [g] (None until a full pass computes them,
     when no stats pass ran), and either its few-column `term` or, for full-vocabulary rows, the gradient
-    constant `full_c` [g]."""
+    constant `full_c` [g] and, where the full pass planned them for a deferred gradient, the whole tiles its
+    gradient sweep skips (`tile_keep` [g, tiles], `tile_spent` [g]: `skipping.TileSkips`)."""
 
     group: Group
     rows: torch.Tensor
@@ -64,6 +66,8 @@ class GroupResult:
     lse_t: Optional[torch.Tensor]
     term: Optional[RowTerm] = None
     full_c: Optional[torch.Tensor] = None
+    tile_keep: Optional[torch.Tensor] = None
+    tile_spent: Optional[torch.Tensor] = None
     grad_done: bool = False  # its gradient was added in the forward's value sweep (eager, `full_pass`)
 
 
@@ -89,17 +93,22 @@ class LossEngine:
         self.rest_streams = tuple(rest_streams)
         self.plan = plan
         self.results: List[GroupResult] = []
+        self.deferred = False  # `forward(deferred=True)`: the full pass plans the deferred gradient's tile skips
 
     @property
     def student(self):
         return self.sources[STUDENT]
 
-    def forward(self, eager: Optional[Tuple[Callable[[], torch.Tensor], Grads]] = None) -> torch.Tensor:
+    def forward(self, eager: Optional[Tuple[Callable[[], torch.Tensor], Grads]] = None,
+                deferred: bool = False) -> torch.Tensor:
         """Per-token weighted loss [N] in the compute dtype (0 at rows that are not valid).
 
         eager = (weights, grads): also add d(Σ_n w_n · loss_n)/d(student) into `grads`, with `weights()`
         [N] (float64) read once the rows are planned. Full-vocabulary rows then form their gradient in
-        the sweep that computes their value (`full_pass`); the other rows get theirs right after."""
+        the sweep that computes their value (`full_pass`); the other rows get theirs right after.
+        deferred: `backward` follows (`FusedLoss`); the full pass also plans the whole tiles its gradient
+        sweep may skip (not with a vocabulary shard: the plan needs the all-reduced constant)."""
+        self.deferred = deferred and eager is None and self.shard is None
         out = torch.zeros(self.n_total, dtype=self.student.dtype, device=self.tokens.device)
         stats = None if self.stats_in_sweep else self.run_stats_pass()
         groups = self.plan(stats)  # planned even without rows: routing may be collective
@@ -205,8 +214,11 @@ class LossEngine:
         lse_s, lse_t = res.lse_s, res.lse_t
         target = self.sources[g.target]
         if g.granularity == "full":
-            res.lse_s, res.lse_t, value, res.full_c = self.passes.full_pass(
-                self.student, target, rows, lse_s, lse_t, g.divergence, s.js_beta, scale, grads)
+            plan = {"plan_skips": True} if self.deferred else {}
+            res.lse_s, res.lse_t, value, res.full_c, skips = self.passes.full_pass(
+                self.student, target, rows, lse_s, lse_t, g.divergence, s.js_beta, scale, grads, **plan)
+            if skips is not None:
+                res.tile_keep, res.tile_spent = skips
             if self.shard is not None:  # partial sums over this shard's columns
                 value, res.full_c = self.shard.all_reduce(value), self.shard.all_reduce(res.full_c)
             return value
@@ -243,8 +255,9 @@ class LossEngine:
             g = res.group
             scale = self._scale(grad_per_token, res)
             if res.term is None:
+                skips = {} if res.tile_keep is None else {"tile_skips": TileSkips(res.tile_keep, res.tile_spent)}
                 self.passes.full_grad_pass(self.student, self.sources[g.target], res.rows, res.lse_s, res.lse_t,
-                                           res.full_c, g.divergence, s.js_beta, scale, grads)
+                                           res.full_c, g.divergence, s.js_beta, scale, grads, **skips)
             else:
                 self.passes.term_grad_pass(self.student, res.rows, res.lse_s, res.term, scale, grads)
         if self.shard is not None and grads.dh is not None:
@@ -281,7 +294,7 @@ class FusedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, engine: LossEngine, *tensors):
-        out = engine.forward()
+        out = engine.forward(deferred=True)
         saved, ctx.restore = engine.state()
         ctx.save_for_backward(*saved)
         engine.release()

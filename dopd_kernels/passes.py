@@ -18,6 +18,7 @@ from typing import Dict, List, NamedTuple, Optional, Protocol, Sequence, Tuple, 
 import torch
 
 from .row_terms import RowTerm
+from .skipping import TileSkips
 
 STUDENT = 0  # position of the student among the streams of a call (the teacher and priv_student follow)
 
@@ -61,6 +62,18 @@ class Grads(NamedTuple):
     db: Optional[torch.Tensor] = None
 
 
+class FullRows(NamedTuple):
+    """What `Passes.full_pass` returns, per row [n]: both log-sum-exps, the divergence and its gradient
+    constant (float64), and the whole tiles its gradient sweep may skip when it was asked to plan them
+    (`skipping.TileSkips`), else None."""
+
+    lse_s: torch.Tensor
+    lse_t: torch.Tensor
+    value: torch.Tensor
+    c: torch.Tensor
+    tile_skips: Optional[TileSkips] = None
+
+
 @runtime_checkable
 class Passes(Protocol):
     """The passes every pass backend (`torch`, `cpp`, `cuda`, `triton`) implements."""
@@ -93,16 +106,19 @@ class Passes(Protocol):
 
     def full_pass(self, student, target, rows: torch.Tensor, lse_s: Optional[torch.Tensor],
                   lse_t: Optional[torch.Tensor], kind: str, beta: float, scale: Optional[torch.Tensor],
-                  grads: Optional[Grads]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Full-vocabulary rows in as few sweeps as the backend can: `(lse_s, lse_t, value, c)` [n] each
-        (float64). `lse_s`/`lse_t` None: the log-sum-exps are computed here too (no stats pass ran);
-        `scale` [n] and `grads` given: the gradient (`full_grad_pass`) is added as well. A backend that
-        holds a row's whole vocabulary in one tile does all of it in one sweep; `backends/base.py`
-        composes the separate passes."""
+                  grads: Optional[Grads], plan_skips: bool = False) -> FullRows:
+        """Full-vocabulary rows in as few sweeps as the backend can (`FullRows`). `lse_s`/`lse_t` None: the
+        log-sum-exps are computed here too (no stats pass ran); `scale` [n] and `grads` given: the gradient
+        (`full_grad_pass`) is added as well. A backend that holds a row's whole vocabulary in one tile does
+        all of it in one sweep; `backends/base.py` composes the separate passes. `plan_skips` (no `scale`: a
+        deferred gradient follows): also plan the whole tiles that gradient's sweep may skip
+        (`FullRows.tile_skips`; None where the backend does not skip tiles)."""
 
     def full_grad_pass(self, student, target, rows: torch.Tensor, lse_s: torch.Tensor, lse_t: torch.Tensor,
-                       c: torch.Tensor, kind: str, beta: float, scale: torch.Tensor, grads: Grads) -> None:
-        """Add `scale[n]` × ∂D/∂z (times τ) of full-vocabulary rows into `grads`."""
+                       c: torch.Tensor, kind: str, beta: float, scale: torch.Tensor, grads: Grads,
+                       tile_skips: Optional[TileSkips] = None) -> None:
+        """Add `scale[n]` × ∂D/∂z (times τ) of full-vocabulary rows into `grads`; `tile_skips`: `full_pass`'s
+        planned whole-tile skips of these rows (a backend that does not skip tiles ignores them)."""
 
     def term_grad_pass(self, student, rows: torch.Tensor, lse_s: torch.Tensor, term: RowTerm, scale: torch.Tensor,
                        grads: Grads) -> None:

@@ -66,7 +66,7 @@ Logits mode has no contraction to save (the gradient tile is the output): the ru
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -121,17 +121,28 @@ class SkipCounter:
         self.unformed += unformed * width
 
 
+class TileSkips(NamedTuple):
+    """The whole tiles the rows of a full-vocabulary gradient sweep skip, planned by the sweep before it
+    (`plan_tile_skips`): keep [n, tiles] bool (tiles of the backend's `vocab_chunk` columns) and spent [n]
+    float64, the bound mass of the skipped tiles, of the unscaled gradient (times the row's scale it starts
+    the row's block budget). A deferred gradient carries it from the forward to its backward
+    (`passes.Passes.full_pass(plan_skips=True)`, `full_grad_pass(tile_skips=...)`)."""
+
+    keep: torch.Tensor
+    spent: torch.Tensor
+
+
 def plan_tile_skips(bound: torch.Tensor, lower: torch.Tensor, delta: float) -> tuple:
     """Whole tiles to skip: each row skips its tiles of smallest upper bound `bound` [n, tiles] (of ‖g_T‖₁,
     NaN last, ties to the lower tile) while their running sum stays ≤ δ·`lower` [n] (≤ ‖g‖₁); none where
-    `lower` is not finite. Returns keep [n, tiles] bool and the bound mass spent [n] (float64)."""
+    `lower` is not finite. Returns `TileSkips`."""
     bound = bound.double().nan_to_num(nan=float("inf"))
     ordered, order = bound.sort(dim=1, stable=True)
     running = ordered.cumsum(1)
     limit = torch.where(torch.isfinite(lower), delta * lower.double(), torch.full_like(running[:, 0], -1.0))
     fits = running <= limit[:, None]  # a prefix: the bounds are >= 0
     spent = torch.where(fits, ordered, torch.zeros_like(ordered)).sum(1)
-    return ~torch.zeros_like(fits).scatter_(1, order, fits), spent
+    return TileSkips(~torch.zeros_like(fits).scatter_(1, order, fits), spent)
 
 
 class RowBudget:

@@ -263,6 +263,6 @@ def test_wide_reverse_kl_value_pass_returns_its_constant():
     hs, ws, ht, wt = torch.randn(8, 16), torch.randn(300, 16), torch.randn(8, 16), torch.randn(300, 16)
     s, t = ext.Stream(hs, ws, None, 1.0, 300), ext.Stream(ht, wt, None, 1.0, 300)
     for kind, expect in ((0, "value"), (1, "zero")):
-        _, value, c, _ = ext.full_pass(s, t, torch.arange(8), None, None, kind, 0.5, None, backend._tiling, None, None,
+        _, value, c, *_ = ext.full_pass(s, t, torch.arange(8), None, None, kind, 0.5, None, backend._tiling, None, None,
                                        None, None, False)
         assert torch.equal(c, value if expect == "value" else torch.zeros_like(value)), (kind, c, value)

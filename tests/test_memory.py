@@ -205,18 +205,18 @@ def test_frozen_head_gets_no_dw_buffer_in_any_pass():
     sinks = []
 
     class Spy(TorchBackend):
-        def full_grad_pass(self, *args):
+        def full_grad_pass(self, *args, **kw):
             sinks.append(args[-1])
-            return super().full_grad_pass(*args)
+            return super().full_grad_pass(*args, **kw)
 
         def term_grad_pass(self, *args):
             sinks.append(args[-1])
             return super().term_grad_pass(*args)
 
-        def full_pass(self, *args):  # value and gradient in one sweep (eager): grads is its last argument
+        def full_pass(self, *args, **kw):  # value and gradient in one sweep (eager): grads is its last argument
             if args[-1] is not None:
                 sinks.append(args[-1])
-            return super().full_pass(*args)
+            return super().full_pass(*args, **kw)
 
     t = linear_streams(N, H, V)
     h = leaf(t["student_hidden"])

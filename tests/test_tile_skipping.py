@@ -93,14 +93,14 @@ FAMILIES = {"torch": torch_backend, "cpp": cpp_backend}
 family = pytest.mark.parametrize("family", list(FAMILIES))
 
 
-def _grads(t: dict, y: torch.Tensor, backend, cfg: Optional[DOPDConfig] = None, upstream=None, **kw):
-    """The loss on streams `t` (DOPD with `cfg`, else fused-linear OPD with `kw`) and the gradients of the
-    student's hidden states, weight and bias; `upstream` [N] weights a reduction="none" loss."""
+def _grads(t: dict, y: torch.Tensor, backend, cfg: Optional[DOPDConfig] = None, upstream=None, thresholds=None, **kw):
+    """The loss on streams `t` (DOPD with `cfg` and `thresholds`, else fused-linear OPD with `kw`) and the
+    gradients of the student's hidden states, weight and bias; `upstream` [N] weights a reduction="none" loss."""
     tr = {k: leaf(t[k]) for k in STUDENT}
     common = dict(student_bias=tr["student_bias"], teacher_bias=t["teacher_bias"], backend=backend)
     if cfg is not None:
         out = fused_linear_dopd_loss(tr["student_hidden"], tr["student_weight"], t["teacher_hidden"], t["teacher_weight"],
-                                     t["priv_student_hidden"], y, config=cfg, **common)
+                                     t["priv_student_hidden"], y, config=cfg, thresholds=thresholds, **common)
     else:
         out = fused_linear_opd_loss(tr["student_hidden"], tr["student_weight"], t["teacher_hidden"], t["teacher_weight"],
                                     y, **common, **kw)
@@ -108,7 +108,31 @@ def _grads(t: dict, y: torch.Tensor, backend, cfg: Optional[DOPDConfig] = None, 
     return out, [tr[k].grad for k in STUDENT]
 
 
-def skip_bounds(t: dict, y: torch.Tensor, cfg: Optional[DOPDConfig] = None, upstream=None, **kw) -> dict:
+def separated_thresholds(t: dict, y: torch.Tensor, cfg: DOPDConfig) -> tuple:
+    """DOPD thresholds for `check_skipping`: the float64 reference's batch thresholds, each moved to the middle
+    between the two tokens' statistics that bracket it (Ā among the gaps A, q̄_T + q̄_P among the sums
+    q_T + q_P), so no token sits within fp32 rounding of a threshold. With the batch's own trimmed means,
+    about 1 draw in 150 of 192 peaked tokens routed a token differently in fp32 than in float64."""
+    d = {k: x.double() for k, x in t.items()}
+    with torch.no_grad():
+        ref = fused_linear_dopd_loss(d["student_hidden"], d["student_weight"], d["teacher_hidden"], d["teacher_weight"],
+                                     d["priv_student_hidden"], y, student_bias=d["student_bias"],
+                                     teacher_bias=d["teacher_bias"], config=cfg, backend="reference")
+    valid = y != cfg.ignore_index
+
+    def between(values: torch.Tensor, at: torch.Tensor) -> float:
+        v = values[valid].sort().values
+        i = int(torch.searchsorted(v, at))
+        lo, hi = (v[i - 1] if i > 0 else at - 1), (v[i] if i < v.numel() else at + 1)
+        return float((lo + hi) / 2)
+
+    th = ref.thresholds
+    confident = between(ref.q_teacher + ref.q_priv_student, th.q_teacher + th.q_priv_student)
+    return between(ref.adv_gap, th.adv_gap), confident / 2, confident / 2
+
+
+def skip_bounds(t: dict, y: torch.Tensor, cfg: Optional[DOPDConfig] = None, upstream=None, thresholds=None,
+                **kw) -> dict:
     """What skipping may change (skipping.py's bounds, no head transform), from the float64 reference's
     gradient g [N, V] with respect to the student's logits: dH at most δ·max_i ‖g_i‖₁·max_v,k |W_vk|, dW at
     most δ·max_k Σ_i ‖g_i‖₁·|h_ik| (its column sums bound every entry), db at most δ·Σ_i ‖g_i‖₁ (tiles
@@ -119,7 +143,7 @@ def skip_bounds(t: dict, y: torch.Tensor, cfg: Optional[DOPDConfig] = None, upst
     zt = logits(d["teacher_hidden"], d["teacher_weight"], d["teacher_bias"])
     if cfg is not None:
         zp = logits(d["priv_student_hidden"], d["student_weight"], d["student_bias"])
-        loss = dopd_loss(zs, zt, zp, y, config=cfg, backend="reference").loss
+        loss = dopd_loss(zs, zt, zp, y, config=cfg, thresholds=thresholds, backend="reference").loss
     else:
         loss = opd_loss(zs, zt, y, backend="reference", **kw).loss
     (loss if upstream is None else (loss * upstream.double()).sum()).backward()
@@ -134,8 +158,10 @@ def check_skipping(t: dict, y: torch.Tensor, make: Callable[[bool], object], **k
     reference (on float64 copies of the same values): with skipping, each of dH, dW, db is off the
     reference by at most the error without it plus the bound of `skip_bounds`, plus δ of its scale for the
     rounding of a different contraction order (kept rows are gathered, blocks contracted apart); and DOPD
-    routes alike. Returns the skipping backend's `SkipCounter` and its output."""
+    routes alike (with `separated_thresholds`). Returns the skipping backend's `SkipCounter` and its output."""
     dtype = t["student_hidden"].dtype
+    if kw.get("cfg") is not None and kw.get("thresholds") is None:
+        kw["thresholds"] = separated_thresholds(t, y, kw["cfg"])
     ref_out, ref = _grads({k: x.double() for k, x in t.items()}, y, "reference", **kw)
     bounds = skip_bounds(t, y, **kw)
     backends = [make(False), make(True)]
@@ -302,6 +328,61 @@ def test_dopd_ht_rows_skip_tiles_whole(family):
     skipped, out = check_skipping(t, y, FAMILIES[family](32, 256), cfg=cfg)
     assert int((out.regime == 2).sum()) > GATHER_ROWS, "too few HT rows"
     assert skipped.unformed > 0, f"nothing skipped whole: {skipped}"
+
+
+@family
+@pytest.mark.parametrize("kind", DIVS)
+def test_deferred_gradient_skips_the_planned_tiles(kind, family):
+    """reduction="none" with a backend object defers the gradient to the backward (`FusedLoss`): the forward's
+    online or value sweep plans the whole tiles (`full_pass(plan_skips=True)`, carried in the autograd state)
+    and the backward leaves them out unformed, as the eager gradient of a scalar reduction does. Upstream
+    gradients of powers of two keep every decision of the rule, so the counts must equal eager "sum"'s;
+    the gradients within `check_skipping`'s bound."""
+    t, y = peaked_streams(N, H, V), random_tokens(N, V, mask_frac=0.0)
+    upstream = 2.0 ** torch.randint(-1, 2, (N,)).double()
+    deferred, _ = check_skipping(t, y, FAMILIES[family](32, 256), upstream=upstream, divergence=kind,
+                                 granularity="full", reduction="none")
+    eager = FAMILIES[family](32, 256)(True)
+    _grads(t, y, eager, divergence=kind, granularity="full", reduction="sum")
+    assert deferred.unformed > 0.2 * deferred.entries, f"{deferred.unformed / deferred.entries:.2f} skipped whole"
+    assert (deferred.skipped, deferred.unformed) == (eager.skip_counter.skipped, eager.skip_counter.unformed)
+
+
+@family
+def test_deferred_dopd_ht_rows_skip_the_planned_tiles(family):
+    """DOPD with reduction="none": the HT rows' value sweep (log-sum-exps given) plans their tiles for the
+    deferred backward; the counts equal eager "sum"'s (upstream gradients of powers of two)."""
+    n = 192
+    t, y = peaked_streams(n, H, V), random_tokens(n, V)
+    upstream = 2.0 ** torch.randint(-1, 2, (n,)).double()
+    thresholds = separated_thresholds(t, y, DOPDConfig(top_k=8, trim=0.1))
+    deferred, _ = check_skipping(t, y, FAMILIES[family](32, 256), cfg=DOPDConfig(top_k=8, trim=0.1, reduction="none"),
+                                 upstream=upstream, thresholds=thresholds)
+    eager = FAMILIES[family](32, 256)(True)
+    _grads(t, y, eager, cfg=DOPDConfig(top_k=8, trim=0.1, reduction="sum"), thresholds=thresholds)
+    assert deferred.unformed > 0, f"nothing skipped whole: {deferred}"
+    assert (deferred.skipped, deferred.unformed) == (eager.skip_counter.skipped, eager.skip_counter.unformed)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("family,skipping", [("torch", None), ("cpp", None), ("cpp", "cpp")],
+                         ids=["torch", "cpp", "cpp-op"])
+def test_non_finite_upstream_reaches_every_column(family, skipping, bad):
+    """A row whose upstream gradient is NaN or inf has a NaN or inf gradient on every column: the tiles
+    bounded as negligible for it must not hide that (they are formed), so the non-finite entries of dH,
+    dW, db are those of the gradients without skipping. A backend object defers the gradient (tiles planned
+    in the forward); the "cpp" op's backward forms it eagerly with the upstream gradient as row weights
+    (its default tiles: 16 of 1024 columns here)."""
+    v = 4 * V
+    t, y = peaked_streams(N, H, v), random_tokens(N, v, mask_frac=0.0)
+    upstream = torch.ones(N, dtype=torch.float64)
+    upstream[3] = bad
+    backends = {False: FAMILIES[family](32, 256)(False), True: skipping or FAMILIES[family](32, 256)(True)}
+    grads = {skip: _grads(t, y, backend, upstream=upstream, divergence="js", granularity="full", reduction="none")[1]
+             for skip, backend in backends.items()}
+    for name, on, off in zip(("dH", "dW", "db"), grads[True], grads[False]):
+        assert bool((~torch.isfinite(off)).any()), f"{name}: no non-finite entry without skipping"
+        assert torch.equal(torch.isfinite(on), torch.isfinite(off)), f"{name}: non-finite entries differ"
 
 
 @family

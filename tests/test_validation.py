@@ -319,18 +319,18 @@ def test_logits_gradient_buffer_is_contiguous_whatever_the_input_layout():
     grads = []
 
     class Spy(TorchBackend):
-        def full_grad_pass(self, *args):
+        def full_grad_pass(self, *args, **kw):
             grads.append(args[-1].logits)
-            return super().full_grad_pass(*args)
+            return super().full_grad_pass(*args, **kw)
 
         def term_grad_pass(self, *args):
             grads.append(args[-1].logits)
             return super().term_grad_pass(*args)
 
-        def full_pass(self, *args):
+        def full_pass(self, *args, **kw):
             if args[-1] is not None:
                 grads.append(args[-1].logits)
-            return super().full_pass(*args)
+            return super().full_pass(*args, **kw)
 
     zs, zt, zp = correlated_logits((5, 4), V)
     s = zs.clone().requires_grad_(True)

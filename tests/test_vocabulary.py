@@ -105,9 +105,9 @@ def test_padding_rows_are_sliced_as_views_not_copied():
             seen.extend(sources)
             return super().stats_pass(sources, *args)
 
-        def full_pass(self, student, target, *args):  # full-vocabulary OPD: no stats pass, one sweep
+        def full_pass(self, student, target, *args, **kw):  # full-vocabulary OPD: no stats pass, one sweep
             seen.extend((student, target))
-            return super().full_pass(student, target, *args)
+            return super().full_pass(student, target, *args, **kw)
 
     t = linear_streams(7, H, V)
     wt = with_padding_rows(t["teacher_weight"], PAD)

@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..passes import Grads
+from ..passes import FullRows, Grads
 from ..sources import LinearSource
 
 NEG_INF = float("-inf")
@@ -48,15 +48,16 @@ class PassBackend:
 
     def full_pass(self, student, target, rows: torch.Tensor, lse_s: Optional[torch.Tensor],
                   lse_t: Optional[torch.Tensor], kind: str, beta: float, scale: Optional[torch.Tensor],
-                  grads: Optional[Grads]) -> tuple:
-        """`passes.Passes.full_pass` from the separate sweeps: statistics (when not given), value, gradient."""
+                  grads: Optional[Grads], plan_skips: bool = False) -> FullRows:
+        """`passes.Passes.full_pass` from the separate sweeps: statistics (when not given), value, gradient.
+        Their gradient sweep skips no whole tile, so `plan_skips` plans none."""
         if lse_s is None:
             stats = self.stats_pass((student, target), rows, torch.zeros_like(rows), (), 1)
             lse_s, lse_t = stats.lse
         value, c = self.full_value_pass(student, target, rows, lse_s, lse_t, kind, beta)
         if scale is not None:
             self.full_grad_pass(student, target, rows, lse_s, lse_t, c, kind, beta, scale, grads)
-        return lse_s, lse_t, value, c
+        return FullRows(lse_s, lse_t, value, c)
 
     def rest_logsumexp(self, source, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """log Σ exp(scaled logit) over the valid columns of each row of `rows` that are not in

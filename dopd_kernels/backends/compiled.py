@@ -31,7 +31,7 @@ import torch
 from .._build import load_extension
 from .. import gradients, skipping
 from ..codes import Divergence
-from ..passes import STUDENT, Grads, Stats, split_lse
+from ..passes import STUDENT, FullRows, Grads, Stats, split_lse
 from ..row_terms import RowTerm
 from ..sources import LogitsSource
 from .base import PassBackend
@@ -120,30 +120,33 @@ class CompiledBackend(PassBackend):
     def full_value_pass(self, student, target, rows, lse_s, lse_t, kind: str, beta: float):
         """Σ_v of the divergence per row and the gradient constant c (see the torch backend)."""
         if self._cpu_only_passes:
-            return self.full_pass(student, target, rows, lse_s, lse_t, kind, beta, None, None)[2:]
+            return self.full_pass(student, target, rows, lse_s, lse_t, kind, beta, None, None)[2:4]
         dt = student.dtype
         return self._ops.full_value_pass(self._stream(student), self._stream(target), rows.contiguous(),
                                          self._split(lse_s, dt), self._split(lse_t, dt), KIND_CODES[kind], beta, self._tiling)
 
     @torch.no_grad()
-    def full_pass(self, student, target, rows, lse_s, lse_t, kind: str, beta: float, scale, grads):
+    def full_pass(self, student, target, rows, lse_s, lse_t, kind: str, beta: float, scale, grads,
+                  plan_skips: bool = False) -> FullRows:
         """`passes.Passes.full_pass` in the CPU extension's fewest sweeps (csrc/passes_cpu.h `full_pass`): one
         sweep when a row's valid vocabulary fits one tile (V <= `vocab_chunk`), a row's phases in one thread
         in logits mode; wider fused-linear rows without given log-sum-exps compute them with the reverse /
         forward KL value online in one sweep (JS: its log-mixture needs them first, so a value sweep
-        follows), then the gradient sweep. The `cuda` backend composes the separate passes
-        (`PassBackend.full_pass`)."""
+        follows), then the gradient sweep, or with `plan_skips` (no `scale`) plan the whole tiles a deferred
+        gradient sweep skips. The `cuda` backend composes the separate passes (`PassBackend.full_pass`)."""
         if not self._cpu_only_passes:
             return super().full_pass(student, target, rows, lse_s, lse_t, kind, beta, scale, grads)
         dt, given = student.dtype, lse_s is not None
-        parts, value, c, counts = self._ops.full_pass(
+        args = self._grad_args(kind, beta, grads if scale is not None else Grads())
+        if scale is None:  # without a gradient, the extension's `skip` asks for the planned tile skips
+            args["skip"] = self.skip_negligible and plan_skips
+        parts, value, c, keep, spent, counts = self._ops.full_pass(
             self._stream(student), self._stream(target), rows.contiguous(), self._split(lse_s, dt) if given else None,
-            self._split(lse_t, dt) if given else None, scale=scale,
-            **self._grad_args(kind, beta, grads if scale is not None else Grads()))
+            self._split(lse_t, dt) if given else None, scale=scale, **args)
         self._count_skipped(counts)
         if not given:  # (max, log-sum) pairs added in float64, as the stats pass does (Stats.lse)
             lse_s, lse_t = parts[0].double() + parts[1].double(), parts[2].double() + parts[3].double()
-        return lse_s, lse_t, value, c
+        return FullRows(lse_s, lse_t, value, c, None if keep is None else skipping.TileSkips(keep, spent))
 
     def matmul_flops(self) -> int:
         """Matmul FLOPs the extension's passes performed since `reset_matmul_flops` (all CPU extension calls of
@@ -155,11 +158,15 @@ class CompiledBackend(PassBackend):
 
     @torch.no_grad()
     def full_grad_pass(self, student, target, rows, lse_s, lse_t, c, kind: str, beta: float, scale: torch.Tensor,
-                       grads: Grads) -> None:
-        dt = student.dtype
+                       grads: Grads, tile_skips: Optional[skipping.TileSkips] = None) -> None:
+        """Gradient tiles of full-vocabulary rows; on CPU, `full_pass`'s planned `tile_skips` are skipped whole
+        (the CUDA passes form every tile)."""
+        dt, args = student.dtype, self._grad_args(kind, beta, grads)
+        if tile_skips is not None and self._cpu_only_passes:
+            args.update(tile_keep=tile_skips.keep, tile_spent=tile_skips.spent)
         self._count_skipped(self._ops.grad_pass(
             self._stream(student), self._stream(target), rows.contiguous(), self._split(lse_s, dt),
-            self._split(lse_t, dt), c, None, None, None, False, scale, **self._grad_args(kind, beta, grads)))
+            self._split(lse_t, dt), c, None, None, None, False, scale, **args))
 
     @torch.no_grad()
     def term_grad_pass(self, student, rows, lse_s, term: RowTerm, scale: torch.Tensor, grads: Grads) -> None:

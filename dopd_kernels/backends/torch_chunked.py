@@ -11,14 +11,15 @@ rows that keep it. `skip_counter` counts what was skipped.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from .. import gradients, skipping
 from ..divergences import log_mixture
-from ..passes import STUDENT, Grads, Stats, split_lse
+from ..passes import STUDENT, FullRows, Grads, Stats, split_lse
 from ..row_terms import RowTerm
+from ..sources import LinearSource
 from ..topk import select_top_k
 from .base import NEG_INF, PassBackend, finish_logsumexp, online_logsumexp, without_columns
 
@@ -273,8 +274,7 @@ class TorchBackend(PassBackend):
 
     def _value_sweep(self, student, target, rows, lse_s, lse_t, kind: str, beta: float, delta: float) -> tuple:
         """`full_value_pass`'s (value, c) and, with δ > 0, the whole tiles each row may skip in its gradient
-        sweep (`_value_tile_bounds`, `skipping.plan_tile_skips`): keep [n, tiles] and the bound mass spent [n]
-        (of the unscaled gradient); else None."""
+        sweep (`_value_tile_bounds`, `skipping.plan_tile_skips`): a `skipping.TileSkips`; else None."""
         n, f64 = rows.shape[0], torch.float64
         value = torch.zeros(n, dtype=f64, device=rows.device)
         c = torch.zeros_like(value)
@@ -294,9 +294,10 @@ class TorchBackend(PassBackend):
                     sums.append(tile_sums)
             if delta > 0:
                 keep[sl], spent[sl] = skipping.plan_tile_skips(*_value_tile_bounds(sums, c[sl], kind), delta)
-        return value, c, None if keep is None else (keep, spent)
+        return value, c, None if keep is None else skipping.TileSkips(keep, spent)
 
-    def full_pass(self, student, target, rows, lse_s, lse_t, kind: str, beta: float, scale, grads):
+    def full_pass(self, student, target, rows, lse_s, lse_t, kind: str, beta: float, scale, grads,
+                  plan_skips: bool = False) -> FullRows:
         """Full-vocabulary rows in one sweep when a row's whole valid vocabulary fits one tile
         (V ≤ `vocab_chunk`, so no tile is wider than any other pass's): each chunk of rows gets its two
         streams' logits once and takes from them the log-sum-exps (when not given), the value, the
@@ -304,14 +305,16 @@ class TorchBackend(PassBackend):
         Wider rows of reverse / forward KL without given log-sum-exps: those and the KL online in one
         sweep (`_kl_sweep`), then the gradient sweep; JS and rows with given log-sum-exps: the statistics
         (when not given), the value sweep (`_value_sweep`), the gradient sweep. In wide rows the sweep
-        before the gradient's also bounds the whole tiles each row may skip (`skipping.plan_tile_skips`)."""
+        before the gradient's also bounds the whole tiles each row may skip (`skipping.plan_tile_skips`); with
+        `plan_skips` and no `scale` those are returned for a deferred `full_grad_pass`."""
         v, n, dt, f64 = student.effective_vocab, rows.shape[0], student.dtype, torch.float64
         # DESIGN.md's memory rule: no [chunk, V] tensor in fused-linear mode, so a whole row must fit one
         # ordinary tile (V ≤ vocab_chunk). A wider vocabulary takes two sweeps for reverse / forward KL
         # (log-sum-exps and KL online, then the gradient: its constant is the whole row's KL), three for JS
         # (its log-mixture needs both log-sum-exps before any term).
         if v > self.vocab_chunk:
-            delta = self._delta(student, grads) if scale is not None else 0.0
+            # δ of the gradient sweep that follows at once, or (plan_skips) of the deferred one: tiles planned now
+            delta = self._delta(student, grads) if scale is not None else (self._delta(student, None) if plan_skips else 0.0)
             if lse_s is not None or kind == "js":  # the value sweep bounds the tiles once it has c
                 if lse_s is None:
                     lse_s, lse_t = self.stats_pass((student, target), rows, torch.zeros_like(rows), (), 1).lse
@@ -319,9 +322,10 @@ class TorchBackend(PassBackend):
             else:
                 lse_s, lse_t, value, tile_skips = self._kl_sweep(student, target, rows, kind, delta)
                 c = value.clone() if kind == "reverse_kl" else torch.zeros_like(value)
-            if scale is not None:
-                self._full_grad_sweep(student, target, rows, lse_s, lse_t, c, kind, beta, scale, grads, tile_skips)
-            return lse_s, lse_t, value, c
+            if scale is None:
+                return FullRows(lse_s, lse_t, value, c, tile_skips)
+            self._full_grad_sweep(student, target, rows, lse_s, lse_t, c, kind, beta, scale, grads, tile_skips)
+            return FullRows(lse_s, lse_t, value, c)
         given = lse_s is not None
         if not given:
             lse_s, lse_t = (torch.empty(n, dtype=f64, device=rows.device) for _ in range(2))
@@ -346,13 +350,13 @@ class TorchBackend(PassBackend):
                 grad = self._full_tile_grad(lp, p, lq, zs, zt, self._constants(c[sl], lse_s[sl], lse_t[sl], kind, dt),
                                             kind, beta)
                 self._add_tile(grads, student, r, 0, grad.mul_(scale[sl, None].to(dt)), zs, self._budget(student, grads, r))
-        return lse_s, lse_t, value, c
+        return FullRows(lse_s, lse_t, value, c)
 
     def _kl_sweep(self, student, target, rows: torch.Tensor, kind: str, delta: float = 0.0) -> tuple:
         """Both streams' log-sum-exps and the reverse (KL(s‖t)) or forward (KL(t‖s)) KL of each row [n]
         (float64) in one sweep over the vocabulary (`_tile_kl`, `_merge_kl`). With δ > 0, also the whole tiles
-        each row may skip in its gradient sweep (`_kl_tile_bounds`, `skipping.plan_tile_skips`): keep
-        [n, tiles] and the bound mass spent [n] (of the unscaled gradient); else None."""
+        each row may skip in its gradient sweep (`_kl_tile_bounds`, `skipping.plan_tile_skips`): a
+        `skipping.TileSkips`; else None."""
         n, f64, reverse = rows.shape[0], torch.float64, kind == "reverse_kl"
         lse_s, lse_t, value = (torch.empty(n, dtype=f64, device=rows.device) for _ in range(3))
         tiles = -(-student.effective_vocab // self.vocab_chunk)
@@ -380,24 +384,32 @@ class TorchBackend(PassBackend):
             if delta > 0:
                 keep[sl], spent[sl] = skipping.plan_tile_skips(*_kl_tile_bounds(states, ranges, lse_a, lse_b, w / sw),
                                                                delta)
-        return lse_s, lse_t, value, None if keep is None else (keep, spent)
+        return lse_s, lse_t, value, None if keep is None else skipping.TileSkips(keep, spent)
 
     def full_grad_pass(self, student, target, rows, lse_s, lse_t, c, kind: str, beta: float, scale: torch.Tensor,
-                       grads: Grads) -> None:
-        """Gradient tiles of full-vocabulary rows, scaled per row by `scale` (upstream · weight / τ)."""
-        self._full_grad_sweep(student, target, rows, lse_s, lse_t, c, kind, beta, scale, grads, None)
+                       grads: Grads, tile_skips: Optional[skipping.TileSkips] = None) -> None:
+        """Gradient tiles of full-vocabulary rows, scaled per row by `scale` (upstream · weight / τ), leaving out
+        the whole tiles `full_pass(plan_skips=True)` planned (`tile_skips`)."""
+        self._full_grad_sweep(student, target, rows, lse_s, lse_t, c, kind, beta, scale, grads, tile_skips)
 
     def _full_grad_sweep(self, student, target, rows, lse_s, lse_t, c, kind: str, beta: float, scale: torch.Tensor,
-                         grads: Grads, tile_skips) -> None:
-        """`full_grad_pass`; `tile_skips` (keep [n, tiles], spent [n]) from `_kl_sweep` or `_value_sweep`, or None: a tile is
-        formed only for the rows that keep it, gathered and padded with rows that skip it to a multiple of
-        `skipping.GATHER_ROWS` (the whole chunk's tile when that is no fewer rows; the skipping rows' gradient
-        is then 0); each row's block budget starts with its spent bound, times its scale."""
+                         grads: Grads, tile_skips: Optional[skipping.TileSkips]) -> None:
+        """`full_grad_pass`; `tile_skips` from `_kl_sweep` or `_value_sweep`, or None: a tile is formed only for the
+        rows that keep it, gathered and padded with rows that skip it to a multiple of `skipping.GATHER_ROWS`
+        (the whole chunk's tile when that is no fewer rows; the skipping rows' gradient is then 0); each row's
+        block budget starts with its spent bound, times its scale. A row of non-finite scale keeps every tile
+        (its NaN or inf reaches every column, as without skipping); where this sweep skips nothing
+        (`_delta`), `tile_skips` are not used."""
+        if self._delta(student, grads) == 0:
+            tile_skips = None
         (hs, ls), (ht, lt), dt = split_lse(lse_s, student.dtype), split_lse(lse_t, target.dtype), student.dtype
         for sl in self._row_chunks(rows.shape[0]):
             r, sc = rows[sl], scale[sl, None].to(dt)
-            keep = None if tile_skips is None else tile_skips[0][sl]
-            spent = None if tile_skips is None else tile_skips[1][sl] * scale[sl].double().abs()
+            keep = spent = None
+            if tile_skips is not None:
+                finite = torch.isfinite(scale[sl])
+                keep = tile_skips.keep[sl] | ~finite[:, None]
+                spent = torch.where(finite, tile_skips.spent[sl] * scale[sl].double().abs(), torch.zeros_like(tile_skips.spent[sl]))
             budget = self._budget(student, grads, r, spent)
             const = self._constants(c[sl], lse_s[sl], lse_t[sl], kind, dt)
             row_hs, row_ls, row_ht, row_lt = hs[sl], ls[sl], ht[sl], lt[sl]
@@ -457,10 +469,13 @@ class TorchBackend(PassBackend):
                     self._fold_sparse(grad, term.cols[sl], term.sparse[sl].to(dt), c0)
                 self._add_tile(grads, student, r, c0, grad * sc, z, budget)
 
-    def _delta(self, student, grads: Grads) -> float:
+    def _delta(self, student, grads: Optional[Grads]) -> float:
         """δ of the gradient sweeps (`skipping.tolerance`), 0.0 where nothing is skipped: skipping off, no
-        contraction to save (logits mode, no dH or dW needed), float64 inputs."""
-        if not self.skip_negligible or (grads.dh is None and grads.dw is None):
+        contraction to save (logits mode, no dH or dW needed), float64 inputs. `grads` None: of a deferred
+        gradient sweep that will contract (its whole tiles planned now)."""
+        if not self.skip_negligible or not isinstance(student, LinearSource):
+            return 0.0
+        if grads is not None and grads.dh is None and grads.dw is None:
             return 0.0
         return skipping.tolerance(student.hidden.dtype)
 

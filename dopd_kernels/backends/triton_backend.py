@@ -102,7 +102,7 @@ import torch
 import triton  # noqa: F401  (fails here, so the registry reports the backend as unavailable)
 
 from .. import gradients
-from ..passes import STUDENT, Grads, Stats, split_lse
+from ..passes import STUDENT, FullRows, Grads, Stats, split_lse
 from ..row_terms import RowTerm
 from ..sources import LinearSource, LogitsSource
 from .base import PassBackend
@@ -498,12 +498,13 @@ class TritonBackend(PassBackend):
         """(hi, lo) fp32 pairs of the student's and the target's float64 log-sum-exps."""
         return tuple(t.contiguous() for lse in (lse_s, lse_t) for t in split_lse(lse.double(), torch.float32))
 
-    def full_pass(self, student, target, rows, lse_s, lse_t, kind: str, beta: float, scale, grads):
+    def full_pass(self, student, target, rows, lse_s, lse_t, kind: str, beta: float, scale, grads,
+                  plan_skips: bool = False) -> FullRows:
         """`passes.Passes.full_pass`: reverse / forward KL rows whose log-sum-exps are not given (full-
         vocabulary OPD) compute them with the value in one sweep (`kl_online_kernel`), then the gradient
         sweep: 6 projections per fused-linear row instead of 8. JS (its log-mixture needs both
         log-sum-exps first) and rows with given log-sum-exps (DOPD's HT rows, a vocabulary shard) take the
-        separate sweeps (`PassBackend.full_pass`)."""
+        separate sweeps (`PassBackend.full_pass`). No whole tile is skipped: `plan_skips` plans none."""
         if lse_s is not None or kind == "js":
             return super().full_pass(student, target, rows, lse_s, lse_t, kind, beta, scale, grads)
         n = rows.shape[0]
@@ -522,7 +523,7 @@ class TritonBackend(PassBackend):
         c = value if kind == "reverse_kl" else torch.zeros_like(value)
         if scale is not None:
             self.full_grad_pass(student, target, rows, lse_s, lse_t, c, kind, beta, scale, grads)
-        return lse_s, lse_t, value, c
+        return FullRows(lse_s, lse_t, value, c)
 
     def full_value_pass(self, student, target, rows, lse_s, lse_t, kind: str, beta: float):
         n = rows.shape[0]
@@ -539,9 +540,10 @@ class TritonBackend(PassBackend):
         return value.double(), c.double()
 
     def full_grad_pass(self, student, target, rows, lse_s, lse_t, c, kind: str, beta: float, scale: torch.Tensor,
-                       grads: Grads) -> None:
+                       grads: Grads, tile_skips=None) -> None:
         """Gradient of full-vocabulary rows, scaled per row by `scale` (upstream · weight / τ). Reverse KL's
-        kernel constant is K = c + lse_s − lse_t (`divergence.grad_tile`)."""
+        kernel constant is K = c + lse_s − lse_t (`divergence.grad_tile`). Every tile is formed
+        (`tile_skips`: none are planned here)."""
         coef = c + lse_s - lse_t if kind == "reverse_kl" else c
         self._grad_tiles(student, target, rows, lse_s, lse_t, coef, scale, self._div.KINDS[kind], beta, grads)
 
