@@ -24,6 +24,8 @@ exist) − RSS at that point, so gradients such as dW count as extra):
                                                           # a padded student head (Qwen2.5: 151936 rows, 151665 tokens)
     python benchmarks/bench_cpp_target.py --workload opd-kl --n 1024 --modes cpp --inputs peaked [--no-skip]
                                                           # LLM-like rows: negligible gradient tiles skipped (or not)
+    python benchmarks/bench_cpp_target.py --workload opd-kl --n 1024 --modes cpp torch --inputs peaked --reduction none
+                                                          # the deferred gradient (backward with unit upstream)
 
 Prints one JSON line per run and a summary.
 """
@@ -176,7 +178,7 @@ def own_matmuls(backend, sweeps, v):
         return time.perf_counter() - t0, flops
 
 
-def child(mode, workload, n, h, v, threads, tiles, pad_rows=0, inputs="gaussian", skip=True):
+def child(mode, workload, n, h, v, threads, tiles, pad_rows=0, inputs="gaussian", skip=True, reduction="mean"):
     import torch
 
     torch.set_num_threads(threads)
@@ -200,7 +202,8 @@ def child(mode, workload, n, h, v, threads, tiles, pad_rows=0, inputs="gaussian"
         if workload == "dopd":
             if mode == "naive":
                 return naive_dopd(hs, ws, ht, wt, hp, y)
-            out = dk.fused_linear_dopd_loss(hs, ws, ht, wt, hp, y, config=DOPDConfig(), backend=backend)
+            out = dk.fused_linear_dopd_loss(hs, ws, ht, wt, hp, y, config=DOPDConfig(reduction=reduction),
+                                            backend=backend)
             return out.loss, out.regime
         if mode == "naive":
             return naive_opd(hs, ws, ht, wt, kind), None
@@ -210,10 +213,12 @@ def child(mode, workload, n, h, v, threads, tiles, pad_rows=0, inputs="gaussian"
 
             case = Case("js", hs.shape[0], ws.shape[0], hs.shape[1])
             return build(PEERS[mode], SimpleNamespace(hs=hs, ws=ws, ht=ht, wt=wt, tokens=y), case)(), None
-        return dk.fused_linear_opd_loss(hs, ws, ht, wt, y, divergence=kind, granularity="full", backend=backend).loss, None
+        return dk.fused_linear_opd_loss(hs, ws, ht, wt, y, divergence=kind, granularity="full", reduction=reduction,
+                                        backend=backend).loss, None
 
     # Imports (TRL's alone take seconds), the extension's load and MKL's warm-up stay outside the measurement.
-    run(*make_inputs(16, 32, 300, pad_rows=pad_rows))[0].backward()
+    warm = run(*make_inputs(16, 32, 300, pad_rows=pad_rows))[0]
+    warm.backward(torch.ones_like(warm))
     cpp.reset_matmul_flops()
     backend.skip_counter = type(backend.skip_counter)()
     hs, ws, ht, wt, hp, y = make_inputs(n, h, v, pad_rows=pad_rows, inputs=inputs)
@@ -221,12 +226,14 @@ def child(mode, workload, n, h, v, threads, tiles, pad_rows=0, inputs="gaussian"
     base = status_bytes("VmRSS")
     c0, t0 = cpu_seconds(), time.perf_counter()
     loss, regime = run(hs, ws, ht, wt, hp, y)
-    loss.backward()
+    loss.backward(torch.ones_like(loss))  # reduction="none": a unit upstream gradient per token (deferred backward)
     elapsed, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    loss = loss.sum()
     peak = status_bytes("VmHWM")
     n_full = int((regime == 2).sum()) if regime is not None else n
     res = dict(mode=mode, workload=workload, n=n, h=h, v=v, threads=threads, pad_rows=pad_rows, inputs=inputs,
-               tiles=list(backend.tile_shape()) if mode in ("cpp", "torch") else None, seconds=round(elapsed, 3),
+               tiles=list(backend.tile_shape()) if mode in ("cpp", "torch") else None, reduction=reduction,
+               seconds=round(elapsed, 3),
                cpu_seconds=round(cpu, 3), loss=float(loss), peak_extra_mib=round((peak - base) / 2**20, 1),
                base_rss_mib=round(base / 2**20, 1), full_rows=n_full)
     if mode in ("cpp", "torch"):
@@ -266,19 +273,25 @@ def main():
     ap.add_argument("--inputs", choices=["gaussian", "peaked"], default="gaussian",
                     help="peaked: LLM-like rows whose gradient tiles are mostly negligible (make_inputs)")
     ap.add_argument("--no-skip", action="store_true", help="the cpp and torch backends with skip_negligible=False")
+    ap.add_argument("--reduction", choices=["mean", "none"], default="mean",
+                    help="none: per-token losses, backward with a unit upstream gradient (the library's deferred "
+                         "gradient: a backend object runs the gradient sweep in the backward); cpp and torch modes only")
     ap.add_argument("--child", default=None)
     a = ap.parse_args()
     if a.workload != "opd-js" and set(a.modes) & set(PEERS):
         ap.error(f"--modes {' '.join(sorted(set(a.modes) & set(PEERS)))}: the peers run the opd-js workload only")
     if a.pad_rows and not a.child and set(a.modes) - {"cpp", "torch"}:
         ap.error("--pad-rows: the cpp and torch modes only (the others take no LMHead)")
+    if a.reduction != "mean" and not a.child and set(a.modes) - {"cpp", "torch"}:
+        ap.error("--reduction none: the cpp and torch modes only")
     if a.child:
-        child(a.child, a.workload, a.n, a.h, a.v, a.threads, a.tiles, a.pad_rows, a.inputs, not a.no_skip)
+        child(a.child, a.workload, a.n, a.h, a.v, a.threads, a.tiles, a.pad_rows, a.inputs, not a.no_skip, a.reduction)
         return
     results = {}
     for mode in a.modes:
         cmd = [sys.executable, __file__, "--child", mode, "--workload", a.workload, "--n", str(a.n), "--h", str(a.h), "--v", str(a.v),
-               "--threads", str(a.threads), "--pad-rows", str(a.pad_rows), "--inputs", a.inputs] + (
+               "--threads", str(a.threads), "--pad-rows", str(a.pad_rows), "--inputs", a.inputs,
+               "--reduction", a.reduction] + (
                    ["--tiles", *map(str, a.tiles)] if a.tiles else []) + (["--no-skip"] if a.no_skip else [])
         p = subprocess.run(cmd, capture_output=True, text=True)
         line = (p.stdout.strip().splitlines() or [""])[-1]
