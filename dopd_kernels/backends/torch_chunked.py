@@ -314,7 +314,9 @@ class TorchBackend(PassBackend):
         # (its log-mixture needs both log-sum-exps before any term).
         if v > self.vocab_chunk:
             # δ of the gradient sweep that follows at once, or (plan_skips) of the deferred one: tiles planned now
-            delta = self._delta(student, grads) if scale is not None else (self._delta(student, None) if plan_skips else 0.0)
+            delta = 0.0
+            if scale is not None or plan_skips:
+                delta = self._delta(student, grads if scale is not None else None)
             if lse_s is not None or kind == "js":  # the value sweep bounds the tiles once it has c
                 if lse_s is None:
                     lse_s, lse_t = self.stats_pass((student, target), rows, torch.zeros_like(rows), (), 1).lse
@@ -409,7 +411,8 @@ class TorchBackend(PassBackend):
             if tile_skips is not None:
                 finite = torch.isfinite(scale[sl])
                 keep = tile_skips.keep[sl] | ~finite[:, None]
-                spent = torch.where(finite, tile_skips.spent[sl] * scale[sl].double().abs(), torch.zeros_like(tile_skips.spent[sl]))
+                spent = tile_skips.spent[sl] * scale[sl].double().abs()
+                spent = torch.where(finite, spent, torch.zeros_like(spent))
             budget = self._budget(student, grads, r, spent)
             const = self._constants(c[sl], lse_s[sl], lse_t[sl], kind, dt)
             row_hs, row_ls, row_ht, row_lt = hs[sl], ls[sl], ht[sl], lt[sl]
