@@ -331,14 +331,15 @@ def test_dopd_ht_rows_skip_tiles_whole(family):
 
 
 @family
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("kind", DIVS)
-def test_deferred_gradient_skips_the_planned_tiles(kind, family):
+def test_deferred_gradient_skips_the_planned_tiles(kind, dtype, family):
     """reduction="none" with a backend object defers the gradient to the backward (`FusedLoss`): the forward's
     online or value sweep plans the whole tiles (`full_pass(plan_skips=True)`, carried in the autograd state)
     and the backward leaves them out unformed, as the eager gradient of a scalar reduction does. Upstream
     gradients of powers of two keep every decision of the rule, so the counts must equal eager "sum"'s;
-    the gradients within `check_skipping`'s bound."""
-    t, y = peaked_streams(N, H, V), random_tokens(N, V, mask_frac=0.0)
+    the gradients within `check_skipping`'s bound (bf16: δ = 2^-12, and the suite's bf16 tolerance)."""
+    t, y = peaked_streams(N, H, V, dtype=dtype), random_tokens(N, V, mask_frac=0.0)
     upstream = 2.0 ** torch.randint(-1, 2, (N,)).double()
     deferred, _ = check_skipping(t, y, FAMILIES[family](32, 256), upstream=upstream, divergence=kind,
                                  granularity="full", reduction="none")
