@@ -48,8 +48,14 @@ def test_generator_is_llm_like():
 @pytest.mark.parametrize("rows", [1, 4])
 def test_budget_bound_holds_per_row(rows):
     """RowBudget on gradient tiles of softmax differences (Σ_v g_v = 0) split into tiles: each row's
-    skipped L1 mass ≤ δ‖g‖₁; a row with a NaN keeps the block that holds it; a zero row skips every
-    block (row by row); a group of `rows` rows decides each block together."""
+    skipped L1 mass ≤ δ(‖g‖₁ + |Σ_v g_v|); a row with a NaN keeps the block that holds it; a zero row skips
+    every block (row by row); a group of `rows` rows decides each block together.
+
+    The rule's lower bound Σ_seen|g| + |Σ_seen g| relies on Σ_v g_v = 0, which the fp32-rounded g keeps only up to
+    its rounding: with |Σ_seen g| ≤ ‖g_unseen‖₁ + |Σ_v g_v| the guarantee is δ(‖g‖₁ + |Σ_v g_v|). The two differ
+    only on rows whose g is itself rounding noise: rows of 50·N(0, 1) logits, nearly one-hot in both softmaxes,
+    whose peak p_v − p'_v rounds to 0 in fp32 while the rest of the row keeps its 1e-18 (seed 2030770381:
+    skipped 6.3e-24 against δ‖g‖₁ = 3.5e-24; the old assertion failed in 1 of 34 runs here)."""
     n, v, delta = 12, 3000, 2.0 ** -20
     # (at 30·N(0, 1), the 4-row groups found no block negligible for all their rows in 3 of 400 draws)
     z = 50 * torch.randn(n, v, dtype=torch.float64)
@@ -67,7 +73,7 @@ def test_budget_bound_holds_per_row(rows):
     kept = torch.cat(kept, 1)
     skipped = torch.where(kept, torch.zeros_like(g), g.abs()).sum(1)
     ok = torch.isfinite(g).all(1)
-    assert bool((skipped[ok] <= delta * g[ok].abs().sum(1)).all())
+    assert bool((skipped[ok] <= delta * (g[ok].abs().sum(1) + g[ok].sum(1).abs())).all())
     assert bool(kept[2, :SKIP_COLUMNS].all())
     assert bool((~kept[ok]).any()), "nothing skipped on rows of logits 50·N(0, 1)"
     if rows == 1:
