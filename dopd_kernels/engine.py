@@ -214,9 +214,8 @@ class LossEngine:
         lse_s, lse_t = res.lse_s, res.lse_t
         target = self.sources[g.target]
         if g.granularity == "full":
-            plan = {"plan_skips": True} if self.deferred else {}
             res.lse_s, res.lse_t, value, res.full_c, skips = self.passes.full_pass(
-                self.student, target, rows, lse_s, lse_t, g.divergence, s.js_beta, scale, grads, **plan)
+                self.student, target, rows, lse_s, lse_t, g.divergence, s.js_beta, scale, grads, plan_skips=self.deferred)
             if skips is not None:
                 res.tile_keep, res.tile_spent = skips
             if self.shard is not None:  # partial sums over this shard's columns
@@ -255,9 +254,9 @@ class LossEngine:
             g = res.group
             scale = self._scale(grad_per_token, res)
             if res.term is None:
-                skips = {} if res.tile_keep is None else {"tile_skips": TileSkips(res.tile_keep, res.tile_spent)}
+                skips = None if res.tile_keep is None else TileSkips(res.tile_keep, res.tile_spent)
                 self.passes.full_grad_pass(self.student, self.sources[g.target], res.rows, res.lse_s, res.lse_t,
-                                           res.full_c, g.divergence, s.js_beta, scale, grads, **skips)
+                                           res.full_c, g.divergence, s.js_beta, scale, grads, tile_skips=skips)
             else:
                 self.passes.term_grad_pass(self.student, res.rows, res.lse_s, res.term, scale, grads)
         if self.shard is not None and grads.dh is not None:
