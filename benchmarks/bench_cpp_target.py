@@ -241,6 +241,7 @@ def child(mode, workload, n, h, v, threads, tiles, pad_rows=0, inputs="gaussian"
         res["skip_negligible"] = skip
         res["skipped"] = round(k.fraction, 4)  # share of the gradient entries whose contractions were skipped
         res["unformed"] = round(k.unformed / k.entries, 4) if k.entries else 0.0  # ... not even recomputed
+        res["value_unformed"] = round(k.value_unformed / (n_full * v), 4) if n_full else 0.0  # JS value sweeps
     if mode == "cpp":
         res["counted_gflop"] = round(cpp.matmul_flops() / 1e9, 3)
         # The README's floor: one projection per stream per row (3 streams for DOPD, 2 for OPD), plus the dH / dW

@@ -23,6 +23,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("SKIP_TOLERANCE") = py::dict(py::arg("float32") = dopd::SKIP_TOLERANCE_FP32,
                                       py::arg("bfloat16") = dopd::SKIP_TOLERANCE_BF16,
                                       py::arg("float16") = dopd::SKIP_TOLERANCE_FP16);
+  m.attr("SKIP_VALUE_SHARE") = dopd::SKIP_VALUE_SHARE;
 
   py::class_<dopd::Stream>(m, "Stream")
       .def(py::init([](at::Tensor x, std::optional<at::Tensor> w, std::optional<at::Tensor> b, double inv_tau,

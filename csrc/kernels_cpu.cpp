@@ -389,43 +389,93 @@ struct NoBlockHook {
   void operator()(const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t) const {}
 };
 
+// The tiles each row of a chunk keeps (keep [rows, tiles]) and the bound mass it skipped (spent [rows]): whole
+// tiles a row of a full-vocabulary sweep neither projects nor uses ("skipping whole tiles" below).
+struct TileSkips {
+  int64_t tiles = 0;
+  std::vector<uint8_t> keep;
+  std::vector<double> spent;
+  bool kept(int64_t i, int64_t tile) const { return keep[i * tiles + tile] != 0; }
+};
+
+// The rows of a chunk of `r` rows that form one tile, `ids` (increasing). When they leave rows of the chunk out,
+// their hidden states are gathered and padded with rows that skip the tile to a multiple of GATHER_ROWS (their
+// logits unused); otherwise the chunk's whole tile is projected. A GEMM of a few rows takes other BLAS kernels,
+// which round the logits differently from the dense tile's GEMM, and on the ~50-nat logits of peaked rows (whose
+// gradients cancel) measurably less accurately.
+struct TileRows {
+  int64_t m, padded;
+  bool gather;
+  std::vector<int64_t> order;  // gathered: ids, then the padding rows
+
+  TileRows(const std::vector<int64_t>& ids, int64_t r)
+      : m(static_cast<int64_t>(ids.size())), padded(std::min(r, (m + GATHER_ROWS - 1) / GATHER_ROWS * GATHER_ROWS)),
+        gather(padded < r) {
+    if (!gather) return;
+    order.assign(ids.begin(), ids.end());
+    for (int64_t i = 0, q = 0; static_cast<int64_t>(order.size()) < padded; ++i) {
+      if (q < m && ids[q] == i) ++q;  // ids is increasing: i is kept, not a padding row
+      else order.push_back(i);
+    }
+  }
+  // The tile row of the j-th kept row (chunk row i).
+  int64_t at(int64_t j, int64_t i) const { return gather ? j : i; }
+  // The hidden states [padded, H] the tile is projected from, of the chunk's `h` [r, H].
+  Tensor select(const Tensor& h) const {
+    if (!gather || !h.defined()) return h;
+    return h.index_select(0, at::from_blob(const_cast<int64_t*>(order.data()), {padded}, at::TensorOptions().dtype(at::kLong)));
+  }
+};
+
 // Fused-linear sweep over both streams' logit tiles (two projections per row): for each chunk of rows and
 // vocabulary block, the transformed tiles of s and t, then f(q, zs, zt, c0, len) for each row q of the chunk
 // (an index into `rows`; zs may be overwritten) at columns [c0, c0 + len), rows in parallel, then after(rows of the chunk, their
-// student hidden states, the student tile [r, len], c0, len).
+// student hidden states, the student tile [r, len], c0, len). With `pre` (one chunk: rows.size(0) ≤ row_chunk), a
+// tile is formed only for the rows that keep it (TileRows), f is called for those alone, and `after` is not called.
 template <typename A, typename F, typename G = NoBlockHook>
-void linear_pair_sweep(const Stream& s, const Stream& t, const Tensor& rows, Tiling tl, F&& f, G&& after = G()) {
+void linear_pair_sweep(const Stream& s, const Stream& t, const Tensor& rows, Tiling tl, F&& f, G&& after = G(),
+                       const TileSkips* pre = nullptr) {
   const int64_t n = rows.size(0), vv = s.valid_vocab;
   const Head<A> head_s = head_of<A>(s), head_t = head_of<A>(t);
   const LinearPlan plan(n, vv, tl);
+  TORCH_CHECK(!pre || n <= plan.rows_per_chunk, "dopd cpu: tile skips need one chunk");
   Tensor buf_s = at::empty({plan.buffer()}, rows.options().dtype(s.acc()));
   Tensor buf_t = at::empty({plan.buffer()}, rows.options().dtype(s.acc()));
+  std::vector<int64_t> ids;
   for (int64_t r0 = 0; r0 < n; r0 += plan.rows_per_chunk) {
     const int64_t r = std::min(plan.rows_per_chunk, n - r0);
     const Tensor rr = rows.narrow(0, r0, r);
     const Tensor hs = hidden_rows(s, rr), ht = hidden_rows(t, rr);
     for (int64_t c0 = 0; c0 < vv; c0 += plan.block) {
       const int64_t len = std::min(plan.block, vv - c0);
-      const Tensor tile = counted_tile(s, hs, c0, len, buf_s);
+      ids.clear();
+      for (int64_t i = 0; i < r; ++i)
+        if (!pre || pre->kept(i, c0 / plan.block)) ids.push_back(i);
+      if (ids.empty()) continue;
+      const TileRows tr(ids, r);
+      const Tensor tile = counted_tile(s, tr.select(hs), c0, len, buf_s);
       A* ts = tile.data_ptr<A>();
-      A* tt = counted_tile(t, ht, c0, len, buf_t).data_ptr<A>();
+      A* tt = counted_tile(t, tr.select(ht), c0, len, buf_t).data_ptr<A>();
 #pragma omp parallel for num_threads(num_threads()) schedule(static)
-      for (int64_t i = 0; i < r; ++i) {
-        head_transform(ts + i * len, len, head_s);
-        head_transform(tt + i * len, len, head_t);
-        f(r0 + i, ts + i * len, tt + i * len, c0, len);
+      for (int64_t j = 0; j < tr.m; ++j) {
+        const int64_t at = tr.at(j, ids[j]) * len;
+        head_transform(ts + at, len, head_s);
+        head_transform(tt + at, len, head_t);
+        f(r0 + ids[j], ts + at, tt + at, c0, len);
       }
-      after(rr, hs, tile, c0, len);
+      if (!pre) after(rr, hs, tile, c0, len);
     }
   }
 }
 
 // Value and gradient constant of fused-linear full-vocabulary rows from given log-sum-exps (hi, lo) [2, n]:
 // one sweep of both streams' tiles (rows wider than one tile; see full_impl). With `sums` [rows of one chunk,
-// tiles], also each tile's TileSums.
+// tiles], also each tile's TileSums (zero for a skipped tile). With `pre` (one chunk), each row sums only the
+// tiles it keeps.
 template <int KIND, typename A>
 std::tuple<Tensor, Tensor> value_impl(const Stream& s, const Stream& t, const Tensor& rows, const Tensor& lse_s,
-                                      const Tensor& lse_t, double beta, Tiling tl, TileSums* sums = nullptr) {
+                                      const Tensor& lse_t, double beta, Tiling tl, TileSums* sums = nullptr,
+                                      const TileSkips* pre = nullptr) {
   const int64_t n = rows.size(0);
   const A inv_tau = static_cast<A>(s.inv_tau);
   const DivParams<A> P = div_params<A>(KIND, beta);
@@ -435,10 +485,11 @@ std::tuple<Tensor, Tensor> value_impl(const Stream& s, const Stream& t, const Te
   double* vp = value.data_ptr<double>();
   double* cp = c.data_ptr<double>();
   const int64_t block = LinearPlan(n, s.valid_vocab, tl).block, tiles = (s.valid_vocab + block - 1) / block;
+  if (sums) std::fill_n(sums, n * tiles, TileSums{});
   linear_pair_sweep<A>(s, t, rows, tl, [&](int64_t q, A* zs, const A* zt, int64_t c0, int64_t len) {
     value_segment<KIND>(zs, zt, len, inv_tau, ls.hi[q], ls.lo[q], lt.hi[q], lt.lo[q], P, vp[q], cp[q],
                         sums ? sums + q * tiles + c0 / block : nullptr);
-  });
+  }, NoBlockHook(), pre);
   if (KIND == REVERSE_KL) c.copy_(value);
   return {value, c};
 }
@@ -542,11 +593,12 @@ struct LogitsGrad {
 // start with mass already spent: tiles skipped whole before they were formed (TileSkips, below).
 
 // How many gradient entries (row × column) were offered to the contractions, how many were skipped, and how
-// many of those were skipped before their logits were recomputed (TileSkips: no projection either).
+// many of those were skipped before their logits were recomputed (TileSkips: no projection either); and how many
+// entries of JS value sweeps were not projected (js_value_skips; net of rows swept again), two projections each.
 struct SkipCount {
-  int64_t entries = 0, skipped = 0, unformed = 0;
+  int64_t entries = 0, skipped = 0, unformed = 0, value_unformed = 0;
   SkipCount& operator+=(const SkipCount& o) {
-    entries += o.entries, skipped += o.skipped, unformed += o.unformed;
+    entries += o.entries, skipped += o.skipped, unformed += o.unformed, value_unformed += o.value_unformed;
     return *this;
   }
 };
@@ -707,14 +759,6 @@ struct TileMass {
   double w, sw;      // Σ e^{x_a − a.m}(x_a − x_b) and Σ e^{x_a − a.m}, as KlState's
 };
 
-// The tiles each row of a chunk keeps (keep [rows, tiles]) and the bound mass it skipped (spent [rows]).
-struct TileSkips {
-  int64_t tiles = 0;
-  std::vector<uint8_t> keep;
-  std::vector<double> spent;
-  bool kept(int64_t i, int64_t tile) const { return keep[i * tiles + tile] != 0; }
-};
-
 // P_T: the share of a row's softmax mass (log-sum-exp `l`) in a tile's (max, Σ exp) state.
 template <typename A>
 double tile_share(const LseState<A>& x, double l) {
@@ -723,10 +767,14 @@ double tile_share(const LseState<A>& x, double l) {
 
 // The tiles to skip of `rows` rows: bounds(i, bound) writes row i's upper bounds of ‖u_T‖₁ [tiles] and returns
 // its lower bound L ≤ ‖u‖₁. A row skips its tiles of smallest bound (NaN last, ties to the lower tile) while their
-// running sum stays ≤ δ·L; none when L is not finite.
+// running sum stays ≤ δ·L; none when L is not finite. With `forced`, row i first skips the tiles `forced` leaves
+// out, their mass forced->spent[i]; a row that leaves a tile out but whose mass alone exceeds δ·L (or whose L is
+// not finite) skips nothing and is marked in `failed`.
 template <typename F>
-TileSkips plan_tile_skips(int64_t rows, int64_t tiles, double delta, F&& bounds) {
+TileSkips plan_tile_skips(int64_t rows, int64_t tiles, double delta, F&& bounds, const TileSkips* forced = nullptr,
+                          std::vector<uint8_t>* failed = nullptr) {
   TileSkips out{tiles, std::vector<uint8_t>(rows * tiles, 1), std::vector<double>(rows, 0.0)};
+  if (failed) failed->assign(rows, 0);
 #pragma omp parallel num_threads(num_threads())
   {
     std::vector<double> bound(tiles);
@@ -734,14 +782,21 @@ TileSkips plan_tile_skips(int64_t rows, int64_t tiles, double delta, F&& bounds)
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < rows; ++i) {
       const double lower = bounds(i, bound.data());
-      if (!std::isfinite(lower)) continue;
+      double running = forced ? forced->spent[i] : 0.0;
+      if (!std::isfinite(lower) || !(running <= delta * lower)) {
+        if (forced && std::count(forced->keep.begin() + i * tiles, forced->keep.begin() + (i + 1) * tiles, 0))
+          (*failed)[i] = 1;
+        continue;
+      }
+      if (forced) std::copy_n(forced->keep.begin() + i * tiles, tiles, out.keep.begin() + i * tiles);
+      out.spent[i] = running;
       for (int64_t q = 0; q < tiles; ++q) ord[q] = q;
       std::sort(ord.begin(), ord.end(), [&](int64_t u, int64_t v) {
         if (std::isnan(bound[u]) || std::isnan(bound[v])) return !std::isnan(bound[u]) && std::isnan(bound[v]);
         return bound[u] < bound[v] || (bound[u] == bound[v] && u < v);
       });
-      double running = 0;
       for (int64_t q = 0; q < tiles; ++q) {
+        if (!out.kept(i, ord[q])) continue;  // forced
         running += bound[ord[q]];
         if (!(running <= delta * lower)) break;
         out.keep[i * tiles + ord[q]] = 0;
@@ -794,6 +849,111 @@ double value_bounds(const TileSums* sums, double c, int64_t tiles, double* bound
     }
   }
   return lower;
+}
+
+// -- skipping whole tiles of a JS row's value sweep --------------------------------------------------
+//
+// JS sweeps its log-sum-exps first, then its value and constant c = β KL(p‖m) (log m_v is not separable), and its
+// gradient needs c before any tile. The log-sum-exp sweep's TileMass gives each tile's share of both streams'
+// mass, P_T and Q_T, and these bound the tile's terms without forming them. With m = βp + (1−β)q ≥ βp,
+// p·log(p/m) ≤ p·log(1/β), and log x ≥ 1 − 1/x gives p·log(p/m) ≥ p − m = (1−β)(p − q) ≥ −(1−β)q, so (for q
+// with β and 1 − β swapped)
+//   |Σ_T β p log(p/m)|      ≤ a_T = β·max(P_T log(1/β), (1−β) Q_T),
+//   |Σ_T (1−β) q log(q/m)|  ≤ b_T = (1−β)·max(Q_T log(1/(1−β)), β P_T),
+//   Σ_T β p |log(p/m)|      ≤ e_T = β(P_T log(1/β) + (1−β) Q_T).
+// The JS of the tiles' masses, J = Σ_T β P_T log(P_T/M_T) + (1−β) Q_T log(Q_T/M_T) (M_T = βP_T + (1−β)Q_T), is at
+// most the row's (merging columns never increases a divergence). A row leaves out of its value sweep its tiles
+// of smallest a_T + b_T while their sum stays ≤ s·δ·J (js_value_skips; s = SKIP_VALUE_SHARE = 1/4): its value errs
+// by at most δ/4 relative, and its constant c̃, summed over the kept tiles, by at most E_c = Σ_skipped a_T. Its gradient sweep leaves those
+// tiles out too, each of mass ‖u_T‖₁ = Σ_T p|β log(p/m) − c| ≤ e_T + (|c̃| + E_c)·P_T; the kept tiles' gradients,
+// formed with c̃, err by E_c·Σ p ≤ E_c, and their block rule, whose lower bound is of ‖ũ‖₁ ≤ ‖u‖₁ + E_c, by δ·E_c
+// more. That sum starts the row's gradient plan (js_gradient_start; plan_tile_skips with `forced`), whose lower
+// bound, Σ_kept |Σ_T ũ_v| − E_c, is ≤ ‖u‖₁. That start is ~2–3× the value's skipped bound mass (e_T ≤ 2a_T, the
+// c terms), hence the share s = 1/4: it fits δ‖u‖₁ unless ‖u‖₁ falls below ~J (near-disjoint streams, whose
+// gradient vanishes while their JS does not). A row where it does not fit takes a correction sweep of the tiles
+// it left out (formed as the first sweep's, padded alike, so their logits round alike) and plans as without value
+// skips: skipping.py's guarantee holds for every row.
+
+// The (row × column) entries a sweep of `r` rows with tile skips `pre` projects (linear_pair_sweep: padded rows
+// included).
+inline int64_t projected_entries(const TileSkips& pre, int64_t r, int64_t vv, int64_t block) {
+  int64_t total = 0;
+  std::vector<int64_t> ids;
+  for (int64_t c0 = 0; c0 < vv; c0 += block) {
+    ids.clear();
+    for (int64_t i = 0; i < r; ++i)
+      if (pre.kept(i, c0 / block)) ids.push_back(i);
+    if (!ids.empty()) total += TileRows(ids, r).padded * std::min(block, vv - c0);
+  }
+  return total;
+}
+
+// a_T, b_T, e_T of a tile with shares p = P_T, q = Q_T.
+struct JsTileBound {
+  double a, b, e;
+};
+
+inline JsTileBound js_tile_bound(double p, double q, double beta) {
+  const double lb = -std::log(beta), l1b = -std::log1p(-beta);
+  return {beta * std::max(p * lb, (1 - beta) * q), (1 - beta) * std::max(q * l1b, beta * p),
+          beta * (p * lb + (1 - beta) * q)};
+}
+
+// x·log(x/y), 0 at x = 0.
+inline double xlog_ratio(double x, double y) { return x > 0 ? x * std::log(x / y) : 0.0; }
+
+// The shares P_T, Q_T of the tiles of the rows of a JS log-sum-exp sweep: states st [rows], tile masses [rows, tiles].
+template <typename A>
+struct JsShares {
+  const KlState<A>* st;
+  const TileMass<A>* mass;
+  int64_t tiles;
+  std::pair<double, double> operator()(int64_t i, int64_t q) const {
+    const double lp = double(st[i].a.m) + std::log(double(st[i].a.s)), lq = double(st[i].b.m) + std::log(double(st[i].b.s));
+    return {tile_share(mass[i * tiles + q].a, lp), tile_share(mass[i * tiles + q].b, lq)};
+  }
+};
+
+// The value sweep's tile skips of `rows` JS rows, within SKIP_VALUE_SHARE·δ·J.
+template <typename A>
+TileSkips js_value_skips(const JsShares<A>& shares, int64_t rows, double beta, double delta) {
+  return plan_tile_skips(rows, shares.tiles, SKIP_VALUE_SHARE * delta, [&](int64_t i, double* bound) {
+    double j = 0;
+    for (int64_t q = 0; q < shares.tiles; ++q) {
+      const auto [p_t, q_t] = shares(i, q);
+      const JsTileBound b = js_tile_bound(p_t, q_t, beta);
+      const double m_t = beta * p_t + (1 - beta) * q_t;
+      bound[q] = b.a + b.b;
+      j += beta * xlog_ratio(p_t, m_t) + (1 - beta) * xlog_ratio(q_t, m_t);
+    }
+    return j;  // J ≤ the row's JS
+  });
+}
+
+// The start of a JS row's gradient plan after a value sweep that left out `vskip`'s tiles: those tiles forced,
+// spent Σ_skipped (e_T + (|c̃| + E_c) P_T) + (1 + δ)E_c, and each row's E_c.
+struct JsGradientStart {
+  TileSkips forced;
+  std::vector<double> ec;
+};
+
+template <typename A>
+JsGradientStart js_gradient_start(const TileSkips& vskip, const JsShares<A>& shares, const double* c, int64_t rows,
+                                  double beta, double delta) {
+  const int64_t tiles = vskip.tiles;
+  JsGradientStart out{{tiles, vskip.keep, std::vector<double>(rows, 0.0)}, std::vector<double>(rows, 0.0)};
+  for (int64_t i = 0; i < rows; ++i) {
+    double ec = 0, mass = 0, share = 0;
+    for (int64_t q = 0; q < tiles; ++q) {
+      if (vskip.kept(i, q)) continue;
+      const auto [p_t, q_t] = shares(i, q);
+      const JsTileBound b = js_tile_bound(p_t, q_t, beta);
+      ec += b.a, mass += b.e, share += p_t;
+    }
+    out.ec[i] = ec;
+    out.forced.spent[i] = mass + (std::abs(c[i]) + ec) * share + (1 + delta) * ec;
+  }
+  return out;
 }
 
 // grad_pass (see passes_cpu.h); with `skip`, fused-linear tiles leave out their negligible blocks (BlockSkipper),
@@ -863,7 +1023,7 @@ SkipCount grad_impl(const Stream& s, const Stream* t, const Tensor& rows, const 
   Tensor buf_t = FULL ? at::empty({plan.buffer()}, rows.options().dtype(s.acc())) : Tensor();
   BlockSkipper skipper(skip, s, want_dh || want_dw, plan.rows_per_chunk, plan.block);
   TORCH_CHECK(!pre || (FULL && skipper.on() && n <= plan.rows_per_chunk), "dopd cpu: tile skips need one skipping chunk");
-  std::vector<int64_t> ids, gathered;  // the chunk's rows that form the current tile; those projected
+  std::vector<int64_t> ids;  // the chunk's rows that form the current tile
   for (int64_t r0 = 0; r0 < n; r0 += plan.rows_per_chunk) {
     const int64_t r = std::min(plan.rows_per_chunk, n - r0);
     const Tensor rr = rows.narrow(0, r0, r);
@@ -885,26 +1045,16 @@ SkipCount grad_impl(const Stream& s, const Stream* t, const Tensor& rows, const 
         skipper.count += SkipCount{r * len, r * len, r * len};
         continue;
       }
-      // The rows that keep the tile are gathered, and projected padded with rows that skip it to a multiple of
-      // GATHER_ROWS (their logits unused), when that leaves rows of the chunk out; otherwise the chunk's whole
-      // tile is projected as without skipping, and the rows that skip it contract nothing. A GEMM of a few rows
-      // takes other BLAS kernels, which round the logits differently from the dense tile's GEMM, and on the
-      // ~50-nat logits of peaked rows (whose gradients cancel) measurably less accurately.
-      const int64_t padded = std::min(r, (m + GATHER_ROWS - 1) / GATHER_ROWS * GATHER_ROWS);
-      const bool gather = padded < r;
-      Tensor hs_m = hs, ht_m = ht, dh_m = dh_rows, at_ids;
+      // The rows that keep the tile are gathered (TileRows); with the chunk's whole tile projected, the rows that
+      // skip it contract nothing.
+      const TileRows tr(ids, r);
+      const bool gather = tr.gather;
+      const Tensor hs_m = tr.select(hs), ht_m = tr.select(ht);
+      Tensor dh_m = dh_rows, at_ids;
       if (gather) {
-        gathered.assign(ids.begin(), ids.end());
-        for (int64_t i = 0, q = 0; static_cast<int64_t>(gathered.size()) < padded; ++i) {
-          if (q < m && ids[q] == i) ++q;  // ids is increasing: i is kept, not a padding row
-          else gathered.push_back(i);
-        }
         at_ids = at::from_blob(ids.data(), {m}, at::TensorOptions().dtype(at::kLong));
-        const Tensor at_gathered = at::from_blob(gathered.data(), {padded}, at::TensorOptions().dtype(at::kLong));
-        hs_m = hs.index_select(0, at_gathered);
-        if (FULL) ht_m = ht.index_select(0, at_gathered);
         if (want_dh) dh_m = at::zeros({m, dh_rows.size(1)}, dh_rows.options());
-        skipper.count += SkipCount{(r - m) * len, (r - m) * len, (r - padded) * len};
+        skipper.count += SkipCount{(r - m) * len, (r - m) * len, (r - tr.padded) * len};
       }
       const Tensor tile_all = counted_tile(s, hs_m, c0, len, buf_s);
       A* ts = tile_all.data_ptr<A>();
@@ -914,7 +1064,7 @@ SkipCount grad_impl(const Stream& s, const Stream* t, const Tensor& rows, const 
         std::vector<A> jac(head_s.identity() ? 0 : len);
 #pragma omp for schedule(static)
         for (int64_t j = 0; j < m; ++j) {
-          const int64_t i = ids[j], at = gather ? j : i;  // chunk row, tile row
+          const int64_t i = ids[j], at = tr.at(j, i);  // chunk row, tile row
           head_transform(ts + at * len, len, head_s);
           if (FULL) head_transform(tt + at * len, len, head_t);
           grad_segment<KIND, FULL>(ts + at * len, FULL ? tt + at * len : nullptr, ts + at * len, c0, len, k, inv_tau,
@@ -961,7 +1111,7 @@ void for_blocks(int64_t vv, int64_t block, F&& f) {
 // Merge one block of both streams (logits zs, zt, scaled by inv_tau) into a row's KlState: the two
 // log-sum-exps and, for reverse / forward KL, W (row_math.h). JS keeps only the log-sum-exps: its log m_v =
 // log(β p_v + (1−β) q_v) mixes the normalised distributions, so no running sum rescales into Σ p log(p/m).
-// With `tile`, also the block's TileMass (reverse / forward KL).
+// With `tile`, also the block's TileMass.
 template <int KIND, typename A>
 void online_segment(const A* zs, const A* zt, int64_t len, A inv_tau, KlState<A>& st, TileMass<A>* tile = nullptr) {
   const A* za = KIND == FORWARD_KL ? zt : zs;  // the weighting stream a of KL(a‖b)
@@ -1013,6 +1163,8 @@ void online_segment(const A* zs, const A* zt, int64_t len, A inv_tau, KlState<A>
       }
       *tile = {seg.a, seg.b, dmin, dmax, seg.w, seg.sw};
     }
+  } else if (tile) {
+    *tile = {seg.a, seg.b, A(0), A(0), 0.0, 0.0};  // JS: the streams' shares alone (js_value_skips)
   }
   st = kl_merge(st, seg);
 }
@@ -1131,10 +1283,67 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, SkipCount> full_impl(const St
       std::copy(pre.keep.begin(), pre.keep.begin() + r * tiles, keep_out.data_ptr<bool>() + r0 * tiles);
       std::copy(pre.spent.begin(), pre.spent.begin() + r, spent_out.data_ptr<double>() + r0);
     };
+    // With tiles to skip (delta > 0), JS and rows with given log-sum-exps take a value sweep that keeps each tile's
+    // TileSums, then at once the gradient sweep, chunk by chunk, leaving out whole tiles (or, without `scale`, the
+    // chunk's planned skips are stored). `vskip`: the JS tiles the value sweep leaves out (with their shares).
+    std::vector<TileSums> sums(delta > 0 ? plan.rows_per_chunk * tiles : 0);
+    auto value_then_grad = [&](int64_t r0, int64_t r, const TileSkips* vskip, const JsShares<A>* shares) {
+      const Tensor rr = rows.narrow(0, r0, r), l2s_c = l2s.narrow(1, r0, r), l2t_c = l2t.narrow(1, r0, r);
+      Tensor value_c, c_c;
+      std::tie(value_c, c_c) = value_impl<KIND, A>(s, t, rr, l2s_c, l2t_c, beta, tl, sums.data(), vskip);
+      if (vskip) count.value_unformed += r * vv - projected_entries(*vskip, r, vv, plan.block);  // less any correction
+      const double* cp_c = c_c.data_ptr<double>();
+      TileSkips pre;
+      if (!vskip) {
+        pre = plan_tile_skips(r, tiles, delta, [&](int64_t i, double* bound) {
+          return value_bounds<KIND>(sums.data() + i * tiles, cp_c[i], tiles, bound);
+        });
+      } else {
+        const JsGradientStart start = js_gradient_start(*vskip, *shares, cp_c, r, beta, delta);
+        std::vector<uint8_t> failed;
+        pre = plan_tile_skips(r, tiles, delta, [&](int64_t i, double* bound) {
+          const double lower = value_bounds<KIND>(sums.data() + i * tiles, cp_c[i], tiles, bound);
+          for (int64_t q = 0; q < tiles; ++q) bound[q] += start.ec[i] * sums[i * tiles + q].p;
+          return lower - start.ec[i];
+        }, &start.forced, &failed);
+        // Rows whose divergence hides inside their tiles: a correction sweep of the tiles they left out (gathered
+        // as the first sweep's, so their logits round alike), then the plan without value skips.
+        TileSkips more{tiles, std::vector<uint8_t>(r * tiles, 0), std::vector<double>(r, 0.0)};
+        bool any = false;
+        for (int64_t i = 0; i < r; ++i)
+          for (int64_t q = 0; q < tiles && failed[i]; ++q)
+            if (!vskip->kept(i, q)) more.keep[i * tiles + q] = 1, any = true;
+        if (any) {
+          std::vector<TileSums> sums2(r * tiles);
+          Tensor value_f, c_f;
+          std::tie(value_f, c_f) = value_impl<KIND, A>(s, t, rr, l2s_c, l2t_c, beta, tl, sums2.data(), &more);
+          count.value_unformed -= projected_entries(more, r, vv, plan.block);
+          value_c.add_(value_f);
+          c_c.add_(c_f);
+          for (int64_t q = 0; q < r * tiles; ++q)  // disjoint tiles: one of the two is zero
+            sums[q] = {sums[q].p + sums2[q].p, sums[q].q + sums2[q].q, sums[q].pa + sums2[q].pa,
+                       sums[q].pa_abs + sums2[q].pa_abs};
+          const TileSkips again = plan_tile_skips(r, tiles, delta, [&](int64_t i, double* bound) {
+            return value_bounds<KIND>(sums.data() + i * tiles, cp_c[i], tiles, bound);
+          });
+          for (int64_t i = 0; i < r; ++i) {
+            if (!failed[i]) continue;
+            std::copy_n(again.keep.begin() + i * tiles, tiles, pre.keep.begin() + i * tiles);
+            pre.spent[i] = again.spent[i];
+          }
+        }
+      }
+      value.narrow(0, r0, r).copy_(value_c);
+      c.narrow(0, r0, r).copy_(c_c);
+      if (!grad) return store(r0, r, pre);
+      count += grad_impl<KIND, true, A>(s, &t, rr, l2s_c, l2t_c, c_c, std::nullopt, std::nullopt, std::nullopt, false,
+                                        scale->narrow(0, r0, r), beta, tl, grad_logits, dh, dw, db, skip, &pre);
+    };
     if (!given) {
-      // The online sweep, chunk by chunk. A reverse / forward KL row is complete after its chunk's sweep, so
-      // its gradient sweep follows at once, leaving out whole tiles where the skip rule allows (TileSkips).
-      const bool bounds = KIND != JS && delta > 0;
+      // The online sweep, chunk by chunk. A reverse / forward KL row is complete after its chunk's sweep, so its
+      // gradient sweep follows at once, leaving out whole tiles where the skip rule allows (TileSkips); a JS row
+      // takes its value sweep first, leaving out whole tiles too (js_value_skips).
+      const bool bounds = delta > 0;
       std::vector<KlState<A>> st(plan.rows_per_chunk);
       std::vector<TileMass<A>> mass(bounds ? plan.rows_per_chunk * tiles : 0);
       A *hs = l2s.data_ptr<A>(), *ht = l2t.data_ptr<A>();
@@ -1151,7 +1360,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, SkipCount> full_impl(const St
           hs[r0 + q] = g.ls, hs[n + r0 + q] = g.ls2, ht[r0 + q] = g.lt, ht[n + r0 + q] = g.lt2;
         }
         if (KIND == REVERSE_KL) c.narrow(0, r0, r).copy_(value.narrow(0, r0, r));  // reverse KL's constant: its value
-        if (KIND == JS || (!grad && !bounds)) continue;
+        if constexpr (KIND == JS) {
+          if (!bounds) continue;  // the value sweep of all rows follows
+          const JsShares<A> shares{st.data(), mass.data(), tiles};
+          const TileSkips vskip = js_value_skips(shares, r, beta, delta);
+          value_then_grad(r0, r, &vskip, &shares);
+          continue;
+        }
+        if (!grad && !bounds) continue;
         const std::optional<TileSkips> pre =
             bounds ? std::optional<TileSkips>(plan_tile_skips(r, tiles, delta, [&](int64_t i, double* bound) {
               return online_bounds<KIND>(st[i], mass.data() + i * tiles, tiles, bound);
@@ -1166,10 +1382,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, SkipCount> full_impl(const St
                                           tl, grad_logits, dh, dw, db, skip, pre ? &*pre : nullptr);
       }
     }
-    if (!given && KIND != JS) return {parts, value, c, keep_out, spent_out, count};
-    // JS, or log-sum-exps given: a value sweep, then the gradient sweep. With tiles to skip, chunk by chunk: each
-    // chunk's value sweep keeps its TileSums, and its gradient sweep follows at once leaving out whole tiles (or,
-    // without `scale`, the chunk's planned skips are stored).
+    if (!given && (KIND != JS || delta > 0)) return {parts, value, c, keep_out, spent_out, count};
+    // JS without tiles to skip, or log-sum-exps given: a value sweep, then the gradient sweep.
     if (delta == 0) {
       std::tie(value, c) = value_impl<KIND, A>(s, t, rows, l2s, l2t, beta, tl);
       if (grad)
@@ -1177,25 +1391,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, SkipCount> full_impl(const St
                                          *scale, beta, tl, grad_logits, dh, dw, db, skip);
       return {parts, value, c, keep_out, spent_out, count};
     }
-    std::vector<TileSums> sums(plan.rows_per_chunk * tiles);
-    for (int64_t r0 = 0; r0 < n; r0 += plan.rows_per_chunk) {
-      const int64_t r = std::min(plan.rows_per_chunk, n - r0);
-      const Tensor rr = rows.narrow(0, r0, r), l2s_c = l2s.narrow(1, r0, r), l2t_c = l2t.narrow(1, r0, r);
-      Tensor value_c, c_c;
-      std::tie(value_c, c_c) = value_impl<KIND, A>(s, t, rr, l2s_c, l2t_c, beta, tl, sums.data());
-      value.narrow(0, r0, r).copy_(value_c);
-      c.narrow(0, r0, r).copy_(c_c);
-      const double* cp_c = c_c.data_ptr<double>();
-      const TileSkips pre = plan_tile_skips(r, tiles, delta, [&](int64_t i, double* bound) {
-        return value_bounds<KIND>(sums.data() + i * tiles, cp_c[i], tiles, bound);
-      });
-      if (!grad) {
-        store(r0, r, pre);
-        continue;
-      }
-      count += grad_impl<KIND, true, A>(s, &t, rr, l2s_c, l2t_c, c_c, std::nullopt, std::nullopt, std::nullopt, false,
-                                        scale->narrow(0, r0, r), beta, tl, grad_logits, dh, dw, db, skip, &pre);
-    }
+    for (int64_t r0 = 0; r0 < n; r0 += plan.rows_per_chunk)
+      value_then_grad(r0, std::min(plan.rows_per_chunk, n - r0), nullptr, nullptr);
     return {parts, value, c, keep_out, spent_out, count};
   }
 
@@ -1325,7 +1522,7 @@ std::tuple<Tensor, Tensor> rest_lse_pass(const Stream& s, const Tensor& rows, co
   return out;
 }
 
-std::tuple<Tensor, Tensor, Tensor, std::optional<Tensor>, std::optional<Tensor>, std::tuple<int64_t, int64_t, int64_t>>
+std::tuple<Tensor, Tensor, Tensor, std::optional<Tensor>, std::optional<Tensor>, std::tuple<int64_t, int64_t, int64_t, int64_t>>
 full_pass(const Stream& s, const Stream& t, const Tensor& rows, const std::optional<Tensor>& lse_s,
           const std::optional<Tensor>& lse_t, int64_t kind, double beta, const std::optional<Tensor>& scale, Tiling tiling,
           const std::optional<Tensor>& grad_logits, const std::optional<Tensor>& dh, const std::optional<Tensor>& dw,
@@ -1342,7 +1539,7 @@ full_pass(const Stream& s, const Stream& t, const Tensor& rows, const std::optio
   const SkipCount& n = std::get<5>(out);
   auto planned = [](const Tensor& x) { return x.defined() ? std::optional<Tensor>(x) : std::nullopt; };
   return {std::get<0>(out), std::get<1>(out), std::get<2>(out), planned(std::get<3>(out)), planned(std::get<4>(out)),
-          {n.entries, n.skipped, n.unformed}};
+          {n.entries, n.skipped, n.unformed, n.value_unformed}};
 }
 
 int64_t matmul_flops() { return matmul_flops_counted.load(std::memory_order_relaxed); }

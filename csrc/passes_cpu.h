@@ -63,9 +63,11 @@ std::tuple<at::Tensor, at::Tensor> rest_lse_pass(const Stream& s, const at::Tens
 // Without `scale`, `skip` plans instead the whole tiles each wide fused-linear row may skip in a later grad_pass
 // (a deferred gradient, of any per-row scale): returned as tile_keep [n, tiles] (bool) and tile_spent [n] (float64,
 // the bound mass skipped, of the unscaled gradient), None where nothing was planned (rows that fit one tile,
-// logits mode, a dtype that never skips). The last result is grad_pass's (entries, skipped, unformed).
+// logits mode, a dtype that never skips). A JS row wider than one tile also leaves out of its value sweep the tiles
+// its log-sum-exp sweep bounds as negligible (value within δ relative). The last result is grad_pass's (entries,
+// skipped, unformed) and the value sweeps' unprojected entries.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>,
-           std::tuple<int64_t, int64_t, int64_t>>
+           std::tuple<int64_t, int64_t, int64_t, int64_t>>
 full_pass(
     const Stream& s, const Stream& t, const at::Tensor& rows, const std::optional<at::Tensor>& lse_s,
     const std::optional<at::Tensor>& lse_t, int64_t kind, double beta, const std::optional<at::Tensor>& scale,

@@ -29,10 +29,12 @@ enum Kind : int { REVERSE_KL = 0, FORWARD_KL = 1, JS = 2 };
 enum RegimeCode : int { IGNORED = -1, LH = 0, LL = 1, HT = 2, HS = 3 };
 
 // Skipping negligible gradient blocks (dopd_kernels/skipping.py: the bound, the rule and the source of
-// these values; exposed as SKIP_COLUMNS and SKIP_TOLERANCE, which tests/test_constants.py checks): the
-// width of a skippable column block and δ per storage dtype of the student's inputs (float64: never).
+// these values; exposed as SKIP_COLUMNS, SKIP_TOLERANCE and SKIP_VALUE_SHARE, which tests/test_constants.py
+// checks): the width of a skippable column block, δ per storage dtype of the student's inputs (float64: never),
+// and the share of δ·J a JS row's value sweep may leave out (VALUE_SHARE).
 constexpr int64_t SKIP_COLUMNS = 256;
 constexpr double SKIP_TOLERANCE_FP32 = 0x1p-20, SKIP_TOLERANCE_BF16 = 0x1p-12, SKIP_TOLERANCE_FP16 = 0x1p-15;
+constexpr double SKIP_VALUE_SHARE = 0.25;
 // Rows a gathered logit tile is padded to a multiple of (kernels_cpu.cpp, grad_impl): MKL's sgemm takes
 // other kernels below ~12 rows and at row counts off multiples of 4, which round differently.
 constexpr int64_t GATHER_ROWS = 16;

@@ -60,11 +60,24 @@ the guarantee is the same while the skipped tiles cost neither recomputation nor
 of `GATHER_ROWS`. `cpp`: reverse / forward KL (bounds from the online sweep of the log-sum-exps and KL), JS
 and rows with given log-sum-exps (from the value sweep); `torch` likewise (`_kl_sweep`, `_value_sweep`).
 
+JS value sweeps. A wide JS row needs a value sweep between its log-sum-exps and its gradient (log m_v is not
+separable), and before this a whole value sweep was formed for every tile. Its log-sum-exp sweep now keeps each
+tile's share of both streams' mass, P_T and Q_T, which bound the tile's value terms and gradient mass without
+forming the tile (`js_tile_bounds`; csrc/kernels_cpu.cpp derives them). The row leaves out of its value sweep
+its tiles of smallest bound within `VALUE_SHARE`·δ·J, J being the JS of the tiles' masses, which is at most the
+row's JS (`plan_js_value_skips`). So the value errs by at most δ/4 relative, and the gradient constant by a known
+E_c. Those tiles are then forced skips of the gradient plan, with E_c charged to its budget
+(`js_gradient_start`, `plan_tile_skips(forced=...)`). A row whose forced mass does not fit δ·‖u‖₁ is a row whose
+gradient nearly vanishes while its JS does not. It sweeps the tiles it left out after all (a correction sweep)
+and then plans as without value skips. Both `cpp` and `torch` do this when skipping is on and a gradient follows
+(eager or planned for a deferred one). A forward without a gradient sweeps every tile.
+
 Logits mode has no contraction to save (the gradient tile is the output): the rule is not applied.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -73,6 +86,9 @@ import torch
 # δ per storage dtype of the student's hidden states and weight (see the module docstring).
 TOLERANCE = {torch.float32: 2.0 ** -20, torch.bfloat16: 2.0 ** -12, torch.float16: 2.0 ** -15}
 SKIP_COLUMNS = 256  # width of a skippable column block
+# The share of δ·J a JS row's value sweep may leave out (`plan_js_value_skips`): its gradient plan starts ~2–3×
+# that spent (`js_gradient_start`), and must still fit δ‖u‖₁.
+VALUE_SHARE = 0.25
 # Rows a gathered logit tile is padded to a multiple of (with rows that skip it): BLAS takes other kernels for
 # GEMMs of a few rows, or of row counts off multiples of 4, which round differently from the dense tile's.
 GATHER_ROWS = 16
@@ -97,11 +113,14 @@ class SkipCounter:
     costs the same 2·H FLOPs in each of dH and dW, so `fraction` is the share of contraction FLOPs saved.
     `unformed`: the skipped entries whose logits were not even recomputed, 2·H FLOPs per stream more each
     (the `cpp` backend's whole-tile skips of wide full-vocabulary rows, bounded from the statistics of the
-    sweep before their gradient sweep; rows projected only to pad a gathered tile count as formed)."""
+    sweep before their gradient sweep; rows projected only to pad a gathered tile count as formed).
+    `value_unformed`: entries of JS value sweeps not projected ("JS value sweeps" in the module docstring; 2·H
+    FLOPs per stream each), less those a correction sweep projected."""
 
     entries: int = 0
     skipped: int = 0
     unformed: int = 0
+    value_unformed: int = 0
 
     @property
     def fraction(self) -> float:
@@ -132,17 +151,59 @@ class TileSkips(NamedTuple):
     spent: torch.Tensor
 
 
-def plan_tile_skips(bound: torch.Tensor, lower: torch.Tensor, delta: float) -> tuple:
+def plan_tile_skips(bound: torch.Tensor, lower: torch.Tensor, delta: float, forced: Optional[TileSkips] = None):
     """Whole tiles to skip: each row skips its tiles of smallest upper bound `bound` [n, tiles] (of ‖g_T‖₁,
     NaN last, ties to the lower tile) while their running sum stays ≤ δ·`lower` [n] (≤ ‖g‖₁); none where
-    `lower` is not finite. Returns `TileSkips`."""
+    `lower` is not finite. Returns `TileSkips`. With `forced`, row i first skips the tiles `forced` leaves out,
+    their mass `forced.spent[i]`, and the result is (`TileSkips`, failed [n] bool): a row where that mass alone
+    exceeds δ·lower (or lower is not finite) while it leaves a tile out skips nothing and is marked failed."""
     bound = bound.double().nan_to_num(nan=float("inf"))
+    start = torch.zeros_like(bound[:, 0]) if forced is None else forced.spent.double()
+    if forced is not None:  # forced tiles first, at no further cost: their mass is `start`
+        bound = torch.where(forced.keep, bound, torch.zeros_like(bound))
     ordered, order = bound.sort(dim=1, stable=True)
-    running = ordered.cumsum(1)
-    limit = torch.where(torch.isfinite(lower), delta * lower.double(), torch.full_like(running[:, 0], -1.0))
+    running = start[:, None] + ordered.cumsum(1)
+    limit = torch.where(torch.isfinite(lower), delta * lower.double(), torch.full_like(start, -1.0))
     fits = running <= limit[:, None]  # a prefix: the bounds are >= 0
-    spent = torch.where(fits, ordered, torch.zeros_like(ordered)).sum(1)
-    return TileSkips(~torch.zeros_like(fits).scatter_(1, order, fits), spent)
+    skip = torch.zeros_like(fits).scatter_(1, order, fits)
+    spent = torch.where(fits, ordered, torch.zeros_like(ordered)).sum(1) + torch.where(fits[:, 0], start, 0.0)
+    if forced is None:
+        return TileSkips(~skip, spent)
+    failed = (~forced.keep & ~skip).any(1)  # a forced tile that did not fit: none did
+    return TileSkips(~skip, spent), failed
+
+
+def js_tile_bounds(p: torch.Tensor, q: torch.Tensor, beta: float) -> tuple:
+    """Bounds of a JS tile's terms from its shares of the two streams' mass, p = P_T and q = Q_T (float64, any
+    shape; csrc/kernels_cpu.cpp, "skipping whole tiles of a JS row's value sweep", derives them):
+    a_T ≥ |Σ_T β p log(p/m)|, b_T ≥ |Σ_T (1−β) q log(q/m)|, e_T ≥ Σ_T β p |log(p/m)|."""
+    lb, l1b = -math.log(beta), -math.log1p(-beta)
+    return (beta * torch.maximum(p * lb, (1 - beta) * q), (1 - beta) * torch.maximum(q * l1b, beta * p),
+            beta * (p * lb + (1 - beta) * q))
+
+
+def plan_js_value_skips(p: torch.Tensor, q: torch.Tensor, beta: float, delta: float) -> TileSkips:
+    """The tiles each JS row leaves out of its value sweep, from the shares p = P_T, q = Q_T [n, tiles] of its
+    log-sum-exp sweep: its tiles of smallest a_T + b_T while their sum stays ≤ `VALUE_SHARE`·δ·J, J = the JS of
+    the tiles' masses (≤ the row's JS: merging columns never increases a divergence), so the value errs by at most
+    δ/4 relative."""
+    a, b, _ = js_tile_bounds(p, q, beta)
+    m = beta * p + (1 - beta) * q
+    xlog = lambda x: torch.where(x > 0, x * (x / m).log(), torch.zeros_like(x))
+    return plan_tile_skips(a + b, (beta * xlog(p) + (1 - beta) * xlog(q)).sum(1), VALUE_SHARE * delta)
+
+
+def js_gradient_start(value_skips: TileSkips, p: torch.Tensor, q: torch.Tensor, c: torch.Tensor, beta: float,
+                      delta: float) -> tuple:
+    """The start of JS rows' gradient plans after a value sweep that left out `value_skips`' tiles (shares p, q
+    [n, tiles], constants c [n] summed over the kept tiles): (`TileSkips` forcing those tiles, spent
+    Σ_skipped (e_T + (|c| + E_c)·P_T) + (1 + δ)·E_c; E_c [n] = Σ_skipped a_T, the constant's error bound)."""
+    a, _, e = js_tile_bounds(p, q, beta)
+    skipped = ~value_skips.keep
+    zero = torch.zeros_like(a)
+    ec = torch.where(skipped, a, zero).sum(1)
+    mass = torch.where(skipped, e + (c.double().abs() + ec)[:, None] * p, zero).sum(1)
+    return TileSkips(value_skips.keep, mass + (1 + delta) * ec), ec
 
 
 class RowBudget:

@@ -13,7 +13,7 @@ import torch
 from dopd_kernels import Regime
 from dopd_kernels.codes import DIVERGENCES, Divergence
 from dopd_kernels.config import DIVERGENCES as CONFIG_DIVERGENCES
-from dopd_kernels.skipping import SKIP_COLUMNS, TOLERANCE
+from dopd_kernels.skipping import SKIP_COLUMNS, TOLERANCE, VALUE_SHARE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,6 +39,7 @@ def test_compiled_extension_codes_match():
     # The skip rule's constants (dopd_kernels.skipping is their one definition; row_math.h mirrors them).
     assert ext.SKIP_COLUMNS == SKIP_COLUMNS
     assert {getattr(torch, name): delta for name, delta in ext.SKIP_TOLERANCE.items()} == TOLERANCE
+    assert ext.SKIP_VALUE_SHARE == VALUE_SHARE
 
 
 def test_triton_kernel_codes_match():

@@ -14,6 +14,7 @@ mode and `skip_negligible=False` skip nothing.
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -23,7 +24,9 @@ import torch
 
 from conftest import assert_close, leaf, linear_streams, random_tokens
 from dopd_kernels import DOPDConfig, TorchBackend, dopd_loss, fused_linear_dopd_loss, fused_linear_opd_loss, opd_loss
-from dopd_kernels.skipping import GATHER_ROWS, SKIP_COLUMNS, RowBudget, tolerance
+from dopd_kernels.skipping import (GATHER_ROWS, SKIP_COLUMNS, RowBudget, TileSkips, js_tile_bounds, plan_js_value_skips,
+                                   plan_tile_skips, tolerance)
+from dopd_kernels.sources import LinearSource
 from test_backend_conformance import Target, compare_fused_linear_opd
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,7 +175,13 @@ def check_skipping(t: dict, y: torch.Tensor, make: Callable[[bool], object], **k
     bounds = skip_bounds(t, y, **kw)
     backends = [make(False), make(True)]
     (off_out, off), (on_out, on) = (_grads(t, y, b, **kw) for b in backends)
-    assert torch.equal(on_out.per_token_loss, off_out.per_token_loss)  # the forward values are untouched
+    # The values: untouched, except a JS row's value sweep leaves out tiles within δ of its value (js_value_skips),
+    # and tiles formed for fewer rows round their logits differently (as off's own error: a second rounding).
+    ref_v, on_v, off_v = (x.per_token_loss.double() for x in (ref_out, on_out, off_out))
+    err_on, err_off = float((on_v - ref_v).abs().max()), float((off_v - ref_v).abs().max())
+    assert err_on <= 2 * err_off + tolerance(dtype) * float(ref_v.abs().max()), (err_on, err_off)
+    if kw.get("divergence") != "js":
+        assert torch.equal(on_out.per_token_loss, off_out.per_token_loss)
     if kw.get("cfg") is not None:
         assert torch.equal(on_out.regime, ref_out.regime)
     for name, a, b, r in zip(("dH", "dW", "db"), on, off, ref):
@@ -254,7 +263,7 @@ def test_skipped_contractions_are_not_computed(kind):
             backend=backend).loss.backward())[1], backend.skip_counter)
     (dense, off), (fewer, on) = flops[False], flops[True]
     assert off.entries == 0 and on.skipped > 0
-    assert dense - fewer == 4 * H * (on.skipped + on.unformed)
+    assert dense - fewer == 4 * H * (on.skipped + on.unformed + on.value_unformed)
 
 
 @family
@@ -290,7 +299,7 @@ def test_cpp_skipped_contractions_are_not_computed(vocab_chunk):
         flops[skip] = (backend.matmul_flops(), backend.skip_counter)
     (dense, off), (fewer, on) = flops[False], flops[True]
     assert off.entries == 0 and on.entries == N * V and on.fraction > 0.4
-    assert dense - fewer == 4 * H * (on.skipped + on.unformed)
+    assert dense - fewer == 4 * H * (on.skipped + on.unformed + on.value_unformed)
 
 
 def test_cpp_float64_never_skips():
@@ -321,7 +330,66 @@ def test_tiles_skipped_whole(family, kind, dtype):
     # ~60% of the entries skip their tile whole; a gathered tile projects at least GATHER_ROWS = 16 of a
     # chunk's 32 or 16 rows, so ~30% go unformed here (a small share of a chunk of 1024 rows)
     assert on.unformed > 0.2 * on.entries, f"{on.unformed / on.entries:.2f} of the entries skipped whole"
-    assert dense - fewer == 4 * H * (on.skipped + on.unformed)
+    # JS's value sweep leaves out whole tiles too (two projections, 4·H FLOPs, per entry); KL has none
+    assert (on.value_unformed > 0.2 * on.entries) if kind == "js" else on.value_unformed == 0
+    assert dense - fewer == 4 * H * (on.skipped + on.unformed + on.value_unformed)
+
+
+def test_js_value_skip_rule_float64():
+    """The JS value-sweep rule on float64 tiles (the `torch` backend's sweep with δ = 2^-20 given, so rounding,
+    ~1e-16, cannot hide a violation): each row's value within δ of its full sweep's, relative; its constant c
+    within E_c; and the gradient plan's spent mass, forced tiles and E_c included, within δ‖u‖₁ of the float64
+    gradient u = p(β(log p − log m) − c) with respect to the logits."""
+    n, beta, delta, tiles = 64, 0.3, 2.0 ** -20, V // 256
+    t = {k: x.double() for k, x in peaked_streams(n, H, V).items()}
+    s = LinearSource(t["student_hidden"], t["student_weight"], t["student_bias"])
+    q = LinearSource(t["teacher_hidden"], t["teacher_weight"], t["teacher_bias"])
+    backend, rows = TorchBackend(32, 256), torch.arange(n)
+    lse_s, lse_t, shares = backend._shares_sweep(s, q, rows)
+    full_v, full_c, _ = backend._value_sweep(s, q, rows, lse_s, lse_t, "js", beta, 0.0)
+    value, c, plan = backend._value_sweep(s, q, rows, lse_s, lse_t, "js", beta, delta, shares)
+    value_skips = plan_js_value_skips(*shares, beta, delta)
+    assert float((~value_skips.keep).double().mean()) > 0.3, "too few tiles left out of the value sweep"
+    assert bool(((value - full_v).abs() <= delta * full_v).all())
+    ec = torch.where(value_skips.keep, 0.0, js_tile_bounds(*shares, beta)[0]).sum(1)
+    assert bool(((c - full_c).abs() <= ec + 1e-15).all())
+    lp = torch.log_softmax(t["student_hidden"] @ t["student_weight"].T + t["student_bias"], -1)
+    lq = torch.log_softmax(t["teacher_hidden"] @ t["teacher_weight"].T + t["teacher_bias"], -1)
+    lm = torch.logaddexp(lp + math.log(beta), lq + math.log1p(-beta))
+    u = lp.exp() * (beta * (lp - lm) - full_c[:, None])
+    assert bool((~plan.keep[~value_skips.keep]).all()), "a tile left out of the value sweep was kept for the gradient"
+    assert bool((plan.spent <= delta * u.abs().sum(1)).all())
+    assert plan.keep.shape == (n, tiles)
+
+
+def test_plan_tile_skips_with_forced_tiles():
+    """`plan_tile_skips(forced=...)`: forced tiles first, their mass spent from the start; a row whose forced mass
+    exceeds δ·lower skips nothing and is marked failed, one that forces nothing is never failed."""
+    bound = torch.tensor([[1.0, 2.0, 3.0, 4.0]] * 3, dtype=torch.float64)
+    forced = TileSkips(torch.tensor([[True, True, True, False], [False, True, True, True], [True] * 4]),
+                       torch.tensor([2.0, 9.0, 0.0], dtype=torch.float64))
+    lower = torch.tensor([5.0, 5.0, float("nan")], dtype=torch.float64)
+    (keep, spent), failed = plan_tile_skips(bound, lower, 1.0, forced)
+    assert keep.tolist() == [[False, False, True, False], [True] * 4, [True] * 4]
+    assert spent.tolist() == [5.0, 0.0, 0.0] and failed.tolist() == [False, True, False]
+
+
+@family
+def test_js_rows_of_vanishing_gradient_take_a_correction_sweep(family):
+    """Student and teacher each all but certain of a different token: JS near its maximum, the gradient ~1e-60
+    (log p/m is log 1/β wherever p has mass), so the negligible tiles the value sweep left out weigh far more
+    than δ of it. Every row then sweeps the tiles it left out (a correction sweep, net value_unformed ≤ 0) and
+    plans as without value skips: values and gradients within `check_skipping`'s bounds."""
+    n, s = 32, 150.0
+    w = torch.randn(V, H, dtype=torch.float64)
+    w /= w.norm(dim=1, keepdim=True)
+    a = torch.randint(0, V, (n,))
+    t = dict(student_hidden=s * w[a], student_weight=w, teacher_hidden=s * w[(a + V // 2) % V], teacher_weight=w,
+             priv_student_hidden=s * w[a], student_bias=torch.zeros(V, dtype=torch.float64),
+             teacher_bias=torch.zeros(V, dtype=torch.float64))
+    t = {k: x.float() for k, x in t.items()}
+    skipped, _ = check_skipping(t, random_tokens(n, V), FAMILIES[family](32, 256), divergence="js", granularity="full")
+    assert skipped.value_unformed <= 0, skipped
 
 
 @family

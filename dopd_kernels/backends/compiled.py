@@ -132,8 +132,9 @@ class CompiledBackend(PassBackend):
         sweep when a row's valid vocabulary fits one tile (V <= `vocab_chunk`), a row's phases in one thread
         in logits mode; wider fused-linear rows without given log-sum-exps compute them with the reverse /
         forward KL value online in one sweep (JS: its log-mixture needs them first, so a value sweep
-        follows), then the gradient sweep, or with `plan_skips` (no `scale`) plan the whole tiles a deferred
-        gradient sweep skips. The `cuda` backend composes the separate passes (`PassBackend.full_pass`)."""
+        follows, leaving out the tiles `skipping.plan_js_value_skips` bounds when a gradient follows), then the
+        gradient sweep, or with `plan_skips` (no `scale`) plan the whole tiles a deferred gradient sweep skips.
+        The `cuda` backend composes the separate passes (`PassBackend.full_pass`)."""
         if not self._cpu_only_passes:
             return super().full_pass(student, target, rows, lse_s, lse_t, kind, beta, scale, grads)
         dt, given = student.dtype, lse_s is not None
@@ -198,11 +199,13 @@ class CompiledBackend(PassBackend):
         return args
 
     def _count_skipped(self, counts) -> None:
-        """Add a CPU pass's (entries, skipped, unformed) to `skip_counter` (the CUDA passes return None)."""
+        """Add a CPU pass's (entries, skipped, unformed[, value_unformed]) to `skip_counter` (the CUDA passes
+        return None; grad_pass has no value sweep)."""
         if counts is not None:
             self.skip_counter.entries += counts[0]
             self.skip_counter.skipped += counts[1]
             self.skip_counter.unformed += counts[2]
+            self.skip_counter.value_unformed += counts[3] if len(counts) > 3 else 0
 
 
 class CppBackend(CompiledBackend):

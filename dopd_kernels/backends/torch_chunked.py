@@ -272,29 +272,110 @@ class TorchBackend(PassBackend):
         value, c, _ = self._value_sweep(student, target, rows, lse_s, lse_t, kind, beta, 0.0)
         return value, c
 
-    def _value_sweep(self, student, target, rows, lse_s, lse_t, kind: str, beta: float, delta: float) -> tuple:
+    def _value_sweep(self, student, target, rows, lse_s, lse_t, kind: str, beta: float, delta: float,
+                     shares: Optional[tuple] = None) -> tuple:
         """`full_value_pass`'s (value, c) and, with δ > 0, the whole tiles each row may skip in its gradient
-        sweep (`_value_tile_bounds`, `skipping.plan_tile_skips`): a `skipping.TileSkips`; else None."""
+        sweep (`_value_tile_bounds`, `skipping.plan_tile_skips`): a `skipping.TileSkips`; else None. With JS
+        `shares` (P_T, Q_T [n, tiles] from `_shares_sweep`), each row also leaves out of this sweep the tiles
+        `skipping.plan_js_value_skips` bounds, and its gradient plan starts from them
+        (`skipping.js_gradient_start`); a row whose start does not fit its budget sweeps the tiles it left out
+        after all (a correction sweep), then plans as without value skips."""
         n, f64 = rows.shape[0], torch.float64
         value = torch.zeros(n, dtype=f64, device=rows.device)
         c = torch.zeros_like(value)
         tiles = -(-student.effective_vocab // self.vocab_chunk)
         keep = torch.ones(n, tiles, dtype=torch.bool, device=rows.device) if delta > 0 else None
         spent = torch.zeros(n, dtype=f64, device=rows.device) if delta > 0 else None
-        (hs, ls), (ht, lt) = split_lse(lse_s, student.dtype), split_lse(lse_t, target.dtype)
+        lse = (*split_lse(lse_s, student.dtype), *split_lse(lse_t, target.dtype))
         for sl in self._row_chunks(n):
-            r, sums = rows[sl], []
-            for c0, c1 in self._vocab_blocks(student):
-                lp = _log_softmax_tile(student.tile(r, c0, c1), hs[sl], ls[sl])
-                lq = _log_softmax_tile(target.tile(r, c0, c1), ht[sl], lt[sl])
-                tile_value, tile_c, tile_sums = _tile_value(lp, lq, kind, beta, sums=delta > 0)
-                value[sl] += tile_value.to(f64)
-                c[sl] += tile_c.to(f64)
-                if delta > 0:
-                    sums.append(tile_sums)
-            if delta > 0:
-                keep[sl], spent[sl] = skipping.plan_tile_skips(*_value_tile_bounds(sums, c[sl], kind), delta)
+            r, chunk_lse = rows[sl], tuple(x[sl] for x in lse)
+            value_skips = None if shares is None else skipping.plan_js_value_skips(*(x[sl] for x in shares), beta, delta)
+            value[sl], c[sl], sums, formed = self._value_tiles(student, target, r, chunk_lse, kind, beta, delta > 0,
+                                                               None if value_skips is None else value_skips.keep)
+            if delta == 0:
+                continue
+            bound, lower = _value_tile_bounds(sums, c[sl], kind)
+            if value_skips is None:
+                keep[sl], spent[sl] = skipping.plan_tile_skips(bound, lower, delta)
+                continue
+            forced, ec = skipping.js_gradient_start(value_skips, *(x[sl] for x in shares), c[sl], beta, delta)
+            p_t = torch.stack([x[0] for x in sums], 1)
+            (keep[sl], spent[sl]), failed = skipping.plan_tile_skips(bound + ec[:, None] * p_t, lower - ec, delta, forced)
+            if bool(failed.any()):  # rows whose divergence hides inside their tiles: the tiles they left out
+                more = ~value_skips.keep & failed[:, None]
+                v, cc, sums2, formed2 = self._value_tiles(student, target, r, chunk_lse, kind, beta, True, more)
+                formed += formed2
+                value[sl] += v
+                c[sl] += cc
+                sums = [tuple(a + b for a, b in zip(x, y)) for x, y in zip(sums, sums2)]  # disjoint tiles
+                bound, lower = _value_tile_bounds(sums, c[sl], kind)
+                again, again_spent = skipping.plan_tile_skips(bound[failed], lower[failed], delta)
+                keep[sl][failed], spent[sl][failed] = again, again_spent
+            self.skip_counter.value_unformed += r.shape[0] * student.effective_vocab - formed
         return value, c, None if keep is None else skipping.TileSkips(keep, spent)
+
+    def _value_tiles(self, student, target, r: torch.Tensor, lse: tuple, kind: str, beta: float, sums: bool,
+                     keep: Optional[torch.Tensor] = None) -> tuple:
+        """One value sweep of the chunk rows `r` (log-sum-exps `lse` = (hi_s, lo_s, hi_t, lo_t) [r]): value [r]
+        and c [r] (float64), with `sums` each tile's `_tile_value` sums (a list over the tiles), and the
+        (row × column) entries projected. With `keep` [r, tiles], a row sums only the tiles it keeps (zero
+        elsewhere), each tile formed for those rows alone (`_gathered`)."""
+        f64, n = torch.float64, r.shape[0]
+        zero = lambda: torch.zeros(n, dtype=f64, device=r.device)
+        value, c, tile_sums, formed = zero(), zero(), [], 0
+        for t, (c0, c1) in enumerate(self._vocab_blocks(student)):
+            keep_t = None if keep is None or bool(keep[:, t].all()) else keep[:, t]
+            at = slice(None)  # the chunk rows the tile is formed for
+            if keep_t is not None:
+                kept = keep_t.nonzero()[:, 0]
+                at = self._gathered(keep_t, kept)
+            if at is None:  # no row keeps the tile
+                tile_sums.append((zero(), zero(), zero()))
+                continue
+            lp = _log_softmax_tile(student.tile(r[at], c0, c1), lse[0][at], lse[1][at])
+            lq = _log_softmax_tile(target.tile(r[at], c0, c1), lse[2][at], lse[3][at])
+            formed += lp.shape[0] * (c1 - c0)
+            parts = _tile_value(lp, lq, kind, beta, sums=sums)
+            parts = (parts[0].to(f64), parts[1].to(f64), *(parts[2] or ()))
+            if keep_t is not None and isinstance(at, slice):  # the whole tile: the rows that skip it add nothing
+                parts = tuple(x.masked_fill(~keep_t, 0.0) for x in parts)
+            elif keep_t is not None:  # gathered: the kept rows first, then rows padding the tile
+                parts = tuple(zero().index_add_(0, kept, x[:kept.shape[0]]) for x in parts)
+            value += parts[0]
+            c += parts[1]
+            tile_sums.append(parts[2:])
+        return value, c, tile_sums if sums else None, formed
+
+    @staticmethod
+    def _gathered(keep: torch.Tensor, kept: torch.Tensor) -> Optional[torch.Tensor]:
+        """The chunk rows a tile is formed for when only the rows `kept` (mask `keep` [r]) need it: `kept`, padded
+        with rows that skip it to a multiple of `skipping.GATHER_ROWS` (a GEMM of a few rows takes other BLAS
+        kernels, which round differently), or every row (a slice) when that is no fewer; None when no row keeps
+        it."""
+        n_rows, m = keep.shape[0], kept.shape[0]
+        if m == 0:
+            return None
+        padded = min(n_rows, -(-m // skipping.GATHER_ROWS) * skipping.GATHER_ROWS)
+        if padded == n_rows:
+            return slice(None)
+        return torch.cat([kept, (~keep).nonzero()[:padded - m, 0]])
+
+    def _shares_sweep(self, student, target, rows) -> tuple:
+        """Both streams' log-sum-exps [n] (float64) and each tile's share of their mass, P_T and Q_T [n, tiles]
+        (float64), in one sweep: each tile's own log-sum-exp, the row's their float64 log-sum-exp."""
+        n, f64 = rows.shape[0], torch.float64
+        tiles = -(-student.effective_vocab // self.vocab_chunk)
+        tile_lse = [torch.empty(n, tiles, dtype=f64, device=rows.device) for _ in range(2)]
+        for sl in self._row_chunks(n):
+            r = rows[sl]
+            for j, src in enumerate((student, target)):
+                for t, (c0, c1) in enumerate(self._vocab_blocks(src)):
+                    tile = src.tile(r, c0, c1)
+                    m = torch.full((r.shape[0],), NEG_INF, dtype=tile.dtype, device=r.device)
+                    tile_lse[j][sl, t] = finish_logsumexp(*online_logsumexp(m, torch.zeros_like(m), tile))
+        lse = [x.logsumexp(1) for x in tile_lse]
+        shares = tuple((x - l[:, None]).exp() for x, l in zip(tile_lse, lse))
+        return lse[0], lse[1], shares
 
     def full_pass(self, student, target, rows, lse_s, lse_t, kind: str, beta: float, scale, grads,
                   plan_skips: bool = False) -> FullRows:
@@ -318,9 +399,11 @@ class TorchBackend(PassBackend):
             if scale is not None or plan_skips:
                 delta = self._delta(student, grads if scale is not None else None)
             if lse_s is not None or kind == "js":  # the value sweep bounds the tiles once it has c
-                if lse_s is None:
-                    lse_s, lse_t = self.stats_pass((student, target), rows, torch.zeros_like(rows), (), 1).lse
-                value, c, tile_skips = self._value_sweep(student, target, rows, lse_s, lse_t, kind, beta, delta)
+                shares = None
+                if lse_s is None:  # JS: with δ > 0 the value sweep leaves out the tiles its shares bound
+                    lse_s, lse_t, shares = self._shares_sweep(student, target, rows)
+                value, c, tile_skips = self._value_sweep(student, target, rows, lse_s, lse_t, kind, beta, delta,
+                                                         shares if delta > 0 else None)
             else:
                 lse_s, lse_t, value, tile_skips = self._kl_sweep(student, target, rows, kind, delta)
                 c = value.clone() if kind == "reverse_kl" else torch.zeros_like(value)
