@@ -14,10 +14,12 @@
 #include <cstdint>
 #include <limits>
 
+// Forced inline on the host too: the column loops vectorise only with exp_f / log_f inlined into them, and GCC's
+// heuristics stopped inlining them once kernels_cpu.cpp grew (value_segment took 1.6x as long, exp_f a call).
 #if defined(__CUDACC__)
 #define DOPD_HD __host__ __device__ __forceinline__
 #else
-#define DOPD_HD inline
+#define DOPD_HD inline __attribute__((always_inline))
 #endif
 
 namespace dopd {
