@@ -123,8 +123,8 @@ def matmul_flops(backend, run: Callable[[], object]) -> tuple:
 
 def contend(row: dict, name: str, t: dict, ref: tuple, kind: str) -> None:
     """Errors of backend `name` with skipping off and on into `row`, its skipped fraction, the share of entries
-    skipped whole (neither recomputed nor contracted: wide full-vocabulary rows) and its counted matmul FLOPs
-    over the dense floor (4 projections of 2·n·V·H FLOPs)."""
+    skipped whole (neither recomputed nor contracted: wide full-vocabulary rows), the share of a JS value sweep's
+    entries left unprojected, and its counted matmul FLOPs over the dense floor (4 projections of 2·n·V·H FLOPs)."""
     p = PREFIX[name]
     for skip in (False, True):
         backend = BACKENDS[name](skip)
@@ -134,6 +134,7 @@ def contend(row: dict, name: str, t: dict, ref: tuple, kind: str) -> None:
         if skip:
             row[f"{p}skipped"] = backend.skip_counter.fraction
             row[f"{p}unformed"] = backend.skip_counter.unformed / max(backend.skip_counter.entries, 1)
+            row[f"{p}value_unformed"] = backend.skip_counter.value_unformed / (row["n"] * row["v"])
         row[f"{p}flops_{'skip' if skip else 'dense'}_over_floor"] = flops / (4 * 2 * row["n"] * row["v"] * row["h"])
 
 
@@ -164,17 +165,19 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     if "torch" in backends:
-        print("\n| inputs | divergence | V | skipped (row by row) | skipped whole | 16-row groups | 64-row groups | counted FLOPs / dense floor, dense → skip | max dH err dense → skip | max dW err dense → skip |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("\n| inputs | divergence | V | skipped (row by row) | skipped whole | value sweep left out | 16-row groups | 64-row groups | counted FLOPs / dense floor, dense → skip | max dH err dense → skip | max dW err dense → skip |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['inputs']} | {r['kind']} | {r['v']} | {r['skipped']:.1%} | {r['unformed']:.1%} | {r['rows16']:.1%} | "
+            print(f"| {r['inputs']} | {r['kind']} | {r['v']} | {r['skipped']:.1%} | {r['unformed']:.1%} | "
+                  f"{r['value_unformed']:.1%} | {r['rows16']:.1%} | "
                   f"{r['rows64']:.1%} | {r['flops_dense_over_floor']:.2f} → {r['flops_skip_over_floor']:.2f} | "
                   f"{r['dH_err_dense']:.2e} → {r['dH_err_skip']:.2e} | {r['dW_err_dense']:.2e} → {r['dW_err_skip']:.2e} |")
     if "cpp" in backends:
-        print("\n| inputs | divergence | V | cpp skipped | skipped whole | counted FLOPs / dense floor, dense → skip | max dH err dense → skip | max dW err dense → skip |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("\n| inputs | divergence | V | cpp skipped | skipped whole | value sweep left out | counted FLOPs / dense floor, dense → skip | max dH err dense → skip | max dW err dense → skip |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['inputs']} | {r['kind']} | {r['v']} | {r['cpp_skipped']:.1%} | {r['cpp_unformed']:.1%} | "
+                  f"{r['cpp_value_unformed']:.1%} | "
                   f"{r['cpp_flops_dense_over_floor']:.2f} → {r['cpp_flops_skip_over_floor']:.2f} | "
                   f"{r['cpp_dH_err_dense']:.2e} → {r['cpp_dH_err_skip']:.2e} | "
                   f"{r['cpp_dW_err_dense']:.2e} → {r['cpp_dW_err_skip']:.2e} |")
