@@ -480,8 +480,7 @@ class TorchBackend(PassBackend):
     def _full_grad_sweep(self, student, target, rows, lse_s, lse_t, c, kind: str, beta: float, scale: torch.Tensor,
                          grads: Grads, tile_skips: Optional[skipping.TileSkips]) -> None:
         """`full_grad_pass`; `tile_skips` from `_kl_sweep` or `_value_sweep`, or None: a tile is formed only for the
-        rows that keep it, gathered and padded with rows that skip it to a multiple of `skipping.GATHER_ROWS`
-        (the whole chunk's tile when that is no fewer rows; the skipping rows' gradient is then 0); each row's
+        rows that keep it (`_gathered`; with the whole chunk's tile, the skipping rows' gradient is 0); each row's
         block budget starts with its spent bound, times its scale. A row of non-finite scale keeps every tile
         (its NaN or inf reaches every column, as without skipping); where this sweep skips nothing
         (`_delta`), `tile_skips` are not used."""
@@ -513,21 +512,20 @@ class TorchBackend(PassBackend):
                     self._add_tile(grads, student, r, c0, *tile_grad(slice(None), c0, c1), budget)
                     continue
                 n_rows, m = r.shape[0], kept.shape[0]
-                padded = min(n_rows, -(-m // skipping.GATHER_ROWS) * skipping.GATHER_ROWS)
-                if m == 0:
+                at = self._gathered(keep[:, t], kept)
+                if at is None:
                     budget.pass_over(c1 - c0)
                     self.skip_counter.add_whole(n_rows, n_rows, c1 - c0)
-                elif padded == n_rows:  # the whole tile; the rows that skip it get no gradient
-                    g, z = tile_grad(slice(None), c0, c1)
+                elif isinstance(at, slice):  # the whole tile; the rows that skip it get no gradient
+                    g, z = tile_grad(at, c0, c1)
                     g[~keep[:, t]] = 0
                     self._add_tile(grads, student, r, c0, g, z, budget)
                 else:
-                    gathered = torch.cat([kept, (~keep[:, t]).nonzero()[:padded - m, 0]])
-                    g, z = tile_grad(gathered, c0, c1)
+                    g, z = tile_grad(at, c0, c1)
                     g, z = g[:m], z[:m]
                     tile_keep = budget.keep(g, rows=kept)
                     self.skip_counter.add(tile_keep, c1 - c0)
-                    self.skip_counter.add_whole(n_rows - m, n_rows - padded, c1 - c0)
+                    self.skip_counter.add_whole(n_rows - m, n_rows - at.shape[0], c1 - c0)
                     gradients.add_tile(grads, student, r[kept], c0, g, z, tile_keep)
 
     def term_grad_pass(self, student, rows, lse_s, term: RowTerm, scale: torch.Tensor, grads: Grads) -> None:
