@@ -863,11 +863,11 @@ double value_bounds(const TileSums* sums, double c, int64_t tiles, double* bound
 //   Σ_T β p |log(p/m)|      ≤ e_T = β(P_T log(1/β) + (1−β) Q_T).
 // The JS of the tiles' masses, J = Σ_T β P_T log(P_T/M_T) + (1−β) Q_T log(Q_T/M_T) (M_T = βP_T + (1−β)Q_T), is at
 // most the row's (merging columns never increases a divergence). A row leaves out of its value sweep its tiles
-// of smallest a_T + b_T while their sum stays ≤ s·δ·J (js_value_skips; s = SKIP_VALUE_SHARE = 1/4): its value errs
-// by at most δ/4 relative, and its constant c̃, summed over the kept tiles, by at most E_c = Σ_skipped a_T. Its gradient sweep leaves those
-// tiles out too, each of mass ‖u_T‖₁ = Σ_T p|β log(p/m) − c| ≤ e_T + (|c̃| + E_c)·P_T; the kept tiles' gradients,
-// formed with c̃, err by E_c·Σ p ≤ E_c, and their block rule, whose lower bound is of ‖ũ‖₁ ≤ ‖u‖₁ + E_c, by δ·E_c
-// more. That sum starts the row's gradient plan (js_gradient_start; plan_tile_skips with `forced`), whose lower
+// of smallest a_T + b_T while their sum stays ≤ s·δ·J (js_value_skips; s = SKIP_VALUE_SHARE = 1/4): its value
+// errs by at most δ/4 relative, and its constant c̃, summed over the kept tiles, by at most E_c = Σ_skipped a_T.
+// Its gradient sweep leaves those tiles out too, each of mass ‖u_T‖₁ = Σ_T p|β log(p/m) − c| ≤ e_T + (|c̃| + E_c)·P_T;
+// the kept tiles' gradients, formed with c̃, err by E_c·Σ p ≤ E_c, and their block rule, whose lower bound is of
+// ‖ũ‖₁ ≤ ‖u‖₁ + E_c, by δ·E_c more. That sum starts the row's gradient plan (js_gradient_start; plan_tile_skips with `forced`), whose lower
 // bound, Σ_kept |Σ_T ũ_v| − E_c, is ≤ ‖u‖₁. That start is ~2–3× the value's skipped bound mass (e_T ≤ 2a_T, the
 // c terms), hence the share s = 1/4: it fits δ‖u‖₁ unless ‖u‖₁ falls below ~J (near-disjoint streams, whose
 // gradient vanishes while their JS does not). A row where it does not fit takes a correction sweep of the tiles
