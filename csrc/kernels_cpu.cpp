@@ -432,9 +432,10 @@ struct TileRows {
 // (an index into `rows`; zs may be overwritten) at columns [c0, c0 + len), rows in parallel, then after(rows of the chunk, their
 // student hidden states, the student tile [r, len], c0, len). With `pre` (one chunk: rows.size(0) ≤ row_chunk), a
 // tile is formed only for the rows that keep it (TileRows), f is called for those alone, and `after` is not called.
+// Returns the (row × column) entries projected, padding rows included.
 template <typename A, typename F, typename G = NoBlockHook>
-void linear_pair_sweep(const Stream& s, const Stream& t, const Tensor& rows, Tiling tl, F&& f, G&& after = G(),
-                       const TileSkips* pre = nullptr) {
+int64_t linear_pair_sweep(const Stream& s, const Stream& t, const Tensor& rows, Tiling tl, F&& f, G&& after = G(),
+                          const TileSkips* pre = nullptr) {
   const int64_t n = rows.size(0), vv = s.valid_vocab;
   const Head<A> head_s = head_of<A>(s), head_t = head_of<A>(t);
   const LinearPlan plan(n, vv, tl);
@@ -442,6 +443,7 @@ void linear_pair_sweep(const Stream& s, const Stream& t, const Tensor& rows, Til
   Tensor buf_s = at::empty({plan.buffer()}, rows.options().dtype(s.acc()));
   Tensor buf_t = at::empty({plan.buffer()}, rows.options().dtype(s.acc()));
   std::vector<int64_t> ids;
+  int64_t projected = 0;
   for (int64_t r0 = 0; r0 < n; r0 += plan.rows_per_chunk) {
     const int64_t r = std::min(plan.rows_per_chunk, n - r0);
     const Tensor rr = rows.narrow(0, r0, r);
@@ -453,6 +455,7 @@ void linear_pair_sweep(const Stream& s, const Stream& t, const Tensor& rows, Til
         if (!pre || pre->kept(i, c0 / plan.block)) ids.push_back(i);
       if (ids.empty()) continue;
       const TileRows tr(ids, r);
+      projected += tr.padded * len;
       const Tensor tile = counted_tile(s, tr.select(hs), c0, len, buf_s);
       A* ts = tile.data_ptr<A>();
       A* tt = counted_tile(t, tr.select(ht), c0, len, buf_t).data_ptr<A>();
@@ -466,16 +469,17 @@ void linear_pair_sweep(const Stream& s, const Stream& t, const Tensor& rows, Til
       if (!pre) after(rr, hs, tile, c0, len);
     }
   }
+  return projected;
 }
 
 // Value and gradient constant of fused-linear full-vocabulary rows from given log-sum-exps (hi, lo) [2, n]:
 // one sweep of both streams' tiles (rows wider than one tile; see full_impl). With `sums` [rows of one chunk,
 // tiles], also each tile's TileSums (zero for a skipped tile). With `pre` (one chunk), each row sums only the
-// tiles it keeps.
+// tiles it keeps; with `projected`, the entries the sweep projected are added to it.
 template <int KIND, typename A>
 std::tuple<Tensor, Tensor> value_impl(const Stream& s, const Stream& t, const Tensor& rows, const Tensor& lse_s,
                                       const Tensor& lse_t, double beta, Tiling tl, TileSums* sums = nullptr,
-                                      const TileSkips* pre = nullptr) {
+                                      const TileSkips* pre = nullptr, int64_t* projected = nullptr) {
   const int64_t n = rows.size(0);
   const A inv_tau = static_cast<A>(s.inv_tau);
   const DivParams<A> P = div_params<A>(KIND, beta);
@@ -486,10 +490,11 @@ std::tuple<Tensor, Tensor> value_impl(const Stream& s, const Stream& t, const Te
   double* cp = c.data_ptr<double>();
   const int64_t block = LinearPlan(n, s.valid_vocab, tl).block, tiles = (s.valid_vocab + block - 1) / block;
   if (sums) std::fill_n(sums, n * tiles, TileSums{});
-  linear_pair_sweep<A>(s, t, rows, tl, [&](int64_t q, A* zs, const A* zt, int64_t c0, int64_t len) {
+  const int64_t formed = linear_pair_sweep<A>(s, t, rows, tl, [&](int64_t q, A* zs, const A* zt, int64_t c0, int64_t len) {
     value_segment<KIND>(zs, zt, len, inv_tau, ls.hi[q], ls.lo[q], lt.hi[q], lt.lo[q], P, vp[q], cp[q],
                         sums ? sums + q * tiles + c0 / block : nullptr);
   }, NoBlockHook(), pre);
+  if (projected) *projected += formed;
   if (KIND == REVERSE_KL) c.copy_(value);
   return {value, c};
 }
@@ -594,7 +599,7 @@ struct LogitsGrad {
 
 // How many gradient entries (row × column) were offered to the contractions, how many were skipped, and how
 // many of those were skipped before their logits were recomputed (TileSkips: no projection either); and how many
-// entries of JS value sweeps were not projected (js_value_skips; net of rows swept again), two projections each.
+// entries of JS value sweeps were not projected (js_value_skips; less a correction sweep's), two projections each.
 struct SkipCount {
   int64_t entries = 0, skipped = 0, unformed = 0, value_unformed = 0;
   SkipCount& operator+=(const SkipCount& o) {
@@ -873,20 +878,6 @@ double value_bounds(const TileSums* sums, double c, int64_t tiles, double* bound
 // gradient vanishes while their JS does not). A row where it does not fit takes a correction sweep of the tiles
 // it left out (formed as the first sweep's, padded alike, so their logits round alike) and plans as without value
 // skips: skipping.py's guarantee holds for every row.
-
-// The (row × column) entries a sweep of `r` rows with tile skips `pre` projects (linear_pair_sweep: padded rows
-// included).
-inline int64_t projected_entries(const TileSkips& pre, int64_t r, int64_t vv, int64_t block) {
-  int64_t total = 0;
-  std::vector<int64_t> ids;
-  for (int64_t c0 = 0; c0 < vv; c0 += block) {
-    ids.clear();
-    for (int64_t i = 0; i < r; ++i)
-      if (pre.kept(i, c0 / block)) ids.push_back(i);
-    if (!ids.empty()) total += TileRows(ids, r).padded * std::min(block, vv - c0);
-  }
-  return total;
-}
 
 // a_T, b_T, e_T of a tile with shares p = P_T, q = Q_T.
 struct JsTileBound {
@@ -1290,8 +1281,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, SkipCount> full_impl(const St
     auto value_then_grad = [&](int64_t r0, int64_t r, const TileSkips* vskip, const JsShares<A>* shares) {
       const Tensor rr = rows.narrow(0, r0, r), l2s_c = l2s.narrow(1, r0, r), l2t_c = l2t.narrow(1, r0, r);
       Tensor value_c, c_c;
-      std::tie(value_c, c_c) = value_impl<KIND, A>(s, t, rr, l2s_c, l2t_c, beta, tl, sums.data(), vskip);
-      if (vskip) count.value_unformed += r * vv - projected_entries(*vskip, r, vv, plan.block);  // less any correction
+      int64_t projected = 0;  // by the value sweep and any correction sweep
+      std::tie(value_c, c_c) = value_impl<KIND, A>(s, t, rr, l2s_c, l2t_c, beta, tl, sums.data(), vskip, &projected);
       const double* cp_c = c_c.data_ptr<double>();
       TileSkips pre;
       if (!vskip) {
@@ -1316,8 +1307,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, SkipCount> full_impl(const St
         if (any) {
           std::vector<TileSums> sums2(r * tiles);
           Tensor value_f, c_f;
-          std::tie(value_f, c_f) = value_impl<KIND, A>(s, t, rr, l2s_c, l2t_c, beta, tl, sums2.data(), &more);
-          count.value_unformed -= projected_entries(more, r, vv, plan.block);
+          std::tie(value_f, c_f) = value_impl<KIND, A>(s, t, rr, l2s_c, l2t_c, beta, tl, sums2.data(), &more, &projected);
           value_c.add_(value_f);
           c_c.add_(c_f);
           for (int64_t q = 0; q < r * tiles; ++q)  // disjoint tiles: one of the two is zero
@@ -1333,6 +1323,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, SkipCount> full_impl(const St
           }
         }
       }
+      if (vskip) count.value_unformed += r * vv - projected;
       value.narrow(0, r0, r).copy_(value_c);
       c.narrow(0, r0, r).copy_(c_c);
       if (!grad) return store(r0, r, pre);

@@ -224,6 +224,10 @@ class TorchBackend(PassBackend):
         for c in range(0, v, self.vocab_chunk):
             yield c, min(c + self.vocab_chunk, v)
 
+    def _tile_count(self, source) -> int:
+        """Vocabulary tiles of `source` (`_vocab_blocks`): the columns of a per-tile plan such as `TileSkips.keep`."""
+        return -(-source.effective_vocab // self.vocab_chunk)
+
     def tile_shape(self) -> tuple:
         return self.row_chunk, self.vocab_chunk
 
@@ -283,7 +287,7 @@ class TorchBackend(PassBackend):
         n, f64 = rows.shape[0], torch.float64
         value = torch.zeros(n, dtype=f64, device=rows.device)
         c = torch.zeros_like(value)
-        tiles = -(-student.effective_vocab // self.vocab_chunk)
+        tiles = self._tile_count(student)
         keep = torch.ones(n, tiles, dtype=torch.bool, device=rows.device) if delta > 0 else None
         spent = torch.zeros(n, dtype=f64, device=rows.device) if delta > 0 else None
         lse = (*split_lse(lse_s, student.dtype), *split_lse(lse_t, target.dtype))
@@ -364,7 +368,7 @@ class TorchBackend(PassBackend):
         """Both streams' log-sum-exps [n] (float64) and each tile's share of their mass, P_T and Q_T [n, tiles]
         (float64), in one sweep: each tile's own log-sum-exp, the row's their float64 log-sum-exp."""
         n, f64 = rows.shape[0], torch.float64
-        tiles = -(-student.effective_vocab // self.vocab_chunk)
+        tiles = self._tile_count(student)
         tile_lse = [torch.empty(n, tiles, dtype=f64, device=rows.device) for _ in range(2)]
         for sl in self._row_chunks(n):
             r = rows[sl]
@@ -444,7 +448,7 @@ class TorchBackend(PassBackend):
         `skipping.TileSkips`; else None."""
         n, f64, reverse = rows.shape[0], torch.float64, kind == "reverse_kl"
         lse_s, lse_t, value = (torch.empty(n, dtype=f64, device=rows.device) for _ in range(3))
-        tiles = -(-student.effective_vocab // self.vocab_chunk)
+        tiles = self._tile_count(student)
         keep = torch.ones(n, tiles, dtype=torch.bool, device=rows.device) if delta > 0 else None
         spent = torch.zeros(n, dtype=f64, device=rows.device) if delta > 0 else None
         for sl in self._row_chunks(n):
