@@ -37,13 +37,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("row_chunk"), py::arg("vocab_chunk"));
 
   m.def("stats_pass", &dopd::stats_pass, py::arg("stream"), py::arg("rows"), py::arg("k"), py::arg("tiling"),
-        py::arg("tail_tokens") = py::none(),
+        py::arg("tail_tokens") = py::none(), py::arg("shares") = false,
         py::call_guard<py::gil_scoped_release>());
   m.def("rest_lse_pass", &dopd::rest_lse_pass, py::arg("stream"), py::arg("rows"), py::arg("cols"), py::arg("tiling"),
         py::call_guard<py::gil_scoped_release>());
   m.def("full_pass", &dopd::full_pass, py::arg("student"), py::arg("target"), py::arg("rows"), py::arg("lse_s"),
         py::arg("lse_t"), py::arg("kind"), py::arg("beta"), py::arg("scale"), py::arg("tiling"), py::arg("grad_logits"),
-        py::arg("dh"), py::arg("dw"), py::arg("db"), py::arg("skip") = false, py::call_guard<py::gil_scoped_release>());
+        py::arg("dh"), py::arg("dw"), py::arg("db"), py::arg("skip") = false, py::arg("shares_s") = py::none(),
+        py::arg("shares_t") = py::none(), py::call_guard<py::gil_scoped_release>());
   m.def("grad_pass", &dopd::grad_pass, py::arg("student"), py::arg("target"), py::arg("rows"), py::arg("lse_s"),
         py::arg("lse_t"), py::arg("c"), py::arg("dense"), py::arg("cols"), py::arg("sparse"), py::arg("overwrite"), py::arg("scale"),
         py::arg("kind"), py::arg("beta"), py::arg("tiling"), py::arg("grad_logits"), py::arg("dh"), py::arg("dw"),

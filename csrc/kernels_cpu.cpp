@@ -266,11 +266,14 @@ const A* mask_excluded(const A* z, int64_t c0, int64_t len, const int64_t* ex, i
 // Per row, (max, log-sum) of the log-sum-exp, the top-k columns (k > 0) and, with `tail_tokens` [n], the
 // tail bucket of the row's token: (max, log-sum) over the valid columns but that one, summed in the same
 // sweep ([0] tensors without). With `excluded` [n, k_ex], the log-sum-exp is over the valid columns
-// outside the row's excluded ones (a tail bucket of several columns, summed directly).
+// outside the row's excluded ones (a tail bucket of several columns, summed directly). With `shares`
+// (fused-linear), also each vocabulary tile's log-share of the row's mass, log P_T [n, tiles] (float32; [0]
+// without): what a later full_pass needs to leave tiles out of a JS value sweep (js_value_skips).
 template <typename A>
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> stats_impl(const Stream& s, const Tensor& rows, int64_t k64, Tiling tl,
-                                                              const Tensor* excluded = nullptr,
-                                                              const int64_t* tail_tokens = nullptr) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> stats_impl(const Stream& s, const Tensor& rows, int64_t k64,
+                                                                      Tiling tl, const Tensor* excluded = nullptr,
+                                                                      const int64_t* tail_tokens = nullptr,
+                                                                      bool shares = false) {
   const int64_t n = rows.size(0), vv = s.valid_vocab;
   const int k = static_cast<int>(k64);
   const int64_t k_ex = excluded ? excluded->size(1) : 0;
@@ -286,7 +289,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> stats_impl(const Stream& s, c
   auto segment = [&](const A* z, int64_t i, int64_t c0, int64_t len) {
     const LseState<A> block = stats_segment(z, c0, len, inv_tau, k, st[i]);
     if (tail_tokens) tail_segment(z, c0, len, inv_tau, tail_tokens[i], block, tail[i]);
+    return block;
   };
+  Tensor log_shares = at::empty({0, 0}, rows.options().dtype(at::kFloat));  // filled below with `shares`
 
   if (!s.linear()) {
     const Rows<A> x(s.x);
@@ -306,7 +311,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> stats_impl(const Stream& s, c
   } else {
     const Head<A> head = head_of<A>(s);
     const LinearPlan plan(n, vv, tl);
+    const int64_t tiles = (vv + plan.block - 1) / plan.block;
     Tensor buf = at::empty({plan.buffer()}, rows.options().dtype(s.acc()));
+    std::vector<LseState<A>> tile_st(shares ? plan.rows_per_chunk * tiles : 0);  // a chunk's tile states
+    if (shares) log_shares = at::empty({n, tiles}, rows.options().dtype(at::kFloat));
     for (int64_t r0 = 0; r0 < n; r0 += plan.rows_per_chunk) {
       const int64_t r = std::min(plan.rows_per_chunk, n - r0);
       const Tensor h = hidden_rows(s, rows.narrow(0, r0, r));
@@ -318,7 +326,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> stats_impl(const Stream& s, c
           A* z = tile + i * len;  // this row's part of the tile buffer: transformed and masked in place
           head_transform(z, len, head);
           if (ex) mask_excluded(z, c0, len, ex + (r0 + i) * k_ex, k_ex, z);
-          segment(z, r0 + i, c0, len);
+          const LseState<A> block = segment(z, r0 + i, c0, len);
+          if (shares) tile_st[i * tiles + c0 / plan.block] = block;
+        }
+      }
+      if (!shares) continue;
+      // The chunk's rows are complete: log P_T = (m_T + log s_T) − lse in float64; −inf for a tile without mass, NaN
+      // where the row's log-sum-exp is NaN or +inf (js_value_skips then leaves nothing out).
+      float* out = log_shares.data_ptr<float>() + r0 * tiles;
+      for (int64_t i = 0; i < r; ++i) {
+        const double l = double(st[r0 + i].lse.m) + double(lse_log_sum(st[r0 + i].lse));
+        for (int64_t q = 0; q < tiles; ++q) {
+          const LseState<A>& b = tile_st[i * tiles + q];
+          out[i * tiles + q] = static_cast<float>(b.m == neg_inf<A>() ? -HUGE_VAL : double(b.m) + std::log(double(b.s)) - l);
         }
       }
     }
@@ -337,7 +357,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> stats_impl(const Stream& s, c
     }
     topk_sort(st[i].heap_v, st[i].heap_i, st[i].count);
   }
-  return {mx, log_sum, topk, tail_mx, tail_log_sum};
+  return {mx, log_sum, topk, tail_mx, tail_log_sum, log_shares};
 }
 
 // -- full-vocabulary value -------------------------------------------------------------------------
@@ -905,9 +925,18 @@ struct JsShares {
   }
 };
 
-// The value sweep's tile skips of `rows` JS rows, within SKIP_VALUE_SHARE·δ·J.
-template <typename A>
-TileSkips js_value_skips(const JsShares<A>& shares, int64_t rows, double beta, double delta) {
+// The same shares given as log P_T, log Q_T [rows, tiles] (the stats pass's, stats_impl with `shares`: DOPD's HT rows).
+struct LogShares {
+  const float *ls, *lt;
+  int64_t tiles;
+  std::pair<double, double> operator()(int64_t i, int64_t q) const {
+    return {std::exp(double(ls[i * tiles + q])), std::exp(double(lt[i * tiles + q]))};
+  }
+};
+
+// The value sweep's tile skips of `rows` JS rows, within SKIP_VALUE_SHARE·δ·J (Shares: JsShares or LogShares).
+template <typename Shares>
+TileSkips js_value_skips(const Shares& shares, int64_t rows, double beta, double delta) {
   return plan_tile_skips(rows, shares.tiles, SKIP_VALUE_SHARE * delta, [&](int64_t i, double* bound) {
     double j = 0;
     for (int64_t q = 0; q < shares.tiles; ++q) {
@@ -928,8 +957,8 @@ struct JsGradientStart {
   std::vector<double> ec;
 };
 
-template <typename A>
-JsGradientStart js_gradient_start(const TileSkips& vskip, const JsShares<A>& shares, const double* c, int64_t rows,
+template <typename Shares>
+JsGradientStart js_gradient_start(const TileSkips& vskip, const Shares& shares, const double* c, int64_t rows,
                                   double beta, double delta) {
   const int64_t tiles = vskip.tiles;
   JsGradientStart out{{tiles, vskip.keep, std::vector<double>(rows, 0.0)}, std::vector<double>(rows, 0.0)};
@@ -1234,7 +1263,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, SkipCount> full_impl(const St
                                                         const std::optional<Tensor>& grad_logits,
                                                         const std::optional<Tensor>& dh,
                                                         const std::optional<Tensor>& dw,
-                                                        const std::optional<Tensor>& db, bool skip) {
+                                                        const std::optional<Tensor>& db, bool skip,
+                                                        const std::optional<Tensor>& shares_s,
+                                                        const std::optional<Tensor>& shares_t) {
   const int64_t n = rows.size(0), vv = s.valid_vocab;
   const bool given = lse_s.has_value() && lse_s->defined(), grad = scale.has_value() && scale->defined();
   const A inv_tau = static_cast<A>(s.inv_tau);
@@ -1278,7 +1309,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, SkipCount> full_impl(const St
     // TileSums, then at once the gradient sweep, chunk by chunk, leaving out whole tiles (or, without `scale`, the
     // chunk's planned skips are stored). `vskip`: the JS tiles the value sweep leaves out (with their shares).
     std::vector<TileSums> sums(delta > 0 ? plan.rows_per_chunk * tiles : 0);
-    auto value_then_grad = [&](int64_t r0, int64_t r, const TileSkips* vskip, const JsShares<A>* shares) {
+    auto value_then_grad = [&](int64_t r0, int64_t r, const TileSkips* vskip, const auto* shares) {
       const Tensor rr = rows.narrow(0, r0, r), l2s_c = l2s.narrow(1, r0, r), l2t_c = l2t.narrow(1, r0, r);
       Tensor value_c, c_c;
       int64_t projected = 0;  // by the value sweep and any correction sweep
@@ -1382,8 +1413,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, SkipCount> full_impl(const St
                                          *scale, beta, tl, grad_logits, dh, dw, db, skip);
       return {parts, value, c, keep_out, spent_out, count};
     }
-    for (int64_t r0 = 0; r0 < n; r0 += plan.rows_per_chunk)
-      value_then_grad(r0, std::min(plan.rows_per_chunk, n - r0), nullptr, nullptr);
+    // Given log-sum-exps: JS rows with the stats pass's tile shares leave tiles out of their value sweep too.
+    const bool by_shares = KIND == JS && shares_s.has_value() && shares_s->defined();
+    if (by_shares)
+      TORCH_CHECK(shares_s->size(1) == tiles && shares_t->size(1) == tiles,
+                  "dopd cpu: full_pass's tile shares must be [n, ", tiles, "] (this tiling's vocabulary tiles)");
+    for (int64_t r0 = 0; r0 < n; r0 += plan.rows_per_chunk) {
+      const int64_t r = std::min(plan.rows_per_chunk, n - r0);
+      if (!by_shares) {
+        value_then_grad(r0, r, nullptr, static_cast<const LogShares*>(nullptr));
+        continue;
+      }
+      const LogShares shares{shares_s->data_ptr<float>() + r0 * tiles, shares_t->data_ptr<float>() + r0 * tiles, tiles};
+      const TileSkips vskip = js_value_skips(shares, r, beta, delta);
+      value_then_grad(r0, r, &vskip, &shares);
+    }
     return {parts, value, c, keep_out, spent_out, count};
   }
 
@@ -1484,8 +1528,9 @@ void check_rows(const Tensor& rows) {
 
 }  // namespace
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> stats_pass(const Stream& s, const Tensor& rows, int64_t k, Tiling tiling,
-                                                              const std::optional<Tensor>& tail_tokens) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> stats_pass(const Stream& s, const Tensor& rows, int64_t k,
+                                                                      Tiling tiling, const std::optional<Tensor>& tail_tokens,
+                                                                      bool shares) {
   check_rows(rows);
   Tensor tokens;
   if (tail_tokens) {
@@ -1493,9 +1538,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> stats_pass(const Stream& s, c
                 "dopd cpu: tail_tokens must be int64 [n] for n rows");
     tokens = tail_tokens->contiguous();
   }
-  std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> out;
+  std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> out;
   with_acc(s.acc(), [&](auto a) {
-    out = stats_impl<decltype(a)>(s, rows, k, tiling, nullptr, tail_tokens ? tokens.data_ptr<int64_t>() : nullptr);
+    out = stats_impl<decltype(a)>(s, rows, k, tiling, nullptr, tail_tokens ? tokens.data_ptr<int64_t>() : nullptr, shares);
   });
   return out;
 }
@@ -1517,14 +1562,24 @@ std::tuple<Tensor, Tensor, Tensor, std::optional<Tensor>, std::optional<Tensor>,
 full_pass(const Stream& s, const Stream& t, const Tensor& rows, const std::optional<Tensor>& lse_s,
           const std::optional<Tensor>& lse_t, int64_t kind, double beta, const std::optional<Tensor>& scale, Tiling tiling,
           const std::optional<Tensor>& grad_logits, const std::optional<Tensor>& dh, const std::optional<Tensor>& dw,
-          const std::optional<Tensor>& db, bool skip) {
+          const std::optional<Tensor>& db, bool skip, const std::optional<Tensor>& shares_s,
+          const std::optional<Tensor>& shares_t) {
   check_rows(rows);
   TORCH_CHECK(lse_s.has_value() == lse_t.has_value(), "dopd cpu: full_pass takes both log-sum-exps or neither");
+  TORCH_CHECK(shares_s.has_value() == shares_t.has_value(), "dopd cpu: full_pass takes both tile shares or neither");
+  std::optional<Tensor> sh_s, sh_t;
+  if (shares_s) {
+    TORCH_CHECK(lse_s.has_value(), "dopd cpu: full_pass's tile shares come with the log-sum-exps they were taken from");
+    for (const Tensor* x : {&*shares_s, &*shares_t})
+      TORCH_CHECK(x->dim() == 2 && x->size(0) == rows.size(0) && x->scalar_type() == at::kFloat,
+                  "dopd cpu: full_pass's tile shares must be float32 [n, tiles] for n rows");
+    sh_s = shares_s->contiguous(), sh_t = shares_t->contiguous();
+  }
   std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, SkipCount> out;
   with_acc(s.acc(), [&](auto a) {
     with_kind(kind, [&](auto kc) {
       out = full_impl<decltype(kc)::value, decltype(a)>(s, t, rows, lse_s, lse_t, beta, scale, tiling, grad_logits, dh, dw,
-                                                        db, skip);
+                                                        db, skip, sh_s, sh_t);
     });
   });
   const SkipCount& n = std::get<5>(out);

@@ -37,9 +37,12 @@ struct Tiling {
 // dtype, for the caller to add in float64 (-inf, 0 for a row without finite logits), (k > 0) their
 // top-k column indices [n, k], best first (ties to the smaller column), and, with `tail_tokens` [n],
 // the tail bucket of each row's token (every valid column but that one; a token outside the valid
-// vocabulary or < 0 leaves nothing out) as (max, log-sum) in the same sweep ([0] tensors without).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_pass(
-    const Stream& s, const at::Tensor& rows, int64_t k, Tiling tiling, const std::optional<at::Tensor>& tail_tokens);
+// vocabulary or < 0 leaves nothing out) as (max, log-sum) in the same sweep ([0] tensors without). With
+// `shares` (fused-linear streams), also each vocabulary tile's log-share of the row's softmax mass,
+// log Σ_{v∈T} p_v [n, tiles] (float32, tiles of `tiling`; [0, 0] without): full_pass's `shares_s` / `shares_t`.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_pass(
+    const Stream& s, const at::Tensor& rows, int64_t k, Tiling tiling, const std::optional<at::Tensor>& tail_tokens,
+    bool shares);
 
 // Log-sum-exp of the scaled logits of `rows` over the valid columns not in the row's `cols` [n, k]
 // (entries < 0 ignored), as (max, log-sum) like stats_pass: a tail bucket's log-mass, summed directly.
@@ -64,15 +67,17 @@ std::tuple<at::Tensor, at::Tensor> rest_lse_pass(const Stream& s, const at::Tens
 // (a deferred gradient, of any per-row scale): returned as tile_keep [n, tiles] (bool) and tile_spent [n] (float64,
 // the bound mass skipped, of the unscaled gradient), None where nothing was planned (rows that fit one tile,
 // logits mode, a dtype that never skips). A JS row wider than one tile also leaves out of its value sweep the tiles
-// its log-sum-exp sweep bounds as negligible (value within δ relative). The last result is grad_pass's (entries,
-// skipped, unformed) and the value sweeps' unprojected entries.
+// its log-sum-exp sweep bounds as negligible (value within δ relative); a JS row with given log-sum-exps does the
+// same from `shares_s` / `shares_t` [n, tiles] (stats_pass's log-shares of both streams, same tiling) when given.
+// The last result is grad_pass's (entries, skipped, unformed) and the value sweeps' unprojected entries.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>,
            std::tuple<int64_t, int64_t, int64_t, int64_t>>
 full_pass(
     const Stream& s, const Stream& t, const at::Tensor& rows, const std::optional<at::Tensor>& lse_s,
     const std::optional<at::Tensor>& lse_t, int64_t kind, double beta, const std::optional<at::Tensor>& scale,
     Tiling tiling, const std::optional<at::Tensor>& grad_logits, const std::optional<at::Tensor>& dh,
-    const std::optional<at::Tensor>& dw, const std::optional<at::Tensor>& db, bool skip);
+    const std::optional<at::Tensor>& dw, const std::optional<at::Tensor>& db, bool skip,
+    const std::optional<at::Tensor>& shares_s, const std::optional<at::Tensor>& shares_t);
 
 // Gradient of Σ_rows scale_r · D_r with respect to the unscaled student logits (scale includes 1/τ;
 // in fused-linear mode the raw logits h·Wᵀ + b, through the head's jacobian).

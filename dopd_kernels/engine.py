@@ -27,7 +27,8 @@ from . import gradients
 from .divergences import clamp_js
 from .parallel import VocabShard
 from .passes import STUDENT, Grads, Passes, Stats
-from .plan import Group, Plan, dopd_plan, dopd_rest_streams, dopd_topk_streams, opd_plan, opd_rest_streams, opd_topk_streams
+from .plan import (Group, Plan, dopd_plan, dopd_rest_streams, dopd_share_streams, dopd_topk_streams, opd_plan,
+                   opd_rest_streams, opd_topk_streams)
 from .reductions import Reduction
 from .routing import Routing, nan_routed
 from .row_terms import RowTerm, sampled_term, topk_term
@@ -76,9 +77,11 @@ class LossEngine:
 
     def __init__(self, passes: Passes, sources: Sequence, tokens: torch.Tensor, valid: torch.Tensor,
                  settings: TermSettings, topk_streams: Sequence[int], plan: Plan, shard: Optional[VocabShard] = None,
-                 stats_in_sweep: bool = False, rest_streams: Sequence[int] = ()):
+                 stats_in_sweep: bool = False, rest_streams: Sequence[int] = (), share_streams: Sequence[int] = ()):
         # rest_streams: streams whose sampled-token tail bucket the stats pass sums (`Stats.rest_lse`,
         # read by the plan's sampled forward KL / JS rows).
+        # share_streams: streams whose per-tile shares the stats pass keeps when a gradient follows
+        # (`Stats.tile_shares`, read by full-vocabulary JS rows' value sweeps; not with a vocabulary shard).
         # stats_in_sweep: every row is a full-vocabulary row and the plan reads no statistics, so the
         # full pass computes the log-sum-exps in its own sweep and no stats pass runs.
         self.stats_in_sweep = stats_in_sweep and shard is None
@@ -91,6 +94,7 @@ class LossEngine:
         self.settings = settings
         self.topk_streams = tuple(topk_streams)
         self.rest_streams = tuple(rest_streams)
+        self.share_streams = tuple(share_streams)
         self.plan = plan
         self.results: List[GroupResult] = []
         self.deferred = False  # `forward(deferred=True)`: the full pass plans the deferred gradient's tile skips
@@ -110,7 +114,7 @@ class LossEngine:
         sweep may skip (not with a vocabulary shard: the plan needs the all-reduced constant)."""
         self.deferred = deferred and eager is None and self.shard is None
         out = torch.zeros(self.n_total, dtype=self.student.dtype, device=self.tokens.device)
-        stats = None if self.stats_in_sweep else self.run_stats_pass()
+        stats = None if self.stats_in_sweep else self.run_stats_pass(shares=eager is not None or self.deferred)
         groups = self.plan(stats)  # planned even without rows: routing may be collective
         weights, grads = (eager[0](), eager[1]) if eager is not None else (None, None)
         self.results = []
@@ -134,8 +138,9 @@ class LossEngine:
         """Per-row gradient scale [g] of a group: upstream gradient · weight / τ (float64)."""
         return grad_per_token[res.rows].to(torch.float64) * (res.group.weight / self.settings.temperature)
 
-    def run_stats_pass(self) -> Stats:
-        """The stats pass; with a vocabulary shard, local statistics merged across the group."""
+    def run_stats_pass(self, shares: bool = False) -> Stats:
+        """The stats pass; with a vocabulary shard, local statistics merged across the group. `shares`: a
+        gradient follows, so the full rows' value sweeps may use tile shares (`share_streams`, unsharded)."""
         k, n, dt = self.settings.top_k, self.rows.shape[0], self.student.dtype
         if n == 0:
             empty = self.tokens.new_zeros(0, dtype=dt)
@@ -143,7 +148,8 @@ class LossEngine:
             return Stats([none] * len(self.sources), [empty] * len(self.sources),
                          {j: self.tokens.new_zeros(0, 0) for j in self.topk_streams}, {j: none for j in self.rest_streams})
         if self.shard is None:
-            return self.passes.stats_pass(self.sources, self.rows, self.tokens, self.topk_streams, k, self.rest_streams)
+            return self.passes.stats_pass(self.sources, self.rows, self.tokens, self.topk_streams, k, self.rest_streams,
+                                          self.share_streams if shares else ())
         sh = self.shard
         local_tokens, owned = sh.localize(self.tokens)
         stats = self.passes.stats_pass(self.sources, self.rows, local_tokens, self.topk_streams, k, self.rest_streams)
@@ -214,8 +220,12 @@ class LossEngine:
         lse_s, lse_t = res.lse_s, res.lse_t
         target = self.sources[g.target]
         if g.granularity == "full":
+            shares = None
+            if stats is not None and STUDENT in stats.tile_shares and g.target in stats.tile_shares:
+                shares = (stats.tile_shares[STUDENT][g.pos], stats.tile_shares[g.target][g.pos])
             res.lse_s, res.lse_t, value, res.full_c, skips = self.passes.full_pass(
-                self.student, target, rows, lse_s, lse_t, g.divergence, s.js_beta, scale, grads, plan_skips=self.deferred)
+                self.student, target, rows, lse_s, lse_t, g.divergence, s.js_beta, scale, grads, plan_skips=self.deferred,
+                tile_shares=shares)
             if skips is not None:
                 res.tile_keep, res.tile_spent = skips
             if self.shard is not None:  # partial sums over this shard's columns
@@ -404,7 +414,7 @@ def dopd_call(passes: Passes, student, teacher, priv, tokens: torch.Tensor, vali
     rows = valid.nonzero()[:, 0]
     plan, routing = dopd_plan(cfg, rows, valid, thresholds, routing_group)
     engine = LossEngine(passes, sources, tokens, valid, settings_of(cfg), dopd_topk_streams(cfg), plan, shard,
-                        rest_streams=dopd_rest_streams(cfg))
+                        rest_streams=dopd_rest_streams(cfg), share_streams=dopd_share_streams(cfg))
     return engine, Finish(lambda: nan_routed(routing)), routing
 
 

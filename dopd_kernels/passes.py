@@ -40,12 +40,16 @@ class Stats:
     (scaled logit of the sampled token, compute dtype) of stream j; `topk[j]` [n, K] the top-K column
     indices of each stream that needs them; `rest_lse[j]` [n] (float64, formed like `lse`) the log-sum-exp
     of stream j over the valid columns other than the sampled token, summed directly (exact when
-    p_y ≈ 1, where lse + log(1 − p_y) cancels), for each stream asked for (`rest_streams`)."""
+    p_y ≈ 1, where lse + log(1 − p_y) cancels), for each stream asked for (`rest_streams`);
+    `tile_shares[j]` [n, tiles] (float32) the log-share of stream j's softmax mass in each of the backend's
+    vocabulary tiles, log Σ_{v∈T} p_v, for each stream asked for (`share_streams`) where the backend's
+    `full_pass` uses them (`Passes.full_pass`'s `tile_shares`), absent elsewhere."""
 
     lse: List[torch.Tensor]
     logit_y: List[torch.Tensor]
     topk: Dict[int, torch.Tensor] = field(default_factory=dict)
     rest_lse: Dict[int, torch.Tensor] = field(default_factory=dict)
+    tile_shares: Dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 class Grads(NamedTuple):
@@ -86,12 +90,13 @@ class Passes(Protocol):
         hand calls it cannot run (e.g. float64 inputs) to another one."""
 
     def stats_pass(self, sources: Sequence, rows: torch.Tensor, tokens: torch.Tensor, topk_streams: Sequence[int],
-                   top_k: int, rest_streams: Sequence[int] = ()) -> Stats:
+                   top_k: int, rest_streams: Sequence[int] = (), share_streams: Sequence[int] = ()) -> Stats:
         """Log-sum-exp and sampled logit (`tokens` [n]) of every stream at `rows`, the top-`top_k`
         columns of the streams `topk_streams` and the tail bucket (`Stats.rest_lse`: every valid column
         but `tokens`) of the streams `rest_streams` (positions in `sources`), summed directly (not as the
         log-sum-exp less p_y), in the same sweep where the backend can (torch, cpp, triton; `cuda` calls
-        `rest_logsumexp`)."""
+        `rest_logsumexp`). `share_streams`: streams whose per-tile shares (`Stats.tile_shares`) a full
+        pass with a gradient may use; a backend that would not use them keeps none."""
 
     def gather(self, source, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """Scaled logits [n, K] of `source` at columns `cols` [n, K] of `rows`."""
@@ -106,13 +111,16 @@ class Passes(Protocol):
 
     def full_pass(self, student, target, rows: torch.Tensor, lse_s: Optional[torch.Tensor],
                   lse_t: Optional[torch.Tensor], kind: str, beta: float, scale: Optional[torch.Tensor],
-                  grads: Optional[Grads], plan_skips: bool = False) -> FullRows:
+                  grads: Optional[Grads], plan_skips: bool = False,
+                  tile_shares: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> FullRows:
         """Full-vocabulary rows in as few sweeps as the backend can (`FullRows`). `lse_s`/`lse_t` None: the
         log-sum-exps are computed here too (no stats pass ran); `scale` [n] and `grads` given: the gradient
         (`full_grad_pass`) is added as well. A backend that holds a row's whole vocabulary in one tile does
         all of it in one sweep; `backends/base.py` composes the separate passes. `plan_skips` (no `scale`: a
         deferred gradient follows): also plan the whole tiles that gradient's sweep may skip
-        (`FullRows.tile_skips`; None where the backend does not skip tiles)."""
+        (`FullRows.tile_skips`; None where the backend does not skip tiles). `tile_shares`: the student's and
+        the target's `Stats.tile_shares` at `rows`, with the log-sum-exps they came from: a JS value sweep
+        leaves out the tiles they bound as negligible when a gradient follows (`skipping.plan_js_value_skips`)."""
 
     def full_grad_pass(self, student, target, rows: torch.Tensor, lse_s: torch.Tensor, lse_t: torch.Tensor,
                        c: torch.Tensor, kind: str, beta: float, scale: torch.Tensor, grads: Grads,

@@ -87,6 +87,14 @@ def dopd_rest_streams(cfg: DOPDConfig) -> tuple:
     return rest_streams([(target, gran, div) for _, target, gran, div, _ in DOPD_TERMS])
 
 
+def dopd_share_streams(cfg: DOPDConfig) -> tuple:
+    """Streams whose per-tile shares (`Stats.tile_shares`) the DOPD stats pass keeps for the value sweeps of
+    its full-vocabulary JS rows (HT), which may then leave negligible tiles out: the student and each such
+    term's target."""
+    targets = {target for _, target, gran, div, _ in DOPD_TERMS if gran == "full" and div == "js"}
+    return tuple(sorted({STUDENT, *targets})) if targets else ()
+
+
 def opd_plan(cfg: OPDConfig, rows: torch.Tensor) -> Plan:
     """Every valid row (`rows` [n]) gets the configured term; the plan reads no statistics (a
     full-vocabulary OPD call may compute them in its one sweep, `passes.Passes.full_pass`)."""

@@ -70,7 +70,10 @@ E_c. Those tiles are then forced skips of the gradient plan, with E_c charged to
 (`js_gradient_start`, `plan_tile_skips(forced=...)`). A row whose forced mass does not fit δ·‖u‖₁ is a row whose
 gradient nearly vanishes while its JS does not. It sweeps the tiles it left out after all (a correction sweep)
 and then plans as without value skips. Both `cpp` and `torch` do this when skipping is on and a gradient follows
-(eager or planned for a deferred one). A forward without a gradient sweeps every tile.
+(eager or planned for a deferred one). A forward without a gradient sweeps every tile. DOPD's HT rows (full JS
+with the log-sum-exps of the statistics pass) do the same: that pass keeps each tile's log-share of the student's
+and the teacher's mass (`Stats.tile_shares`, [N, tiles] float32 per stream, asked for by `plan.dopd_share_streams`
+when a gradient follows) and hands the HT rows' shares to their full pass.
 
 Logits mode has no contraction to save (the gradient tile is the output): the rule is not applied.
 """

@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .. import skipping
 from ..passes import FullRows, Grads
 from ..sources import LinearSource
 
@@ -22,11 +23,26 @@ def online_logsumexp(m: torch.Tensor, s: torch.Tensor, tile: torch.Tensor):
     return m_new, s
 
 
+def merge_logsumexp(m: torch.Tensor, s: torch.Tensor, m_t: torch.Tensor, s_t: torch.Tensor):
+    """Merge a tile's (max, Σ exp(z − max)) pair [r] into a running one; safe when either is all -inf."""
+    m_new = torch.maximum(m, m_t)
+    shift = torch.where(m_new == NEG_INF, torch.zeros_like(m_new), m_new)
+    return m_new, s * torch.exp(m - shift) + s_t * torch.exp(m_t - shift)
+
+
 def finish_logsumexp(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """float64 log-sum-exp `max + log Σ exp(z − max)` (the `Stats.lse` contract): the sum of an fp32 max
     of size ~1e4 and an O(1) log is kept exactly, not rounded to an ulp of the max (~1e-3)."""
     m64 = m.to(torch.float64)
     return torch.where(m == NEG_INF, m64, m64 + torch.log(s).to(torch.float64))
+
+
+def skips_whole_tiles(student, skip_negligible: bool, vocab_chunk: int) -> bool:
+    """Whether a backend that skips negligible tiles (`skipping.py`) with vocabulary tiles of `vocab_chunk`
+    columns may leave whole tiles of `student`'s rows out of a sweep: skipping on, a fused-linear student
+    wider than one tile, stored in a dtype that skips at all. Its stats pass keeps tile shares only then."""
+    return (skip_negligible and isinstance(student, LinearSource) and student.effective_vocab > vocab_chunk
+            and skipping.tolerance(student.hidden.dtype) > 0)
 
 
 def without_columns(tile: torch.Tensor, cols: torch.Tensor, start: int) -> torch.Tensor:
@@ -48,9 +64,9 @@ class PassBackend:
 
     def full_pass(self, student, target, rows: torch.Tensor, lse_s: Optional[torch.Tensor],
                   lse_t: Optional[torch.Tensor], kind: str, beta: float, scale: Optional[torch.Tensor],
-                  grads: Optional[Grads], plan_skips: bool = False) -> FullRows:
+                  grads: Optional[Grads], plan_skips: bool = False, tile_shares=None) -> FullRows:
         """`passes.Passes.full_pass` from the separate sweeps: statistics (when not given), value, gradient.
-        Their gradient sweep skips no whole tile, so `plan_skips` plans none."""
+        They skip no whole tile, so `plan_skips` plans none and `tile_shares` goes unused."""
         if lse_s is None:
             stats = self.stats_pass((student, target), rows, torch.zeros_like(rows), (), 1)
             lse_s, lse_t = stats.lse

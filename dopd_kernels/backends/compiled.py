@@ -34,7 +34,7 @@ from ..codes import Divergence
 from ..passes import STUDENT, FullRows, Grads, Stats, split_lse
 from ..row_terms import RowTerm
 from ..sources import LogitsSource
-from .base import PassBackend
+from .base import PassBackend, skips_whole_tiles
 from .torch_chunked import TorchBackend
 
 # The `kind` argument of the passes: codes.Divergence, which csrc/row_math.h's dopd::Kind mirrors
@@ -92,20 +92,25 @@ class CompiledBackend(PassBackend):
 
     @torch.no_grad()
     def stats_pass(self, sources: Sequence, rows: torch.Tensor, tokens: torch.Tensor, topk_streams, top_k: int,
-                   rest_streams: Sequence[int] = ()) -> Stats:
+                   rest_streams: Sequence[int] = (), share_streams: Sequence[int] = ()) -> Stats:
         """The `passes.Passes` stats pass, one sweep per stream. On CPU the tail buckets of `rest_streams` are
-        summed in that sweep (the extension's `tail_tokens`); the `cuda` backend composes them from
-        `rest_logsumexp`, a sweep of its own per stream."""
+        summed in that sweep (the extension's `tail_tokens`), and so are the tile shares of `share_streams`
+        where `full_pass` can leave whole tiles out (`base.skips_whole_tiles`); the `cuda` backend composes the
+        tail buckets from `rest_logsumexp`, a sweep of its own per stream, and keeps no tile shares."""
         rows, dt = rows.contiguous(), sources[STUDENT].dtype
         k = min(top_k, sources[STUDENT].effective_vocab)
-        lse, topk, logit_y, rest = [], {}, [], {}
+        lse, topk, logit_y, rest, shares = [], {}, [], {}, {}
+        wide = self._cpu_only_passes and skips_whole_tiles(sources[STUDENT], self.skip_negligible, self.vocab_chunk)
         for j, src in enumerate(sources):
             stream, k_j = self._stream(src), k if j in topk_streams else 0
             if self._cpu_only_passes:
                 tail = tokens.contiguous() if j in rest_streams else None
-                mx, log_sum, idx, tail_mx, tail_log_sum = self._ops.stats_pass(stream, rows, k_j, self._tiling, tail)
+                mx, log_sum, idx, tail_mx, tail_log_sum, log_shares = self._ops.stats_pass(
+                    stream, rows, k_j, self._tiling, tail, shares=wide and j in share_streams)
                 if tail is not None:
                     rest[j] = tail_mx.double() + tail_log_sum.double()
+                if log_shares.numel():
+                    shares[j] = log_shares
             else:
                 mx, log_sum, idx = self._ops.stats_pass(stream, rows, k_j, self._tiling)
                 if j in rest_streams:
@@ -114,7 +119,7 @@ class CompiledBackend(PassBackend):
             if j in topk_streams:
                 topk[j] = idx
             logit_y.append(self._ops.gather(stream, rows, tokens[:, None])[:, 0].to(dt))
-        return Stats(lse, logit_y, topk, rest)
+        return Stats(lse, logit_y, topk, rest, shares)
 
     @torch.no_grad()
     def full_value_pass(self, student, target, rows, lse_s, lse_t, kind: str, beta: float):
@@ -127,14 +132,15 @@ class CompiledBackend(PassBackend):
 
     @torch.no_grad()
     def full_pass(self, student, target, rows, lse_s, lse_t, kind: str, beta: float, scale, grads,
-                  plan_skips: bool = False) -> FullRows:
+                  plan_skips: bool = False, tile_shares=None) -> FullRows:
         """`passes.Passes.full_pass` in the CPU extension's fewest sweeps (csrc/passes_cpu.h `full_pass`): one
         sweep when a row's valid vocabulary fits one tile (V <= `vocab_chunk`), a row's phases in one thread
         in logits mode; wider fused-linear rows without given log-sum-exps compute them with the reverse /
         forward KL value online in one sweep (JS: its log-mixture needs them first, so a value sweep
-        follows, leaving out the tiles `skipping.plan_js_value_skips` bounds when a gradient follows), then the
-        gradient sweep, or with `plan_skips` (no `scale`) plan the whole tiles a deferred gradient sweep skips.
-        The `cuda` backend composes the separate passes (`PassBackend.full_pass`)."""
+        follows, leaving out the tiles `skipping.plan_js_value_skips` bounds when a gradient follows; with given
+        log-sum-exps, from `tile_shares`), then the gradient sweep, or with `plan_skips` (no `scale`) plan the whole
+        tiles a deferred gradient sweep skips. The `cuda` backend composes the separate passes
+        (`PassBackend.full_pass`)."""
         if not self._cpu_only_passes:
             return super().full_pass(student, target, rows, lse_s, lse_t, kind, beta, scale, grads)
         dt, given = student.dtype, lse_s is not None
@@ -143,7 +149,8 @@ class CompiledBackend(PassBackend):
             args["skip"] = self.skip_negligible and plan_skips
         parts, value, c, keep, spent, counts = self._ops.full_pass(
             self._stream(student), self._stream(target), rows.contiguous(), self._split(lse_s, dt) if given else None,
-            self._split(lse_t, dt) if given else None, scale=scale, **args)
+            self._split(lse_t, dt) if given else None, scale=scale, **args,
+            **(dict(shares_s=tile_shares[0], shares_t=tile_shares[1]) if tile_shares is not None and given else {}))
         self._count_skipped(counts)
         if not given:  # (max, log-sum) pairs added in float64, as the stats pass does (Stats.lse)
             lse_s, lse_t = parts[0].double() + parts[1].double(), parts[2].double() + parts[3].double()

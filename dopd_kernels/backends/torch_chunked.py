@@ -21,7 +21,8 @@ from ..passes import STUDENT, FullRows, Grads, Stats, split_lse
 from ..row_terms import RowTerm
 from ..sources import LinearSource
 from ..topk import select_top_k
-from .base import NEG_INF, PassBackend, finish_logsumexp, online_logsumexp, without_columns
+from .base import (NEG_INF, PassBackend, finish_logsumexp, merge_logsumexp, online_logsumexp, skips_whole_tiles,
+                   without_columns)
 
 
 def _kl_terms(lp: torch.Tensor, p: torch.Tensor, log_r: torch.Tensor, out: torch.Tensor = None) -> torch.Tensor:
@@ -238,15 +239,20 @@ class TorchBackend(PassBackend):
     # -- passes ---------------------------------------------------------------------------------
 
     def stats_pass(self, sources: Sequence, rows: torch.Tensor, tokens: torch.Tensor, topk_streams, top_k: int,
-                   rest_streams: Sequence[int] = ()) -> Stats:
-        """One sweep per stream over its tiles: the log-sum-exp, the running top-K where asked and, for
-        `rest_streams`, the tail bucket: the same tiles with the sampled column at -inf, summed with their
-        own running max (the tail's largest logit may be far below z_y's) — no extra projection."""
+                   rest_streams: Sequence[int] = (), share_streams: Sequence[int] = ()) -> Stats:
+        """One sweep per stream over its tiles: the log-sum-exp, the running top-K where asked, for
+        `rest_streams` the tail bucket: the same tiles with the sampled column at -inf, summed with their
+        own running max (the tail's largest logit may be far below z_y's) — no extra projection, and for
+        `share_streams`, where `full_pass` can leave whole tiles out (`base.skips_whole_tiles`), each tile's
+        log-share: its own log-sum-exp, merged into the row's."""
         n, dt = rows.shape[0], sources[STUDENT].dtype
         lse = [torch.empty(n, dtype=torch.float64, device=rows.device) for _ in sources]
         rest = {j: torch.empty(n, dtype=torch.float64, device=rows.device) for j in rest_streams}
         k = min(top_k, sources[STUDENT].effective_vocab)
         topk = {j: torch.empty(n, k, dtype=torch.long, device=rows.device) for j in topk_streams}
+        wide = skips_whole_tiles(sources[STUDENT], self.skip_negligible, self.vocab_chunk)
+        tiles = self._tile_count(sources[STUDENT])
+        shares = {j: torch.empty(n, tiles, dtype=torch.float64, device=rows.device) for j in share_streams if wide}
         for sl in self._row_chunks(n):
             r, y = rows[sl], tokens[sl, None]
             for j, src in enumerate(sources):
@@ -255,20 +261,28 @@ class TorchBackend(PassBackend):
                 m_rest, s_rest = m.clone(), s.clone()
                 vals = torch.empty(r.shape[0], 0, dtype=dt, device=r.device)
                 idx = torch.empty(r.shape[0], 0, dtype=torch.long, device=r.device)
-                for c0, c1 in self._vocab_blocks(src):
+                for t, (c0, c1) in enumerate(self._vocab_blocks(src)):
                     tile = src.tile(r, c0, c1)
-                    m, s = online_logsumexp(m, s, tile)
+                    if j in shares:  # the tile's own (max, sum), merged into the row's
+                        m_t, s_t = online_logsumexp(torch.full_like(m, NEG_INF), torch.zeros_like(s), tile)
+                        shares[j][sl, t] = finish_logsumexp(m_t, s_t)
+                        m, s = merge_logsumexp(m, s, m_t, s_t)
+                    else:
+                        m, s = online_logsumexp(m, s, tile)
                     if j in rest:
                         m_rest, s_rest = online_logsumexp(m_rest, s_rest, without_columns(tile, y, c0))
                     if j in topk:
                         vals, idx = _merge_topk(vals, idx, tile, c0, k)
                 lse[j][sl] = finish_logsumexp(m, s)
+                if j in shares:  # log P_T: −inf for a tile without mass (as cpp's), NaN where the lse is NaN or +inf
+                    x = shares[j][sl]
+                    shares[j][sl] = torch.where(x == NEG_INF, x, x - lse[j][sl, None])
                 if j in rest:
                     rest[j][sl] = finish_logsumexp(m_rest, s_rest)
                 if j in topk:
                     topk[j][sl] = idx
         logit_y = [src.gather(rows, tokens[:, None])[:, 0] for src in sources]
-        return Stats(lse, logit_y, topk, rest)
+        return Stats(lse, logit_y, topk, rest, {j: x.float() for j, x in shares.items()})
 
     def full_value_pass(self, student, target, rows, lse_s, lse_t, kind: str, beta: float):
         """Σ_v of the divergence over the vocabulary for each row, and the gradient constant c
@@ -280,8 +294,8 @@ class TorchBackend(PassBackend):
                      shares: Optional[tuple] = None) -> tuple:
         """`full_value_pass`'s (value, c) and, with δ > 0, the whole tiles each row may skip in its gradient
         sweep (`_value_tile_bounds`, `skipping.plan_tile_skips`): a `skipping.TileSkips`; else None. With JS
-        `shares` (P_T, Q_T [n, tiles] from `_shares_sweep`), each row also leaves out of this sweep the tiles
-        `skipping.plan_js_value_skips` bounds, and its gradient plan starts from them
+        `shares` (P_T, Q_T [n, tiles], from the stats pass's `Stats.tile_shares`), each row also leaves out of
+        this sweep the tiles `skipping.plan_js_value_skips` bounds, and its gradient plan starts from them
         (`skipping.js_gradient_start`); a row whose start does not fit its budget sweeps the tiles it left out
         after all (a correction sweep), then plans as without value skips."""
         n, f64 = rows.shape[0], torch.float64
@@ -364,25 +378,8 @@ class TorchBackend(PassBackend):
             return slice(None)
         return torch.cat([kept, (~keep).nonzero()[:padded - m, 0]])
 
-    def _shares_sweep(self, student, target, rows) -> tuple:
-        """Both streams' log-sum-exps [n] (float64) and each tile's share of their mass, P_T and Q_T [n, tiles]
-        (float64), in one sweep: each tile's own log-sum-exp, the row's their float64 log-sum-exp."""
-        n, f64 = rows.shape[0], torch.float64
-        tiles = self._tile_count(student)
-        tile_lse = [torch.empty(n, tiles, dtype=f64, device=rows.device) for _ in range(2)]
-        for sl in self._row_chunks(n):
-            r = rows[sl]
-            for j, src in enumerate((student, target)):
-                for t, (c0, c1) in enumerate(self._vocab_blocks(src)):
-                    tile = src.tile(r, c0, c1)
-                    m = torch.full((r.shape[0],), NEG_INF, dtype=tile.dtype, device=r.device)
-                    tile_lse[j][sl, t] = finish_logsumexp(*online_logsumexp(m, torch.zeros_like(m), tile))
-        lse = [x.logsumexp(1) for x in tile_lse]
-        shares = tuple((x - l[:, None]).exp() for x, l in zip(tile_lse, lse))
-        return lse[0], lse[1], shares
-
     def full_pass(self, student, target, rows, lse_s, lse_t, kind: str, beta: float, scale, grads,
-                  plan_skips: bool = False) -> FullRows:
+                  plan_skips: bool = False, tile_shares=None) -> FullRows:
         """Full-vocabulary rows in one sweep when a row's whole valid vocabulary fits one tile
         (V ≤ `vocab_chunk`, so no tile is wider than any other pass's): each chunk of rows gets its two
         streams' logits once and takes from them the log-sum-exps (when not given), the value, the
@@ -391,7 +388,8 @@ class TorchBackend(PassBackend):
         sweep (`_kl_sweep`), then the gradient sweep; JS and rows with given log-sum-exps: the statistics
         (when not given), the value sweep (`_value_sweep`), the gradient sweep. In wide rows the sweep
         before the gradient's also bounds the whole tiles each row may skip (`skipping.plan_tile_skips`); with
-        `plan_skips` and no `scale` those are returned for a deferred `full_grad_pass`."""
+        `plan_skips` and no `scale` those are returned for a deferred `full_grad_pass`. A JS value sweep leaves
+        out the tiles the stats pass's tile shares bound (its own, or with given log-sum-exps `tile_shares`)."""
         v, n, dt, f64 = student.effective_vocab, rows.shape[0], student.dtype, torch.float64
         # DESIGN.md's memory rule: no [chunk, V] tensor in fused-linear mode, so a whole row must fit one
         # ordinary tile (V ≤ vocab_chunk). A wider vocabulary takes two sweeps for reverse / forward KL
@@ -403,9 +401,14 @@ class TorchBackend(PassBackend):
             if scale is not None or plan_skips:
                 delta = self._delta(student, grads if scale is not None else None)
             if lse_s is not None or kind == "js":  # the value sweep bounds the tiles once it has c
-                shares = None
-                if lse_s is None:  # JS: with δ > 0 the value sweep leaves out the tiles its shares bound
-                    lse_s, lse_t, shares = self._shares_sweep(student, target, rows)
+                if lse_s is None:  # JS: the statistics, and the tile shares its value sweep may leave tiles out by
+                    stats = self.stats_pass((student, target), rows, torch.zeros_like(rows), (), 1,
+                                            share_streams=(0, 1) if delta > 0 else ())
+                    lse_s, lse_t = stats.lse
+                    tile_shares = (stats.tile_shares[0], stats.tile_shares[1]) if stats.tile_shares else None
+                shares = None  # with δ > 0 a JS value sweep leaves out the tiles the shares bound
+                if kind == "js" and tile_shares is not None:
+                    shares = tuple(x.double().exp() for x in tile_shares)
                 value, c, tile_skips = self._value_sweep(student, target, rows, lse_s, lse_t, kind, beta, delta,
                                                          shares if delta > 0 else None)
             else:

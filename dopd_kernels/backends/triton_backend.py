@@ -429,10 +429,10 @@ class TritonBackend(PassBackend):
                       BLOCK_E=16, BLOCK_H=block_h)
 
     def stats_pass(self, sources: Sequence, rows: torch.Tensor, tokens: torch.Tensor, topk_streams, top_k: int,
-                   rest_streams: Sequence[int] = ()) -> Stats:
+                   rest_streams: Sequence[int] = (), share_streams: Sequence[int] = ()) -> Stats:
         """One launch for every stream, keeping as many running top-Ks as `_topk_width` allows, and the
         tail buckets of `rest_streams` in the same sweep; each further top-K stream gets a launch of its
-        own (its logits are computed once more)."""
+        own (its logits are computed once more). No tile shares: `full_pass` skips no tile."""
         student = sources[STUDENT]
         n, dev = rows.shape[0], rows.device
         k = min(top_k, student.effective_vocab)
@@ -499,7 +499,7 @@ class TritonBackend(PassBackend):
         return tuple(t.contiguous() for lse in (lse_s, lse_t) for t in split_lse(lse.double(), torch.float32))
 
     def full_pass(self, student, target, rows, lse_s, lse_t, kind: str, beta: float, scale, grads,
-                  plan_skips: bool = False) -> FullRows:
+                  plan_skips: bool = False, tile_shares=None) -> FullRows:
         """`passes.Passes.full_pass`: reverse / forward KL rows whose log-sum-exps are not given (full-
         vocabulary OPD) compute them with the value in one sweep (`kl_online_kernel`), then the gradient
         sweep: 6 projections per fused-linear row instead of 8. JS (its log-mixture needs both
