@@ -211,13 +211,13 @@ struct RowStats {
 // (max, Σ exp(z·inv_tau − max)) of one block of logits, column `skip` (relative to the block; outside
 // [0, len): none) left out: a tail bucket's share of the block. A NaN logit gives a NaN sum, which stays
 // NaN through every later lse_merge.
-template <typename A>
-LseState<A> segment_lse(const A* z, int64_t len, A inv_tau, int64_t skip) {
+template <bool SKIP, typename A>
+LseState<A> segment_lse_of(const A* z, int64_t len, A inv_tau, int64_t skip) {
   A mx = neg_inf<A>();
   int nans = 0;
 #pragma omp simd reduction(max : mx) reduction(+ : nans)
   for (int64_t j = 0; j < len; ++j) {
-    const A x = j == skip ? neg_inf<A>() : z[j] * inv_tau;
+    const A x = SKIP && j == skip ? neg_inf<A>() : z[j] * inv_tau;
     mx = std::max(mx, x);
     nans += x != x;
   }
@@ -225,8 +225,16 @@ LseState<A> segment_lse(const A* z, int64_t len, A inv_tau, int64_t skip) {
   if (mx == neg_inf<A>()) return lse_empty<A>();  // an all -inf block adds nothing to the log-sum-exp
   A sum = 0;
 #pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < len; ++j) sum += j == skip ? A(0) : fexp(z[j] * inv_tau - mx);
+  for (int64_t j = 0; j < len; ++j) sum += SKIP && j == skip ? A(0) : fexp(z[j] * inv_tau - mx);
   return {mx, sum};
+}
+
+// The loops without the column test where no column is left out (every stats block): it costs a 64-bit
+// compare and a blend per element.
+template <typename A>
+LseState<A> segment_lse(const A* z, int64_t len, A inv_tau, int64_t skip) {
+  if (skip >= 0 && skip < len) return segment_lse_of<true>(z, len, inv_tau, skip);
+  return segment_lse_of<false>(z, len, inv_tau, skip);
 }
 
 // Merge one block of scaled logits z·inv_tau (columns c0 .. c0+len) into a row's statistics; returns
