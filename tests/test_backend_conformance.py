@@ -43,7 +43,7 @@ from dopd_kernels import (DOPDConfig, LMHead, TorchBackend, dopd_loss, fused_lin
 from hardening_checks import (CORRUPTIONS, GRAD_TOL, LOSS_RTOL, PRECISION_CASES, check_dopd_large_logits, check_double_backward_raises,
                               check_large_logits, check_nonfinite_fused_linear, check_nonfinite_opd,
                               check_nonfinite_routing)
-from head_transform_checks import HEAD_CASES, check_bf16_heads, check_dopd_heads, check_opd_heads
+from head_transform_checks import HEAD_CASES, bf16_grad_tolerance, check_bf16_heads, check_dopd_heads, check_opd_heads
 
 CUDA = torch.cuda.is_available()
 RTOL = 1e-5
@@ -939,12 +939,8 @@ def check_fused_linear_dopd_bf16(be: Target, renorm: bool, v: int = 45, hdim: in
 @pytest.mark.parametrize("renorm", [True, False])
 @on_costly_targets(renorm=[False])
 def test_fused_linear_dopd_bf16(renorm, be):
-    # The Triton kernels contract bf16-rounded gradient tiles into dH / dW on tensor cores (as Liger and
-    # Cut Cross-Entropy do): their distance to the truth is bounded by the naive bf16 error, not by the
-    # bf16 rounding of the exact gradient.
-    tiles_in_bf16 = "Triton" in type(be.backend).__name__
-    check_fused_linear_dopd_bf16(be, renorm, grad_rtol=2 ** -6 if tiles_in_bf16 else 2 ** -7,
-                                 grad_atol=1e-2 if tiles_in_bf16 else 2e-3)
+    rtol, atol = bf16_grad_tolerance(be.backend)
+    check_fused_linear_dopd_bf16(be, renorm, grad_rtol=rtol, grad_atol=atol)
 
 
 # -- output-head transforms (issue 11): the shared checks of head_transform_checks ----------------------
