@@ -46,3 +46,7 @@ trainer = DOPDTrainer(model=tiny_llama(32), teacher_model=tiny_llama(64), args=a
                       processing_class=tok)
 trainer.train()
 print({k: v for k, v in trainer.state.log_history[-2].items() if k in ("loss", "entropy") or k.startswith("dopd/")})
+# Under accelerate / torchrun: leave together and close the process group (a rank exiting with it alive can abort).
+trainer.accelerator.wait_for_everyone()
+if torch.distributed.is_initialized():
+    torch.distributed.destroy_process_group()
