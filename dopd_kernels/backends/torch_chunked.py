@@ -245,6 +245,15 @@ class TorchBackend(PassBackend):
         own running max (the tail's largest logit may be far below z_y's) — no extra projection, and for
         `share_streams`, where `full_pass` can leave whole tiles out (`base.skips_whole_tiles`), each tile's
         log-share: its own log-sum-exp, merged into the row's."""
+        lse, topk, rest, shares = self._stats_sweep(sources, rows, tokens, topk_streams, top_k, rest_streams,
+                                                    share_streams)
+        logit_y = [src.gather(rows, tokens[:, None])[:, 0] for src in sources]
+        return Stats(lse, logit_y, topk, rest, shares)
+
+    def _stats_sweep(self, sources: Sequence, rows: torch.Tensor, tokens: Optional[torch.Tensor], topk_streams,
+                     top_k: int, rest_streams: Sequence[int] = (), share_streams: Sequence[int] = ()) -> tuple:
+        """`stats_pass`'s sweep: its `Stats` fields but the sampled logits, (lse, topk, rest_lse, tile_shares)
+        (`tokens` only for `rest_streams`)."""
         n, dt = rows.shape[0], sources[STUDENT].dtype
         lse = [torch.empty(n, dtype=torch.float64, device=rows.device) for _ in sources]
         rest = {j: torch.empty(n, dtype=torch.float64, device=rows.device) for j in rest_streams}
@@ -254,7 +263,7 @@ class TorchBackend(PassBackend):
         tiles = self._tile_count(sources[STUDENT])
         shares = {j: torch.empty(n, tiles, dtype=torch.float64, device=rows.device) for j in share_streams if wide}
         for sl in self._row_chunks(n):
-            r, y = rows[sl], tokens[sl, None]
+            r, y = rows[sl], tokens[sl, None] if rest_streams else None
             for j, src in enumerate(sources):
                 m = torch.full((r.shape[0],), NEG_INF, dtype=dt, device=r.device)
                 s = torch.zeros_like(m)
@@ -281,8 +290,7 @@ class TorchBackend(PassBackend):
                     rest[j][sl] = finish_logsumexp(m_rest, s_rest)
                 if j in topk:
                     topk[j][sl] = idx
-        logit_y = [src.gather(rows, tokens[:, None])[:, 0] for src in sources]
-        return Stats(lse, logit_y, topk, rest, {j: x.float() for j, x in shares.items()})
+        return lse, topk, rest, {j: x.float() for j, x in shares.items()}
 
     def full_value_pass(self, student, target, rows, lse_s, lse_t, kind: str, beta: float):
         """Σ_v of the divergence over the vocabulary for each row, and the gradient constant c
@@ -402,10 +410,9 @@ class TorchBackend(PassBackend):
                 delta = self._delta(student, grads if scale is not None else None)
             if lse_s is not None or kind == "js":  # the value sweep bounds the tiles once it has c
                 if lse_s is None:  # JS: the statistics, and the tile shares its value sweep may leave tiles out by
-                    stats = self.stats_pass((student, target), rows, torch.zeros_like(rows), (), 1,
-                                            share_streams=(0, 1) if delta > 0 else ())
-                    lse_s, lse_t = stats.lse
-                    tile_shares = (stats.tile_shares[0], stats.tile_shares[1]) if stats.tile_shares else None
+                    (lse_s, lse_t), _, _, shares = self._stats_sweep((student, target), rows, None, (), 1,
+                                                                     share_streams=(0, 1) if delta > 0 else ())
+                    tile_shares = (shares[0], shares[1]) if shares else None
                 shares = None  # with δ > 0 a JS value sweep leaves out the tiles the shares bound
                 if kind == "js" and tile_shares is not None:
                     shares = tuple(x.double().exp() for x in tile_shares)
