@@ -187,7 +187,7 @@ def detail_tables(cases) -> List[str]:
         mix = ""
         if any_ok:
             rm, st = any_ok["regime_mix"], any_ok["input_stats"]
-            mix = (f" Regime mix " + " ".join(f"{r} {p:.0%}" for r, p in rm.items())
+            mix = (" Regime mix " + " ".join(f"{r} {p:.0%}" for r, p in rm.items())
                    + f"; student entropy p10/p50/p90 {st['entropy_p10']:.2f}/{st['entropy_p50']:.2f}/"
                      f"{st['entropy_p90']:.2f} nats, mean π(y) {st['mean_q_sampled']:.2f}.")
         out += [f"### {workload}: V={v}, H={h}, N={n}, {dtype}", "", mix.strip(), "",

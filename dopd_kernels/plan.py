@@ -14,7 +14,7 @@ import torch
 
 from .config import DOPDConfig, OPDConfig, Regime, Thresholds
 from .passes import STUDENT, Stats
-from .routing import Routing, assign_regimes, batch_thresholds, empty_routing, routing_statistics
+from .routing import assign_regimes, batch_thresholds, empty_routing, routing_statistics
 
 TEACHER, PRIV_STUDENT = 1, 2
 

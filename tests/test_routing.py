@@ -168,7 +168,7 @@ def test_dopd_routing_matches_naive(trim, backend):
 @pytest.mark.parametrize("backend", ["reference", "torch"])
 def test_route_on_token_logprobs_matches_dopd(backend):
     """The two-pass path (token_logprobs of each frozen stream, then route) routes like dopd_loss."""
-    n, v = 36, 27
+    v = 27
     zs, zt, zp = correlated_logits((4, 9), v)
     y = random_tokens((4, 9), v)
     cfg = DOPDConfig(trim=0.1, temperature=1.3)
