@@ -271,6 +271,18 @@ const A* mask_excluded(const A* z, int64_t c0, int64_t len, const int64_t* ex, i
   return out;
 }
 
+// log P_T: the log-share of a row's softmax mass (log-sum-exp `l`) in a tile's (max, Σ exp) state, in float64;
+// −inf for a tile without mass, NaN where `l` is NaN or +inf. P_T itself is tile_share.
+template <typename A>
+double tile_log_share(const LseState<A>& x, double l) {
+  return x.m == neg_inf<A>() ? -HUGE_VAL : double(x.m) + std::log(double(x.s)) - l;
+}
+
+template <typename A>
+double tile_share(const LseState<A>& x, double l) {
+  return std::exp(tile_log_share(x, l));
+}
+
 // Per row, (max, log-sum) of the log-sum-exp, the top-k columns (k > 0) and, with `tail_tokens` [n], the
 // tail bucket of the row's token: (max, log-sum) over the valid columns but that one, summed in the same
 // sweep ([0] tensors without). With `excluded` [n, k_ex], the log-sum-exp is over the valid columns
@@ -339,15 +351,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> stats_impl(const Stre
         }
       }
       if (!shares) continue;
-      // The chunk's rows are complete: log P_T = (m_T + log s_T) − lse in float64; −inf for a tile without mass, NaN
-      // where the row's log-sum-exp is NaN or +inf (js_value_skips then leaves nothing out).
+      // The chunk's rows are complete: their tiles' log-shares (NaN ones make js_value_skips leave nothing out).
       float* out = log_shares.data_ptr<float>() + r0 * tiles;
       for (int64_t i = 0; i < r; ++i) {
         const double l = double(st[r0 + i].lse.m) + double(lse_log_sum(st[r0 + i].lse));
-        for (int64_t q = 0; q < tiles; ++q) {
-          const LseState<A>& b = tile_st[i * tiles + q];
-          out[i * tiles + q] = static_cast<float>(b.m == neg_inf<A>() ? -HUGE_VAL : double(b.m) + std::log(double(b.s)) - l);
-        }
+        for (int64_t q = 0; q < tiles; ++q)
+          out[i * tiles + q] = static_cast<float>(tile_log_share(tile_st[i * tiles + q], l));
       }
     }
   }
@@ -791,12 +800,6 @@ struct TileMass {
   A dmin, dmax;      // reverse KL: the range of x_a − x_b over the tile's columns where x_a > −inf
   double w, sw;      // Σ e^{x_a − a.m}(x_a − x_b) and Σ e^{x_a − a.m}, as KlState's
 };
-
-// P_T: the share of a row's softmax mass (log-sum-exp `l`) in a tile's (max, Σ exp) state.
-template <typename A>
-double tile_share(const LseState<A>& x, double l) {
-  return x.m == neg_inf<A>() ? 0.0 : std::exp(double(x.m) + std::log(double(x.s)) - l);
-}
 
 // The tiles to skip of `rows` rows: bounds(i, bound) writes row i's upper bounds of ‖u_T‖₁ [tiles] and returns
 // its lower bound L ≤ ‖u‖₁. A row skips its tiles of smallest bound (NaN last, ties to the lower tile) while their

@@ -414,10 +414,10 @@ class TorchBackend(PassBackend):
                                                                      share_streams=(0, 1) if delta > 0 else ())
                     tile_shares = (shares[0], shares[1]) if shares else None
                 shares = None  # with δ > 0 a JS value sweep leaves out the tiles the shares bound
-                if kind == "js" and tile_shares is not None:
+                if kind == "js" and tile_shares is not None and delta > 0:
                     shares = tuple(x.double().exp() for x in tile_shares)
                 value, c, tile_skips = self._value_sweep(student, target, rows, lse_s, lse_t, kind, beta, delta,
-                                                         shares if delta > 0 else None)
+                                                         shares)
             else:
                 lse_s, lse_t, value, tile_skips = self._kl_sweep(student, target, rows, kind, delta)
                 c = value.clone() if kind == "reverse_kl" else torch.zeros_like(value)
